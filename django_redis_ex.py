@@ -135,9 +135,11 @@ def _import(value: Any) -> Any:
 def _twin_class(cls: type, package: types.ModuleType, prefix: str) -> type | None:
     """The asyncio (or sync) class of redis-py that matches ``cls`` by name, if any."""
     name = cls.__name__
-    for candidate in (name.replace("_Async", "_", 1), "_Async" + name.lstrip("_"), name):
+    # _AsyncRESP2Parser <-> _RESP2Parser; ConnectionPool <-> ConnectionPool.
+    twin_name = "_" + name[6:] if name.startswith("_Async") else "_Async" + name[1:]
+    for candidate in (twin_name, name):
         twin = getattr(package, candidate, None)
-        if isinstance(twin, type) and twin.__module__.startswith(prefix):
+        if isinstance(twin, type) and twin is not cls and twin.__module__.startswith(prefix):
             return twin
     return None
 
@@ -198,6 +200,9 @@ class _Config:
         if parser_class is not None:
             self.sync_options["parser_class"] = self._parser(parser_class, sync=True)
             self.async_options["parser_class"] = self._parser(parser_class, sync=False)
+            if "RESP2" in parser_class.__name__ and "protocol" not in options:
+                # redis-py 8 speaks RESP3 unless told otherwise, which a RESP2 parser can't read.
+                self.sync_options["protocol"] = self.async_options["protocol"] = 2
 
     @staticmethod
     def _pool_classes(pool_class: Any) -> tuple[Any, Any]:

@@ -1,0 +1,965 @@
+"""Tests for django_redis_ex, against real redis-server processes this file starts itself.
+
+Each server listens on a free 127.0.0.1 port picked here and is stopped by PID. Most tests
+run over both cache classes and both paths (the sync methods and their ``a`` twins).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import django
+import pytest
+from django.conf import settings
+
+settings.configure(
+    DEBUG=False,
+    SECRET_KEY="django-redis-ex tests",
+    ALLOWED_HOSTS=["*"],
+    ROOT_URLCONF=__name__,
+    MIDDLEWARE=[],
+    INSTALLED_APPS=[],
+    CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
+)
+django.setup()
+
+import redis  # noqa: E402
+import redis.asyncio  # noqa: E402
+from asgiref.sync import async_to_sync  # noqa: E402
+from django.core.cache import caches  # noqa: E402
+from django.core.cache.backends.base import BaseCache  # noqa: E402
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+from django.http import HttpRequest, HttpResponse  # noqa: E402
+from django.test.utils import override_settings  # noqa: E402
+from django.urls import path  # noqa: E402
+
+import django_redis_ex  # noqa: E402
+from django_redis_ex import AsyncRedisEXCache, RedisEXCache  # noqa: E402
+
+REDIS_SERVER = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+
+BACKENDS = {
+    "RedisEXCache": "django_redis_ex.RedisEXCache",
+    "AsyncRedisEXCache": "django_redis_ex.AsyncRedisEXCache",
+}
+DJANGO_BACKEND = "django.core.cache.backends.redis.RedisCache"
+
+
+# ---------------------------------------------------------------------------
+# Redis servers
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server on a free loopback port, stopped by its PID."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="django-redis-ex-")
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stats: redis.Redis | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None
+        options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.dir]
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), *options],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.ConnectionError):
+                if self.client().ping():
+                    return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.port, db=db, socket_timeout=5)
+
+    def stat(self, name: str) -> int:
+        """A server statistic, read on one connection kept for the purpose."""
+        if self._stats is None:
+            self._stats = self.client()
+        return int(self._stats.info()[name])
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    yield srv
+    srv.stop()
+    shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def second_server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    yield srv
+    srv.stop()
+    shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A server this one test may stop and restart."""
+    srv = RedisServer()
+    yield srv
+    srv.stop()
+    shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+def make_cache(backend: str, location: str | list[str], **params: Any) -> BaseCache:
+    """A cache object built the way Django's cache handler builds one."""
+    with override_settings(CACHES={"x": {"BACKEND": backend, "LOCATION": location, **params}}):
+        return caches.create_connection("x")
+
+
+# ---------------------------------------------------------------------------
+# Running the API on either path
+# ---------------------------------------------------------------------------
+
+
+class Api:
+    """Calls ``cache.name()`` on the sync path, ``await cache.aname()`` on the async one."""
+
+    def __init__(self, cache: BaseCache, path: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.cache, self.path, self.loop = cache, path, loop
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if self.path == "sync":
+            return getattr(self.cache, name)  # type: ignore[no-any-return]
+        method = getattr(self.cache, "a" + name)
+        return lambda *args, **kwargs: self.loop.run_until_complete(method(*args, **kwargs))
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A fresh event loop, shut down as asyncio.run() does."""
+    event_loop = asyncio.new_event_loop()
+    yield event_loop
+    event_loop.run_until_complete(event_loop.shutdown_asyncgens())
+    event_loop.close()
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    return BACKENDS[request.param]
+
+
+@pytest.fixture
+def cache(backend: str, server: RedisServer) -> Iterator[BaseCache]:
+    server.client(db=3).flushdb()
+    yield make_cache(backend, server.url, OPTIONS={"db": 3}, KEY_PREFIX="t")
+
+
+@pytest.fixture(params=["sync", "async"])
+def api(request: pytest.FixtureRequest, cache: BaseCache, loop: asyncio.AbstractEventLoop) -> Api:
+    return Api(cache, request.param, loop)
+
+
+@pytest.fixture
+def no_thread_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any hand-off to a thread pool: sync_to_async and async_to_sync both need one."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a cache method handed work to a thread pool")
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", refuse)
+
+
+def raw(server: RedisServer, db: int = 3) -> redis.Redis:
+    return server.client(db=db)
+
+
+# ---------------------------------------------------------------------------
+# The API, on both classes and both paths
+# ---------------------------------------------------------------------------
+
+
+def test_set_and_get_round_trip_values(api: Api) -> None:
+    values = {"int": 42, "neg": -7, "str": "héllo", "bool": True, "none": None, "list": [1, "a"]}
+    for key, value in values.items():
+        api.set(key, value)
+    for key, value in values.items():
+        assert api.get(key) == value
+        assert type(api.get(key)) is type(value)
+
+
+def test_get_missing_key_returns_default(api: Api) -> None:
+    assert api.get("missing") is None
+    assert api.get("missing", "fallback") == "fallback"
+
+
+def test_set_timeout_none_persists_and_positive_expires(api: Api, server: RedisServer) -> None:
+    api.set("forever", 1, timeout=None)
+    api.set("soon", 1, timeout=100)
+    assert raw(server).ttl("t:1:forever") == -1
+    assert 90 < raw(server).ttl("t:1:soon") <= 100
+
+
+def test_default_timeout_comes_from_settings(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 3}, TIMEOUT=77)
+    cache.set("k", 1)
+    assert 70 < raw(server).ttl(":1:k") <= 77
+
+
+def test_set_timeout_zero_or_negative_deletes(api: Api) -> None:
+    api.set("k", 1)
+    api.set("k", 2, timeout=0)
+    assert api.get("k") is None
+    api.set("k", 1)
+    api.set("k", 2, timeout=-5)
+    assert api.get("k") is None
+
+
+def test_add_only_sets_missing_keys(api: Api) -> None:
+    assert api.add("k", "first") is True
+    assert api.add("k", "second") is False
+    assert api.get("k") == "first"
+
+
+def test_add_timeout_zero_reports_free_key_and_leaves_nothing(
+    api: Api, server: RedisServer
+) -> None:
+    assert api.add("free", 1, timeout=0) is True
+    assert raw(server).exists("t:1:free") == 0
+    api.set("taken", 1)
+    assert api.add("taken", 2, timeout=0) is False
+    assert api.get("taken") == 1
+
+
+def test_touch_changes_expiry(api: Api, server: RedisServer) -> None:
+    api.set("k", 1, timeout=10)
+    assert api.touch("k", 500) is True
+    assert raw(server).ttl("t:1:k") > 400
+    assert api.touch("k", None) is True
+    assert raw(server).ttl("t:1:k") == -1
+    assert api.touch("missing", 10) is False
+
+
+def test_delete_reports_whether_key_existed(api: Api) -> None:
+    api.set("k", 1)
+    assert api.delete("k") is True
+    assert api.delete("k") is False
+    assert api.get("k") is None
+
+
+def test_get_many_returns_only_present_keys(api: Api) -> None:
+    api.set("a", 1)
+    api.set("b", "two")
+    assert api.get_many(["a", "b", "c"]) == {"a": 1, "b": "two"}
+    assert api.get_many([]) == {}
+
+
+def test_set_many_and_delete_many(api: Api, server: RedisServer) -> None:
+    assert api.set_many({"a": 1, "b": [2]}, timeout=100) == []
+    assert api.get_many(["a", "b"]) == {"a": 1, "b": [2]}
+    assert 90 < raw(server).ttl("t:1:b") <= 100
+    assert api.set_many({"a": 5}, timeout=None) == []
+    assert raw(server).ttl("t:1:a") == -1
+    api.delete_many(["a", "b"])
+    assert api.get_many(["a", "b"]) == {}
+    api.set_many({"z": 1})
+    api.set_many({"z": 1}, timeout=0)
+    assert api.get("z") is None
+    assert api.set_many({}) == []
+    api.delete_many([])
+
+
+def test_has_key(api: Api) -> None:
+    api.set("k", None)
+    assert api.has_key("k") is True
+    assert api.has_key("missing") is False
+
+
+def test_incr_and_decr(api: Api) -> None:
+    api.set("n", 10)
+    assert api.incr("n") == 11
+    assert api.incr("n", 10) == 21
+    assert api.decr("n") == 20
+    assert api.decr("n", 25) == -5
+    assert api.get("n") == -5
+
+
+def test_incr_missing_key_raises_value_error_and_creates_nothing(
+    api: Api, server: RedisServer
+) -> None:
+    with pytest.raises(ValueError, match="not found"):
+        api.incr("missing")
+    with pytest.raises(ValueError, match="not found"):
+        api.decr("missing")
+    assert raw(server).exists("t:1:missing") == 0
+
+
+def test_incr_of_pickled_value_raises_redis_error(api: Api) -> None:
+    api.set("s", "text")
+    with pytest.raises(redis.ResponseError):
+        api.incr("s")
+    assert api.get("s") == "text"
+
+
+def test_get_or_set(api: Api) -> None:
+    calls = []
+
+    def compute() -> str:
+        calls.append(1)
+        return "computed"
+
+    assert api.get_or_set("k", compute) == "computed"
+    assert api.get_or_set("k", compute) == "computed"
+    assert calls == [1]
+    assert api.get_or_set("plain", "value") == "value"
+    assert api.get_or_set("zero", "v", timeout=0) == "v"
+    assert api.has_key("zero") is False
+    assert api.get_or_set("none", None) is None
+    assert api.has_key("none") is True
+
+
+def test_versions(api: Api) -> None:
+    api.set("k", "v1", version=1)
+    api.set("k", "v2", version=2)
+    assert api.get("k", version=1) == "v1"
+    assert api.get("k", version=2) == "v2"
+    assert api.incr_version("k", version=2) == 3
+    assert api.get("k", version=3) == "v2"
+    assert api.get("k", version=2) is None
+    assert api.decr_version("k", version=3) == 2
+    assert api.get("k", version=2) == "v2"
+    with pytest.raises(ValueError, match="not found"):
+        api.incr_version("missing")
+
+
+def test_clear_flushes_the_db(api: Api, server: RedisServer) -> None:
+    api.set("k", 1)
+    raw(server).set("foreign", 1)
+    assert api.clear() is True
+    assert raw(server).dbsize() == 0
+
+
+def test_close_keeps_the_shared_pool_working(api: Api) -> None:
+    api.set("k", 1)
+    api.close()
+    assert api.get("k") == 1
+
+
+def test_key_prefix_and_key_function(server: RedisServer, backend: str) -> None:
+    cache = make_cache(
+        backend,
+        server.url,
+        OPTIONS={"db": 3},
+        KEY_PREFIX="p",
+        KEY_FUNCTION=lambda k, p, v: f"{p}|{k}",
+    )
+    cache.set("k", 1)
+    assert raw(server).get("p|k") == b"1"
+
+
+def test_key_warnings_match_django(api: Api) -> None:
+    from django.core.cache import CacheKeyWarning
+
+    with pytest.warns(CacheKeyWarning):
+        api.set("with space", 1)
+    with pytest.warns(CacheKeyWarning):
+        api.set("x" * 300, 1)
+    with pytest.warns(CacheKeyWarning):
+        assert api.get("with space") == 1
+
+
+def test_every_method_runs_without_a_thread_hop(api: Api, no_thread_hop: None) -> None:
+    api.set("n", 1)
+    api.add("a", 1)
+    api.get("n")
+    api.touch("n", 100)
+    api.incr("n")
+    api.decr("n")
+    api.get_many(["n", "a"])
+    api.set_many({"m": 1}, timeout=10)
+    api.get_or_set("g", lambda: 1)
+    api.has_key("n")
+    api.incr_version("n")
+    api.decr_version("n", version=2)
+    api.delete("a")
+    api.delete_many(["m"])
+    api.clear()
+    api.close()
+
+
+@pytest.mark.parametrize("cls", [RedisEXCache, AsyncRedisEXCache])
+def test_every_async_method_is_native(cls: type[BaseCache]) -> None:
+    """Django's base class would call an overridden sync method in a thread (ticket #36590)."""
+    names = [
+        name for name in dir(BaseCache) if asyncio.iscoroutinefunction(getattr(BaseCache, name))
+    ]
+    assert "aclose" in names and "aget_many" in names
+    for name in names:
+        method = getattr(cls, name)
+        assert method is not getattr(BaseCache, name), name
+        assert asyncio.iscoroutinefunction(method), name
+
+
+def test_each_call_is_one_round_trip(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[Any] = []
+    for client_class in (django_redis_ex._SyncClient, django_redis_ex._AsyncClient):
+        original = client_class._send
+
+        def counting(self: Any, command: Any, original: Any = original) -> Any:
+            sent.append(command)
+            return original(self, command)
+
+        monkeypatch.setattr(client_class, "_send", counting)
+    api.set("n", 1)
+    calls: list[Callable[[], Any]] = [
+        lambda: api.get("n"),
+        lambda: api.set("s", "v"),
+        lambda: api.add("a", 1),
+        lambda: api.add("z", 1, timeout=0),
+        lambda: api.incr("n"),
+        lambda: api.set_many({f"k{i}": i for i in range(20)}, timeout=60),
+        lambda: api.get_many([f"k{i}" for i in range(20)]),
+        lambda: api.delete_many(["k1", "k2"]),
+        lambda: api.touch("n", 10),
+        lambda: api.incr_version("s"),
+        lambda: api.get_or_set("n", 5),
+    ]
+    for call in calls:
+        sent.clear()
+        call()
+        assert len(sent) == 1, sent
+
+
+# ---------------------------------------------------------------------------
+# Configuration and compatibility with Django's backend
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dotted", "cls"),
+    [
+        ("django_redis_ex.RedisEXCache", RedisEXCache),
+        ("django_redis_ex.AsyncRedisEXCache", AsyncRedisEXCache),
+        ("django_redis_ex.cache.RedisEXCache", RedisEXCache),
+        ("django_redis_ex.async_cache.AsyncRedisEXCache", AsyncRedisEXCache),
+    ],
+)
+def test_dotted_paths_resolve(dotted: str, cls: type, server: RedisServer) -> None:
+    cache = make_cache(dotted, server.url, OPTIONS={"db": 3})
+    assert type(cache) is cls
+    cache.set("k", 1)
+    assert cache.get("k") == 1
+
+
+@pytest.mark.parametrize("writer_backend", [DJANGO_BACKEND, *BACKENDS.values()])
+@pytest.mark.parametrize("reader_backend", [DJANGO_BACKEND, *BACKENDS.values()])
+def test_data_is_shared_with_djangos_backend(
+    writer_backend: str, reader_backend: str, server: RedisServer
+) -> None:
+    server.client(db=4).flushdb()
+    writer = make_cache(writer_backend, server.url, OPTIONS={"db": 4})
+    reader = make_cache(reader_backend, server.url, OPTIONS={"db": 4})
+    writer.set("n", 10)
+    writer.set("obj", {"a": [1, 2]})
+    writer.set_many({"m": 1.5})
+    assert reader.get("obj") == {"a": [1, 2]}
+    assert reader.get_many(["n", "m"]) == {"n": 10, "m": 1.5}
+    assert reader.incr("n", 5) == 15
+    assert writer.get("n") == 15
+
+
+def test_unknown_option_fails_at_configuration_naming_it(server: RedisServer, backend: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match="'sokcet_timeout'"):
+        make_cache(backend, server.url, OPTIONS={"sokcet_timeout": 1})
+
+
+def test_redis_pool_options_reach_the_pool(server: RedisServer) -> None:
+    cache = make_cache(
+        "django_redis_ex.RedisEXCache",
+        server.url,
+        OPTIONS={"db": 5, "socket_timeout": 0.1, "retry_on_timeout": True, "max_connections": 7},
+    )
+    pool = cache._cache._get_connection_pool(write=False)
+    assert pool.connection_kwargs["db"] == 5
+    assert pool.connection_kwargs["socket_timeout"] == 0.1
+    assert pool.connection_kwargs["retry_on_timeout"] is True
+    assert pool.max_connections == 7
+
+
+def test_pool_class_parser_class_and_serializer_options(
+    server: RedisServer, backend: str, loop: Any
+) -> None:
+    cache = make_cache(
+        backend,
+        server.url,
+        OPTIONS={
+            "db": 3,
+            "pool_class": "redis.ConnectionPool",
+            "parser_class": "redis._parsers.resp2._RESP2Parser",
+            "serializer": "django.core.cache.backends.redis.RedisSerializer",
+        },
+    )
+    cache.set("k", {"v": 1})
+    assert cache.get("k") == {"v": 1}
+    assert loop.run_until_complete(cache.aget("k")) == {"v": 1}
+    sync_pool = cache._sync_client._get_connection_pool(write=True)
+    assert type(sync_pool) is redis.ConnectionPool
+    assert sync_pool.connection_kwargs["parser_class"].__name__ == "_RESP2Parser"
+
+    async def async_pool() -> Any:
+        return cache._async_client._get_connection_pool(write=True)
+
+    pool = loop.run_until_complete(async_pool())
+    assert type(pool) is redis.asyncio.ConnectionPool
+    assert pool.connection_kwargs["parser_class"].__name__ == "_AsyncRESP2Parser"
+
+
+def test_djangos_client_internals_on_redisexcache(server: RedisServer) -> None:
+    cache = make_cache("django_redis_ex.RedisEXCache", [server.url, server.url + "/1"])
+    internals = cache._cache
+    assert internals._get_connection_pool_index(write=True) == 0
+    assert internals._get_connection_pool_index(write=False) == 1
+    assert isinstance(internals._get_connection_pool(write=True), redis.ConnectionPool)
+    assert isinstance(internals.get_client(write=True), redis.Redis)
+    assert internals._serializer.dumps(123) == 123
+    assert isinstance(internals._serializer.dumps(True), bytes)
+    assert internals._pool_options["max_connections"] == 50
+
+
+def test_location_string_splits_on_comma_and_semicolon(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, f"{server.url}/0,{server.url}/1;{server.url}/2")
+    assert cache._servers == [f"{server.url}/0", f"{server.url}/1", f"{server.url}/2"]
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_writes_go_to_first_server_and_reads_to_the_others(
+    server: RedisServer, second_server: RedisServer, backend: str, path_: str, loop: Any
+) -> None:
+    # Two independent servers stand in for a primary and its replica.
+    cache = make_cache(backend, [server.url + "/6", second_server.url + "/6"])
+    api = Api(cache, path_, loop)
+    second_server.client(db=6).set(":1:k", pickle.dumps("replica"))
+    api.set("k", "primary")
+    assert server.client(db=6).get(":1:k") is not None
+    assert api.get("k") == "replica"  # reads go to the replica
+    assert api.has_key("k") is True
+    second_server.client(db=6).delete(":1:n")
+    api.set("n", 1)
+    assert api.incr("n") == 2  # incr checks the key on the primary
+
+
+def test_two_aliases_on_different_dbs_never_share_pools(
+    server: RedisServer, backend: str, loop: Any
+) -> None:
+    one = make_cache(backend, server.url, OPTIONS={"db": 7})
+    two = make_cache(backend, server.url, OPTIONS={"db": 8})
+    one.set("k", "one")
+    two.set("k", "two")
+    assert (one.get("k"), two.get("k")) == ("one", "two")
+    assert loop.run_until_complete(one.aget("k")) == "one"
+    assert loop.run_until_complete(two.aget("k")) == "two"
+    assert one._sync_client._get_connection_pool(True) is not two._sync_client._get_connection_pool(
+        True
+    )
+
+
+def test_cache_objects_in_threads_share_one_pool(server: RedisServer, backend: str) -> None:
+    pools = []
+
+    def grab() -> None:
+        cache = make_cache(backend, server.url, OPTIONS={"db": 3})
+        pools.append(cache._sync_client._get_connection_pool(write=True))
+
+    threads = [threading.Thread(target=grab) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(pools) == 4 and all(pool is pools[0] for pool in pools)
+
+
+def test_async_pool_is_shared_within_a_loop_and_closed_with_it(
+    server: RedisServer, backend: str
+) -> None:
+    async def two_requests() -> tuple[Any, Any]:
+        first = make_cache(backend, server.url, OPTIONS={"db": 3})
+        second = make_cache(backend, server.url, OPTIONS={"db": 3})
+        await first.aset("k", 1)
+        await second.aget("k")
+        return first.get_async_client().connection_pool, second.get_async_client().connection_pool
+
+    first_pool, second_pool = asyncio.run(two_requests())
+    assert first_pool is second_pool
+    assert django_redis_ex._registry.loop_count() == 0
+    assert first_pool._available_connections, "the loop's pool was used"
+    assert not any(c.is_connected for c in first_pool._available_connections)
+
+
+def test_loop_closed_without_shutdown_is_dropped(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 3})
+    manual = asyncio.new_event_loop()
+    manual.run_until_complete(cache.aset("k", 1))
+    assert django_redis_ex._registry.loop_count() == 1
+    manual.close()  # no shutdown_asyncgens(): the registry notices at the next new loop
+    assert asyncio.run(cache.aget("k")) == 1
+    assert django_redis_ex._registry.loop_count() == 0
+
+
+def test_repr_and_errors_hide_the_password(backend: str) -> None:
+    port = free_port()
+    cache = make_cache(backend, f"redis://:s3cret@127.0.0.1:{port}/0")
+    assert "s3cret" not in repr(cache) and "***" in repr(cache)
+    with pytest.raises(redis.ConnectionError) as error:
+        cache.get("k")
+    assert "s3cret" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class Unpicklable:
+    def __reduce__(self) -> Any:
+        raise pickle.PicklingError("not today")
+
+
+def test_unpicklable_value_raises_before_writing(api: Api) -> None:
+    api.set("k", "old")
+    with pytest.raises(pickle.PicklingError):
+        api.set("k", Unpicklable())
+    assert api.get("k") == "old"
+    with pytest.raises(pickle.PicklingError):
+        api.set_many({"a": 1, "k": Unpicklable(), "c": 3}, timeout=60)
+    assert api.get_many(["a", "k", "c"]) == {"k": "old"}
+    with pytest.raises(pickle.PicklingError):
+        api.add("new", Unpicklable())
+    assert api.has_key("new") is False
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_redis_down_raises_connection_error_promptly(backend: str, path_: str, loop: Any) -> None:
+    cache = make_cache(backend, f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        Api(cache, path_, loop).get("k")
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_server_that_never_answers_times_out(backend: str, path_: str, loop: Any) -> None:
+    with socket.socket() as silent:  # accepts connections (backlog) and never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        port = silent.getsockname()[1]
+        cache = make_cache(backend, f"redis://127.0.0.1:{port}/0", OPTIONS={"socket_timeout": 0.3})
+        started = time.monotonic()
+        with pytest.raises((redis.TimeoutError, redis.ConnectionError)):
+            Api(cache, path_, loop).get("k")
+        assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_calls_work_again_after_redis_restarts(
+    own_server: RedisServer, backend: str, path_: str, loop: Any
+) -> None:
+    api = Api(make_cache(backend, own_server.url), path_, loop)
+    api.set("k", 1)
+    own_server.stop()
+    with pytest.raises(redis.ConnectionError):
+        api.get("k")
+    own_server.start()
+    api.set("k", 2)
+    assert api.get("k") == 2
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_full_pool_waits_then_gives_a_clear_error(
+    server: RedisServer, backend: str, path_: str, loop: Any
+) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 3, "max_connections": 1, "timeout": 0.3})
+    api = Api(cache, path_, loop)
+    api.set("k", 1)
+    if path_ == "sync":
+        pool = cache._sync_client._get_connection_pool(write=True)
+        held = pool.get_connection()
+        release: Callable[[], Any] = lambda: pool.release(held)  # noqa: E731
+    else:
+
+        async def take() -> Any:
+            return await cache.get_async_client().connection_pool.get_connection()
+
+        held = loop.run_until_complete(take())
+        pool = cache.get_async_client  # resolved inside the loop below
+
+        async def give_back() -> None:
+            await cache.get_async_client().connection_pool.release(held)
+
+        release = lambda: loop.run_until_complete(give_back())  # noqa: E731
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError, match="max_connections"):
+        api.get("k")
+    assert time.monotonic() - started < 5
+    release()
+    assert api.get("k") == 1
+
+
+# ---------------------------------------------------------------------------
+# Concurrency and the shared pools (Django ticket #35651)
+# ---------------------------------------------------------------------------
+
+
+def test_300_concurrent_tasks_share_a_bounded_pool(server: RedisServer, backend: str) -> None:
+    before = server.stat("total_connections_received")
+
+    async def burst() -> list[Any]:
+        async def one(i: int) -> Any:
+            cache = make_cache(backend, server.url, OPTIONS={"db": 9})  # a new object per task
+            await cache.aset(f"k{i}", i)
+            return await cache.aget(f"k{i}")
+
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(300))), 60)
+
+    assert asyncio.run(burst()) == list(range(300))
+    assert server.stat("total_connections_received") - before <= 50
+
+
+def test_64_threads_on_the_sync_api(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 9})
+    before = server.stat("total_connections_received")
+    barrier = threading.Barrier(64, timeout=30)
+
+    def work(i: int) -> Any:
+        barrier.wait()
+        local = make_cache(backend, server.url, OPTIONS={"db": 9})
+        local.set(f"t{i}", i)
+        return local.get(f"t{i}")
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(work, range(64), timeout=60))
+    assert results == list(range(64))
+    assert cache.get("t5") == 5
+    assert server.stat("total_connections_received") - before <= 50
+
+
+def test_8_threads_hammer_the_sync_api_of_asyncredisexcache(server: RedisServer) -> None:
+    cache = make_cache("django_redis_ex.AsyncRedisEXCache", server.url, OPTIONS={"db": 10})
+    cache.set("counter", 0)
+
+    def work(i: int) -> int:
+        for n in range(100):
+            cache.set(f"{i}:{n}", n)
+            assert cache.get(f"{i}:{n}") == n
+            cache.incr("counter")
+        return len(cache.get_many([f"{i}:{n}" for n in range(100)]))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(work, range(8), timeout=60)) == [100] * 8
+    assert cache.get("counter") == 800
+
+
+def test_incr_is_atomic_across_8_threads(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 10})
+    cache.set("atomic", 0)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [
+            pool.submit(lambda: [cache.incr("atomic") for _ in range(250)]) for _ in range(8)
+        ]
+        returned = [value for future in futures for value in future.result(timeout=60)]
+    assert cache.get("atomic") == 2000
+    assert sorted(returned) == list(range(1, 2001))  # every increment seen exactly once
+
+
+def test_300_async_to_sync_calls_neither_leak_nor_fail(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 11})
+    cache.set("k", "v")
+    connected = server.stat("connected_clients")
+    for _ in range(300):
+        assert async_to_sync(cache.aget)("k") == "v"
+    assert django_redis_ex._registry.loop_count() == 0
+    assert server.stat("connected_clients") <= connected
+
+
+def test_legacy_raw_client_pattern_inside_async_to_sync(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 11})
+
+    async def legacy(i: int) -> Any:
+        client = (
+            cache._cache.get_client()
+            if backend.endswith("AsyncRedisEXCache")
+            else cache.get_async_client()
+        )
+        assert isinstance(client, redis.asyncio.Redis)
+        await client.set("legacy", i)
+        value = await client.get("legacy")
+        await client.aclose(close_connection_pool=True)
+        return value
+
+    for i in range(50):
+        assert async_to_sync(legacy)(i) == str(i).encode()
+
+
+def test_legacy_aclose_does_not_disturb_other_users_of_the_loop(server: RedisServer) -> None:
+    cache = make_cache("django_redis_ex.AsyncRedisEXCache", server.url, OPTIONS={"db": 11})
+    before = server.stat("total_connections_received")
+
+    async def main() -> None:
+        async def user(i: int) -> None:
+            for n in range(20):
+                await cache.aset(f"u{i}", n)
+                assert await cache.aget(f"u{i}") == n
+                await asyncio.sleep(0)
+
+        async def legacy() -> None:
+            for _ in range(20):
+                client = cache._cache.get_client()
+                await client.ping()
+                await client.aclose(close_connection_pool=True)
+                await asyncio.sleep(0)
+
+        await asyncio.wait_for(asyncio.gather(legacy(), *(user(i) for i in range(20))), 60)
+
+    asyncio.run(main())
+    # Had aclose() closed the shared pool, the users would have reconnected again and again.
+    assert server.stat("total_connections_received") - before <= 21
+
+
+def test_raw_clients_are_public_on_both_classes(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 3})
+    client = cache.get_client()
+    assert isinstance(client, redis.Redis)
+    client.set(cache.make_key("raw"), "1")
+    assert cache.get("raw") == 1
+
+    async def async_raw() -> Any:
+        async_client = cache.get_async_client()
+        assert isinstance(async_client, redis.asyncio.Redis)
+        return await async_client.get(cache.make_key("raw"))
+
+    assert asyncio.run(async_raw()) == b"1"
+    if backend.endswith("AsyncRedisEXCache"):
+        assert isinstance(asyncio.run(_call(cache._cache.get_client)), redis.asyncio.Redis)
+    else:
+        assert isinstance(cache._cache.get_client(), redis.Redis)
+
+
+async def _call(function: Callable[[], Any]) -> Any:
+    return function()
+
+
+# ---------------------------------------------------------------------------
+# Django's ASGIHandler serving concurrent requests
+# ---------------------------------------------------------------------------
+
+
+async def async_view(request: HttpRequest) -> HttpResponse:
+    cache = caches["default"]
+    key = request.GET["k"]
+    await cache.aset(key, key)
+    return HttpResponse(await cache.aget(key))
+
+
+def sync_view(request: HttpRequest) -> HttpResponse:
+    cache = caches["default"]
+    key = request.GET["k"]
+    cache.set(key, key)
+    return HttpResponse(cache.get(key))
+
+
+urlpatterns = [path("async/", async_view), path("sync/", sync_view)]
+
+
+async def serve(view: str, count: int) -> list[bytes]:
+    from django.core.handlers.asgi import ASGIHandler
+
+    handler = ASGIHandler()
+
+    async def request(i: int) -> bytes:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": f"/{view}/",
+            "raw_path": f"/{view}/".encode(),
+            "query_string": f"k=r{i}".encode(),
+            "root_path": "",
+            "headers": [(b"host", b"testserver")],
+            "client": ("127.0.0.1", 1000 + i),
+            "server": ("testserver", 80),
+        }
+        sent: list[dict[str, Any]] = []
+        received = False
+        done = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal received
+            if not received:
+                received = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await handler(scope, receive, send)
+        done.set()
+        assert sent[0]["status"] == 200, sent
+        return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+    return await asyncio.wait_for(asyncio.gather(*(request(i) for i in range(count))), 120)
+
+
+def connections_for_asgi_requests(server: RedisServer, backend: str, view: str, db: int) -> int:
+    config = {"default": {"BACKEND": backend, "LOCATION": f"{server.url}/{db}"}}
+    with override_settings(CACHES=config):
+        before = server.stat("total_connections_received")
+        bodies = asyncio.run(serve(view, 200))
+        assert bodies == [f"r{i}".encode() for i in range(200)]
+        return server.stat("total_connections_received") - before
+
+
+@pytest.mark.parametrize("view", ["async", "sync"])
+def test_asgi_handler_200_concurrent_requests_stay_within_the_pool(
+    server: RedisServer, backend: str, view: str
+) -> None:
+    ours = connections_for_asgi_requests(server, backend, view, db=12)
+    print(f"\n{backend} {view} view: {ours} connections for 200 requests")
+    assert ours <= 50  # the default max_connections of one pool
+    # Django's own backend builds a pool per request: the contrast this project exists for.
+    theirs = connections_for_asgi_requests(server, DJANGO_BACKEND, view, db=13)
+    print(f"{DJANGO_BACKEND} {view} view: {theirs} connections for 200 requests")
+    assert theirs > ours
