@@ -12,6 +12,7 @@ Data and settings are interchangeable with ``django.core.cache.backends.redis.Re
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
@@ -22,6 +23,7 @@ import random
 import re
 import sys
 import threading
+import time
 import types
 from collections.abc import AsyncGenerator, Callable, Generator, Hashable, Iterable
 from typing import Any, Union
@@ -144,28 +146,87 @@ def _twin_class(cls: type, package: types.ModuleType, prefix: str) -> type | Non
     return None
 
 
-class _BlockingPool(redis.BlockingConnectionPool):
-    """Waits for a free connection, and says which options to raise when none comes."""
+class _WaitingPool(redis.ConnectionPool):
+    """redis-py's pool, as fast; when all connections are busy, callers wait for one.
+
+    ``redis.BlockingConnectionPool`` waits too, but costs a queue round trip on every call.
+    """
+
+    def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout = timeout
+        self._released = threading.Condition(threading.Lock())
+        self._waiting = 0
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().get_connection(*args, **kwargs)
-        except redis.ConnectionError as error:
-            if str(error) != "No connection available.":
-                raise
-            raise redis.ConnectionError(_pool_exhausted(self)) from error
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            try:
+                return super().get_connection(*args, **kwargs)
+            except redis.exceptions.MaxConnectionsError:
+                pass
+            with self._released:
+                # Counted, then checked: a release either shows here or sees the count.
+                self._waiting += 1
+                try:
+                    if not self._available_connections and not self._has_room():
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise redis.ConnectionError(_pool_exhausted(self))
+                        self._released.wait(remaining)
+                finally:
+                    self._waiting -= 1
+
+    def _has_room(self) -> bool:
+        return bool(self._created_connections < self.max_connections)
+
+    def release(self, connection: Any) -> None:
+        super().release(connection)
+        if self._waiting:
+            with self._released:
+                self._released.notify()
 
 
-class _AsyncBlockingPool(redis.asyncio.BlockingConnectionPool):
-    """The asyncio twin of ``_BlockingPool``."""
+class _AsyncWaitingPool(redis.asyncio.ConnectionPool):
+    """The asyncio twin of ``_WaitingPool``: one per event loop, so asyncio futures suffice."""
+
+    def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout = timeout
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().get_connection(*args, **kwargs)
-        except redis.ConnectionError as error:
-            if str(error) != "No connection available.":
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        while True:
+            with contextlib.suppress(redis.exceptions.MaxConnectionsError):
+                return await super().get_connection(*args, **kwargs)
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise redis.ConnectionError(_pool_exhausted(self))
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except BaseException as error:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, but leaving: pass the turn on
+                if isinstance(error, asyncio.TimeoutError):
+                    raise redis.ConnectionError(_pool_exhausted(self)) from None
                 raise
-            raise redis.ConnectionError(_pool_exhausted(self)) from error
+
+    async def release(self, connection: Any) -> None:
+        await super().release(connection)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
 
 def _pool_exhausted(pool: Any) -> str:
@@ -193,10 +254,8 @@ class _Config:
         # The pool key holds what the user set, so equal settings share a pool.
         self.frozen = _freeze(options)
         defaults = {**_DEFAULT_POOL_OPTIONS, "driver_info": _driver_info()}
-        if not issubclass(self.sync_pool_class, redis.BlockingConnectionPool):
-            defaults.pop("timeout")
-        self.sync_options = {**defaults, **redis_options}
-        self.async_options = {**defaults, **redis_options}
+        self.sync_options = self._pool_options(self.sync_pool_class, defaults, redis_options)
+        self.async_options = self._pool_options(self.async_pool_class, defaults, redis_options)
         if parser_class is not None:
             self.sync_options["parser_class"] = self._parser(parser_class, sync=True)
             self.async_options["parser_class"] = self._parser(parser_class, sync=False)
@@ -205,19 +264,28 @@ class _Config:
                 self.sync_options["protocol"] = self.async_options["protocol"] = 2
 
     @staticmethod
+    def _pool_options(
+        pool_class: type, defaults: dict[str, Any], options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The arguments for ``pool_class.from_url``: our defaults that it takes, then OPTIONS."""
+        accepted = _accepted_arguments(pool_class)
+        wanted = {k: v for k, v in defaults.items() if k != "timeout" or k in accepted}
+        return {**wanted, **options}
+
+    @staticmethod
     def _pool_classes(pool_class: Any) -> tuple[Any, Any]:
         """The sync and asyncio pool classes; a standard redis-py class maps to its twin."""
         if pool_class is None:
-            return _BlockingPool, _AsyncBlockingPool
+            return _WaitingPool, _AsyncWaitingPool
         if issubclass(pool_class, redis.asyncio.ConnectionPool):
             twin = _twin_class(pool_class, redis, "redis.connection")
-            return twin or _BlockingPool, pool_class
+            return twin or _WaitingPool, pool_class
         if not issubclass(pool_class, redis.ConnectionPool):
             raise ImproperlyConfigured(
                 f"OPTIONS 'pool_class' must be a redis-py ConnectionPool class, not {pool_class!r}."
             )
         twin = _twin_class(pool_class, redis.asyncio, "redis.asyncio.connection")
-        return pool_class, twin or _AsyncBlockingPool
+        return pool_class, twin or _AsyncWaitingPool
 
     @staticmethod
     def _parser(parser_class: type, *, sync: bool) -> type:
@@ -620,7 +688,11 @@ class _AsyncClient(_Client):
         return client
 
     def _get_connection_pool(self, write: bool) -> redis.asyncio.ConnectionPool:
-        return self._client_at(self._get_connection_pool_index(write)).connection_pool
+        index = self._get_connection_pool_index(write)
+        if asyncio._get_running_loop() is None:
+            # No loop to bind a pool to: a fresh one, unshared, for inspection (Django's tests).
+            return self._pool_class.from_url(self._servers[index], **self._pool_options)
+        return self._client_at(index).connection_pool
 
     def get_client(self, key: Any = None, *, write: bool = False) -> redis.asyncio.Redis:
         return self._client_at(self._get_connection_pool_index(write))

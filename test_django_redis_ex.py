@@ -678,6 +678,29 @@ def test_redis_down_raises_connection_error_promptly(backend: str, path_: str, l
 
 
 @pytest.mark.parametrize("path_", ["sync", "async"])
+def test_unreachable_server_honours_socket_connect_timeout(
+    backend: str, path_: str, loop: Any
+) -> None:
+    with contextlib.ExitStack() as stack:
+        # A listener whose accept queue is full: the kernel drops further SYNs unanswered.
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):
+            filler = stack.enter_context(socket.socket())
+            filler.settimeout(0.2)
+            with contextlib.suppress(OSError):
+                filler.connect(("127.0.0.1", port))
+        options = {"socket_connect_timeout": 0.5}
+        cache = make_cache(backend, f"redis://127.0.0.1:{port}/0", OPTIONS=options)
+        started = time.monotonic()
+        with pytest.raises((redis.TimeoutError, redis.ConnectionError), match="connecting"):
+            Api(cache, path_, loop).get("k")
+        assert 0.4 < time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
 def test_server_that_never_answers_times_out(backend: str, path_: str, loop: Any) -> None:
     with socket.socket() as silent:  # accepts connections (backlog) and never replies
         silent.bind(("127.0.0.1", 0))
