@@ -12,12 +12,18 @@ Data and settings are interchangeable with ``django.core.cache.backends.redis.Re
 from __future__ import annotations
 
 import asyncio
+import bz2
 import collections
 import contextlib
+import datetime
 import functools
+import gzip
 import hashlib
 import inspect
+import json
 import logging
+import lzma
+import os
 import pickle
 import random
 import re
@@ -25,7 +31,16 @@ import sys
 import threading
 import time
 import types
-from collections.abc import AsyncGenerator, Callable, Generator, Hashable, Iterable
+import zlib
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Hashable,
+    Iterable,
+    Iterator,
+)
 from typing import Any, Union
 from urllib.parse import urlsplit, urlunsplit
 
@@ -34,8 +49,9 @@ import redis
 import redis.asyncio
 import redis.asyncio.connection
 import redis.connection
-from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, default_key_func
 from django.core.exceptions import ImproperlyConfigured
+from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.functional import cached_property
 from django.utils.module_loading import import_string
 
@@ -46,7 +62,7 @@ logger = logging.getLogger("django_redis_ex")
 
 
 # ---------------------------------------------------------------------------
-# Serializers
+# Serializers and compressors
 # ---------------------------------------------------------------------------
 
 
@@ -72,12 +88,138 @@ class RedisSerializer:
             return pickle.loads(data)
 
 
+class JSONSerializer:
+    """JSON through Django's encoder (dates, decimals, UUIDs become strings)."""
+
+    def dumps(self, obj: Any) -> bytes:
+        return json.dumps(obj, cls=DjangoJSONEncoder, separators=(",", ":")).encode()
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+class MsgPackSerializer:
+    """MessagePack, with the ``msgpack`` package (``pip install django-redis-ex[msgpack]``)."""
+
+    def __init__(self) -> None:
+        import msgpack
+
+        self._msgpack = msgpack
+
+    def dumps(self, obj: Any) -> bytes:
+        return self._msgpack.packb(obj, use_bin_type=True)
+
+    def loads(self, data: bytes) -> Any:
+        return self._msgpack.unpackb(data, raw=False)
+
+
+_SERIALIZERS: dict[str, Callable[[], Any]] = {
+    "pickle": RedisSerializer,
+    "json": JSONSerializer,
+    "msgpack": MsgPackSerializer,
+}
+
+
+def _zstd() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress, zstandard.ZstdDecompressor().decompress
+
+
+def _lz4() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    import lz4.frame
+
+    return lz4.frame.compress, lz4.frame.decompress
+
+
+# name: (tag written after the header, loader of (compress, decompress)). Tags never change,
+# so a value stays readable whatever the compressor configured today.
+_COMPRESSORS: dict[str, tuple[bytes, Callable[[], tuple[Any, Any]]]] = {
+    "zlib": (b"z", lambda: (zlib.compress, zlib.decompress)),
+    "gzip": (b"g", lambda: (gzip.compress, gzip.decompress)),
+    "lzma": (b"x", lambda: (lzma.compress, lzma.decompress)),
+    "bz2": (b"b", lambda: (bz2.compress, bz2.decompress)),
+    "zstd": (b"s", _zstd),
+    "lz4": (b"4", _lz4),
+}
+_COMPRESSED = b"\x00rx"  # no serializer output starts with NUL: pickle 0x80, JSON text, ...
+_PACKAGES = {"zstd": "zstandard", "lz4": "lz4"}
+
+
+@functools.cache
+def _decompressor(tag: bytes) -> Callable[[bytes], bytes]:
+    for name, (known, load) in _COMPRESSORS.items():
+        if known == tag:
+            try:
+                return load()[1]
+            except ImportError:
+                package = _PACKAGES[name]
+                raise ImproperlyConfigured(
+                    f"A cached value is compressed with {name}; install {package!r} to read it."
+                ) from None
+    raise ValueError(f"A cached value has an unknown compression tag {tag!r}.")
+
+
+class _Codec:
+    """Values to Redis and back: ints raw (INCR works), else serialize, then maybe compress.
+
+    Raw ints and compressed values are recognised on read whatever the settings, so changing
+    the serializer's compression, or turning it on, leaves entries already stored readable.
+    """
+
+    def __init__(self, serializer: Any, compressor: str | None, min_length: int) -> None:
+        self.serializer = serializer
+        self._dumps, self._loads = serializer.dumps, serializer.loads
+        self._compress: Callable[[bytes], bytes] | None = None
+        self._min_length = min_length
+        if compressor is not None:
+            tag, load = _COMPRESSORS[compressor]
+            self._compress, self._header = load()[0], _COMPRESSED + tag
+
+    def dumps(self, obj: Any) -> Any:
+        if type(obj) is int:
+            return obj
+        data = self._dumps(obj)
+        if self._compress is not None and len(data) >= self._min_length:
+            return self._header + self._compress(data)
+        return data
+
+    def loads(self, data: bytes) -> Any:
+        first = data[:1]
+        if first == b"\x00" and data[:3] == _COMPRESSED:
+            data = _decompressor(data[3:4])(data[4:])
+            first = data[:1]
+        if first in _INT_FIRST_BYTES and first:
+            try:
+                return int(data)
+            except ValueError:
+                pass
+        return self._loads(data)
+
+
+_INT_FIRST_BYTES = b"-0123456789"
+
+
 # ---------------------------------------------------------------------------
 # Configuration: LOCATION and OPTIONS
 # ---------------------------------------------------------------------------
 
-# OPTIONS keys this module consumes itself; every other key goes to redis-py's pool.
-_OWN_OPTIONS = frozenset({"serializer", "pool_class", "parser_class"})
+# OPTIONS keys this module consumes itself, with their defaults; every other key goes to
+# redis-py's pool.
+_OWN_OPTIONS: dict[str, Any] = {
+    "serializer": "pickle",
+    "pool_class": None,
+    "parser_class": None,
+    "compressor": None,
+    "compress_min_length": 256,
+    "ignore_exceptions": False,
+    "log_ignored_exceptions": True,
+    "scan_count": 1000,
+    "clear_by_prefix": False,
+    "reverse_key_function": None,
+    "stampede_protection": True,
+    "stampede_lock_timeout": 10,
+}
 
 # Defaults that differ from redis-py's: wait for a free connection instead of failing past
 # 100, and never hang on a server that does not answer.
@@ -132,6 +274,17 @@ def _accepted_arguments(*classes: type) -> frozenset[str]:
 
 def _import(value: Any) -> Any:
     return import_string(value) if isinstance(value, str) else value
+
+
+def _checked(options: dict[str, Any], name: str, kind: type, minimum: float | None = None) -> Any:
+    """``options[name]`` if it is a ``kind`` (and at least ``minimum``), or a clear error."""
+    value: Any = options[name]
+    accepted = (int, float) if kind is float else kind
+    if not isinstance(value, accepted) or (kind is not bool and type(value) is bool):
+        raise ImproperlyConfigured(f"OPTIONS {name!r} must be a {kind.__name__}, not {value!r}.")
+    if minimum is not None and options[name] < minimum:
+        raise ImproperlyConfigured(f"OPTIONS {name!r} must be at least {minimum}, not {value!r}.")
+    return value
 
 
 def _twin_class(cls: type, package: types.ModuleType, prefix: str) -> type | None:
@@ -241,18 +394,31 @@ class _Config:
 
     def __init__(self, servers: list[str], options: dict[str, Any]) -> None:
         self.servers = servers
-        pool_class = _import(options.get("pool_class"))
-        parser_class = _import(options.get("parser_class"))
-        serializer = _import(options.get("serializer"))
-        if isinstance(serializer, type):
-            serializer = serializer()
-        self.serializer = serializer or RedisSerializer()
+        own = {**_OWN_OPTIONS, **{k: v for k, v in options.items() if k in _OWN_OPTIONS}}
+        self.serializer = _Codec(
+            self._serializer(own["serializer"]),
+            self._compressor(own["compressor"]),
+            _checked(own, "compress_min_length", int, minimum=0),
+        )
+        self.ignore_exceptions = _checked(own, "ignore_exceptions", bool)
+        self.log_ignored_exceptions = _checked(own, "log_ignored_exceptions", bool)
+        self.scan_count = _checked(own, "scan_count", int, minimum=1)
+        self.clear_by_prefix = _checked(own, "clear_by_prefix", bool)
+        reverse = _import(own["reverse_key_function"])
+        if reverse is not None and not callable(reverse):
+            raise ImproperlyConfigured("OPTIONS 'reverse_key_function' must be a callable.")
+        self.reverse_key_function: Callable[[str], str] | None = reverse
+        self.stampede_lock_timeout: float | None = None
+        if _checked(own, "stampede_protection", bool):
+            self.stampede_lock_timeout = _checked(
+                own, "stampede_lock_timeout", float, minimum=0.001
+            )
 
+        pool_class = _import(own["pool_class"])
+        parser_class = _import(own["parser_class"])
         self.sync_pool_class, self.async_pool_class = self._pool_classes(pool_class)
         redis_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
         self._check_keys(redis_options)
-        # The pool key holds what the user set, so equal settings share a pool.
-        self.frozen = _freeze(options)
         defaults = {**_DEFAULT_POOL_OPTIONS, "driver_info": _driver_info()}
         self.sync_options = self._pool_options(self.sync_pool_class, defaults, redis_options)
         self.async_options = self._pool_options(self.async_pool_class, defaults, redis_options)
@@ -262,6 +428,47 @@ class _Config:
             if "RESP2" in parser_class.__name__ and "protocol" not in options:
                 # redis-py 8 speaks RESP3 unless told otherwise, which a RESP2 parser can't read.
                 self.sync_options["protocol"] = self.async_options["protocol"] = 2
+        # The pool key holds what the user set, so equal settings share a pool.
+        self.frozen = _freeze((redis_options, parser_class, pool_class))
+
+    @staticmethod
+    def _serializer(value: Any) -> Any:
+        if isinstance(value, str) and value in _SERIALIZERS:
+            value = _SERIALIZERS[value]
+        else:
+            value = _import(value)
+        if isinstance(value, type):
+            try:
+                value = value()
+            except ImportError as error:
+                raise ImproperlyConfigured(
+                    f"OPTIONS 'serializer' {value.__name__} needs a package: {error}"
+                ) from None
+        if not (
+            callable(getattr(value, "dumps", None)) and callable(getattr(value, "loads", None))
+        ):
+            raise ImproperlyConfigured(
+                f"OPTIONS 'serializer' must be one of {', '.join(_SERIALIZERS)}, or a class, "
+                f"instance or dotted path of one with dumps() and loads(), not {value!r}."
+            )
+        return value
+
+    @staticmethod
+    def _compressor(name: Any) -> str | None:
+        if name is None:
+            return None
+        if name not in _COMPRESSORS:
+            raise ImproperlyConfigured(
+                f"OPTIONS 'compressor' must be one of {', '.join(_COMPRESSORS)}, not {name!r}."
+            )
+        try:
+            _COMPRESSORS[name][1]()
+        except ImportError:
+            raise ImproperlyConfigured(
+                f"OPTIONS 'compressor' {name!r} needs the {_PACKAGES[name]!r} package "
+                f"(pip install django-redis-ex[{name}])."
+            ) from None
+        return str(name)
 
     @staticmethod
     def _pool_options(
@@ -321,7 +528,7 @@ class _Config:
         if unknown:
             raise ImproperlyConfigured(
                 f"Unknown key(s) in the cache's OPTIONS: {', '.join(map(repr, unknown))}. "
-                f"OPTIONS takes {', '.join(sorted(_OWN_OPTIONS))} and redis-py's "
+                f"OPTIONS takes {', '.join(_OWN_OPTIONS)} and redis-py's "
                 "connection pool arguments (max_connections, socket_timeout, db, ...)."
             )
 
@@ -458,15 +665,26 @@ _registry = _PoolRegistry()
 # ---------------------------------------------------------------------------
 # Operations: what each cache method sends to Redis and how the reply becomes a result
 # ---------------------------------------------------------------------------
-# An operation is a generator: it yields a command (a tuple of arguments) or a pipeline
-# (a list of such tuples), receives the reply, and returns the method's result. The sync and
-# the asyncio client run the same generators, so the two paths cannot drift apart.
+# An operation is a generator: it yields a command (a tuple of arguments), a pipeline (a list
+# of such tuples) or a pause (``_Sleep``), receives the reply, and returns the method's
+# result. The sync and the asyncio client run the same generators, so the two paths cannot
+# drift apart. Each call of a cache method is one round trip unless said otherwise.
 
-Command = Union[tuple[Any, ...], list[tuple[Any, ...]]]  # noqa: UP007 (3.10 evaluates it)
+
+class _Sleep:
+    """A pause inside an operation: ``time.sleep`` or ``asyncio.sleep``, by path."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
+Command = Union[tuple[Any, ...], list[tuple[Any, ...]], _Sleep]  # noqa: UP007 (3.10 runs it)
 Operation = Generator[Command, Any, Any]
 
 # Commands that may go to a replica; everything else goes to the first server.
-_READ_COMMANDS = frozenset({"GET", "MGET", "EXISTS"})
+_READ_COMMANDS = frozenset({"GET", "MGET", "EXISTS", "TTL", "PTTL"})
 _SCRIPTS: dict[str, str] = {}
 
 
@@ -500,6 +718,31 @@ _RENAME_EXISTING = _Script(
     "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
     "redis.call('RENAME', KEYS[1], KEYS[2]) return 1"
 )
+# Delete a lock only if it still holds our token.
+_RELEASE_LOCK = _Script(
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
+
+
+class _KeyNotFound:
+    """What a cache call returns when Redis is unavailable and errors are ignored: raise, as
+    for a missing key (``incr``, ``incr_version``)."""
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+
+    def resolve(self) -> Any:
+        raise ValueError(f"Key '{self.key}' not found.")
+
+
+class _Computed:
+    """A miss of ``get_or_set``: the default, computed."""
+
+    def __init__(self, default: Any) -> None:
+        self.default = default
+
+    def resolve(self) -> Any:
+        return self.default() if callable(self.default) else self.default
 
 
 def _set_command(key: str, data: Any, timeout: int | None, *flags: str) -> tuple[Any, ...]:
@@ -508,22 +751,32 @@ def _set_command(key: str, data: Any, timeout: int | None, *flags: str) -> tuple
     return ("SET", key, data, "EX", timeout, *flags)
 
 
-def _op_add(serializer: Any, key: str, value: Any, timeout: int | None) -> Operation:
-    data = serializer.dumps(value)
+def _op_add(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operation:
+    data = codec.dumps(value)
     if timeout == 0:
         # Django's add(timeout=0) reports whether the key was free and leaves nothing behind.
         return (yield ("EXISTS", key)) == 0
     return bool((yield _set_command(key, data, timeout, "NX")))
 
 
-def _op_get(serializer: Any, key: str, default: Any) -> Operation:
+def _op_get(codec: _Codec, key: str, default: Any) -> Operation:
     data = yield ("GET", key)
-    return default if data is None else serializer.loads(data)
+    return default if data is None else codec.loads(data)
 
 
-def _op_set(serializer: Any, key: str, value: Any, timeout: int | None) -> Operation:
-    data = serializer.dumps(value)
-    yield ("DEL", key) if timeout == 0 else _set_command(key, data, timeout)
+def _op_set(
+    codec: _Codec, key: str, value: Any, timeout: int | None, nx: bool, xx: bool
+) -> Operation:
+    """Django's set (returns None); with ``nx`` or ``xx``, whether the value was written."""
+    data = codec.dumps(value)
+    if timeout == 0:  # an instant expiry: nothing is stored
+        if nx:
+            return (yield ("EXISTS", key)) == 0
+        existed = yield ("DEL", key)
+        return bool(existed) if xx else None
+    flags = ("NX",) if nx else ("XX",) if xx else ()
+    written = yield _set_command(key, data, timeout, *flags)
+    return bool(written) if flags else None
 
 
 def _op_touch(key: str, timeout: int | None) -> Operation:
@@ -532,17 +785,14 @@ def _op_touch(key: str, timeout: int | None) -> Operation:
     return bool((yield ("EXPIRE", key, timeout)))
 
 
-def _op_delete(key: str) -> Operation:
-    return bool((yield ("DEL", key)))
+def _op_bool(*command: Any) -> Operation:
+    """A command whose integer reply means yes or no (DEL, EXISTS, EXPIRE, PERSIST, ...)."""
+    return bool((yield command))
 
 
-def _op_has_key(key: str) -> Operation:
-    return bool((yield ("EXISTS", key)))
-
-
-def _op_get_many(serializer: Any, key_map: dict[str, Any]) -> Operation:
+def _op_get_many(codec: _Codec, key_map: dict[str, Any]) -> Operation:
     values = yield ("MGET", *key_map)
-    loads = serializer.loads
+    loads = codec.loads
     return {
         user_key: loads(data)
         for user_key, data in zip(key_map.values(), values, strict=True)
@@ -550,8 +800,8 @@ def _op_get_many(serializer: Any, key_map: dict[str, Any]) -> Operation:
     }
 
 
-def _op_set_many(serializer: Any, data: dict[str, Any], timeout: int | None) -> Operation:
-    dumps = serializer.dumps
+def _op_set_many(codec: _Codec, data: dict[str, Any], timeout: int | None) -> Operation:
+    dumps = codec.dumps
     encoded = [(key, dumps(value)) for key, value in data.items()]
     if timeout == 0:
         yield ("DEL", *data)
@@ -566,38 +816,102 @@ def _op_delete_many(keys: list[str]) -> Operation:
     yield ("DEL", *keys)
 
 
-def _op_incr(key: str, delta: int) -> Operation:
+def _op_incr(key: str, delta: int, create: bool) -> Operation:
+    if create:
+        return (yield ("INCRBY", key, delta))
     value = yield _INCR_EXISTING([key], [delta])
     if value is None:
-        raise ValueError(f"Key '{key}' not found.")
+        _KeyNotFound(key).resolve()
     return value
 
 
-def _op_get_or_set(serializer: Any, key: str, default: Any, timeout: int | None) -> Operation:
+def _op_get_or_set(
+    codec: _Codec, key: str, default: Any, timeout: int | None, lock_timeout: float | None
+) -> Operation:
+    """One GET on a hit. On a miss with a callable default and stampede protection on, one
+    caller computes under a short lock while the others wait for its value (bounded by the
+    lock's timeout) and compute it themselves if it does not come."""
     data = yield ("GET", key)
     if data is not None:
-        return serializer.loads(data)
-    if callable(default):
-        default = default()
+        return codec.loads(data)
+    if timeout == 0 or lock_timeout is None or not callable(default):
+        value = default() if callable(default) else default
+        return (yield from _op_store_missing(codec, key, value, timeout))
+    lock, token = key + "\x00lock", os.urandom(8).hex()
+    if (yield ("SET", lock, token, "PX", int(lock_timeout * 1000), "NX")):
+        try:
+            value = default()
+        except Exception:
+            yield _RELEASE_LOCK([lock], [token])
+            raise
+        value = yield from _op_store_missing(codec, key, value, timeout)
+        yield _RELEASE_LOCK([lock], [token])
+        return value
+    deadline, pause = time.monotonic() + lock_timeout, 0.005
+    while time.monotonic() < deadline:
+        yield _Sleep(pause)
+        data, locked = yield [("GET", key), ("EXISTS", lock)]
+        if data is not None:
+            return codec.loads(data)
+        if not locked:  # the computing caller failed or gave up: compute here
+            break
+        pause = min(pause * 2, 0.1)
+    return (yield from _op_store_missing(codec, key, default(), timeout))
+
+
+def _op_store_missing(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operation:
     if timeout == 0:
-        return default
-    current = yield _GET_OR_STORE([key], [serializer.dumps(default), timeout or 0])
+        return value
+    current = yield _GET_OR_STORE([key], [codec.dumps(value), timeout or 0])
     # Another caller may have stored a value since the GET: theirs wins, as with add().
-    return default if current is None else serializer.loads(current)
+    return value if current is None else codec.loads(current)
 
 
 def _op_move(old_key: str, new_key: str, user_key: Any) -> Operation:
     if not (yield _RENAME_EXISTING([old_key, new_key], [])):
-        raise ValueError(f"Key '{user_key}' not found")
+        _KeyNotFound(user_key).resolve()
 
 
 def _op_clear() -> Operation:
     return bool((yield ("FLUSHDB",)))
 
 
+def _op_ttl(command: str, key: str) -> Operation:
+    """django-redis's convention: 0 for a missing key, None for one that never expires."""
+    remaining = yield (command, key)
+    if remaining == -2:
+        return 0
+    return None if remaining == -1 else remaining
+
+
+def _op_scan(pattern: str, cursor: int, count: int) -> Operation:
+    cursor, keys = yield ("SCAN", cursor, "MATCH", pattern, "COUNT", count)
+    return int(cursor), keys
+
+
+def _op_delete_pattern(pattern: str, count: int) -> Operation:
+    """SCAN and UNLINK in batches (one round trip each), never KEYS; returns how many went."""
+    cursor, deleted = 0, 0
+    while True:
+        cursor, keys = yield from _op_scan(pattern, cursor, count)
+        if keys:
+            deleted += yield ("UNLINK", *keys)
+        if cursor == 0:
+            return deleted
+
+
+def _op_clear_prefix(pattern: str, count: int) -> Operation:
+    yield from _op_delete_pattern(pattern, count)
+    return True
+
+
 # ---------------------------------------------------------------------------
 # Clients: run operations on the shared pools
 # ---------------------------------------------------------------------------
+
+# Redis is down, unreachable or too slow: what ignore_exceptions covers. Wrong credentials
+# are a configuration error and always raise.
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
 class _Client:
@@ -614,12 +928,20 @@ class _Client:
             return 0
         return random.randint(1, len(self._servers) - 1)
 
-    def _index_for(self, command: Command) -> int:
-        if type(command) is tuple:
-            return self._get_connection_pool_index(command[0] not in _READ_COMMANDS)
-        return self._get_connection_pool_index(
-            any(args[0] not in _READ_COMMANDS for args in command)
-        )
+    def _pipeline_index(self, commands: list[tuple[Any, ...]]) -> int:
+        return self._get_connection_pool_index(any(c[0] not in _READ_COMMANDS for c in commands))
+
+    def _unavailable(self, operation: Operation, error: Exception, miss: Any) -> Any:
+        """Raise ``error``, or with ignore_exceptions log it once and return the miss."""
+        if not self._config.ignore_exceptions or isinstance(error, redis.AuthenticationError):
+            raise error
+        operation.close()
+        if self._config.log_ignored_exceptions:
+            name = getattr(operation, "__name__", "operation").removeprefix("_op_")
+            logger.warning("Redis unavailable in %s, ignored: %s", name, error)
+        if isinstance(miss, (_KeyNotFound, _Computed)):
+            return miss.resolve()
+        return miss
 
 
 class _SyncClient(_Client):
@@ -645,25 +967,33 @@ class _SyncClient(_Client):
     def get_client(self, key: Any = None, *, write: bool = False) -> redis.Redis:
         return self._client_at(self._get_connection_pool_index(write))
 
-    def run(self, operation: Operation) -> Any:
+    def run(self, operation: Operation, miss: Any = None) -> Any:
         try:
             command = next(operation)
             while True:
                 command = operation.send(self._send(command))
         except StopIteration as done:
             return done.value
+        except _UNAVAILABLE as error:
+            return self._unavailable(operation, error, miss)
 
     def _send(self, command: Command) -> Any:
-        client = self._client_at(self._index_for(command))
+        if type(command) is tuple:
+            client = self._client_at(
+                self._get_connection_pool_index(command[0] not in _READ_COMMANDS)
+            )
+            try:
+                return client.execute_command(*command)
+            except redis.exceptions.NoScriptError:
+                return client.execute_command("EVAL", _SCRIPTS[command[1]], *command[2:])
         if type(command) is list:
-            pipeline = client.pipeline(transaction=False)
+            pipeline = self._client_at(self._pipeline_index(command)).pipeline(transaction=False)
             for args in command:
                 pipeline.execute_command(*args)
             return pipeline.execute()
-        try:
-            return client.execute_command(*command)
-        except redis.exceptions.NoScriptError:
-            return client.execute_command("EVAL", _SCRIPTS[str(command[1])], *command[2:])
+        assert isinstance(command, _Sleep)
+        time.sleep(command.seconds)
+        return None
 
 
 class _AsyncClient(_Client):
@@ -697,34 +1027,65 @@ class _AsyncClient(_Client):
     def get_client(self, key: Any = None, *, write: bool = False) -> redis.asyncio.Redis:
         return self._client_at(self._get_connection_pool_index(write))
 
-    async def run(self, operation: Operation) -> Any:
+    async def run(self, operation: Operation, miss: Any = None) -> Any:
         try:
             command = next(operation)
             while True:
                 command = operation.send(await self._send(command))
         except StopIteration as done:
             return done.value
+        except _UNAVAILABLE as error:
+            return self._unavailable(operation, error, miss)
 
     async def _send(self, command: Command) -> Any:
-        client = self._client_at(self._index_for(command))
+        if type(command) is tuple:
+            client = self._client_at(
+                self._get_connection_pool_index(command[0] not in _READ_COMMANDS)
+            )
+            try:
+                return await client.execute_command(*command)
+            except redis.exceptions.NoScriptError:
+                return await client.execute_command("EVAL", _SCRIPTS[command[1]], *command[2:])
         if type(command) is list:
-            pipeline = client.pipeline(transaction=False)
+            pipeline = self._client_at(self._pipeline_index(command)).pipeline(transaction=False)
             for args in command:
                 pipeline.execute_command(*args)
             return await pipeline.execute()
-        try:
-            return await client.execute_command(*command)
-        except redis.exceptions.NoScriptError:
-            return await client.execute_command("EVAL", _SCRIPTS[str(command[1])], *command[2:])
+        assert isinstance(command, _Sleep)
+        await asyncio.sleep(command.seconds)
+        return None
 
 
 # ---------------------------------------------------------------------------
 # The cache classes: keys, versions and timeouts; no Redis commands
 # ---------------------------------------------------------------------------
 
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+Planned = tuple[Operation, Any]  # an operation, and what it returns when errors are ignored
+
+
+def _seconds(value: Any, unit: float = 1) -> int:
+    """A duration (number or timedelta) as a whole number of ``unit`` seconds."""
+    if isinstance(value, datetime.timedelta):
+        return int(value.total_seconds() / unit)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    raise TypeError(f"Expected a number or a timedelta, not {value!r}.")
+
+
+def _timestamp(when: Any, unit: float = 1) -> int:
+    """A moment (datetime or Unix time in ``unit`` seconds) as a whole number of units."""
+    if isinstance(when, datetime.datetime):
+        return int(when.timestamp() / unit)
+    return _seconds(when)
+
 
 class _RedisEXBase(BaseCache):
-    """Django's cache API, each method in a sync and a native async form."""
+    """Django's cache API and django-redis's extras, each in a sync and a native async form.
+
+    Each pair of twins builds its operation in one place (``_plan_*``) and differs only in
+    the client that runs it.
+    """
 
     _client_kind: str
 
@@ -761,7 +1122,7 @@ class _RedisEXBase(BaseCache):
             return self._async_client
         return self._sync_client
 
-    # Raw clients ------------------------------------------------------------
+    # Raw clients and locks --------------------------------------------------
 
     def get_client(self, key: Any = None, *, write: bool = True) -> redis.Redis:
         """A ``redis.Redis`` on the shared pool (the first server unless ``write=False``)."""
@@ -770,6 +1131,46 @@ class _RedisEXBase(BaseCache):
     def get_async_client(self, key: Any = None, *, write: bool = True) -> redis.asyncio.Redis:
         """A ``redis.asyncio.Redis`` on the running loop's shared pool."""
         return self._async_client.get_client(key, write=write)
+
+    def lock(
+        self,
+        key: Any,
+        version: int | None = None,
+        timeout: float | None = None,
+        sleep: float = 0.1,
+        blocking: bool = True,
+        blocking_timeout: float | None = None,
+        thread_local: bool = True,
+    ) -> Any:
+        """redis-py's ``Lock`` on a cache key: ``with cache.lock("report"): ...``."""
+        return self.get_client().lock(
+            self._key(key, version),
+            timeout=timeout,
+            sleep=sleep,
+            blocking=blocking,
+            blocking_timeout=blocking_timeout,
+            thread_local=thread_local,
+        )
+
+    def alock(
+        self,
+        key: Any,
+        version: int | None = None,
+        timeout: float | None = None,
+        sleep: float = 0.1,
+        blocking: bool = True,
+        blocking_timeout: float | None = None,
+        thread_local: bool = True,
+    ) -> Any:
+        """The asyncio ``Lock``, on the running loop: ``async with cache.alock("report"): ...``."""
+        return self.get_async_client().lock(
+            self._key(key, version),
+            timeout=timeout,
+            sleep=sleep,
+            blocking=blocking,
+            blocking_timeout=blocking_timeout,
+            thread_local=thread_local,
+        )
 
     # Keys and timeouts ------------------------------------------------------
 
@@ -791,132 +1192,175 @@ class _RedisEXBase(BaseCache):
     def _key_map(self, keys: Iterable[Any], version: int | None) -> dict[str, Any]:
         return {self.make_and_validate_key(key, version=version): key for key in keys}
 
-    # The API, sync and async ------------------------------------------------
+    def _pattern(self, pattern: str, version: Any) -> str:
+        """A SCAN pattern for user keys matching ``pattern``, the prefix taken literally."""
+        prefix = _GLOB_SPECIAL.sub(r"\\\1", self.key_prefix)
+        return str(self.key_func(pattern, prefix, self.version if version is None else version))
+
+    def _user_key(self, redis_key: bytes | str) -> str:
+        key = redis_key.decode() if isinstance(redis_key, bytes) else redis_key
+        if self._config.reverse_key_function is not None:
+            return self._config.reverse_key_function(key)
+        if self.key_func is default_key_func:
+            return key.split(":", 2)[2]
+        return key
+
+    # The API: each method, its async twin, and the plan they share ----------
 
     def add(
         self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> bool:
-        op = _op_add(
-            self._serializer, self._key(key, version), value, self.get_backend_timeout(timeout)
-        )
-        return self._sync_client.run(op)
+        return self._sync_client.run(*self._plan_add(key, value, timeout, version))
 
     async def aadd(
         self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> bool:
-        op = _op_add(
-            self._serializer, self._key(key, version), value, self.get_backend_timeout(timeout)
-        )
-        return await self._async_client.run(op)
+        return await self._async_client.run(*self._plan_add(key, value, timeout, version))
+
+    def _plan_add(self, key: Any, value: Any, timeout: Any, version: int | None) -> Planned:
+        timeout = self.get_backend_timeout(timeout)
+        return _op_add(self._serializer, self._key(key, version), value, timeout), False
 
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
-        return self._sync_client.run(_op_get(self._serializer, self._key(key, version), default))
+        return self._sync_client.run(*self._plan_get(key, default, version))
 
     async def aget(self, key: Any, default: Any = None, version: int | None = None) -> Any:
-        return await self._async_client.run(
-            _op_get(self._serializer, self._key(key, version), default)
-        )
+        return await self._async_client.run(*self._plan_get(key, default, version))
+
+    def _plan_get(self, key: Any, default: Any, version: int | None) -> Planned:
+        return _op_get(self._serializer, self._key(key, version), default), default
 
     def set(
-        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
-    ) -> None:
-        op = _op_set(
-            self._serializer, self._key(key, version), value, self.get_backend_timeout(timeout)
-        )
-        self._sync_client.run(op)
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        nx: bool = False,
+        xx: bool = False,
+    ) -> Any:
+        """Django's set; with ``nx=True`` (only if missing) or ``xx=True`` (only if present),
+        returns whether the value was written."""
+        return self._sync_client.run(*self._plan_set(key, value, timeout, version, nx, xx))
 
     async def aset(
-        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
-    ) -> None:
-        op = _op_set(
-            self._serializer, self._key(key, version), value, self.get_backend_timeout(timeout)
-        )
-        await self._async_client.run(op)
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        nx: bool = False,
+        xx: bool = False,
+    ) -> Any:
+        return await self._async_client.run(*self._plan_set(key, value, timeout, version, nx, xx))
+
+    def _plan_set(
+        self, key: Any, value: Any, timeout: Any, version: int | None, nx: bool, xx: bool
+    ) -> Planned:
+        if nx and xx:
+            raise ValueError("set() takes nx=True or xx=True, not both.")
+        timeout = self.get_backend_timeout(timeout)
+        op = _op_set(self._serializer, self._key(key, version), value, timeout, nx, xx)
+        return op, (False if nx or xx else None)
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
-        op = _op_touch(self._key(key, version), self.get_backend_timeout(timeout))
-        return self._sync_client.run(op)
+        return self._sync_client.run(*self._plan_touch(key, timeout, version))
 
     async def atouch(
         self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> bool:
-        op = _op_touch(self._key(key, version), self.get_backend_timeout(timeout))
-        return await self._async_client.run(op)
+        return await self._async_client.run(*self._plan_touch(key, timeout, version))
+
+    def _plan_touch(self, key: Any, timeout: Any, version: int | None) -> Planned:
+        return _op_touch(self._key(key, version), self.get_backend_timeout(timeout)), False
 
     def delete(self, key: Any, version: int | None = None) -> bool:
-        return self._sync_client.run(_op_delete(self._key(key, version)))
+        return self._sync_client.run(_op_bool("DEL", self._key(key, version)), False)
 
     async def adelete(self, key: Any, version: int | None = None) -> bool:
-        return await self._async_client.run(_op_delete(self._key(key, version)))
+        return await self._async_client.run(_op_bool("DEL", self._key(key, version)), False)
 
     def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
         key_map = self._key_map(keys, version)
         if not key_map:
             return {}
-        return self._sync_client.run(_op_get_many(self._serializer, key_map))
+        return self._sync_client.run(_op_get_many(self._serializer, key_map), {})
 
     async def aget_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
         key_map = self._key_map(keys, version)
         if not key_map:
             return {}
-        return await self._async_client.run(_op_get_many(self._serializer, key_map))
+        return await self._async_client.run(_op_get_many(self._serializer, key_map), {})
 
     def get_or_set(
         self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> Any:
-        op = _op_get_or_set(
-            self._serializer, self._key(key, version), default, self.get_backend_timeout(timeout)
-        )
-        return self._sync_client.run(op)
+        return self._sync_client.run(*self._plan_get_or_set(key, default, timeout, version))
 
     async def aget_or_set(
         self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> Any:
+        return await self._async_client.run(*self._plan_get_or_set(key, default, timeout, version))
+
+    def _plan_get_or_set(
+        self, key: Any, default: Any, timeout: Any, version: int | None
+    ) -> Planned:
+        timeout = self.get_backend_timeout(timeout)
+        lock_timeout = self._config.stampede_lock_timeout
         op = _op_get_or_set(
-            self._serializer, self._key(key, version), default, self.get_backend_timeout(timeout)
+            self._serializer, self._key(key, version), default, timeout, lock_timeout
         )
-        return await self._async_client.run(op)
+        return op, _Computed(default)
 
     def has_key(self, key: Any, version: int | None = None) -> bool:
-        return self._sync_client.run(_op_has_key(self._key(key, version)))
+        return self._sync_client.run(_op_bool("EXISTS", self._key(key, version)), False)
 
     async def ahas_key(self, key: Any, version: int | None = None) -> bool:
-        return await self._async_client.run(_op_has_key(self._key(key, version)))
+        return await self._async_client.run(_op_bool("EXISTS", self._key(key, version)), False)
 
-    def incr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        return self._sync_client.run(_op_incr(self._key(key, version), delta))
+    def incr(
+        self, key: Any, delta: int = 1, version: int | None = None, ignore_key_check: bool = False
+    ) -> int:
+        """Django's incr; ``ignore_key_check=True`` creates a missing key (from 0) instead."""
+        return self._sync_client.run(*self._plan_incr(key, delta, version, ignore_key_check))
 
-    async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        return await self._async_client.run(_op_incr(self._key(key, version), delta))
+    async def aincr(
+        self, key: Any, delta: int = 1, version: int | None = None, ignore_key_check: bool = False
+    ) -> int:
+        return await self._async_client.run(*self._plan_incr(key, delta, version, ignore_key_check))
 
-    def decr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        return self.incr(key, -delta, version=version)
+    def _plan_incr(self, key: Any, delta: int, version: int | None, create: bool) -> Planned:
+        redis_key = self._key(key, version)
+        return _op_incr(redis_key, delta, create), _KeyNotFound(redis_key)
 
-    async def adecr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        return await self.aincr(key, -delta, version=version)
+    def decr(
+        self, key: Any, delta: int = 1, version: int | None = None, ignore_key_check: bool = False
+    ) -> int:
+        return self.incr(key, -delta, version, ignore_key_check)
+
+    async def adecr(
+        self, key: Any, delta: int = 1, version: int | None = None, ignore_key_check: bool = False
+    ) -> int:
+        return await self.aincr(key, -delta, version, ignore_key_check)
 
     def set_many(
         self, data: dict[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> list[Any]:
         if not data:
             return []
-        op = _op_set_many(
-            self._serializer, self._data(data, version), self.get_backend_timeout(timeout)
-        )
-        return self._sync_client.run(op)
+        return self._sync_client.run(*self._plan_set_many(data, timeout, version))
 
     async def aset_many(
         self, data: dict[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> list[Any]:
         if not data:
             return []
-        op = _op_set_many(
-            self._serializer, self._data(data, version), self.get_backend_timeout(timeout)
-        )
-        return await self._async_client.run(op)
+        return await self._async_client.run(*self._plan_set_many(data, timeout, version))
 
-    def _data(self, data: dict[Any, Any], version: int | None) -> dict[str, Any]:
-        return {self.make_and_validate_key(k, version=version): v for k, v in data.items()}
+    def _plan_set_many(self, data: dict[Any, Any], timeout: Any, version: int | None) -> Planned:
+        redis_data = {self._key(key, version): value for key, value in data.items()}
+        op = _op_set_many(self._serializer, redis_data, self.get_backend_timeout(timeout))
+        return op, list(data)  # with Redis unavailable, every key failed
 
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
         redis_keys = list(self._key_map(keys, version))
@@ -930,16 +1374,17 @@ class _RedisEXBase(BaseCache):
 
     def incr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         version = self.version if version is None else version
-        self._sync_client.run(self._op_move_version(key, delta, version))
+        self._sync_client.run(*self._plan_move(key, delta, version))
         return version + delta
 
     async def aincr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         version = self.version if version is None else version
-        await self._async_client.run(self._op_move_version(key, delta, version))
+        await self._async_client.run(*self._plan_move(key, delta, version))
         return version + delta
 
-    def _op_move_version(self, key: Any, delta: int, version: int) -> Operation:
-        return _op_move(self._key(key, version), self._key(key, version + delta), key)
+    def _plan_move(self, key: Any, delta: int, version: int) -> Planned:
+        op = _op_move(self._key(key, version), self._key(key, version + delta), key)
+        return op, _KeyNotFound(key)
 
     def decr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         return self.incr_version(key, -delta, version)
@@ -948,16 +1393,145 @@ class _RedisEXBase(BaseCache):
         return await self.aincr_version(key, -delta, version)
 
     def clear(self) -> bool:
-        return self._sync_client.run(_op_clear())
+        """FLUSHDB, as Django's; with OPTIONS ``clear_by_prefix``, only this cache's keys."""
+        return self._sync_client.run(self._plan_clear(), False)
 
     async def aclear(self) -> bool:
-        return await self._async_client.run(_op_clear())
+        return await self._async_client.run(self._plan_clear(), False)
+
+    def _plan_clear(self) -> Operation:
+        if not self._config.clear_by_prefix:
+            return _op_clear()
+        prefix = _GLOB_SPECIAL.sub(r"\\\1", self.key_prefix)
+        return _op_clear_prefix(str(self.key_func("*", prefix, "*")), self._config.scan_count)
 
     def close(self, **kwargs: Any) -> None:
         """Nothing to do: the pools are shared by every cache object and outlive requests."""
 
     async def aclose(self, **kwargs: Any) -> None:
         """Nothing to do, as ``close()``."""
+
+    # Expiry (django-redis's names and return values) ------------------------
+
+    def ttl(self, key: Any, version: int | None = None) -> int | None:
+        """Seconds left: None if the key never expires, 0 if it does not exist."""
+        return self._sync_client.run(_op_ttl("TTL", self._key(key, version)), 0)
+
+    async def attl(self, key: Any, version: int | None = None) -> int | None:
+        return await self._async_client.run(_op_ttl("TTL", self._key(key, version)), 0)
+
+    def pttl(self, key: Any, version: int | None = None) -> int | None:
+        """Milliseconds left: None if the key never expires, 0 if it does not exist."""
+        return self._sync_client.run(_op_ttl("PTTL", self._key(key, version)), 0)
+
+    async def apttl(self, key: Any, version: int | None = None) -> int | None:
+        return await self._async_client.run(_op_ttl("PTTL", self._key(key, version)), 0)
+
+    def expire(self, key: Any, timeout: Any, version: int | None = None) -> bool:
+        """Expire in ``timeout`` seconds (a number or a timedelta); False if no such key."""
+        return self._sync_client.run(
+            self._plan_expiry("EXPIRE", key, _seconds(timeout), version), False
+        )
+
+    async def aexpire(self, key: Any, timeout: Any, version: int | None = None) -> bool:
+        return await self._async_client.run(
+            self._plan_expiry("EXPIRE", key, _seconds(timeout), version), False
+        )
+
+    def pexpire(self, key: Any, timeout: Any, version: int | None = None) -> bool:
+        """Expire in ``timeout`` milliseconds (a number or a timedelta)."""
+        return self._sync_client.run(
+            self._plan_expiry("PEXPIRE", key, _seconds(timeout, 0.001), version), False
+        )
+
+    async def apexpire(self, key: Any, timeout: Any, version: int | None = None) -> bool:
+        return await self._async_client.run(
+            self._plan_expiry("PEXPIRE", key, _seconds(timeout, 0.001), version), False
+        )
+
+    def expire_at(self, key: Any, when: Any, version: int | None = None) -> bool:
+        """Expire at ``when``: a datetime, or Unix time in seconds."""
+        return self._sync_client.run(
+            self._plan_expiry("EXPIREAT", key, _timestamp(when), version), False
+        )
+
+    async def aexpire_at(self, key: Any, when: Any, version: int | None = None) -> bool:
+        return await self._async_client.run(
+            self._plan_expiry("EXPIREAT", key, _timestamp(when), version), False
+        )
+
+    def pexpire_at(self, key: Any, when: Any, version: int | None = None) -> bool:
+        """Expire at ``when``: a datetime, or Unix time in milliseconds."""
+        return self._sync_client.run(
+            self._plan_expiry("PEXPIREAT", key, _timestamp(when, 0.001), version), False
+        )
+
+    async def apexpire_at(self, key: Any, when: Any, version: int | None = None) -> bool:
+        return await self._async_client.run(
+            self._plan_expiry("PEXPIREAT", key, _timestamp(when, 0.001), version), False
+        )
+
+    def persist(self, key: Any, version: int | None = None) -> bool:
+        """Remove the key's expiry; False if it has none or does not exist."""
+        return self._sync_client.run(_op_bool("PERSIST", self._key(key, version)), False)
+
+    async def apersist(self, key: Any, version: int | None = None) -> bool:
+        return await self._async_client.run(_op_bool("PERSIST", self._key(key, version)), False)
+
+    def _plan_expiry(self, command: str, key: Any, amount: int, version: int | None) -> Operation:
+        return _op_bool(command, self._key(key, version), amount)
+
+    # Keys by pattern (SCAN, never KEYS) --------------------------------------
+
+    def iter_keys(
+        self, search: str, itersize: int | None = None, version: int | None = None
+    ) -> Iterator[str]:
+        """The user keys matching the glob ``search``, lazily, ``itersize`` per SCAN."""
+        pattern, count = self._pattern(search, version), itersize or self._config.scan_count
+        cursor = 0
+        while True:
+            cursor, keys = self._sync_client.run(_op_scan(pattern, cursor, count), (0, []))
+            yield from map(self._user_key, keys)
+            if cursor == 0:
+                return
+
+    async def aiter_keys(
+        self, search: str, itersize: int | None = None, version: int | None = None
+    ) -> AsyncIterator[str]:
+        pattern, count = self._pattern(search, version), itersize or self._config.scan_count
+        cursor = 0
+        while True:
+            cursor, keys = await self._async_client.run(_op_scan(pattern, cursor, count), (0, []))
+            for key in keys:
+                yield self._user_key(key)
+            if cursor == 0:
+                return
+
+    def keys(self, search: str, version: int | None = None) -> list[str]:
+        return list(self.iter_keys(search, version=version))
+
+    async def akeys(self, search: str, version: int | None = None) -> list[str]:
+        return [key async for key in self.aiter_keys(search, version=version)]
+
+    def delete_pattern(
+        self, pattern: str, version: int | None = None, itersize: int | None = None
+    ) -> int:
+        """Delete the keys matching the glob ``pattern``; returns how many were deleted."""
+        return self._sync_client.run(self._plan_delete_pattern(pattern, version, itersize), 0)
+
+    async def adelete_pattern(
+        self, pattern: str, version: int | None = None, itersize: int | None = None
+    ) -> int:
+        return await self._async_client.run(
+            self._plan_delete_pattern(pattern, version, itersize), 0
+        )
+
+    def _plan_delete_pattern(
+        self, pattern: str, version: int | None, itersize: int | None
+    ) -> Operation:
+        return _op_delete_pattern(
+            self._pattern(pattern, version), itersize or self._config.scan_count
+        )
 
 
 class RedisEXCache(_RedisEXBase):
