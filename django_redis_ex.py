@@ -272,8 +272,15 @@ def _accepted_arguments(*classes: type) -> frozenset[str]:
     return frozenset(names)
 
 
-def _import(value: Any) -> Any:
-    return import_string(value) if isinstance(value, str) else value
+def _import(options: dict[str, Any], name: str) -> Any:
+    """``options[name]``, imported if it is a dotted path, or an error naming the option."""
+    value = options[name]
+    if not isinstance(value, str):
+        return value
+    try:
+        return import_string(value)
+    except ImportError as error:
+        raise ImproperlyConfigured(f"OPTIONS {name!r}: cannot import {value!r}: {error}") from None
 
 
 def _checked(options: dict[str, Any], name: str, kind: type, minimum: float | None = None) -> Any:
@@ -396,7 +403,7 @@ class _Config:
         self.servers = servers
         own = {**_OWN_OPTIONS, **{k: v for k, v in options.items() if k in _OWN_OPTIONS}}
         self.serializer = _Codec(
-            self._serializer(own["serializer"]),
+            self._serializer(own),
             self._compressor(own["compressor"]),
             _checked(own, "compress_min_length", int, minimum=0),
         )
@@ -404,7 +411,7 @@ class _Config:
         self.log_ignored_exceptions = _checked(own, "log_ignored_exceptions", bool)
         self.scan_count = _checked(own, "scan_count", int, minimum=1)
         self.clear_by_prefix = _checked(own, "clear_by_prefix", bool)
-        reverse = _import(own["reverse_key_function"])
+        reverse = _import(own, "reverse_key_function")
         if reverse is not None and not callable(reverse):
             raise ImproperlyConfigured("OPTIONS 'reverse_key_function' must be a callable.")
         self.reverse_key_function: Callable[[str], str] | None = reverse
@@ -414,8 +421,8 @@ class _Config:
                 own, "stampede_lock_timeout", float, minimum=0.001
             )
 
-        pool_class = _import(own["pool_class"])
-        parser_class = _import(own["parser_class"])
+        pool_class = _import(own, "pool_class")
+        parser_class = _import(own, "parser_class")
         self.sync_pool_class, self.async_pool_class = self._pool_classes(pool_class)
         redis_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
         self._check_keys(redis_options)
@@ -432,11 +439,12 @@ class _Config:
         self.frozen = _freeze((redis_options, parser_class, pool_class))
 
     @staticmethod
-    def _serializer(value: Any) -> Any:
+    def _serializer(own: dict[str, Any]) -> Any:
+        value = own["serializer"]
         if isinstance(value, str) and value in _SERIALIZERS:
             value = _SERIALIZERS[value]
         else:
-            value = _import(value)
+            value = _import(own, "serializer")
         if isinstance(value, type):
             try:
                 value = value()

@@ -986,3 +986,337 @@ def test_asgi_handler_200_concurrent_requests_stay_within_the_pool(
     theirs = connections_for_asgi_requests(server, DJANGO_BACKEND, view, db=13)
     print(f"{DJANGO_BACKEND} {view} view: {theirs} connections for 200 requests")
     assert theirs > ours
+
+
+# ---------------------------------------------------------------------------
+# django-redis's features: serializers, compression, ignore_exceptions, expiry, locks, scans
+# ---------------------------------------------------------------------------
+
+
+class ReversingSerializer:
+    """A custom serializer, configured by dotted path."""
+
+    def dumps(self, obj: Any) -> bytes:
+        return pickle.dumps(obj)[::-1]
+
+    def loads(self, data: bytes) -> Any:
+        return pickle.loads(data[::-1])
+
+
+def featured_api(api: Api, server: RedisServer, **options: Any) -> Api:
+    """The same backend and path as ``api``, on db 3 with extra OPTIONS."""
+    backend = f"django_redis_ex.{type(api.cache).__name__}"
+    cache = make_cache(backend, server.url, OPTIONS={"db": 3, **options}, KEY_PREFIX="t")
+    return Api(cache, api.path, api.loop)
+
+
+@pytest.mark.parametrize(
+    "serializer",
+    ["json", "msgpack", "test_django_redis_ex.ReversingSerializer", ReversingSerializer],
+)
+def test_serializers_round_trip_and_keep_ints_raw(
+    api: Api, server: RedisServer, serializer: Any
+) -> None:
+    pytest.importorskip("msgpack") if serializer == "msgpack" else None
+    cache = featured_api(api, server, serializer=serializer)
+    value = {"name": "café", "items": [1, 2.5, None, True]}
+    cache.set("doc", value)
+    assert cache.get("doc") == value
+    cache.set("n", 41)
+    assert raw(server).get("t:1:n") == b"41"
+    assert cache.incr("n") == 42
+    assert cache.get_many(["doc", "n"]) == {"doc": value, "n": 42}
+
+
+def test_json_serializer_stores_json_text(api: Api, server: RedisServer) -> None:
+    cache = featured_api(api, server, serializer="json")
+    cache.set("doc", {"a": [1, "b"]})
+    assert raw(server).get("t:1:doc") == b'{"a":[1,"b"]}'
+
+
+def test_json_unencodable_value_raises_at_set_and_writes_nothing(
+    api: Api, server: RedisServer
+) -> None:
+    cache = featured_api(api, server, serializer="json")
+    cache.set("k", "old")
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        cache.set("k", {"bad": object()})
+    assert cache.get("k") == "old"
+    with pytest.raises(TypeError):
+        cache.set_many({"a": 1, "b": object()})
+    assert cache.get("a") is None
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("serializer", "yaml"),
+        ("compressor", "snappy"),
+        ("compress_min_length", -1),
+        ("ignore_exceptions", "yes"),
+        ("scan_count", 0),
+        ("stampede_lock_timeout", "long"),
+    ],
+)
+def test_bad_option_values_fail_at_configuration_naming_them(
+    server: RedisServer, backend: str, option: str, value: Any
+) -> None:
+    with pytest.raises(ImproperlyConfigured, match=repr(option)):
+        make_cache(backend, server.url, OPTIONS={option: value})
+
+
+ALGORITHMS = ["zlib", "gzip", "lzma", "bz2", "zstd", "lz4"]
+OPTIONAL = {"zstd": "zstandard", "lz4": "lz4.frame"}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_compression_shrinks_large_values_only(
+    api: Api, server: RedisServer, algorithm: str
+) -> None:
+    if algorithm in OPTIONAL:
+        pytest.importorskip(OPTIONAL[algorithm])
+    cache = featured_api(api, server, compressor=algorithm, compress_min_length=100)
+    big = "spam " * 2000
+    cache.set("big", big)
+    cache.set("small", "tiny")
+    cache.set("n", 5)
+    stored = raw(server).get("t:1:big")
+    assert stored is not None and stored.startswith(b"\x00rx") and len(stored) < 1000
+    assert not raw(server).get("t:1:small").startswith(b"\x00rx")
+    assert cache.get("big") == big and cache.get("small") == "tiny"
+    assert cache.incr("n") == 6
+    assert cache.get_many(["big", "n"]) == {"big": big, "n": 6}
+
+
+def test_changing_compression_keeps_stored_values_readable(api: Api, server: RedisServer) -> None:
+    big = {"text": "eggs " * 1000}
+    featured_api(api, server).set("plain", big)
+    featured_api(api, server, compressor="zlib").set("zlibbed", big)
+    lzma_cache = featured_api(api, server, compressor="lzma")
+    assert lzma_cache.get("plain") == big
+    assert lzma_cache.get("zlibbed") == big
+    assert featured_api(api, server).get("zlibbed") == big  # compression turned off again
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_ignore_exceptions_returns_misses_and_logs_each_failure(
+    backend: str, path_: str, loop: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = {"ignore_exceptions": True, "socket_connect_timeout": 0.5}
+    api = Api(
+        make_cache(backend, f"redis://127.0.0.1:{free_port()}/0", OPTIONS=options), path_, loop
+    )
+    caplog.set_level("WARNING", logger="django_redis_ex")
+    assert api.get("k") is None
+    assert api.get("k", "fallback") == "fallback"
+    assert api.get_many(["a", "b"]) == {}
+    assert api.has_key("k") is False
+    assert api.set("k", 1) is None
+    assert api.set("k", 1, nx=True) is False
+    assert api.add("k", 1) is False
+    assert api.delete("k") is False
+    assert api.touch("k") is False
+    assert api.set_many({"a": 1, "b": 2}) == ["a", "b"]
+    assert api.get_or_set("k", lambda: "computed") == "computed"
+    assert api.ttl("k") == 0
+    assert api.delete_pattern("*") == 0
+    assert api.clear() is False
+    with pytest.raises(ValueError, match="not found"):
+        api.incr("k")
+    records = [r for r in caplog.records if r.name == "django_redis_ex"]
+    assert len(records) == 15
+    assert "ignored" in records[0].getMessage()
+
+
+def test_ignore_exceptions_never_hides_the_callers_mistakes(api: Api, server: RedisServer) -> None:
+    cache = featured_api(api, server, ignore_exceptions=True)
+    with pytest.raises(pickle.PicklingError):
+        cache.set("k", Unpicklable())
+    with pytest.raises(ValueError, match="not both"):
+        cache.set("k", 1, nx=True, xx=True)
+    with pytest.raises(redis.ResponseError):
+        cache.set("s", "text")
+        cache.incr("s")
+
+
+def test_ignore_exceptions_never_hides_wrong_credentials(
+    own_server: RedisServer, backend: str
+) -> None:
+    own_server.client().config_set("requirepass", "right")
+    url = f"redis://:wrong@127.0.0.1:{own_server.port}/0"
+    cache = make_cache(backend, url, OPTIONS={"ignore_exceptions": True})
+    with pytest.raises(redis.AuthenticationError):
+        cache.get("k")
+    assert "wrong" not in repr(cache)
+
+
+def test_ttl_pttl_persist(api: Api) -> None:
+    assert api.ttl("missing") == 0
+    assert api.pttl("missing") == 0
+    api.set("forever", 1, timeout=None)
+    assert api.ttl("forever") is None
+    assert api.pttl("forever") is None
+    api.set("k", 1, timeout=100)
+    assert 90 < api.ttl("k") <= 100
+    assert 90_000 < api.pttl("k") <= 100_000
+    assert api.persist("k") is True
+    assert api.ttl("k") is None
+    assert api.persist("k") is False
+
+
+def test_expire_and_expire_at(api: Api) -> None:
+    import datetime
+
+    api.set("k", 1, timeout=None)
+    assert api.expire("k", 50) is True
+    assert 40 < api.ttl("k") <= 50
+    assert api.pexpire("k", datetime.timedelta(seconds=20)) is True
+    assert 15 < api.ttl("k") <= 20
+    assert api.expire_at("k", datetime.datetime.now() + datetime.timedelta(seconds=70)) is True
+    assert 60 < api.ttl("k") <= 70
+    assert api.pexpire_at("k", int((time.time() + 30) * 1000)) is True
+    assert 20 < api.ttl("k") <= 30
+    assert api.expire("missing", 10) is False
+    assert api.expire("k", 0) is True
+    assert api.get("k") is None
+
+
+def test_set_nx_xx_and_incr_ignore_key_check(api: Api) -> None:
+    assert api.set("k", 1, nx=True) is True
+    assert api.set("k", 2, nx=True) is False
+    assert api.get("k") == 1
+    assert api.set("k", 3, xx=True) is True
+    assert api.set("missing", 3, xx=True) is False
+    assert api.get("k") == 3 and api.get("missing") is None
+    assert api.set("plain", 1) is None
+    assert api.incr("counter", 5, ignore_key_check=True) == 5
+    assert api.decr("counter", 2, ignore_key_check=True) == 3
+
+
+def test_sync_lock_uses_a_cache_key(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 3}, KEY_PREFIX="t")
+    with cache.lock("job", timeout=5):
+        assert raw(server).exists("t:1:job") == 1
+        other = cache.lock("job", blocking_timeout=0.1)
+        assert other.acquire() is False
+    assert raw(server).exists("t:1:job") == 0
+
+
+def test_async_lock_uses_a_cache_key(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 3}, KEY_PREFIX="t")
+
+    async def main() -> None:
+        async with cache.alock("job", timeout=5):
+            assert await cache.get_async_client().exists("t:1:job") == 1
+            assert await cache.alock("job", blocking_timeout=0.1).acquire() is False
+        assert await cache.get_async_client().exists("t:1:job") == 0
+
+    asyncio.run(main())
+
+
+def test_keys_iter_keys_and_delete_pattern(api: Api, server: RedisServer) -> None:
+    for i in range(30):
+        api.set(f"user:{i}", i)
+    api.set("other", 1)
+    api.set("user:v2", 1, version=2)
+    raw(server).set("foreign:user:1", 1)
+    before = raw(server).info("commandstats").get("cmdstat_keys")
+    assert sorted(api.keys("user:*")) == sorted(f"user:{i}" for i in range(30))
+    assert api.keys("user:*", version=2) == ["user:v2"]
+    assert api.delete_pattern("user:1*") == 11
+    assert len(api.keys("user:*")) == 19
+    assert raw(server).exists("foreign:user:1") == 1
+    assert raw(server).info("commandstats").get("cmdstat_keys") == before  # SCAN, never KEYS
+
+
+def test_iter_keys_is_lazy_on_both_paths(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 3, "scan_count": 5}, KEY_PREFIX="it")
+    cache.set_many({f"k{i}": i for i in range(12)})
+    iterator = cache.iter_keys("k*")
+    assert next(iterator).startswith("k")
+    assert sorted([*iterator, "x"])[-1] == "x"
+
+    async def collect() -> list[str]:
+        return [key async for key in cache.aiter_keys("k*", itersize=3)]
+
+    assert sorted(asyncio.run(collect())) == sorted(f"k{i}" for i in range(12))
+    assert sorted(asyncio.run(cache.akeys("k1*"))) == ["k1", "k10", "k11"]
+
+
+def test_glob_characters_in_key_prefix_are_literal(server: RedisServer, backend: str) -> None:
+    starred = make_cache(backend, server.url, OPTIONS={"db": 3}, KEY_PREFIX="a*")
+    other = make_cache(backend, server.url, OPTIONS={"db": 3}, KEY_PREFIX="ab")
+    starred.set("k", 1)
+    other.set("k", 2)
+    assert starred.keys("*") == ["k"]
+    assert starred.delete_pattern("*") == 1
+    assert other.get("k") == 2
+
+
+def test_clear_by_prefix_leaves_other_keys(api: Api, server: RedisServer) -> None:
+    cache = featured_api(api, server, clear_by_prefix=True, scan_count=7)
+    for i in range(20):
+        cache.set(f"k{i}", i)
+        cache.set(f"k{i}", i, version=3)
+    raw(server).set("foreign", 1)
+    assert cache.clear() is True
+    assert raw(server).keys("t:*") == []
+    assert raw(server).get("foreign") == b"1"
+
+
+def test_get_or_set_computes_once_for_50_concurrent_tasks(
+    server: RedisServer, backend: str
+) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 3})
+    cache.delete("cold")
+    calls: list[int] = []
+
+    def expensive() -> str:
+        calls.append(1)
+        return "value"
+
+    async def stampede() -> list[Any]:
+        async def one() -> Any:
+            local = make_cache(backend, server.url, OPTIONS={"db": 3})
+            return await local.aget_or_set("cold", expensive, timeout=60)
+
+        return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(50))), 30)
+
+    assert asyncio.run(stampede()) == ["value"] * 50
+    assert calls == [1]
+
+
+def test_get_or_set_computes_once_for_8_threads(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 3})
+    cache.delete("cold")
+    calls: list[int] = []
+    barrier = threading.Barrier(8, timeout=10)
+
+    def slow() -> str:
+        calls.append(1)
+        time.sleep(0.3)
+        return "value"
+
+    def one(_: int) -> Any:
+        barrier.wait()
+        return cache.get_or_set("cold", slow, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(8), timeout=30)) == ["value"] * 8
+    assert calls == [1]
+
+
+def test_get_or_set_failure_releases_the_lock(api: Api, server: RedisServer) -> None:
+    def broken() -> Any:
+        raise RuntimeError("backend down")
+
+    with pytest.raises(RuntimeError, match="backend down"):
+        api.get_or_set("fragile", broken)
+    assert raw(server).keys("*fragile*") == []
+    assert api.get_or_set("fragile", lambda: "ok") == "ok"
+
+
+def test_get_or_set_without_stampede_protection(api: Api, server: RedisServer) -> None:
+    cache = featured_api(api, server, stampede_protection=False)
+    assert cache.get_or_set("k", lambda: 1) == 1
+    assert cache.get_or_set("k", lambda: 2) == 1
