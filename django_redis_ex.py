@@ -41,14 +41,18 @@ from collections.abc import (
     Iterable,
     Iterator,
 )
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import django
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.connection
+import redis.asyncio.sentinel
+import redis.cluster
 import redis.connection
+import redis.sentinel
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, default_key_func
 from django.core.exceptions import ImproperlyConfigured
 from django.core.serializers.json import DjangoJSONEncoder
@@ -219,6 +223,10 @@ _OWN_OPTIONS: dict[str, Any] = {
     "reverse_key_function": None,
     "stampede_protection": True,
     "stampede_lock_timeout": 10,
+    "sentinels": None,
+    "sentinel_kwargs": None,
+    "sentinel_replica_reads": False,
+    "cluster": False,
 }
 
 # Defaults that differ from redis-py's: wait for a free connection instead of failing past
@@ -239,6 +247,14 @@ def _redact(url: str) -> str:
     netloc = parts.netloc.rpartition("@")
     userinfo = netloc[0].partition(":")[0] + ":***"
     return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[2]}"))
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """``("host", port)`` from ``"host:port"`` or ``"redis://host:port/..."``."""
+    parts = urlsplit(address if "//" in address else f"redis://{address}")
+    if parts.hostname is None:
+        raise ValueError(f"no host in {address!r}")
+    return parts.hostname, parts.port or 6379
 
 
 def _freeze(value: Any) -> Hashable:
@@ -294,6 +310,13 @@ def _checked(options: dict[str, Any], name: str, kind: type, minimum: float | No
     return value
 
 
+if TYPE_CHECKING:
+    _SyncPool = redis.ConnectionPool
+    _AsyncPool = redis.asyncio.ConnectionPool
+else:
+    _SyncPool = _AsyncPool = object
+
+
 def _twin_class(cls: type, package: types.ModuleType, prefix: str) -> type | None:
     """The asyncio (or sync) class of redis-py that matches ``cls`` by name, if any."""
     name = cls.__name__
@@ -306,11 +329,10 @@ def _twin_class(cls: type, package: types.ModuleType, prefix: str) -> type | Non
     return None
 
 
-class _WaitingPool(redis.ConnectionPool):
-    """redis-py's pool, as fast; when all connections are busy, callers wait for one.
-
-    ``redis.BlockingConnectionPool`` waits too, but costs a queue round trip on every call.
-    """
+class _WaitForConnection(_SyncPool):
+    """Mixed into redis-py's pools: as fast, but when every connection is busy, callers wait
+    for one. ``redis.BlockingConnectionPool`` waits too, but costs a queue round trip on
+    every call."""
 
     def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -347,8 +369,8 @@ class _WaitingPool(redis.ConnectionPool):
                 self._released.notify()
 
 
-class _AsyncWaitingPool(redis.asyncio.ConnectionPool):
-    """The asyncio twin of ``_WaitingPool``: one per event loop, so asyncio futures suffice."""
+class _AsyncWaitForConnection(_AsyncPool):
+    """The asyncio twin of ``_WaitForConnection``: a pool per event loop, so futures suffice."""
 
     def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -389,6 +411,24 @@ class _AsyncWaitingPool(redis.asyncio.ConnectionPool):
                 return
 
 
+class _WaitingPool(_WaitForConnection, redis.ConnectionPool):
+    """The default sync pool."""
+
+
+class _AsyncWaitingPool(_AsyncWaitForConnection, redis.asyncio.ConnectionPool):
+    """The default asyncio pool."""
+
+
+class _WaitingSentinelPool(_WaitForConnection, redis.sentinel.SentinelConnectionPool):
+    """The sync pool of a Sentinel-managed master or replica."""
+
+
+class _AsyncWaitingSentinelPool(
+    _AsyncWaitForConnection, redis.asyncio.sentinel.SentinelConnectionPool
+):
+    """The asyncio pool of a Sentinel-managed master or replica."""
+
+
 def _pool_exhausted(pool: Any) -> str:
     return (
         f"No free Redis connection within {pool.timeout} s: all {pool.max_connections} "
@@ -423,10 +463,14 @@ class _Config:
 
         pool_class = _import(own, "pool_class")
         parser_class = _import(own, "parser_class")
-        self.sync_pool_class, self.async_pool_class = self._pool_classes(pool_class)
+        self._topology(own, servers, pool_class)
+        if not self.sentinels:
+            self.sync_pool_class, self.async_pool_class = self._pool_classes(pool_class)
         redis_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
         self._check_keys(redis_options)
         defaults = {**_DEFAULT_POOL_OPTIONS, "driver_info": _driver_info()}
+        if self.cluster:  # redis-py's async cluster client cannot wait: keep its own limit
+            defaults.pop("max_connections")
         self.sync_options = self._pool_options(self.sync_pool_class, defaults, redis_options)
         self.async_options = self._pool_options(self.async_pool_class, defaults, redis_options)
         if parser_class is not None:
@@ -437,6 +481,47 @@ class _Config:
                 self.sync_options["protocol"] = self.async_options["protocol"] = 2
         # The pool key holds what the user set, so equal settings share a pool.
         self.frozen = _freeze((redis_options, parser_class, pool_class))
+
+    def _topology(self, own: dict[str, Any], servers: list[str], pool_class: Any) -> None:
+        """Sentinel, Cluster or plain servers: which ``servers`` index means which pool."""
+        self.cluster = _checked(own, "cluster", bool)
+        self.sentinels = self._sentinel_addresses(own["sentinels"])
+        self.sentinel_kwargs = own["sentinel_kwargs"] or {}
+        if not isinstance(self.sentinel_kwargs, dict):
+            raise ImproperlyConfigured("OPTIONS 'sentinel_kwargs' must be a dict.")
+        replica_reads = _checked(own, "sentinel_replica_reads", bool)
+        if self.sentinels:
+            if self.cluster or pool_class is not None or len(servers) != 1:
+                raise ImproperlyConfigured(
+                    "With OPTIONS 'sentinels', LOCATION is one URL naming the service, "
+                    "redis://[:password@]service_name[/db], and neither 'cluster' nor "
+                    "'pool_class' is set."
+                )
+            # Index 0: the master's pool; index 1: the replicas' pool, for reads.
+            self.servers = servers * 2 if replica_reads else servers
+            self.sync_pool_class, self.async_pool_class = (
+                _WaitingSentinelPool,
+                _AsyncWaitingSentinelPool,
+            )
+        elif self.cluster:
+            # One cluster client routes every command; LOCATION lists its startup nodes.
+            self.startup_nodes = [_host_port(url) for url in servers]
+            self.servers = servers[:1]
+
+    @staticmethod
+    def _sentinel_addresses(value: Any) -> list[tuple[str, int]]:
+        if value is None:
+            return []
+        try:
+            addresses = [_host_port(v) if isinstance(v, str) else (v[0], int(v[1])) for v in value]
+        except (TypeError, ValueError, IndexError):
+            addresses = []
+        if not addresses:
+            raise ImproperlyConfigured(
+                "OPTIONS 'sentinels' must list the sentinels as 'host:port' or (host, port), "
+                f"not {value!r}."
+            )
+        return addresses
 
     @staticmethod
     def _serializer(own: dict[str, Any]) -> Any:
@@ -529,6 +614,8 @@ class _Config:
         custom = redis_options.get("connection_class")
         if isinstance(custom, type):
             connection_classes += (custom,)
+        if self.cluster:
+            connection_classes += (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
         accepted = _accepted_arguments(
             self.sync_pool_class, self.async_pool_class, *connection_classes
         )
@@ -541,15 +628,69 @@ class _Config:
             )
 
     def pool_key(self, kind: str, index: int) -> tuple[Hashable, ...]:
-        return (kind, self.servers[index], self.frozen)
+        topology: tuple[Hashable, ...] = ()  # a plain server's pool: wherever it is listed
+        if self.cluster or self.sentinels:
+            topology = (self.cluster, tuple(self.sentinels), _freeze(self.sentinel_kwargs), index)
+        return (kind, self.servers[index], self.frozen, topology)
 
-    def make_sync_client(self, index: int) -> redis.Redis:
-        pool = self.sync_pool_class.from_url(self.servers[index], **self.sync_options)
+    def make_sync_client(self, index: int) -> Any:
+        if self.cluster:
+            options = {k: v for k, v in self.sync_options.items() if k != "timeout"}
+            # The node pools wait like ours; RedisCluster hands them no 'timeout' argument.
+            wait = self.sync_options.get("timeout", _DEFAULT_POOL_OPTIONS["timeout"])
+            node_pool = type(
+                "_ClusterNodePool",
+                (_WaitingPool,),
+                {"__init__": functools.partialmethod(_WaitingPool.__init__, timeout=wait)},
+            )
+            nodes = [redis.cluster.ClusterNode(host, port) for host, port in self.startup_nodes]
+            return _SharedCluster(
+                startup_nodes=nodes,
+                connection_pool_class=node_pool,
+                **self._url_credentials(),
+                **options,
+            )
+        if self.sentinels:
+            manager = redis.sentinel.Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs)
+            pool = self._sentinel_pool(self.sync_pool_class, manager, index, self.sync_options)
+        else:
+            pool = self.sync_pool_class.from_url(self.servers[index], **self.sync_options)
         return _SharedRedis(connection_pool=pool)
 
-    def make_async_client(self, index: int) -> redis.asyncio.Redis:
-        pool = self.async_pool_class.from_url(self.servers[index], **self.async_options)
+    def make_async_client(self, index: int) -> Any:
+        if self.cluster:
+            nodes = [
+                redis.asyncio.cluster.ClusterNode(host, port) for host, port in self.startup_nodes
+            ]
+            options = {k: v for k, v in self.async_options.items() if k != "timeout"}
+            return _SharedAsyncCluster(startup_nodes=nodes, **self._url_credentials(), **options)
+        if self.sentinels:
+            manager = redis.asyncio.sentinel.Sentinel(
+                self.sentinels, sentinel_kwargs=self.sentinel_kwargs
+            )
+            pool = self._sentinel_pool(self.async_pool_class, manager, index, self.async_options)
+        else:
+            pool = self.async_pool_class.from_url(self.servers[index], **self.async_options)
         return _SharedAsyncRedis(connection_pool=pool)
+
+    def _url_credentials(self) -> dict[str, Any]:
+        """What the first URL of LOCATION says besides the host: password, db, TLS."""
+        options = redis.connection.parse_url(self.servers[0])
+        for name in ("host", "port", "path", "connection_class"):
+            options.pop(name, None)
+        if self.cluster:
+            if options.pop("db", 0) not in (0, "0"):
+                raise ImproperlyConfigured("Redis Cluster has only db 0: drop the /db of LOCATION.")
+            if urlsplit(self.servers[0]).scheme == "rediss":
+                options["ssl"] = True
+        return options
+
+    def _sentinel_pool(
+        self, pool_class: Any, manager: Any, index: int, options: dict[str, Any]
+    ) -> Any:
+        service = urlsplit(self.servers[0]).hostname
+        connection = {**options, **self._url_credentials()}
+        return pool_class(service, manager, is_master=index == 0, **connection)
 
 
 @functools.cache
@@ -576,6 +717,90 @@ class _SharedAsyncRedis(redis.asyncio.Redis):
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         # Other cache objects on this loop use the pool: it is closed with the loop instead.
         await super().aclose(close_connection_pool=False)
+
+    async def close_shared(self) -> None:
+        await self.connection_pool.disconnect()
+
+
+# command: (RedisCluster method that splits it by slot, its arguments from the command's)
+_CLUSTER_SPLIT: dict[str, tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {
+    "MGET": ("mget_nonatomic", lambda args: (list(args),)),
+    "MSET": ("mset_nonatomic", lambda args: (dict(zip(args[::2], args[1::2], strict=True)),)),
+    "DEL": ("delete", lambda args: args),
+    "UNLINK": ("unlink", lambda args: args),
+    "EXISTS": ("exists", lambda args: args),
+}
+
+
+class _ClusterCommands:
+    """What a cluster client sends differently: multi-key commands split by slot (one round
+    trip per node), and SCAN over every primary in turn behind one cursor."""
+
+    @classmethod
+    def split(cls, client: Any, args: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]] | None:
+        """The splitting method and its arguments, if ``args`` spans slots."""
+        how = _CLUSTER_SPLIT.get(args[0])
+        if how is None:
+            return None
+        keys = args[1::2] if args[0] == "MSET" else args[1:]
+        if len({client.keyslot(key) for key in keys}) < 2:
+            return None
+        return how[0], how[1](args[1:])
+
+    @staticmethod
+    def scan_target(client: Any, cursor: int) -> tuple[Any, int, int]:
+        """The primary to scan, its own cursor, and how many primaries there are."""
+        primaries = sorted(client.get_primaries(), key=lambda node: node.name)
+        return primaries[cursor % len(primaries)], cursor // len(primaries), len(primaries)
+
+    @staticmethod
+    def scan_reply(reply: Any, cursor: int, count: int) -> tuple[int, list[Any]]:
+        """The reply of one primary's SCAN, with the composite cursor of the next step."""
+        node_cursor, keys = reply
+        if isinstance(node_cursor, dict):
+            (node_cursor,) = node_cursor.values()
+        index = cursor % count
+        if int(node_cursor) == 0:
+            index, node_cursor = index + 1, 0
+        return (0 if index == count else int(node_cursor) * count + index), keys
+
+
+class _SharedCluster(redis.cluster.RedisCluster):
+    """A sync cluster client that takes the commands the operations send."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs:
+            if args[0] == "SCAN":
+                node, node_cursor, count = _ClusterCommands.scan_target(self, args[1])
+                reply = super().execute_command("SCAN", node_cursor, *args[2:], target_nodes=node)
+                return _ClusterCommands.scan_reply(reply, args[1], count)
+            split = _ClusterCommands.split(self, args)
+            if split is not None:
+                return getattr(self, split[0])(*split[1])
+        return super().execute_command(*args, **kwargs)
+
+
+class _SharedAsyncCluster(redis.asyncio.cluster.RedisCluster):
+    """The asyncio twin of ``_SharedCluster``; ``aclose()`` leaves the shared client open."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs:
+            if args[0] == "SCAN":
+                node, node_cursor, count = _ClusterCommands.scan_target(self, args[1])
+                reply = await super().execute_command(
+                    "SCAN", node_cursor, *args[2:], target_nodes=node
+                )
+                return _ClusterCommands.scan_reply(reply, args[1], count)
+            split = _ClusterCommands.split(self, args)
+            if split is not None:
+                return await getattr(self, split[0])(*split[1])
+        return await super().execute_command(*args, **kwargs)
+
+    async def aclose(self, *args: Any, **kwargs: Any) -> None:
+        """Other cache objects on this loop use this client: it is closed with the loop."""
+
+    async def close_shared(self) -> None:
+        await super().aclose()
 
 
 class _PoolRegistry:
@@ -655,7 +880,7 @@ class _LoopClients:
             if not loop.is_closed():
                 for client in registry.forget_loop(loop).values():
                     try:
-                        await client.connection_pool.disconnect()
+                        await client.close_shared()
                     except Exception:  # pragma: no cover - shutdown must go on
                         logger.warning(
                             "Could not close a Redis pool at loop shutdown", exc_info=True
@@ -875,9 +1100,18 @@ def _op_store_missing(codec: _Codec, key: str, value: Any, timeout: int | None) 
     return value if current is None else codec.loads(current)
 
 
-def _op_move(old_key: str, new_key: str, user_key: Any) -> Operation:
-    if not (yield _RENAME_EXISTING([old_key, new_key], [])):
+def _op_move(old_key: str, new_key: str, user_key: Any, atomic: bool) -> Operation:
+    """Move a value to another key, keeping its expiry: one atomic round trip, or on Redis
+    Cluster (the keys lie in different slots, out of reach of one script) two."""
+    if atomic:
+        if not (yield _RENAME_EXISTING([old_key, new_key], [])):
+            _KeyNotFound(user_key).resolve()
+        return
+    data, remaining = yield [("GET", old_key), ("PTTL", old_key)]
+    if data is None:
         _KeyNotFound(user_key).resolve()
+    expiry = ("PX", remaining) if remaining > 0 else ()
+    yield [("SET", new_key, data, *expiry), ("DEL", old_key)]
 
 
 def _op_clear() -> Operation:
@@ -1391,7 +1625,8 @@ class _RedisEXBase(BaseCache):
         return version + delta
 
     def _plan_move(self, key: Any, delta: int, version: int) -> Planned:
-        op = _op_move(self._key(key, version), self._key(key, version + delta), key)
+        old_key, new_key = self._key(key, version), self._key(key, version + delta)
+        op = _op_move(old_key, new_key, key, atomic=not self._config.cluster)
         return op, _KeyNotFound(key)
 
     def decr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
