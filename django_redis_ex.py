@@ -507,6 +507,7 @@ class _Config:
             # One cluster client routes every command; LOCATION lists its startup nodes.
             self.startup_nodes = [_host_port(url) for url in servers]
             self.servers = servers[:1]
+            self._url_credentials()  # checks the URL now, not at the first call
 
     @staticmethod
     def _sentinel_addresses(value: Any) -> list[tuple[str, int]]:
@@ -1071,7 +1072,13 @@ def _op_get_or_set(
         value = default() if callable(default) else default
         return (yield from _op_store_missing(codec, key, value, timeout))
     lock, token = key + "\x00lock", os.urandom(8).hex()
-    if (yield ("SET", lock, token, "PX", int(lock_timeout * 1000), "NX")):
+    # Lock, then look again: a caller that stored the value and let go since our GET wins.
+    locked, data = yield [("SET", lock, token, "PX", int(lock_timeout * 1000), "NX"), ("GET", key)]
+    if data is not None:
+        if locked:
+            yield _RELEASE_LOCK([lock], [token])
+        return codec.loads(data)
+    if locked:
         try:
             value = default()
         except Exception:

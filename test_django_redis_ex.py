@@ -71,11 +71,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server on a free loopback port, stopped by its PID."""
+    """A redis-server (or sentinel) on a free loopback port, stopped by its PID."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra: str, directory: str | None = None, sentinel: str = "") -> None:
         self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="django-redis-ex-")
+        self.dir = directory or tempfile.mkdtemp(prefix="django-redis-ex-")
+        self.extra, self.sentinel = extra, sentinel
         self.process: subprocess.Popen[bytes] | None = None
         self._stats: redis.Redis | None = None
         self.start()
@@ -87,8 +88,16 @@ class RedisServer:
     def start(self) -> None:
         assert REDIS_SERVER is not None
         options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.dir]
+        options += ["--repl-diskless-sync-delay", "0", *self.extra]
+        if self.sentinel:  # sentinels rewrite their config file: one each
+            config = os.path.join(self.dir, f"sentinel-{self.port}.conf")
+            with open(config, "w") as file:
+                file.write(f"port {self.port}\nbind 127.0.0.1\n{self.sentinel}")
+            options = [config, "--sentinel"]
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), *options],
+            [REDIS_SERVER, "--port", str(self.port), *options]
+            if not self.sentinel
+            else [REDIS_SERVER, *options],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -142,6 +151,200 @@ def own_server() -> Iterator[RedisServer]:
     shutil.rmtree(srv.dir, ignore_errors=True)
 
 
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``condition`` until it is truthy (Redis errors count as not yet), bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError, OSError):
+            result = condition()
+            if result:
+                return result
+        time.sleep(0.05)
+    raise TimeoutError(f"gave up after {timeout} s waiting for {what}")
+
+
+class SentinelSetup:
+    """One master, one replica and three sentinels (quorum 2): real processes on loopback."""
+
+    service = "mymaster"
+
+    def __init__(self) -> None:
+        self.master = RedisServer()
+        self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.master.port))
+        self.nodes = [self.master, self.replica]
+        wait_until(
+            lambda: self.replica.client().info("replication")["master_link_status"] == "up",
+            20,
+            "the replica to sync",
+        )
+        # Sentinels read the master's replicas when they connect: start them afterwards.
+        conf = (
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
+            f"sentinel down-after-milliseconds {self.service} 1000\n"
+            f"sentinel failover-timeout {self.service} 3000\n"
+        )
+        self.sentinels = [RedisServer(directory=self.master.dir, sentinel=conf) for _ in range(3)]
+        wait_until(self._ready, 30, "the sentinels to agree")
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels]
+
+    def reported_master(self) -> set[int]:
+        return {
+            int(s.client().sentinel_get_master_addr_by_name(self.service)[1])
+            for s in self.sentinels
+        }
+
+    def _ready(self) -> bool:
+        for sentinel in self.sentinels:
+            state = sentinel.client().sentinel_master(self.service)
+            if state["num-other-sentinels"] != 2 or state["num-slaves"] < 1:
+                return False
+        return self.reported_master() == {self.master.port}
+
+    def master_client(self, db: int = 0) -> redis.Redis:
+        (port,) = self.reported_master()
+        return redis.Redis(port=port, db=db, socket_timeout=5)
+
+    def failover(self) -> None:
+        """Kill the master by PID; wait until the sentinels promote the replica."""
+        old = self.master
+        old.stop()
+
+        def promoted() -> bool:
+            ports = self.reported_master()
+            return (
+                ports == {self.replica.port}
+                and self.replica.client().info("replication")["role"] == "master"
+            )
+
+        wait_until(promoted, 30, "the sentinels to promote the replica")
+        self.master, self.replica = self.replica, old
+
+    def stop(self) -> None:
+        for process in [*self.sentinels, *self.nodes]:
+            process.stop()
+        shutil.rmtree(self.master.dir, ignore_errors=True)
+
+
+class ClusterSetup:
+    """Three primaries, each with a replica, made by ``redis-cli --cluster create``."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="django-redis-ex-cluster-")
+        self.nodes = []
+        for _ in range(6):
+            # The bus port defaults to port + 10000, which may be taken or too high: pick it.
+            options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"]
+            options += ["--cluster-port", str(free_port())]
+            node = RedisServer(*options, directory=self.dir)
+            node.extra += ("--cluster-config-file", f"nodes-{node.port}.conf")
+            node.stop()
+            node.start()
+            self.nodes.append(node)
+        cli = shutil.which("redis-cli")
+        assert cli is not None
+        endpoints = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *endpoints, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        wait_until(self._ok, 30, "cluster_state:ok on every node")
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def _ok(self) -> bool:
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            info = node.client().cluster("info")
+            if info["cluster_state"] != "ok" or int(info["cluster_slots_ok"]) != 16384:
+                return False
+        return True
+
+    def client(self) -> redis.cluster.RedisCluster:
+        alive = next(node for node in self.nodes if node.process is not None)
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=alive.port, socket_timeout=5)
+
+    def failover_primary(self, key: str) -> None:
+        """Kill the primary of ``key``'s slot by PID; wait until its replica serves it."""
+        client = self.client()
+        port = client.get_node_from_key(key).port
+        client.close()
+        victim = next(node for node in self.nodes if node.port == port)
+        victim.stop()
+
+        def taken_over() -> bool:
+            if not self._ok():
+                return False
+            survivor = next(node for node in self.nodes if node.process is not None)
+            slot = survivor.client().cluster("keyslot", key)
+            for start, end, primary, *_ in survivor.client().cluster("slots"):
+                if start <= slot <= end:
+                    return bool(primary[1] != port)
+            return False
+
+        wait_until(taken_over, 30, "a replica to take over the slot")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sentinel_setup() -> Iterator[SentinelSetup]:
+    setup = SentinelSetup()
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_setup() -> Iterator[ClusterSetup]:
+    setup = ClusterSetup()
+    yield setup
+    setup.stop()
+
+
+class Target:
+    """Where a test's caches point (one topology), and a raw client to check their writes."""
+
+    def __init__(self, name: str, location: Any, options: dict[str, Any], raw: Any) -> None:
+        self.name, self.location, self.options, self.raw = name, location, options, raw
+
+    def make(self, backend: str, **params: Any) -> BaseCache:
+        options = {**self.options, **params.pop("OPTIONS", {})}
+        return make_cache(backend, self.location, OPTIONS=options, **params)
+
+
+TOPOLOGIES = ["single", "sentinel", "cluster"]
+
+
+@pytest.fixture(params=TOPOLOGIES)
+def target(request: pytest.FixtureRequest) -> Iterator[Target]:
+    """The same tests on one server (db 3), on Sentinel, and on Cluster."""
+    if request.param == "single":
+        server = request.getfixturevalue("server")
+        found = Target("single", server.url, {"db": 3}, server.client(db=3))
+    elif request.param == "sentinel":
+        setup = request.getfixturevalue("sentinel_setup")
+        found = Target(
+            "sentinel", "redis://mymaster/3", {"sentinels": setup.addresses}, setup.master_client(3)
+        )
+    else:
+        setup = request.getfixturevalue("cluster_setup")
+        found = Target("cluster", setup.urls[:2], {"cluster": True}, setup.client())
+    found.raw.flushdb()
+    yield found
+    found.raw.close()
+
+
 def make_cache(backend: str, location: str | list[str], **params: Any) -> BaseCache:
     """A cache object built the way Django's cache handler builds one."""
     with override_settings(CACHES={"x": {"BACKEND": backend, "LOCATION": location, **params}}):
@@ -181,9 +384,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def cache(backend: str, server: RedisServer) -> Iterator[BaseCache]:
-    server.client(db=3).flushdb()
-    yield make_cache(backend, server.url, OPTIONS={"db": 3}, KEY_PREFIX="t")
+def cache(backend: str, target: Target) -> BaseCache:
+    return target.make(backend, KEY_PREFIX="t")
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -205,6 +407,12 @@ def raw(server: RedisServer, db: int = 3) -> redis.Redis:
     return server.client(db=db)
 
 
+@pytest.fixture
+def raw_redis(target: Target) -> Any:
+    """A plain redis-py client on what the ``api`` and ``cache`` fixtures use."""
+    return target.raw
+
+
 # ---------------------------------------------------------------------------
 # The API, on both classes and both paths
 # ---------------------------------------------------------------------------
@@ -224,11 +432,11 @@ def test_get_missing_key_returns_default(api: Api) -> None:
     assert api.get("missing", "fallback") == "fallback"
 
 
-def test_set_timeout_none_persists_and_positive_expires(api: Api, server: RedisServer) -> None:
+def test_set_timeout_none_persists_and_positive_expires(api: Api, raw_redis: Any) -> None:
     api.set("forever", 1, timeout=None)
     api.set("soon", 1, timeout=100)
-    assert raw(server).ttl("t:1:forever") == -1
-    assert 90 < raw(server).ttl("t:1:soon") <= 100
+    assert raw_redis.ttl("t:1:forever") == -1
+    assert 90 < raw_redis.ttl("t:1:soon") <= 100
 
 
 def test_default_timeout_comes_from_settings(server: RedisServer, backend: str) -> None:
@@ -252,22 +460,20 @@ def test_add_only_sets_missing_keys(api: Api) -> None:
     assert api.get("k") == "first"
 
 
-def test_add_timeout_zero_reports_free_key_and_leaves_nothing(
-    api: Api, server: RedisServer
-) -> None:
+def test_add_timeout_zero_reports_free_key_and_leaves_nothing(api: Api, raw_redis: Any) -> None:
     assert api.add("free", 1, timeout=0) is True
-    assert raw(server).exists("t:1:free") == 0
+    assert raw_redis.exists("t:1:free") == 0
     api.set("taken", 1)
     assert api.add("taken", 2, timeout=0) is False
     assert api.get("taken") == 1
 
 
-def test_touch_changes_expiry(api: Api, server: RedisServer) -> None:
+def test_touch_changes_expiry(api: Api, raw_redis: Any) -> None:
     api.set("k", 1, timeout=10)
     assert api.touch("k", 500) is True
-    assert raw(server).ttl("t:1:k") > 400
+    assert raw_redis.ttl("t:1:k") > 400
     assert api.touch("k", None) is True
-    assert raw(server).ttl("t:1:k") == -1
+    assert raw_redis.ttl("t:1:k") == -1
     assert api.touch("missing", 10) is False
 
 
@@ -285,12 +491,12 @@ def test_get_many_returns_only_present_keys(api: Api) -> None:
     assert api.get_many([]) == {}
 
 
-def test_set_many_and_delete_many(api: Api, server: RedisServer) -> None:
+def test_set_many_and_delete_many(api: Api, raw_redis: Any) -> None:
     assert api.set_many({"a": 1, "b": [2]}, timeout=100) == []
     assert api.get_many(["a", "b"]) == {"a": 1, "b": [2]}
-    assert 90 < raw(server).ttl("t:1:b") <= 100
+    assert 90 < raw_redis.ttl("t:1:b") <= 100
     assert api.set_many({"a": 5}, timeout=None) == []
-    assert raw(server).ttl("t:1:a") == -1
+    assert raw_redis.ttl("t:1:a") == -1
     api.delete_many(["a", "b"])
     assert api.get_many(["a", "b"]) == {}
     api.set_many({"z": 1})
@@ -315,14 +521,12 @@ def test_incr_and_decr(api: Api) -> None:
     assert api.get("n") == -5
 
 
-def test_incr_missing_key_raises_value_error_and_creates_nothing(
-    api: Api, server: RedisServer
-) -> None:
+def test_incr_missing_key_raises_value_error_and_creates_nothing(api: Api, raw_redis: Any) -> None:
     with pytest.raises(ValueError, match="not found"):
         api.incr("missing")
     with pytest.raises(ValueError, match="not found"):
         api.decr("missing")
-    assert raw(server).exists("t:1:missing") == 0
+    assert raw_redis.exists("t:1:missing") == 0
 
 
 def test_incr_of_pickled_value_raises_redis_error(api: Api) -> None:
@@ -363,11 +567,11 @@ def test_versions(api: Api) -> None:
         api.incr_version("missing")
 
 
-def test_clear_flushes_the_db(api: Api, server: RedisServer) -> None:
+def test_clear_flushes_the_db(api: Api, raw_redis: Any) -> None:
     api.set("k", 1)
-    raw(server).set("foreign", 1)
+    raw_redis.set("foreign", 1)
     assert api.clear() is True
-    assert raw(server).dbsize() == 0
+    assert raw_redis.dbsize() == 0
 
 
 def test_close_keeps_the_shared_pool_working(api: Api) -> None:
@@ -431,7 +635,10 @@ def test_every_async_method_is_native(cls: type[BaseCache]) -> None:
         assert asyncio.iscoroutinefunction(method), name
 
 
-def test_each_call_is_one_round_trip(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_call_is_one_round_trip(
+    api: Api, target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One round trip per call (per node on a cluster, where multi-key commands split)."""
     sent: list[Any] = []
     for client_class in (django_redis_ex._SyncClient, django_redis_ex._AsyncClient):
         original = client_class._send
@@ -458,7 +665,9 @@ def test_each_call_is_one_round_trip(api: Api, monkeypatch: pytest.MonkeyPatch) 
     for call in calls:
         sent.clear()
         call()
-        assert len(sent) == 1, sent
+        # On a cluster, incr_version's two keys lie in different slots: two round trips.
+        expected = 2 if target.name == "cluster" and sent[0][0] == ("GET", "t:1:s") else 1
+        assert len(sent) == expected, sent
 
 
 # ---------------------------------------------------------------------------
@@ -1003,11 +1212,10 @@ class ReversingSerializer:
         return pickle.loads(data[::-1])
 
 
-def featured_api(api: Api, server: RedisServer, **options: Any) -> Api:
-    """The same backend and path as ``api``, on db 3 with extra OPTIONS."""
+def featured_api(api: Api, target: Target, **options: Any) -> Api:
+    """The same backend, topology and path as ``api``, with extra OPTIONS."""
     backend = f"django_redis_ex.{type(api.cache).__name__}"
-    cache = make_cache(backend, server.url, OPTIONS={"db": 3, **options}, KEY_PREFIX="t")
-    return Api(cache, api.path, api.loop)
+    return Api(target.make(backend, OPTIONS=options, KEY_PREFIX="t"), api.path, api.loop)
 
 
 @pytest.mark.parametrize(
@@ -1015,29 +1223,27 @@ def featured_api(api: Api, server: RedisServer, **options: Any) -> Api:
     ["json", "msgpack", "test_django_redis_ex.ReversingSerializer", ReversingSerializer],
 )
 def test_serializers_round_trip_and_keep_ints_raw(
-    api: Api, server: RedisServer, serializer: Any
+    api: Api, target: Target, serializer: Any
 ) -> None:
     pytest.importorskip("msgpack") if serializer == "msgpack" else None
-    cache = featured_api(api, server, serializer=serializer)
+    cache = featured_api(api, target, serializer=serializer)
     value = {"name": "café", "items": [1, 2.5, None, True]}
     cache.set("doc", value)
     assert cache.get("doc") == value
     cache.set("n", 41)
-    assert raw(server).get("t:1:n") == b"41"
+    assert target.raw.get("t:1:n") == b"41"
     assert cache.incr("n") == 42
     assert cache.get_many(["doc", "n"]) == {"doc": value, "n": 42}
 
 
-def test_json_serializer_stores_json_text(api: Api, server: RedisServer) -> None:
-    cache = featured_api(api, server, serializer="json")
+def test_json_serializer_stores_json_text(api: Api, target: Target) -> None:
+    cache = featured_api(api, target, serializer="json")
     cache.set("doc", {"a": [1, "b"]})
-    assert raw(server).get("t:1:doc") == b'{"a":[1,"b"]}'
+    assert target.raw.get("t:1:doc") == b'{"a":[1,"b"]}'
 
 
-def test_json_unencodable_value_raises_at_set_and_writes_nothing(
-    api: Api, server: RedisServer
-) -> None:
-    cache = featured_api(api, server, serializer="json")
+def test_json_unencodable_value_raises_at_set_and_writes_nothing(api: Api, target: Target) -> None:
+    cache = featured_api(api, target, serializer="json")
     cache.set("k", "old")
     with pytest.raises(TypeError, match="not JSON serializable"):
         cache.set("k", {"bad": object()})
@@ -1070,32 +1276,30 @@ OPTIONAL = {"zstd": "zstandard", "lz4": "lz4.frame"}
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_compression_shrinks_large_values_only(
-    api: Api, server: RedisServer, algorithm: str
-) -> None:
+def test_compression_shrinks_large_values_only(api: Api, target: Target, algorithm: str) -> None:
     if algorithm in OPTIONAL:
         pytest.importorskip(OPTIONAL[algorithm])
-    cache = featured_api(api, server, compressor=algorithm, compress_min_length=100)
+    cache = featured_api(api, target, compressor=algorithm, compress_min_length=100)
     big = "spam " * 2000
     cache.set("big", big)
     cache.set("small", "tiny")
     cache.set("n", 5)
-    stored = raw(server).get("t:1:big")
+    stored = target.raw.get("t:1:big")
     assert stored is not None and stored.startswith(b"\x00rx") and len(stored) < 1000
-    assert not raw(server).get("t:1:small").startswith(b"\x00rx")
+    assert not target.raw.get("t:1:small").startswith(b"\x00rx")
     assert cache.get("big") == big and cache.get("small") == "tiny"
     assert cache.incr("n") == 6
     assert cache.get_many(["big", "n"]) == {"big": big, "n": 6}
 
 
-def test_changing_compression_keeps_stored_values_readable(api: Api, server: RedisServer) -> None:
+def test_changing_compression_keeps_stored_values_readable(api: Api, target: Target) -> None:
     big = {"text": "eggs " * 1000}
-    featured_api(api, server).set("plain", big)
-    featured_api(api, server, compressor="zlib").set("zlibbed", big)
-    lzma_cache = featured_api(api, server, compressor="lzma")
+    featured_api(api, target).set("plain", big)
+    featured_api(api, target, compressor="zlib").set("zlibbed", big)
+    lzma_cache = featured_api(api, target, compressor="lzma")
     assert lzma_cache.get("plain") == big
     assert lzma_cache.get("zlibbed") == big
-    assert featured_api(api, server).get("zlibbed") == big  # compression turned off again
+    assert featured_api(api, target).get("zlibbed") == big  # compression turned off again
 
 
 @pytest.mark.parametrize("path_", ["sync", "async"])
@@ -1128,8 +1332,8 @@ def test_ignore_exceptions_returns_misses_and_logs_each_failure(
     assert "ignored" in records[0].getMessage()
 
 
-def test_ignore_exceptions_never_hides_the_callers_mistakes(api: Api, server: RedisServer) -> None:
-    cache = featured_api(api, server, ignore_exceptions=True)
+def test_ignore_exceptions_never_hides_the_callers_mistakes(api: Api, target: Target) -> None:
+    cache = featured_api(api, target, ignore_exceptions=True)
     with pytest.raises(pickle.PicklingError):
         cache.set("k", Unpicklable())
     with pytest.raises(ValueError, match="not both"):
@@ -1214,19 +1418,21 @@ def test_async_lock_uses_a_cache_key(server: RedisServer, backend: str) -> None:
     asyncio.run(main())
 
 
-def test_keys_iter_keys_and_delete_pattern(api: Api, server: RedisServer) -> None:
+def test_keys_iter_keys_and_delete_pattern(api: Api, target: Target) -> None:
     for i in range(30):
         api.set(f"user:{i}", i)
     api.set("other", 1)
     api.set("user:v2", 1, version=2)
-    raw(server).set("foreign:user:1", 1)
-    before = raw(server).info("commandstats").get("cmdstat_keys")
+    target.raw.set("foreign:user:1", 1)
+    commandstats = target.raw.info("commandstats") if target.name == "single" else {}
     assert sorted(api.keys("user:*")) == sorted(f"user:{i}" for i in range(30))
     assert api.keys("user:*", version=2) == ["user:v2"]
     assert api.delete_pattern("user:1*") == 11
     assert len(api.keys("user:*")) == 19
-    assert raw(server).exists("foreign:user:1") == 1
-    assert raw(server).info("commandstats").get("cmdstat_keys") == before  # SCAN, never KEYS
+    assert target.raw.exists("foreign:user:1") == 1
+    if commandstats:
+        after = target.raw.info("commandstats")
+        assert after.get("cmdstat_keys") == commandstats.get("cmdstat_keys")  # SCAN, not KEYS
 
 
 def test_iter_keys_is_lazy_on_both_paths(server: RedisServer, backend: str) -> None:
@@ -1253,15 +1459,15 @@ def test_glob_characters_in_key_prefix_are_literal(server: RedisServer, backend:
     assert other.get("k") == 2
 
 
-def test_clear_by_prefix_leaves_other_keys(api: Api, server: RedisServer) -> None:
-    cache = featured_api(api, server, clear_by_prefix=True, scan_count=7)
+def test_clear_by_prefix_leaves_other_keys(api: Api, target: Target) -> None:
+    cache = featured_api(api, target, clear_by_prefix=True, scan_count=7)
     for i in range(20):
         cache.set(f"k{i}", i)
         cache.set(f"k{i}", i, version=3)
-    raw(server).set("foreign", 1)
+    target.raw.set("foreign", 1)
     assert cache.clear() is True
-    assert raw(server).keys("t:*") == []
-    assert raw(server).get("foreign") == b"1"
+    assert target.raw.keys("t:*") == []
+    assert target.raw.get("foreign") == b"1"
 
 
 def test_get_or_set_computes_once_for_50_concurrent_tasks(
@@ -1306,17 +1512,116 @@ def test_get_or_set_computes_once_for_8_threads(server: RedisServer, backend: st
     assert calls == [1]
 
 
-def test_get_or_set_failure_releases_the_lock(api: Api, server: RedisServer) -> None:
+def test_get_or_set_failure_releases_the_lock(api: Api, target: Target) -> None:
     def broken() -> Any:
         raise RuntimeError("backend down")
 
     with pytest.raises(RuntimeError, match="backend down"):
         api.get_or_set("fragile", broken)
-    assert raw(server).keys("*fragile*") == []
+    assert target.raw.keys("*fragile*") == []
     assert api.get_or_set("fragile", lambda: "ok") == "ok"
 
 
-def test_get_or_set_without_stampede_protection(api: Api, server: RedisServer) -> None:
-    cache = featured_api(api, server, stampede_protection=False)
+def test_get_or_set_without_stampede_protection(api: Api, target: Target) -> None:
+    cache = featured_api(api, target, stampede_protection=False)
     assert cache.get_or_set("k", lambda: 1) == 1
     assert cache.get_or_set("k", lambda: 2) == 1
+
+
+# ---------------------------------------------------------------------------
+# Sentinel and Cluster: reads from replicas, and failover
+# ---------------------------------------------------------------------------
+
+
+def eventually(call: Callable[[], Any], timeout: float = 30) -> tuple[Any, int]:
+    """``call()``'s result once it stops failing with a Redis error, and how often it failed."""
+    deadline, failures = time.monotonic() + timeout, 0
+    while True:
+        try:
+            return call(), failures
+        except redis.RedisError:
+            failures += 1
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_sentinel_replica_reads_use_the_replica_pool(
+    sentinel_setup: SentinelSetup, backend: str, loop: Any
+) -> None:
+    options = {"sentinels": sentinel_setup.addresses, "sentinel_replica_reads": True}
+    cache = make_cache(backend, "redis://mymaster/5", OPTIONS=options)
+    reader = cache._sync_client._get_connection_pool(write=False)
+    writer = cache._sync_client._get_connection_pool(write=True)
+    assert (reader.is_master, writer.is_master) == (False, True)
+    cache.set("k", "v")
+    assert wait_until(lambda: cache.get("k") == "v", 10, "the replica to catch up")
+    assert wait_until(lambda: loop.run_until_complete(cache.aget("k")) == "v", 10, "the replica")
+    assert sentinel_setup.replica.client(db=5).get(":1:k") is not None
+
+
+def test_sentinel_rejects_a_location_list(sentinel_setup: SentinelSetup, backend: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match="one URL naming the service"):
+        make_cache(backend, ["redis://a", "redis://b"], OPTIONS={"sentinels": ["127.0.0.1:1"]})
+
+
+def test_cluster_multi_key_calls_span_slots(cluster_setup: ClusterSetup, backend: str) -> None:
+    cache = make_cache(backend, cluster_setup.urls[:1], OPTIONS={"cluster": True})
+    keys = [f"spread{i}" for i in range(40)]
+    client = cluster_setup.client()
+    assert len({client.keyslot(cache.make_key(key)) for key in keys}) > 20
+    cache.set_many(dict.fromkeys(keys, 1))
+    assert cache.get_many(keys) == dict.fromkeys(keys, 1)
+    assert sorted(cache.keys("spread*")) == sorted(keys)
+    cache.delete_many(keys[:20])
+    assert len(asyncio.run(cache.aget_many(keys))) == 20
+    assert cache.delete_pattern("spread*") == 20
+    client.close()
+
+
+def test_cluster_rejects_a_db(cluster_setup: ClusterSetup, backend: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match="only db 0"):
+        make_cache(backend, cluster_setup.urls[0] + "/3", OPTIONS={"cluster": True})
+
+
+def test_sentinel_failover_is_found_by_itself(backend: str) -> None:
+    setup = SentinelSetup()
+    loop = asyncio.new_event_loop()
+    try:
+        options = {"sentinels": setup.addresses, "socket_timeout": 1, "socket_connect_timeout": 1}
+        cache = make_cache(backend, "redis://mymaster/0", OPTIONS=options)
+        cache.set("before", 1)
+        assert loop.run_until_complete(cache.aget("before")) == 1  # the loop's pool exists
+        old_master = setup.master.port
+        setup.failover()
+        _, sync_failures = eventually(lambda: cache.set("after", 2))
+        assert cache.get("after") == 2
+        _, async_failures = eventually(lambda: loop.run_until_complete(cache.aset("a", 3)))
+        assert loop.run_until_complete(cache.aget("a")) == 3
+        assert cache.get_client().connection_pool.get_master_address()[1] != old_master
+        print(f"\nsentinel failover: {sync_failures} sync, {async_failures} async failed calls")
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        setup.stop()
+
+
+def test_cluster_failover_is_found_by_itself(backend: str) -> None:
+    setup = ClusterSetup()
+    loop = asyncio.new_event_loop()
+    try:
+        options = {"cluster": True, "socket_timeout": 1, "socket_connect_timeout": 1}
+        cache = make_cache(backend, setup.urls[:2], OPTIONS=options)
+        cache.set("k", 1)
+        assert loop.run_until_complete(cache.aget("k")) == 1
+        setup.failover_primary(cache.make_key("k"))
+        _, sync_failures = eventually(lambda: cache.set("k", 2))
+        assert cache.get("k") == 2
+        _, async_failures = eventually(lambda: loop.run_until_complete(cache.aset("k", 3)))
+        assert loop.run_until_complete(cache.aget("k")) == 3
+        assert cache.get_many(["k", "other"]) == {"k": 3}
+        print(f"\ncluster failover: {sync_failures} sync, {async_failures} async failed calls")
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        setup.stop()
