@@ -49,9 +49,11 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.asyncio.connection
+import redis.asyncio.retry
 import redis.asyncio.sentinel
 import redis.cluster
 import redis.connection
+import redis.retry
 import redis.sentinel
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, default_key_func
 from django.core.exceptions import ImproperlyConfigured
@@ -473,6 +475,14 @@ class _Config:
             defaults.pop("max_connections")
         self.sync_options = self._pool_options(self.sync_pool_class, defaults, redis_options)
         self.async_options = self._pool_options(self.async_pool_class, defaults, redis_options)
+        retry = redis_options.get("retry")
+        if type(retry) is redis.retry.Retry:
+            # An asyncio connection silently ignores a sync Retry: give it the asyncio twin.
+            self.async_options["retry"] = redis.asyncio.retry.Retry(
+                retry._backoff,
+                retry._retries,
+                tuple(e for e in retry._supported_errors if issubclass(e, redis.RedisError)),
+            )
         if parser_class is not None:
             self.sync_options["parser_class"] = self._parser(parser_class, sync=True)
             self.async_options["parser_class"] = self._parser(parser_class, sync=False)
@@ -644,11 +654,12 @@ class _Config:
                 (_WaitingPool,),
                 {"__init__": functools.partialmethod(_WaitingPool.__init__, timeout=wait)},
             )
-            nodes = [redis.cluster.ClusterNode(host, port) for host, port in self.startup_nodes]
+            # redis-py uses connection_pool_class only for a client made from a URL.
+            others = [redis.cluster.ClusterNode(h, p) for h, p in self.startup_nodes[1:]]
             return _SharedCluster(
-                startup_nodes=nodes,
+                url=self.servers[0],
+                startup_nodes=others,
                 connection_pool_class=node_pool,
-                **self._url_credentials(),
                 **options,
             )
         if self.sentinels:
@@ -721,6 +732,9 @@ class _SharedAsyncRedis(redis.asyncio.Redis):
 
     async def close_shared(self) -> None:
         await self.connection_pool.disconnect()
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        if manager is not None:  # a Sentinel pool: its connections to the sentinels too
+            await manager.aclose()
 
 
 # command: (RedisCluster method that splits it by slot, its arguments from the command's)
@@ -767,7 +781,11 @@ class _ClusterCommands:
 
 
 class _SharedCluster(redis.cluster.RedisCluster):
-    """A sync cluster client that takes the commands the operations send."""
+    """A sync cluster client that takes the commands the operations send; shared, so
+    ``close()`` leaves it open (a closed RedisCluster fails later calls, redis-py #3846)."""
+
+    def close(self) -> None:
+        """Other cache objects use this client: it stays open for the process."""
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if not kwargs:

@@ -1629,3 +1629,39 @@ def test_cluster_failover_is_found_by_itself(backend: str) -> None:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
         setup.stop()
+
+
+def test_cluster_sync_node_pools_wait_for_a_free_connection(
+    cluster_setup: ClusterSetup, backend: str
+) -> None:
+    cache = make_cache(
+        backend, cluster_setup.urls[:1], OPTIONS={"cluster": True, "max_connections": 2}
+    )
+    cache.set("shared", 0)
+
+    def work(_: int) -> None:
+        for _ in range(50):
+            cache.incr("shared")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8), timeout=60))
+    assert cache.get("shared") == 400
+    node_pool = cache.get_client().get_node_from_key(cache.make_key("shared")).redis_connection
+    assert node_pool.connection_pool.max_connections == 2
+
+
+def test_a_sync_retry_option_reaches_the_asyncio_pools_as_an_asyncio_retry(
+    server: RedisServer, backend: str
+) -> None:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    cache = make_cache(backend, server.url, OPTIONS={"retry": Retry(NoBackoff(), 3)})
+
+    async def retry_of_a_connection() -> Any:
+        pool = cache.get_async_client().connection_pool
+        return pool.connection_kwargs["retry"]
+
+    retry = asyncio.run(retry_of_a_connection())
+    assert isinstance(retry, redis.asyncio.retry.Retry) and retry._retries == 3
+    assert isinstance(cache.get_client().connection_pool.connection_kwargs["retry"], Retry)
