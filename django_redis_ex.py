@@ -705,6 +705,25 @@ class _Config:
         return pool_class(service, manager, is_master=index == 0, **connection)
 
 
+_NO_OPTIONS: dict[str, Any] = {}
+_configs: dict[Hashable, tuple[dict[str, Any], _Config]] = {}
+
+
+def _config_for(servers: list[str], options: dict[str, Any]) -> _Config:
+    """The checked configuration, parsed once per settings dict rather than per request.
+
+    Django builds a cache object per request from the same settings, so the OPTIONS dict is
+    the same object each time; the entry holds it, so its id cannot be reused meanwhile.
+    """
+    key = (tuple(servers), id(options))
+    entry = _configs.get(key)
+    if entry is None or entry[0] is not options:
+        if len(_configs) >= 64:  # settings that come and go (tests): start afresh
+            _configs.clear()
+        entry = _configs[key] = (options, _Config(servers, options))
+    return entry[1]
+
+
 @functools.cache
 def _driver_info() -> Any:
     """The CLIENT SETINFO name Django's own backend sends, so servers see the same client."""
@@ -1362,8 +1381,8 @@ class _RedisEXBase(BaseCache):
             self._servers = re.split("[;,]", server)
         else:
             self._servers = list(server)
-        self._options = params.get("OPTIONS") or {}
-        self._config = _Config(self._servers, self._options)
+        self._options = params.get("OPTIONS") or _NO_OPTIONS
+        self._config = _config_for(self._servers, self._options)
         self._serializer = self._config.serializer
 
     def __repr__(self) -> str:
