@@ -176,6 +176,9 @@ class _Codec:
     def __init__(self, serializer: Any, compressor: str | None, min_length: int) -> None:
         self.serializer = serializer
         self._dumps, self._loads = serializer.dumps, serializer.loads
+        if type(serializer) is RedisSerializer:  # ints are handled here: call pickle directly
+            self._dumps = functools.partial(pickle.dumps, protocol=serializer.protocol)
+            self._loads = pickle.loads
         self._compress: Callable[[bytes], bytes] | None = None
         self._min_length = min_length
         if compressor is not None:
@@ -192,10 +195,11 @@ class _Codec:
 
     def loads(self, data: bytes) -> Any:
         first = data[:1]
+        if first == b"\x80":  # a pickle, the usual case (or msgpack's empty map)
+            return self._loads(data)
         if first == b"\x00" and data[:3] == _COMPRESSED:
-            data = _decompressor(data[3:4])(data[4:])
-            first = data[:1]
-        if first in _INT_FIRST_BYTES and first:
+            return self.loads(_decompressor(data[3:4])(data[4:]))
+        if first and first in _INT_FIRST_BYTES:
             try:
                 return int(data)
             except ValueError:
@@ -231,10 +235,10 @@ _OWN_OPTIONS: dict[str, Any] = {
     "cluster": False,
 }
 
-# Defaults that differ from redis-py's: wait for a free connection instead of failing past
-# 100, and never hang on a server that does not answer.
+# Defaults that differ from redis-py's: past 100 connections, wait for a free one instead
+# of failing, and never hang on a server that does not answer.
 _DEFAULT_POOL_OPTIONS: dict[str, Any] = {
-    "max_connections": 50,
+    "max_connections": 100,
     "timeout": 20,
     "socket_connect_timeout": 5,
     "socket_timeout": 10,
@@ -343,12 +347,14 @@ class _WaitForConnection(_SyncPool):
         self._waiting = 0
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().get_connection(*args, **kwargs)
+        except redis.exceptions.MaxConnectionsError:
+            return self._wait_for_connection(*args, **kwargs)
+
+    def _wait_for_connection(self, *args: Any, **kwargs: Any) -> Any:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
-            try:
-                return super().get_connection(*args, **kwargs)
-            except redis.exceptions.MaxConnectionsError:
-                pass
             with self._released:
                 # Counted, then checked: a release either shows here or sees the count.
                 self._waiting += 1
@@ -360,6 +366,10 @@ class _WaitForConnection(_SyncPool):
                         self._released.wait(remaining)
                 finally:
                     self._waiting -= 1
+            try:
+                return super().get_connection(*args, **kwargs)
+            except redis.exceptions.MaxConnectionsError:
+                pass
 
     def _has_room(self) -> bool:
         return bool(self._created_connections < self.max_connections)
@@ -380,11 +390,15 @@ class _AsyncWaitForConnection(_AsyncPool):
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except redis.exceptions.MaxConnectionsError:
+            return await self._wait_for_connection(*args, **kwargs)
+
+    async def _wait_for_connection(self, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         deadline = None if self.timeout is None else loop.time() + self.timeout
         while True:
-            with contextlib.suppress(redis.exceptions.MaxConnectionsError):
-                return await super().get_connection(*args, **kwargs)
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 raise redis.ConnectionError(_pool_exhausted(self))
@@ -400,6 +414,8 @@ class _AsyncWaitForConnection(_AsyncPool):
                 if isinstance(error, asyncio.TimeoutError):
                     raise redis.ConnectionError(_pool_exhausted(self)) from None
                 raise
+            with contextlib.suppress(redis.exceptions.MaxConnectionsError):
+                return await super().get_connection(*args, **kwargs)
 
     async def release(self, connection: Any) -> None:
         await super().release(connection)
@@ -1207,6 +1223,7 @@ class _Client:
         self._config = config
         self._servers = config.servers
         self._serializer = config.serializer
+        self._single = len(config.servers) == 1
 
     def _get_connection_pool_index(self, write: bool) -> int:
         # Write to the first server. Read from the others if there are more.
@@ -1265,9 +1282,10 @@ class _SyncClient(_Client):
 
     def _send(self, command: Command) -> Any:
         if type(command) is tuple:
-            client = self._client_at(
-                self._get_connection_pool_index(command[0] not in _READ_COMMANDS)
-            )
+            client = self._clients[0] if self._single else None
+            if client is None:
+                write = command[0] not in _READ_COMMANDS
+                client = self._client_at(self._get_connection_pool_index(write))
             try:
                 return client.execute_command(*command)
             except redis.exceptions.NoScriptError:
@@ -1325,9 +1343,8 @@ class _AsyncClient(_Client):
 
     async def _send(self, command: Command) -> Any:
         if type(command) is tuple:
-            client = self._client_at(
-                self._get_connection_pool_index(command[0] not in _READ_COMMANDS)
-            )
+            write = command[0] not in _READ_COMMANDS
+            client = self._client_at(0 if self._single else self._get_connection_pool_index(write))
             try:
                 return await client.execute_command(*command)
             except redis.exceptions.NoScriptError:
@@ -1472,11 +1489,34 @@ class _RedisEXBase(BaseCache):
             return
         super().validate_key(key)
 
+    @cached_property
+    def _default_keys(self) -> bool:
+        """Whether keys are Django's defaults, so ``_key`` may make them without the calls."""
+        cls = type(self)
+        return (
+            self.key_func is default_key_func
+            and cls.make_and_validate_key is BaseCache.make_and_validate_key
+            and cls.make_key is BaseCache.make_key
+            and cls.validate_key is _RedisEXBase.validate_key
+        )
+
     def _key(self, key: Any, version: int | None) -> str:
-        return self.make_and_validate_key(key, version=version)
+        """``make_and_validate_key``, inlined for the default key function (a hot path)."""
+        if not self._default_keys:
+            return self.make_and_validate_key(key, version=version)
+        version = self.version if version is None else version
+        redis_key = f"{self.key_prefix}:{version}:{key}"
+        if (
+            len(redis_key) > 250
+            or not redis_key.isascii()
+            or not redis_key.isprintable()
+            or " " in redis_key
+        ):
+            super().validate_key(redis_key)  # warns as Django does
+        return redis_key
 
     def _key_map(self, keys: Iterable[Any], version: int | None) -> dict[str, Any]:
-        return {self.make_and_validate_key(key, version=version): key for key in keys}
+        return {self._key(key, version): key for key in keys}
 
     def _pattern(self, pattern: str, version: Any) -> str:
         """A SCAN pattern for user keys matching ``pattern``, the prefix taken literally."""

@@ -765,7 +765,7 @@ def test_djangos_client_internals_on_redisexcache(server: RedisServer) -> None:
     assert isinstance(internals.get_client(write=True), redis.Redis)
     assert internals._serializer.dumps(123) == 123
     assert isinstance(internals._serializer.dumps(True), bytes)
-    assert internals._pool_options["max_connections"] == 50
+    assert internals._pool_options["max_connections"] == 100
 
 
 def test_location_string_splits_on_comma_and_semicolon(server: RedisServer, backend: str) -> None:
@@ -986,7 +986,7 @@ def test_300_concurrent_tasks_share_a_bounded_pool(server: RedisServer, backend:
         return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(300))), 60)
 
     assert asyncio.run(burst()) == list(range(300))
-    assert server.stat("total_connections_received") - before <= 50
+    assert server.stat("total_connections_received") - before <= 100  # the default max_connections
 
 
 def test_64_threads_on_the_sync_api(server: RedisServer, backend: str) -> None:
@@ -1004,7 +1004,9 @@ def test_64_threads_on_the_sync_api(server: RedisServer, backend: str) -> None:
         results = list(pool.map(work, range(64), timeout=60))
     assert results == list(range(64))
     assert cache.get("t5") == 5
-    assert server.stat("total_connections_received") - before <= 50
+    assert (
+        server.stat("total_connections_received") - before <= 64
+    )  # one connection per thread at most
 
 
 def test_8_threads_hammer_the_sync_api_of_asyncredisexcache(server: RedisServer) -> None:
@@ -1192,7 +1194,7 @@ def test_asgi_handler_200_concurrent_requests_stay_within_the_pool(
 ) -> None:
     ours = connections_for_asgi_requests(server, backend, view, db=12)
     print(f"\n{backend} {view} view: {ours} connections for 200 requests")
-    assert ours <= 50  # the default max_connections of one pool
+    assert ours <= 100  # the default max_connections of one pool
     # Django's own backend builds a pool per request: the contrast this project exists for.
     theirs = connections_for_asgi_requests(server, DJANGO_BACKEND, view, db=13)
     print(f"{DJANGO_BACKEND} {view} view: {theirs} connections for 200 requests")
