@@ -1667,3 +1667,37 @@ def test_a_sync_retry_option_reaches_the_asyncio_pools_as_an_asyncio_retry(
     retry = asyncio.run(retry_of_a_connection())
     assert isinstance(retry, redis.asyncio.retry.Retry) and retry._retries == 3
     assert isinstance(cache.get_client().connection_pool.connection_kwargs["retry"], Retry)
+
+
+# ---------------------------------------------------------------------------
+# The benchmark, kept honest: it runs end to end (tiny counts, no timing checks)
+# ---------------------------------------------------------------------------
+
+
+def test_benchmark_quick_run_reports_every_scenario_for_both_classes(
+    server: RedisServer, tmp_path: Any
+) -> None:
+    import json
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "bench.py")
+    out = tmp_path / "bench.json"
+    command = [sys.executable, bench, "--quick", "--scale", "0.02", "--reps", "1"]
+    command += ["--asgi-reps", "1", "--no-pin", "--location", server.url, "--json", str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    report = json.loads(out.read_text())
+    scenarios = report["results"]
+    expected = {"sync.get_hit", "sync.get_miss", "sync.set", "sync.get_many", "sync.set_many"}
+    expected |= {"sync.incr", "threads.get", "async.get", "async.set", "async.get_many"}
+    expected |= {"async.set_many", "asgi.async_view", "asgi.sync_view"}
+    assert expected <= set(scenarios)
+    for scenario in expected:
+        for backend in BACKENDS.values():
+            assert scenarios[scenario][backend]["ops_per_s"] > 0, (scenario, backend)
+    for view in ("asgi.async_view", "asgi.sync_view"):
+        for backend in BACKENDS.values():
+            assert scenarios[view][backend]["failed_requests"] == 0
+    assert not report["errors"], report["errors"]
+    assert server.client().keys("bench:*") == []  # it cleaned up after itself
+    assert "ratio" in finished.stdout
