@@ -1409,6 +1409,12 @@ class _RedisEXBase(BaseCache):
         self._options = params.get("OPTIONS") or _NO_OPTIONS
         self._config = _config_for(self._servers, self._options)
         self._serializer = self._config.serializer
+        cls = type(self)
+        self._default_key_methods = (
+            cls.make_and_validate_key is BaseCache.make_and_validate_key
+            and cls.make_key is BaseCache.make_key
+            and cls.validate_key is _RedisEXBase.validate_key
+        )
 
     def __repr__(self) -> str:
         servers = ", ".join(_redact(s) for s in self._servers)
@@ -1497,16 +1503,13 @@ class _RedisEXBase(BaseCache):
             return
         super().validate_key(key)
 
-    @cached_property
+    @property
     def _default_keys(self) -> bool:
-        """Whether keys are Django's defaults, so ``_key`` may make them without the calls."""
-        cls = type(self)
-        return (
-            self.key_func is default_key_func
-            and cls.make_and_validate_key is BaseCache.make_and_validate_key
-            and cls.make_key is BaseCache.make_key
-            and cls.validate_key is _RedisEXBase.validate_key
-        )
+        """Whether keys are Django's defaults, so ``_key`` may make them without the calls.
+
+        Read on every call: tests (Django's own among them) swap ``key_func`` on the fly.
+        """
+        return self.key_func is default_key_func and self._default_key_methods
 
     def _key(self, key: Any, version: int | None) -> str:
         """``make_and_validate_key``, inlined for the default key function (a hot path)."""

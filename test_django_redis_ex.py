@@ -1702,3 +1702,19 @@ def test_benchmark_quick_run_reports_every_scenario_for_both_classes(
     assert not report["errors"], report["errors"]
     assert server.client().keys("bench:*") == []  # it cleaned up after itself
     assert "ratio" in finished.stdout
+
+
+def test_key_func_swapped_on_an_instance_is_honoured(api: Api) -> None:
+    """Django's own tests swap ``cache.key_func`` on a live cache object."""
+    from django.core.cache import CacheKeyWarning
+
+    cache = api.cache
+    original, cache.key_func = cache.key_func, lambda key, prefix, version: f"swapped-{key}"
+    try:
+        api.set("k", 1)
+        assert api.get_many(["k"]) == {"k": 1}
+        with pytest.warns(CacheKeyWarning, match="'swapped-with space'"):
+            api.set("with space", 1)
+    finally:
+        cache.key_func = original
+    assert api.get("k") is None
