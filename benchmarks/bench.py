@@ -5,21 +5,39 @@ Run from the repository root::
     python benchmarks/bench.py            # default run, a few minutes
     python benchmarks/bench.py --quick    # under a minute
     python benchmarks/bench.py --quick --scale 0.05 --json out.json   # smoke test
+    python benchmarks/bench.py --quick --topology single,sentinel,cluster   # about 2 minutes
 
 One run, one Redis: the raw sync and asyncio clients of redis-py (the limit), both classes of
 django_redis_ex on their sync and async paths, Django's RedisCache, and any ``--backend``.
 Each measurement does a fixed amount of work; backends are interleaved in every repetition and
 each figure is also given as a ratio to the raw client of the same kind, paired by repetition.
 
+Codec cost (``--codecs``, on unless ``--no-codecs`` or ``--scenario`` leaves none of its
+scenarios): RedisEXCache with the JSON serializer and with each compressor available (zlib,
+and zstd and lz4 if installed), on a 2 KB compressible value, each as a ratio to the plain
+RedisEXCache (pickle, no compression) on the same value, interleaved in the same run. It
+covers the sync get/set, get_many/set_many and async get/set scenarios, at a quarter of their
+work; the main table keeps its 100-byte value.
+
+``--topology single,sentinel,cluster`` (repeatable; default single) also measures each listed
+deployment, started on free loopback ports and stopped before the next: Sentinel is a master,
+its replica and three sentinels, Cluster three primaries with a replica each. The sync and
+async scenarios run there for both classes and the raw clients of that topology (redis-py's
+Sentinel pool, RedisCluster: ``mget_nonatomic`` and a non-transactional pipeline for the
+many-key calls); Django's RedisCache (one server only), ``--backend`` classes and the ASGI
+scenarios (Django's request handling, the same on any topology) are left out there. Each
+topology adds its setup (a few seconds) and about two thirds of the single run's time.
+
 Without ``--location`` a throwaway ``redis-server`` is started on a free loopback port and
-stopped at the end. redis-server and this process share one CPU, the helper that samples the
-server's connected clients runs on the other (``--no-pin`` turns pinning off): on a 2-core
-machine a GET loop is several times faster on a shared CPU, and unpinned figures flip between
-the two.
+stopped at the end; ``--location`` applies to the single topology only. Every redis-server
+and sentinel this process starts shares its CPU, the helper that samples the server's
+connected clients runs on the other (``--no-pin`` turns pinning off): on a 2-core machine a
+GET loop is several times faster on a shared CPU, and unpinned figures flip between the two.
 
 The raw clients use redis-py's defaults (no socket timeout): they are the limit. Every wait is
-bounded all the same: asyncio work by ``wait_for``, threads by ``join`` timeouts, and the whole
-run by ``--max-seconds``, past which the server is stopped and the process exits.
+bounded all the same: asyncio work by ``wait_for``, threads by ``join`` timeouts, server setup
+by deadlines, and the whole run by ``--max-seconds``, past which the servers are stopped and
+the process exits.
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ import functools
 import gc
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import pickle
@@ -49,7 +68,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +77,10 @@ from urllib.parse import urlsplit, urlunsplit
 import django
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
+import redis.cluster
+import redis.sentinel
 from django.conf import settings
 from django.core.cache import caches
 from django.core.handlers.asgi import ASGIHandler
@@ -79,7 +102,6 @@ VALUE = b"v" * 100  # the cached value: 100 bytes
 PAYLOAD = pickle.dumps(VALUE, pickle.HIGHEST_PROTOCOL)  # what the backends store for it
 TIMEOUT = 300  # Django's default TIMEOUT: every SET carries EX 300
 MANY_KEYS = [f"many:{i}" for i in range(100)]
-MANY_DATA = dict.fromkeys(MANY_KEYS, VALUE)
 THREADS = 8
 TASKS = 100
 URLCONF = "bench_urls"
@@ -87,6 +109,37 @@ SAMPLE_INTERVAL = 0.003  # seconds between two INFO clients of the sampler
 STEP_TIMEOUT = 300.0  # seconds one measurement may take before it is abandoned
 CHUNK = 10  # operations between two looks at the clock
 QUICK = 0.15  # share of the default work that --quick does
+SETUP_TIMEOUT = 30.0  # seconds a replica, the sentinels or a cluster may take to be ready
+
+# The codec-cost section: a value large enough to be compressed (2,072 bytes pickled, 3,017 as
+# JSON), and which serializer or compressor each variant of RedisEXCache uses.
+CODEC_VALUE = {
+    "title": "Cached fragment of a product listing",
+    "items": [
+        {
+            "id": i,
+            "name": f"Product number {i}",
+            "price": "19.99",
+            "summary": f"Product {i}: a sturdy, dependable widget for everyday use.",
+            "in_stock": i % 3 != 0,
+        }
+        for i in range(20)
+    ],
+}
+PLAIN = "pickle"  # the reference variant: Django's format, no compression
+CODECS: dict[str, tuple[dict[str, Any], str | None]] = {  # OPTIONS, module it needs
+    PLAIN: ({}, None),
+    "json": ({"serializer": "json"}, None),
+    "zlib": ({"compressor": "zlib"}, None),
+    "zstd": ({"compressor": "zstd"}, "zstandard"),
+    "lz4": ({"compressor": "lz4"}, "lz4.frame"),
+}
+CODEC_SCENARIOS = ("sync.get_hit", "sync.set", "sync.get_many", "sync.set_many")
+CODEC_SCENARIOS += ("async.get", "async.set")
+CODEC_SHARE = 0.25  # share of a scenario's work that the codec section does
+
+TOPOLOGIES = ("single", "sentinel", "cluster")
+SERVICE = "mymaster"  # the service the sentinels monitor
 
 
 # ---------------------------------------------------------------------------
@@ -122,41 +175,56 @@ SCENARIOS = [
 
 @dataclass(frozen=True)
 class Backend:
-    key: str  # dotted path of the cache class, or RAW
+    key: str  # what results are filed under: the cache class's dotted path, RAW, or a codec
     alias: str | None  # cache alias in CACHES; None for the raw clients
+    name: str = ""  # the label, if not derived from ``key``
 
     @property
     def label(self) -> str:
+        if self.name:
+            return self.name
         parts = self.key.split(".")
         return LABELS.get(self.key, f"{parts[0]}.{parts[-1]}" if len(parts) > 2 else self.key)
 
 
 @dataclass
 class Run:
-    """Everything one benchmark run shares: server, raw clients, options, results."""
+    """One section of the benchmark (the main table, the codec cost, a topology): its
+    deployment, raw clients, backends, value and results."""
 
-    url: str
+    topology: Topology
     prefix: str  # every key of this run starts with it
     args: argparse.Namespace
     backends: list[Backend]
-    raw_sync: redis.Redis
-    monitor: redis.Redis  # INFO only, opened before any measurement
+    raw_sync: Any  # redis.Redis, or a RedisCluster
+    monitor: redis.Redis | None = None  # INFO only, opened before any measurement (for ASGI)
+    section: str = ""  # "", "codecs" or the topology's name: tags progress and errors
+    value: Any = VALUE  # what the caches store (the raw clients store PAYLOAD)
+    reference: str = RAW  # ratios are to this backend's figures
+    share: float = 1.0  # of each scenario's work
     reps: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
-    errors: dict[str, dict[str, str]] = field(default_factory=dict)
+    errors: dict[str, dict[str, str]] = field(default_factory=dict)  # shared by all sections
+    failed: set[str] = field(default_factory=set)  # backends with an error in this section
+
+    @property
+    def url(self) -> str:
+        return self.topology.url
 
     def raw_key(self, name: str) -> str:
         return f"{self.prefix}raw:1:{name}"
 
     def error(self, backend: Backend, where: str, exc: BaseException) -> None:
         message = f"{type(exc).__name__}: {exc}"
+        where = f"{self.section} {where}" if self.section else where
         self.errors.setdefault(backend.key, {})[where] = message
+        self.failed.add(backend.key)
         print(f"  ! {backend.label} {where}: {message}", file=sys.stderr, flush=True)
 
 
 class RawAsync:
-    """The raw asyncio client of the running loop, for the ASGI views."""
+    """The raw asyncio client of the running loop (a RedisCluster on a cluster)."""
 
-    client: redis.asyncio.Redis | None = None
+    client: Any = None
 
 
 _run: Run | None = None  # for the views
@@ -207,10 +275,29 @@ class Processes:
                 stream.close()
 
     def stop_all(self) -> None:
-        while self.children:
+        self.stop_since(0, 0)
+
+    def stop_since(self, children: int, dirs: int) -> None:
+        """Stop the children started after the first ``children``, newest first; remove the
+        directories made after the first ``dirs``."""
+        while len(self.children) > children:
             self.stop(self.children.pop())
-        while self.dirs:
+        while len(self.dirs) > dirs:
             shutil.rmtree(self.dirs.pop(), ignore_errors=True)
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Children started inside are stopped, and directories removed, when it ends."""
+        children, dirs = len(self.children), len(self.dirs)
+        try:
+            yield
+        finally:
+            self.stop_since(children, dirs)
+
+    def tempdir(self, prefix: str) -> str:
+        path = tempfile.mkdtemp(prefix=prefix)
+        self.dirs.append(path)
+        return path
 
 
 def free_port() -> int:
@@ -219,30 +306,227 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_redis(procs: Processes) -> str:
-    """A throwaway redis-server on a free loopback port; its URL once it answers."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not on the PATH: apt-get install redis-server, or --location")
-    workdir = tempfile.mkdtemp(prefix="bench-redis-")
-    procs.dirs.append(workdir)
+def binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not on the PATH: apt-get install redis-server")
+    return path
+
+
+def start_server(
+    procs: Processes,
+    workdir: str,
+    options: Callable[[int], list[str]] = lambda port: [],
+    sentinel: str = "",
+) -> tuple[subprocess.Popen[Any], int]:
+    """A redis-server on a free loopback port with ``options(port)``, or a sentinel with the
+    config lines ``sentinel``; the process and its port once it answers PING."""
+    server = binary("redis-server")
     for _attempt in range(3):
         port = free_port()
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--appendonly", "no", "--dir", workdir, "--daemonize", "no"]
+        if sentinel:  # a sentinel rewrites its config file: one each
+            config = Path(workdir, f"sentinel-{port}.conf")
+            config.write_text(f"port {port}\nbind 127.0.0.1\n{sentinel}")
+            argv = [server, str(config), "--sentinel"]
+        else:
+            argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            argv += ["--appendonly", "no", "--dir", workdir, "--daemonize", "no", *options(port)]
         proc = procs.start(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"redis://127.0.0.1:{port}/0"
-        probe = redis.Redis.from_url(url, socket_connect_timeout=0.2, socket_timeout=1)
         deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(redis.ConnectionError):
-                probe.ping()
-                probe.close()
-                return url
-            time.sleep(0.05)
-        probe.close()
+        with node(port, timeout=1) as probe:
+            while proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    probe.ping()
+                    return proc, port
+                time.sleep(0.05)
         procs.stop(proc)
-    sys.exit("could not start redis-server on a free port")
+    raise RuntimeError("could not start redis-server on a free port")
+
+
+def start_redis(procs: Processes) -> str:
+    """A throwaway redis-server on a free loopback port; its URL once it answers."""
+    try:
+        _proc, port = start_server(procs, procs.tempdir("bench-redis-"))
+    except RuntimeError as exc:
+        sys.exit(f"{exc}, or use --location")
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def node(port: int, timeout: float = 5) -> redis.Redis:
+    """A client of one server or sentinel of this run, for setup checks and INFO."""
+    return redis.Redis(port=port, socket_connect_timeout=timeout, socket_timeout=timeout)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = SETUP_TIMEOUT) -> None:
+    """Poll ``condition`` until it is true (Redis errors count as not yet), bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError, OSError):
+            if condition():
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"gave up after {timeout:g} s waiting for {what}")
+
+
+def replica_synced(port: int) -> bool:
+    with node(port) as client:
+        info = client.info("replication")
+    return info["role"] == "master" or info.get("master_link_status") == "up"
+
+
+def data_node(port: int) -> list[str]:
+    """Options of a server that has replicas: replicate at once, without waiting for more."""
+    return ["--repl-diskless-sync-delay", "0"]
+
+
+class Topology:
+    """One Redis deployment: how its raw clients and the cache classes reach it."""
+
+    name = "single"
+    multi_get = "mget"  # the raw clients' method for get_many
+
+    def __init__(self, url: str, processes: list[subprocess.Popen[Any]] | None = None) -> None:
+        self.url = url  # of the server, the master or a primary: what a report names
+        self.processes = processes or []  # what this run started for it
+
+    def describe(self) -> str:
+        return redact(self.url)
+
+    def location(self) -> tuple[Any, dict[str, Any]]:
+        """LOCATION and OPTIONS of the cache classes."""
+        return self.url, {}
+
+    def raw_sync(self) -> Any:
+        return redis.Redis.from_url(self.url)
+
+    def raw_async(self) -> Any:
+        """A raw asyncio client for the running loop, with redis-py's defaults."""
+        return redis.asyncio.Redis.from_url(self.url)
+
+    async def close_async(self, client: Any) -> None:
+        await client.aclose()
+
+    def close_sync(self, client: Any) -> None:
+        client.close()
+
+
+class SentinelTopology(Topology):
+    """A master, its replica and three sentinels (quorum 2) watching them."""
+
+    name = "sentinel"
+
+    def __init__(self, procs: Processes) -> None:
+        workdir = procs.tempdir("bench-sentinel-")
+        master, port = start_server(procs, workdir, data_node)
+        follow = ["--replicaof", "127.0.0.1", str(port)]
+        replica, replica_port = start_server(procs, workdir, lambda p: [*data_node(p), *follow])
+        super().__init__(f"redis://127.0.0.1:{port}/0", [master, replica])
+        self.master_port = port
+        wait_until(lambda: replica_synced(replica_port), "the replica to sync")
+        # Sentinels read the master's replicas when they connect: start them afterwards.
+        config = (
+            f"sentinel monitor {SERVICE} 127.0.0.1 {port} 2\n"
+            f"sentinel down-after-milliseconds {SERVICE} 1500\n"
+            f"sentinel failover-timeout {SERVICE} 3000\n"
+        )
+        self.sentinels: list[tuple[str, int]] = []
+        for _ in range(3):
+            proc, sentinel_port = start_server(procs, workdir, sentinel=config)
+            self.processes.append(proc)
+            self.sentinels.append(("127.0.0.1", sentinel_port))
+        wait_until(self._agreed, "the sentinels to find the master and each other")
+
+    def _agreed(self) -> bool:
+        for _host, port in self.sentinels:
+            with node(port) as sentinel:
+                state = sentinel.sentinel_master(SERVICE)
+                master = sentinel.sentinel_get_master_addr_by_name(SERVICE)
+            if state["num-other-sentinels"] != 2 or int(master[1]) != self.master_port:
+                return False
+        return True
+
+    def describe(self) -> str:
+        sentinels = ", ".join(str(port) for _host, port in self.sentinels)
+        return f"master on port {self.master_port} + 1 replica, sentinels on ports {sentinels}"
+
+    def location(self) -> tuple[Any, dict[str, Any]]:
+        return f"redis://{SERVICE}/0", {"sentinels": [f"{h}:{p}" for h, p in self.sentinels]}
+
+    def raw_sync(self) -> Any:
+        manager = redis.sentinel.Sentinel(self.sentinels)
+        pool = redis.sentinel.SentinelConnectionPool(SERVICE, manager, is_master=True)
+        return redis.Redis(connection_pool=pool)
+
+    def raw_async(self) -> Any:
+        manager = redis.asyncio.sentinel.Sentinel(self.sentinels)
+        pool = redis.asyncio.sentinel.SentinelConnectionPool(SERVICE, manager, is_master=True)
+        return redis.asyncio.Redis(connection_pool=pool)
+
+    async def close_async(self, client: Any) -> None:
+        await client.aclose()
+        await client.connection_pool.disconnect()  # the client does not own its pool
+        await client.connection_pool.sentinel_manager.aclose()
+
+    def close_sync(self, client: Any) -> None:
+        client.connection_pool.disconnect()
+        for sentinel in client.connection_pool.sentinel_manager.sentinels:
+            sentinel.close()
+
+
+class ClusterTopology(Topology):
+    """Three primaries with a replica each, made by ``redis-cli --cluster create``."""
+
+    name = "cluster"
+    multi_get = "mget_nonatomic"
+
+    def __init__(self, procs: Processes) -> None:
+        workdir = procs.tempdir("bench-cluster-")
+
+        def options(port: int) -> list[str]:
+            # The bus port defaults to port + 10000, which is too high above 55535: pick it.
+            out = [*data_node(port), "--cluster-enabled", "yes"]
+            out += ["--cluster-port", str(free_port())]
+            out += ["--cluster-config-file", f"nodes-{port}.conf"]
+            return [*out, "--cluster-node-timeout", "1000"]
+
+        started = [start_server(procs, workdir, options) for _ in range(6)]
+        self.ports = [port for _proc, port in started]
+        super().__init__(f"redis://127.0.0.1:{self.ports[0]}/0", [p for p, _ in started])
+        argv = [binary("redis-cli"), "--cluster", "create"]
+        argv += [f"127.0.0.1:{port}" for port in self.ports]
+        argv += ["--cluster-replicas", "1", "--cluster-yes"]
+        create = subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        )
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create: {create.stdout[-500:]}")
+        wait_until(self._ok, "cluster_state:ok and synced replicas on every node")
+
+    def _ok(self) -> bool:
+        for port in self.ports:
+            with node(port) as client:
+                info = client.cluster("info")
+            if info["cluster_state"] != "ok" or int(info["cluster_slots_ok"]) != 16384:
+                return False
+            if not replica_synced(port):
+                return False
+        return True
+
+    def describe(self) -> str:
+        return f"3 primaries + 3 replicas on ports {', '.join(map(str, self.ports))}"
+
+    def location(self) -> tuple[Any, dict[str, Any]]:
+        return [f"redis://127.0.0.1:{port}" for port in self.ports], {"cluster": True}
+
+    def raw_sync(self) -> Any:
+        return redis.cluster.RedisCluster("127.0.0.1", self.ports[0])
+
+    def raw_async(self) -> Any:
+        return redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=self.ports[0])
+
+
+def start_topology(name: str, procs: Processes) -> Topology:
+    return {"sentinel": SentinelTopology, "cluster": ClusterTopology}[name](procs)
 
 
 _SAMPLER = """
@@ -335,13 +619,22 @@ def redact(url: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def configure_django(url: str, prefix: str, extra: list[str]) -> tuple[list[Backend], list[str]]:
-    """settings.configure() with one alias per backend; the backends and failed imports."""
+def cache_entry(dotted: str, location: Any, key_prefix: str, options: dict[str, Any]) -> Any:
+    return {
+        "BACKEND": dotted,
+        "LOCATION": location,
+        "KEY_PREFIX": key_prefix,
+        "TIMEOUT": TIMEOUT,
+        "OPTIONS": options,
+    }
+
+
+def main_backends(
+    caches_setting: dict[str, Any], url: str, prefix: str, extra: list[str]
+) -> tuple[list[Backend], list[str]]:
+    """One alias per backend of the main table; the backends and the failed imports."""
     backends = [Backend(RAW, None)]
     failed = []
-    caches_setting: dict[str, dict[str, Any]] = {
-        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
-    }
     # Django's RedisCache waits forever on a frozen server; the timeout bounds that, and only.
     options = {DJANGO: {"socket_timeout": 10, "socket_connect_timeout": 5}}
     for i, dotted in enumerate([EX, AEX, DJANGO, *extra]):
@@ -351,14 +644,40 @@ def configure_django(url: str, prefix: str, extra: list[str]) -> tuple[list[Back
             failed.append(dotted)
             continue
         alias = f"b{i}"
-        caches_setting[alias] = {
-            "BACKEND": dotted,
-            "LOCATION": url,
-            "KEY_PREFIX": f"{prefix}{alias}",
-            "TIMEOUT": TIMEOUT,
-            "OPTIONS": options.get(dotted, {}),
-        }
+        entry = cache_entry(dotted, url, f"{prefix}{alias}", options.get(dotted, {}))
+        caches_setting[alias] = entry
         backends.append(Backend(dotted, alias))
+    return backends, failed
+
+
+def codec_backends(caches_setting: dict[str, Any], url: str, prefix: str) -> list[Backend]:
+    """One RedisEXCache alias per codec variant whose module is installed."""
+    backends = []
+    for name, (options, module) in CODECS.items():
+        if module is not None and importlib.util.find_spec(module.split(".")[0]) is None:
+            continue
+        alias = f"codec-{name}"
+        caches_setting[alias] = cache_entry(EX, url, f"{prefix}{alias}", options)
+        label = f"{name} (plain)" if name == PLAIN else name
+        backends.append(Backend(name, alias, label))
+    return backends
+
+
+def topology_backends(topology: Topology, prefix: str) -> tuple[list[Backend], dict[str, Any]]:
+    """Both classes on ``topology`` (Django's RedisCache knows one server only): the
+    backends and their CACHES entries."""
+    location, options = topology.location()
+    backends, entries = [Backend(RAW, None)], {}
+    for i, dotted in enumerate([EX, AEX]):
+        alias = f"{topology.name}-{i}"
+        entries[alias] = cache_entry(dotted, location, f"{prefix}{alias}", options)
+        backends.append(Backend(dotted, alias))
+    return backends, entries
+
+
+def configure_django(caches_setting: dict[str, Any]) -> None:
+    """settings.configure() with these CACHES, and the URLs of the ASGI views."""
+    caches_setting["default"] = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
     urls = types.ModuleType(URLCONF)
     urls.urlpatterns = [  # type: ignore[attr-defined]
         path("async/<str:alias>/", async_view),
@@ -376,7 +695,6 @@ def configure_django(url: str, prefix: str, extra: list[str]) -> tuple[list[Back
         USE_TZ=True,
     )
     django.setup()
-    return backends, failed
 
 
 async def async_view(request: HttpRequest, alias: str) -> HttpResponse:
@@ -418,13 +736,14 @@ def seed(run: Run, backend: Backend) -> None:
         pipe = run.raw_sync.pipeline(transaction=False)
         pipe.set(run.raw_key("hit"), PAYLOAD)
         pipe.set(run.raw_key("counter"), 0)
-        pipe.mset({run.raw_key(k): PAYLOAD for k in MANY_KEYS})
+        for name in MANY_KEYS:  # not MSET: on a cluster, the keys are in different slots
+            pipe.set(run.raw_key(name), PAYLOAD)
         pipe.execute()
         return
     cache = caches[backend.alias]
-    cache.set("hit", VALUE, None)
+    cache.set("hit", run.value, None)
     cache.set("counter", 0, None)
-    cache.set_many(MANY_DATA, None)
+    cache.set_many(dict.fromkeys(MANY_KEYS, run.value), None)
 
 
 def sync_op(run: Run, backend: Backend, scenario: str) -> Callable[[], Any]:
@@ -436,9 +755,9 @@ def sync_op(run: Run, backend: Backend, scenario: str) -> Callable[[], Any]:
         return {
             "get_hit": functools.partial(cache.get, "hit"),
             "get_miss": functools.partial(cache.get, "miss"),
-            "set": functools.partial(cache.set, "set", VALUE),
+            "set": functools.partial(cache.set, "set", run.value),
             "get_many": functools.partial(cache.get_many, MANY_KEYS),
-            "set_many": functools.partial(cache.set_many, MANY_DATA),
+            "set_many": functools.partial(cache.set_many, dict.fromkeys(MANY_KEYS, run.value)),
             "incr": functools.partial(cache.incr, "counter"),
         }[op]
     client, key = run.raw_sync, run.raw_key
@@ -454,7 +773,7 @@ def sync_op(run: Run, backend: Backend, scenario: str) -> Callable[[], Any]:
         "get_hit": functools.partial(client.get, key("hit")),
         "get_miss": functools.partial(client.get, key("miss")),
         "set": functools.partial(client.set, key("set"), PAYLOAD, ex=TIMEOUT),
-        "get_many": functools.partial(client.mget, many),
+        "get_many": functools.partial(getattr(client, run.topology.multi_get), many),
         "set_many": set_many,
         "incr": functools.partial(client.incr, key("counter")),
     }
@@ -468,9 +787,9 @@ def async_op(run: Run, backend: Backend, scenario: str) -> Callable[[], Awaitabl
         cache = caches[backend.alias]
         return {
             "get": functools.partial(cache.aget, "hit"),
-            "set": functools.partial(cache.aset, "aset", VALUE),
+            "set": functools.partial(cache.aset, "aset", run.value),
             "get_many": functools.partial(cache.aget_many, MANY_KEYS),
-            "set_many": functools.partial(cache.aset_many, MANY_DATA),
+            "set_many": functools.partial(cache.aset_many, dict.fromkeys(MANY_KEYS, run.value)),
         }[op]
     assert RawAsync.client is not None
     client, key = RawAsync.client, run.raw_key
@@ -485,7 +804,7 @@ def async_op(run: Run, backend: Backend, scenario: str) -> Callable[[], Awaitabl
     aops: dict[str, Callable[[], Awaitable[Any]]] = {
         "get": functools.partial(client.get, key("hit")),
         "set": functools.partial(client.set, key("aset"), PAYLOAD, ex=TIMEOUT),
-        "get_many": functools.partial(client.mget, many),
+        "get_many": functools.partial(getattr(client, run.topology.multi_get), many),
         "set_many": set_many,
     }
     return aops[op]
@@ -495,12 +814,12 @@ def async_op(run: Run, backend: Backend, scenario: str) -> Callable[[], Awaitabl
 async def raw_async_client(run: Run) -> Any:
     """The raw asyncio client with redis-py's defaults, built once for this loop on its own
     pool (the waits around it are bounded by STEP_TIMEOUT)."""
-    RawAsync.client = redis.asyncio.Redis.from_url(run.url)
+    RawAsync.client = client = run.topology.raw_async()
     try:
-        yield RawAsync.client
+        yield client
     finally:
-        await RawAsync.client.aclose()
         RawAsync.client = None
+        await run.topology.close_async(client)
 
 
 # ---------------------------------------------------------------------------
@@ -693,6 +1012,7 @@ def measure_asgi(
             failed = await asgi_requests(app, url_path, n, run.args.concurrency)
             return n / (time.perf_counter() - start), failed
 
+    assert run.monitor is not None
     reset_sync_pool(run, backend)
     gc.collect()
     received_before = run.monitor.info("stats")["total_connections_received"]
@@ -722,14 +1042,14 @@ def measure_asgi(
 
 def run_scenario(run: Run, scenario: Scenario, app: ASGIHandler, sampler: Sampler | None) -> None:
     args = run.args
-    n = work(scenario, args)
+    n = max(1, round(work(scenario, args) * run.share))
     backends = run.backends
     failed: set[str] = set()
     started = time.monotonic()
     reps = args.asgi_reps if scenario.kind == "asgi" else args.reps
+    tag = f"[{run.section} {scenario.name}]" if run.section else f"[{scenario.name}]"
     print(
-        f"[{scenario.name}] {scenario.title}: {n} {scenario.unit} x {reps} reps x "
-        f"{len(backends)} backends",
+        f"{tag} {scenario.title}: {n} {scenario.unit} x {reps} reps x {len(backends)} backends",
         file=sys.stderr,
         flush=True,
     )
@@ -758,13 +1078,14 @@ def run_scenario(run: Run, scenario: Scenario, app: ASGIHandler, sampler: Sample
             result["rep"] = rep
             per_backend.setdefault(backend.key, []).append(result)
     summary = summarize_scenario(run, scenario.name)
+    labels = {backend.key: backend.label for backend in backends}
     cells = "  ".join(
-        f"{LABELS.get(k, k)} {v['ops_per_s']:,.0f}/s {v['ratio']:.2f}x"
+        f"{labels[k]} {v['ops_per_s']:,.0f}/s {v['ratio']:.2f}x"
         for k, v in summary.items()
         if v.get("ratio") is not None
     )
     print(
-        f"[{scenario.name}] done in {time.monotonic() - started:.1f} s: {cells}",
+        f"{tag} done in {time.monotonic() - started:.1f} s: {cells}",
         file=sys.stderr,
         flush=True,
     )
@@ -781,7 +1102,7 @@ def paired_ratio(run: Run, scenario: str, backend: str, reference: str) -> list[
 def summarize_scenario(run: Run, scenario: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for backend, reps in run.reps.get(scenario, {}).items():
-        ratios = paired_ratio(run, scenario, backend, RAW)
+        ratios = paired_ratio(run, scenario, backend, run.reference)
         entry: dict[str, Any] = {
             "ops_per_s": statistics.median(r["ops_per_s"] for r in reps),
             "ratio": statistics.median(ratios) if ratios else None,
@@ -794,6 +1115,90 @@ def summarize_scenario(run: Run, scenario: str) -> dict[str, dict[str, Any]]:
             entry["failed_requests"] = sum(r["failed_requests"] for r in reps)
         out[backend] = entry
     return out
+
+
+def probe(run: Run) -> None:
+    """A first write through each cache: a backend that fails it is left out of ``run``."""
+    for backend in run.backends:
+        if backend.alias is not None:
+            try:
+                caches[backend.alias].set("probe", 1)
+            except Exception as exc:
+                run.error(backend, "setup", exc)
+    run.backends = [b for b in run.backends if b.key not in run.failed]
+
+
+def codec_section(
+    main: Run, backends: list[Backend], scenarios: list[Scenario], app: ASGIHandler
+) -> tuple[Run, Results, dict[str, int]]:
+    """RedisEXCache's serializers and compressors on CODEC_VALUE, against plain pickle: the
+    run, its results and the bytes each variant stores for the value."""
+    run = Run(main.topology, main.prefix, main.args, backends, main.raw_sync, main.monitor)
+    run.section, run.value, run.reference, run.share = "codecs", CODEC_VALUE, PLAIN, CODEC_SHARE
+    run.errors = main.errors
+    probe(run)
+    for scenario in scenarios:
+        run_scenario(run, scenario, app, None)
+    assert main.monitor is not None
+    stored = {
+        b.key: int(main.monitor.strlen(caches[str(b.alias)].make_key("hit"))) for b in run.backends
+    }
+    return run, {s.name: summarize_scenario(run, s.name) for s in scenarios}, stored
+
+
+def topology_section(
+    name: str,
+    procs: Processes,
+    main_args: argparse.Namespace,
+    prefix: str,
+    scenarios: list[Scenario],
+    errors: dict[str, dict[str, str]],
+) -> tuple[Run, Results, dict[str, Any]] | None:
+    """Start topology ``name``, measure ``scenarios`` there, stop it: the run, its results
+    and what was measured; None if it could not be started."""
+    from django.test.utils import override_settings  # resets caches on entry and exit
+
+    with procs.scope():
+        began = time.monotonic()
+        print(f"[{name}] starting its servers", file=sys.stderr, flush=True)
+        try:
+            topology = start_topology(name, procs)
+        except Exception as exc:
+            errors.setdefault(name, {})["setup"] = f"{type(exc).__name__}: {exc}"
+            print(f"  ! {name} setup: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            return None
+        setup = time.monotonic() - began
+        backends, entries = topology_backends(topology, prefix)
+        run = Run(topology, prefix, main_args, backends, topology.raw_sync(), section=name)
+        run.errors = errors
+        with override_settings(CACHES={**settings.CACHES, **entries}):
+            probe(run)
+            for scenario in scenarios:
+                run_scenario(run, scenario, ASGIHandler(), None)
+        topology.close_sync(run.raw_sync)
+        cpus = None
+        if hasattr(os, "sched_getaffinity"):
+            cpus = sorted({cpu for p in topology.processes for cpu in os.sched_getaffinity(p.pid)})
+        info = {
+            "servers": topology.describe(),
+            "redis_processes": len(topology.processes),
+            "their_cpus": cpus,
+            "setup_seconds": round(setup, 1),
+            "seconds": round(time.monotonic() - began, 1),
+        }
+    return run, {s.name: summarize_scenario(run, s.name) for s in scenarios}, info
+
+
+def topology_note(name: str, info: dict[str, Any], cpus: tuple[int, int | None] | None) -> str:
+    where = "not pinned (--no-pin)"
+    if cpus is not None:
+        shared = "all on this process's CPU" if info["their_cpus"] == [cpus[0]] else "on CPUs"
+        where = f"{shared} {info['their_cpus']}"
+    return (
+        f"  {name}: {info['servers']}; {info['redis_processes']} redis processes {where}; "
+        f"set up in {info['setup_seconds']:.1f} s, measured in "
+        f"{info['seconds'] - info['setup_seconds']:.1f} s"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -851,8 +1256,24 @@ def targets() -> list[Target]:
     return out
 
 
-def table(run: Run, results: dict[str, dict[str, dict[str, Any]]]) -> str:
-    keys = [b.key for b in run.backends]
+Results = dict[str, dict[str, dict[str, Any]]]  # scenario: backend key: figures
+
+
+def cells(run: Run, entries: dict[str, dict[str, Any]], width: int, keys: Any = None) -> str:
+    """One table row's cells: ops/s and ratio of each backend of ``run`` (or of ``keys``)."""
+    out = []
+    for key in keys or [backend.key for backend in run.backends]:
+        entry = entries.get(key)
+        if entry is None:
+            out.append(f"{'error' if key in run.failed else '-':>{width}}")
+            continue
+        ratio = entry["ratio"]
+        text = f"{entry['ops_per_s']:,.0f} {'' if ratio is None else f'{ratio:.2f}x'}"
+        out.append(f"{text:>{width}}")
+    return "".join(out)
+
+
+def table(run: Run, results: Results) -> str:
     labels = [b.label for b in run.backends]
     width = max(20, *(len(label) + 2 for label in labels))
     lines = [
@@ -860,18 +1281,9 @@ def table(run: Run, results: dict[str, dict[str, dict[str, Any]]]) -> str:
         f"{'scenario':<16}{'work':<24}" + "".join(f"{label:>{width}}" for label in labels),
     ]
     for scenario in SCENARIOS:
-        if scenario.name not in results:
-            continue
-        cells = []
-        for key in keys:
-            entry = results[scenario.name].get(key)
-            if entry is None:
-                cells.append(f"{'error' if key in run.errors else '-':>{width}}")
-                continue
-            ratio = entry["ratio"]
-            text = f"{entry['ops_per_s']:,.0f} {'' if ratio is None else f'{ratio:.2f}x'}"
-            cells.append(f"{text:>{width}}")
-        lines.append(f"{scenario.name:<16}{scenario.title:<24}" + "".join(cells))
+        if scenario.name in results:
+            row = cells(run, results[scenario.name], width)
+            lines.append(f"{scenario.name:<16}{scenario.title:<24}{row}")
     asgi = [s for s in SCENARIOS if s.kind == "asgi" and s.name in results]
     if asgi:
         lines += ["", "ASGI: connections received (max over reps), peak connected clients above "]
@@ -889,6 +1301,44 @@ def table(run: Run, results: dict[str, dict[str, dict[str, Any]]]) -> str:
                     f"{ratio:>8}{entry['connections_received']:>8}{entry['peak_clients']:>8}"
                     f"{entry['failed_requests']:>8}"
                 )
+    return "\n".join(lines)
+
+
+def codec_table(run: Run, results: Results, stored: dict[str, int]) -> str:
+    labels = [b.label for b in run.backends]
+    width = max(14, *(len(label) + 2 for label in labels))
+    pickled = len(pickle.dumps(CODEC_VALUE, pickle.HIGHEST_PROTOCOL))
+    sizes = "".join(f"{stored.get(b.key, 0):>{width},}" for b in run.backends)
+    lines = [
+        f"codec cost: RedisEXCache on a {pickled:,}-byte value (pickled), {CODEC_SHARE:.0%} of "
+        "the work of each scenario; ops/s (median) and ratio to",
+        "plain RedisEXCache (pickle, no compression), median of per-rep ratios, interleaved",
+        f"{'scenario':<16}" + "".join(f"{label:>{width}}" for label in labels),
+        f"{'bytes stored':<16}{sizes}",
+    ]
+    for scenario in SCENARIOS:
+        if scenario.name in results:
+            lines.append(f"{scenario.name:<16}{cells(run, results[scenario.name], width)}")
+    return "\n".join(lines)
+
+
+def topology_table(sections: list[tuple[Run, Results]], notes: list[str]) -> str:
+    """Each scenario on every topology measured, with both classes and the raw clients."""
+    columns = [RAW, EX, AEX]
+    width = max(20, *(len(LABELS[key]) + 2 for key in columns))
+    lines = [
+        "topologies: ops/s (median) and ratio to the raw client of the same topology and kind",
+        *notes,
+        f"{'scenario':<16}{'topology':<10}" + "".join(f"{LABELS[k]:>{width}}" for k in columns),
+    ]
+    for scenario in SCENARIOS:
+        first = scenario.name
+        for run, results in sections:
+            if scenario.name not in results:
+                continue
+            row = cells(run, results[scenario.name], width, columns)
+            lines.append(f"{first:<16}{run.topology.name:<10}{row}")
+            first = ""
     return "\n".join(lines)
 
 
@@ -930,24 +1380,41 @@ def source_id(module: types.ModuleType) -> dict[str, Any]:
     return out
 
 
-def meta(run: Run, started: float, cpus: tuple[int, int | None] | None) -> dict[str, Any]:
+def meta(
+    args: argparse.Namespace,
+    prefix: str,
+    started: float,
+    cpus: tuple[int, int | None] | None,
+    run: Run | None,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """How the numbers were made; ``run`` is the main table's (None without --topology single)."""
     ex = importlib.import_module("django_redis_ex")
-    server = run.monitor.info("server")
+    monitor = None if run is None else run.monitor
+    server = {} if monitor is None else monitor.info("server")
     return {
         "argv": sys.argv[1:],
-        "location": redact(run.url),
-        "throwaway_server": run.args.location is None,
-        "key_prefix": run.prefix,
-        "reps": run.args.reps,
-        "asgi_reps": run.args.asgi_reps,
-        "cap_seconds": run.args.cap,
-        "scale": run.args.scale,
-        "quick": run.args.quick,
-        "work": {s.name: work(s, run.args) for s in SCENARIOS},
-        "asgi_concurrency": run.args.concurrency,
+        "location": None if run is None else redact(run.url),
+        "throwaway_server": args.location is None,
+        "key_prefix": prefix,
+        "reps": args.reps,
+        "asgi_reps": args.asgi_reps,
+        "cap_seconds": args.cap,
+        "scale": args.scale,
+        "quick": args.quick,
+        "work": {s.name: work(s, args) for s in SCENARIOS},
+        "asgi_concurrency": args.concurrency,
         "pinned": None if cpus is None else {"measured_and_server": cpus[0], "sampler": cpus[1]},
-        "backends": {b.key: {"label": b.label, "alias": b.alias} for b in run.backends},
-        "raw_clients": "redis.Redis / redis.asyncio.Redis.from_url(url): redis-py's defaults",
+        "backends": {} if run is None else {b.key: b.label for b in run.backends},
+        "raw_clients": {
+            "single": "redis.Redis / redis.asyncio.Redis.from_url(url)",
+            "sentinel": "redis.Redis / redis.asyncio.Redis on a SentinelConnectionPool "
+            "(is_master=True)",
+            "cluster": "redis.cluster.RedisCluster / redis.asyncio.cluster.RedisCluster; "
+            "get_many: mget_nonatomic",
+            "options": "redis-py's defaults",
+        },
+        **extra,
         "python": platform.python_version(),
         "django": django.get_version(),
         "redis_py": redis.__version__,
@@ -982,6 +1449,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scenario", action="append", default=[], help="run only scenarios with this prefix"
     )
+    parser.add_argument(
+        "--codecs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the codec cost: JSON and compression against plain pickle (on)",
+    )
+    parser.add_argument(
+        "--topology",
+        action="append",
+        help="single, sentinel, cluster: where to measure (comma-separated or repeated; "
+        "default single)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
     parser.add_argument("--no-pin", action="store_true", help="do not pin CPUs")
     parser.add_argument(
@@ -996,6 +1475,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.requests = 2000
     if args.requests < 1 or args.concurrency < 1 or args.scale <= 0:
         parser.error("--requests, --concurrency and --scale must be positive")
+    chosen = {name.strip() for value in args.topology or ["single"] for name in value.split(",")}
+    if chosen - set(TOPOLOGIES) or not chosen:
+        parser.error(f"--topology takes {', '.join(TOPOLOGIES)}")
+    args.topology = [name for name in TOPOLOGIES if name in chosen]
     return args
 
 
@@ -1031,53 +1514,87 @@ def main(argv: list[str] | None = None) -> int:
     cpus = pin(args.no_pin)  # before starting redis-server, which inherits the CPU
     prefix = f"bench:{secrets.token_hex(4)}:"
     monitor = None
+    errors: dict[str, dict[str, str]] = {}
+    document: dict[str, Any] = {"results": {}, "errors": errors, "targets": []}
+    extra: dict[str, Any] = {}
+    run = None
     try:
-        if args.location:
-            url = args.location
-            print(
-                f"Using {redact(url)}: this writes keys under '{prefix}*' and deletes them at "
-                "the end (SCAN + DEL; never FLUSHDB). That server is not pinned.",
-                file=sys.stderr,
-            )
-        else:
-            url = start_redis(procs)
-        monitor = redis.Redis.from_url(url, socket_timeout=10)
-        monitor.ping()
-        backends, failed = configure_django(url, prefix, args.backend)
-        raw_sync = redis.Redis.from_url(url)  # redis-py's defaults: the limit
-        run = _run = Run(url, prefix, args, backends, raw_sync, monitor)
-        for dotted in failed:
-            try:
-                import_string(dotted)
-            except Exception as exc:
-                run.error(Backend(dotted, None), "import", exc)
-        for backend in backends[1:]:
-            try:
-                caches[str(backend.alias)].set("probe", 1)
-            except Exception as exc:
-                run.error(backend, "setup", exc)
-        run.backends = [b for b in backends if b.key not in run.errors]
         chosen = [
             s for s in SCENARIOS if not args.scenario or s.name.startswith(tuple(args.scenario))
         ]
-        app = ASGIHandler()
-        sampler = None
-        if any(s.kind == "asgi" for s in chosen):
-            sampler = Sampler(procs, url, None if cpus is None else cpus[1])
-        for scenario in chosen:
-            run_scenario(run, scenario, app, sampler)
-        results = {s.name: summarize_scenario(run, s.name) for s in chosen}
-        print(table(run, results))
-        report, target_rows = target_report(run)
-        print(report)
+        single = "single" in args.topology
+        codec_scenarios = [s for s in chosen if s.name in CODEC_SCENARIOS and args.codecs]
+        caches_setting: dict[str, Any] = {}
+        if single:
+            if args.location:
+                url = args.location
+                print(
+                    f"Using {redact(url)}: this writes keys under '{prefix}*' and deletes them "
+                    "at the end (SCAN + DEL; never FLUSHDB). That server is not pinned.",
+                    file=sys.stderr,
+                )
+            else:
+                url = start_redis(procs)
+            monitor = redis.Redis.from_url(url, socket_timeout=10)
+            monitor.ping()
+            backends, failed = main_backends(caches_setting, url, prefix, args.backend)
+            variants = codec_backends(caches_setting, url, prefix) if codec_scenarios else []
+        configure_django(caches_setting)
+        sections: list[tuple[Run, Results]] = []
+        if single:
+            topology = Topology(url)  # raw_sync: redis-py's defaults, the limit
+            run = _run = Run(topology, prefix, args, backends, topology.raw_sync(), monitor)
+            run.errors = errors
+            for dotted in failed:
+                try:
+                    import_string(dotted)
+                except Exception as exc:
+                    run.error(Backend(dotted, None), "import", exc)
+            probe(run)
+            app = ASGIHandler()
+            sampler = None
+            if any(s.kind == "asgi" for s in chosen):
+                sampler = Sampler(procs, url, None if cpus is None else cpus[1])
+            for scenario in chosen:
+                run_scenario(run, scenario, app, sampler)
+            results = {s.name: summarize_scenario(run, s.name) for s in chosen}
+            print(table(run, results))
+            report, document["targets"] = target_report(run)
+            print(report)
+            document["results"] = results
+            sections.append((run, results))
+            if codec_scenarios:
+                codecs, codec_results, stored = codec_section(run, variants, codec_scenarios, app)
+                print("\n" + codec_table(codecs, codec_results, stored))
+                document["codecs"] = {
+                    "reference": PLAIN,
+                    "options": {b.key: CODECS[b.key][0] for b in codecs.backends},
+                    "stored_bytes": stored,
+                    "share_of_work": CODEC_SHARE,
+                    "results": codec_results,
+                }
+        others = [name for name in args.topology if name != "single"]
+        if others:
+            notes = [
+                "ASGI scenarios not run here (Django's request handling, the same on any "
+                "topology); Django's RedisCache has no Sentinel or Cluster support"
+            ]
+            document["topologies"] = {}
+            for name in others:
+                scenarios = [s for s in chosen if s.kind != "asgi"]
+                section = topology_section(name, procs, args, prefix, scenarios, errors)
+                if section is None:
+                    continue
+                topology_run, topology_results, info = section
+                sections.append((topology_run, topology_results))
+                document["topologies"][name] = topology_results
+                extra.setdefault("topologies", {})[name] = info
+                notes.append(topology_note(name, info, cpus))
+            print("\n" + topology_table(sections, notes))
         if args.json:
-            document = {
-                "results": results,
-                "errors": run.errors,
-                "targets": target_rows,
-                "meta": meta(run, started, cpus),
-            }
+            document["meta"] = meta(args, prefix, started, cpus, run, extra)
             Path(args.json).write_text(json.dumps(document, indent=1, default=str) + "\n")
+        print(f"bench: {time.monotonic() - started:.0f} s", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
