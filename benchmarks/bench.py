@@ -24,9 +24,11 @@ deployment, started on free loopback ports and stopped before the next: Sentinel
 its replica and three sentinels, Cluster three primaries with a replica each. The sync and
 async scenarios run there for both classes and the raw clients of that topology (redis-py's
 Sentinel pool, RedisCluster: ``mget_nonatomic`` and a non-transactional pipeline for the
-many-key calls); Django's RedisCache (one server only), ``--backend`` classes and the ASGI
-scenarios (Django's request handling, the same on any topology) are left out there. Each
-topology adds its setup (a few seconds) and about two thirds of the single run's time.
+many-key calls; the asyncio RedisCluster is initialized before its first burst, which redis-py
+8.1 sometimes fails otherwise); Django's RedisCache (one server only), ``--backend`` classes
+and the ASGI scenarios (Django's request handling, the same on any topology) are left out
+there. Each topology adds about 2 s of setup and about the time of the single run's sync and
+async scenarios (half a minute with --quick, two to three minutes without).
 
 Without ``--location`` a throwaway ``redis-server`` is started on a free loopback port and
 stopped at the end; ``--location`` applies to the single topology only. Every redis-server
@@ -111,8 +113,8 @@ CHUNK = 10  # operations between two looks at the clock
 QUICK = 0.15  # share of the default work that --quick does
 SETUP_TIMEOUT = 30.0  # seconds a replica, the sentinels or a cluster may take to be ready
 
-# The codec-cost section: a value large enough to be compressed (2,072 bytes pickled, 3,017 as
-# JSON), and which serializer or compressor each variant of RedisEXCache uses.
+# The codec-cost section: a value large enough to be compressed (2,072 bytes pickled, 2,815 as
+# the JSON serializer writes it), and which serializer or compressor each variant uses.
 CODEC_VALUE = {
     "title": "Cached fragment of a product listing",
     "items": [
@@ -399,7 +401,7 @@ class Topology:
     def raw_sync(self) -> Any:
         return redis.Redis.from_url(self.url)
 
-    def raw_async(self) -> Any:
+    async def raw_async(self) -> Any:
         """A raw asyncio client for the running loop, with redis-py's defaults."""
         return redis.asyncio.Redis.from_url(self.url)
 
@@ -457,7 +459,7 @@ class SentinelTopology(Topology):
         pool = redis.sentinel.SentinelConnectionPool(SERVICE, manager, is_master=True)
         return redis.Redis(connection_pool=pool)
 
-    def raw_async(self) -> Any:
+    async def raw_async(self) -> Any:
         manager = redis.asyncio.sentinel.Sentinel(self.sentinels)
         pool = redis.asyncio.sentinel.SentinelConnectionPool(SERVICE, manager, is_master=True)
         return redis.asyncio.Redis(connection_pool=pool)
@@ -521,8 +523,13 @@ class ClusterTopology(Topology):
     def raw_sync(self) -> Any:
         return redis.cluster.RedisCluster("127.0.0.1", self.ports[0])
 
-    def raw_async(self) -> Any:
-        return redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=self.ports[0])
+    async def raw_async(self) -> Any:
+        client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=self.ports[0])
+        # Before the 100 tasks of the warm-up: their first calls on a client that is not yet
+        # initialized race (each may start initialize(), which replaces the nodes under the
+        # others: AttributeError '_writer' None, now and then).
+        await client.initialize()
+        return client
 
 
 def start_topology(name: str, procs: Processes) -> Topology:
@@ -814,7 +821,7 @@ def async_op(run: Run, backend: Backend, scenario: str) -> Callable[[], Awaitabl
 async def raw_async_client(run: Run) -> Any:
     """The raw asyncio client with redis-py's defaults, built once for this loop on its own
     pool (the waits around it are bounded by STEP_TIMEOUT)."""
-    RawAsync.client = client = run.topology.raw_async()
+    RawAsync.client = client = await run.topology.raw_async()
     try:
         yield client
     finally:
@@ -1192,12 +1199,13 @@ def topology_section(
 def topology_note(name: str, info: dict[str, Any], cpus: tuple[int, int | None] | None) -> str:
     where = "not pinned (--no-pin)"
     if cpus is not None:
-        shared = "all on this process's CPU" if info["their_cpus"] == [cpus[0]] else "on CPUs"
-        where = f"{shared} {info['their_cpus']}"
+        where = f"on CPUs {info['their_cpus']}, this process on CPU {cpus[0]}"
+        if info["their_cpus"] == [cpus[0]]:
+            where = f"all pinned to CPU {cpus[0]} with this process"
+    measured = info["seconds"] - info["setup_seconds"]
     return (
-        f"  {name}: {info['servers']}; {info['redis_processes']} redis processes {where}; "
-        f"set up in {info['setup_seconds']:.1f} s, measured in "
-        f"{info['seconds'] - info['setup_seconds']:.1f} s"
+        f"  {name}: {info['servers']};\n    {info['redis_processes']} redis processes {where}; "
+        f"set up in {info['setup_seconds']:.1f} s, measured in {measured:.1f} s"
     )
 
 
@@ -1576,8 +1584,9 @@ def main(argv: list[str] | None = None) -> int:
         others = [name for name in args.topology if name != "single"]
         if others:
             notes = [
-                "ASGI scenarios not run here (Django's request handling, the same on any "
-                "topology); Django's RedisCache has no Sentinel or Cluster support"
+                "  ASGI scenarios are not run here (Django's request handling, the same on any "
+                "topology);",
+                "  Django's RedisCache has no Sentinel or Cluster support.",
             ]
             document["topologies"] = {}
             for name in others:
