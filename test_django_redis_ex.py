@@ -126,29 +126,28 @@ class RedisServer:
         return int(self._stats.info()[name])
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[RedisServer]:
+def fresh_server() -> Iterator[RedisServer]:
+    """A fresh server for a fixture, stopped and its directory removed afterwards."""
     srv = RedisServer()
     yield srv
     srv.stop()
     shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[RedisServer]:
+    yield from fresh_server()
 
 
 @pytest.fixture(scope="session")
 def second_server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    yield srv
-    srv.stop()
-    shutil.rmtree(srv.dir, ignore_errors=True)
+    yield from fresh_server()
 
 
 @pytest.fixture
 def own_server() -> Iterator[RedisServer]:
     """A server this one test may stop and restart."""
-    srv = RedisServer()
-    yield srv
-    srv.stop()
-    shutil.rmtree(srv.dir, ignore_errors=True)
+    yield from fresh_server()
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
