@@ -11,6 +11,7 @@ Data and settings are interchangeable with ``django.core.cache.backends.redis.Re
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import bz2
 import collections
@@ -35,13 +36,25 @@ import zlib
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
+    Awaitable,
     Callable,
+    Coroutine,
     Generator,
     Hashable,
     Iterable,
     Iterator,
 )
-from typing import TYPE_CHECKING, Any, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    NoReturn,
+    ParamSpec,
+    TypeVar,
+    Union,
+    cast,
+)
 from urllib.parse import urlsplit, urlunsplit
 
 import django
@@ -113,7 +126,8 @@ class MsgPackSerializer:
         self._msgpack = msgpack
 
     def dumps(self, obj: Any) -> bytes:
-        return self._msgpack.packb(obj, use_bin_type=True)
+        data: bytes = self._msgpack.packb(obj, use_bin_type=True)
+        return data
 
     def loads(self, data: bytes) -> Any:
         return self._msgpack.unpackb(data, raw=False)
@@ -157,7 +171,8 @@ def _decompressor(tag: bytes) -> Callable[[bytes], bytes]:
     for name, (known, load) in _COMPRESSORS.items():
         if known == tag:
             try:
-                return load()[1]
+                decompress: Callable[[bytes], bytes] = load()[1]
+                return decompress
             except ImportError:
                 package = _PACKAGES[name]
                 raise ImproperlyConfigured(
@@ -282,7 +297,8 @@ def _freeze(value: Any) -> Hashable:
         hash(value)
     except TypeError:
         return (type(value).__name__, repr(value))
-    return value
+    hashable: Hashable = value
+    return hashable
 
 
 @functools.cache
@@ -325,13 +341,6 @@ def _checked(options: dict[str, Any], name: str, kind: type, minimum: float | No
     return value
 
 
-if TYPE_CHECKING:
-    _SyncPool = redis.ConnectionPool
-    _AsyncPool = redis.asyncio.ConnectionPool
-else:
-    _SyncPool = _AsyncPool = object
-
-
 def _twin_class(cls: type, package: types.ModuleType, prefix: str) -> type | None:
     """The asyncio (or sync) class of redis-py that matches ``cls`` by name, if any."""
     name = cls.__name__
@@ -344,140 +353,33 @@ def _twin_class(cls: type, package: types.ModuleType, prefix: str) -> type | Non
     return None
 
 
-class _WaitForConnection(_SyncPool):
-    """Mixed into redis-py's pools: as fast, but when every connection is busy, callers wait
-    for one. ``redis.BlockingConnectionPool`` waits too, but costs a queue round trip on
-    every call."""
-
-    def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.timeout = timeout
-        self._released = threading.Condition(threading.Lock())
-        self._waiting = 0
-
-    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().get_connection(*args, **kwargs)
-        except redis.exceptions.MaxConnectionsError:
-            return self._wait_for_connection(*args, **kwargs)
-
-    def _wait_for_connection(self, *args: Any, **kwargs: Any) -> Any:
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while True:
-            with self._released:
-                # Counted, then checked: a release either shows here or sees the count.
-                self._waiting += 1
-                try:
-                    if not self._available_connections and not self._has_room():
-                        remaining = None if deadline is None else deadline - time.monotonic()
-                        if remaining is not None and remaining <= 0:
-                            raise redis.ConnectionError(_pool_exhausted(self))
-                        self._released.wait(remaining)
-                finally:
-                    self._waiting -= 1
-            try:
-                return super().get_connection(*args, **kwargs)
-            except redis.exceptions.MaxConnectionsError:
-                pass
-
-    def _has_room(self) -> bool:
-        return bool(self._created_connections < self.max_connections)
-
-    def release(self, connection: Any) -> None:
-        super().release(connection)
-        if self._waiting:
-            with self._released:
-                self._released.notify()
-
-
-class _AsyncWaitForConnection(_AsyncPool):
-    """The asyncio twin of ``_WaitForConnection``: a pool per event loop, so futures suffice."""
-
-    def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.timeout = timeout
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().get_connection(*args, **kwargs)
-        except redis.exceptions.MaxConnectionsError:
-            return await self._wait_for_connection(*args, **kwargs)
-
-    async def _wait_for_connection(self, *args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        deadline = None if self.timeout is None else loop.time() + self.timeout
-        while True:
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise redis.ConnectionError(_pool_exhausted(self))
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, remaining)
-            except BaseException as error:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                elif waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # woken, but leaving: pass the turn on
-                if isinstance(error, asyncio.TimeoutError):
-                    raise redis.ConnectionError(_pool_exhausted(self)) from None
-                raise
-            with contextlib.suppress(redis.exceptions.MaxConnectionsError):
-                return await super().get_connection(*args, **kwargs)
-
-    async def release(self, connection: Any) -> None:
-        await super().release(connection)
-        self._wake_one()
-
-    def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-
-class _WaitingPool(_WaitForConnection, redis.ConnectionPool):
-    """The default sync pool."""
-
-
-class _AsyncWaitingPool(_AsyncWaitForConnection, redis.asyncio.ConnectionPool):
-    """The default asyncio pool."""
-
-
-class _WaitingSentinelPool(_WaitForConnection, redis.sentinel.SentinelConnectionPool):
-    """The sync pool of a Sentinel-managed master or replica."""
-
-
-class _AsyncWaitingSentinelPool(
-    _AsyncWaitForConnection, redis.asyncio.sentinel.SentinelConnectionPool
-):
-    """The asyncio pool of a Sentinel-managed master or replica."""
-
-
-def _pool_exhausted(pool: Any) -> str:
-    return (
-        f"No free Redis connection within {pool.timeout} s: all {pool.max_connections} "
-        "of the pool are in use. Raise OPTIONS 'max_connections', or 'timeout' (the wait)."
-    )
+@functools.cache
+def _driver_info() -> Any:
+    """The CLIENT SETINFO name Django's own backend sends, so servers see the same client."""
+    version = django.get_version()
+    if hasattr(redis, "DriverInfo"):
+        return redis.DriverInfo().add_upstream_driver("django", version)
+    return None
 
 
 class _Config:
-    """One cache alias's LOCATION and OPTIONS, checked once, ready to build pools from."""
+    """A cache's OPTIONS, checked once: this module's own, and those for redis-py's pools.
 
-    def __init__(self, servers: list[str], options: dict[str, Any]) -> None:
-        self.servers = servers
+    ``topology`` is the class of deployment the OPTIONS describe (``sentinels``, ``cluster``
+    or neither); it owns the servers of LOCATION and everything that differs between them.
+    """
+
+    def __init__(self, options: dict[str, Any]) -> None:
         own = {**_OWN_OPTIONS, **{k: v for k, v in options.items() if k in _OWN_OPTIONS}}
-        self.serializer = _Codec(
+        self.codec = _Codec(
             self._serializer(own),
             self._compressor(own["compressor"]),
             _checked(own, "compress_min_length", int, minimum=0),
         )
-        self.ignore_exceptions = _checked(own, "ignore_exceptions", bool)
-        self.log_ignored_exceptions = _checked(own, "log_ignored_exceptions", bool)
-        self.scan_count = _checked(own, "scan_count", int, minimum=1)
-        self.clear_by_prefix = _checked(own, "clear_by_prefix", bool)
+        self.ignore_exceptions: bool = _checked(own, "ignore_exceptions", bool)
+        self.log_ignored_exceptions: bool = _checked(own, "log_ignored_exceptions", bool)
+        self.scan_count: int = _checked(own, "scan_count", int, minimum=1)
+        self.clear_by_prefix: bool = _checked(own, "clear_by_prefix", bool)
         reverse = _import(own, "reverse_key_function")
         if reverse is not None and not callable(reverse):
             raise ImproperlyConfigured("OPTIONS 'reverse_key_function' must be a callable.")
@@ -487,16 +389,28 @@ class _Config:
             self.stampede_lock_timeout = _checked(
                 own, "stampede_lock_timeout", float, minimum=0.001
             )
-
+        self.sentinels = self._sentinel_addresses(own["sentinels"])
+        self.sentinel_kwargs: dict[str, Any] = own["sentinel_kwargs"] or {}
+        if not isinstance(self.sentinel_kwargs, dict):
+            raise ImproperlyConfigured("OPTIONS 'sentinel_kwargs' must be a dict.")
+        self.sentinel_replica_reads: bool = _checked(own, "sentinel_replica_reads", bool)
+        cluster = _checked(own, "cluster", bool)
         pool_class = _import(own, "pool_class")
+        if self.sentinels and (cluster or pool_class is not None):
+            raise ImproperlyConfigured(
+                "OPTIONS 'sentinels' takes neither 'cluster' nor 'pool_class': the Sentinel "
+                "pools find the master themselves."
+            )
+        self.topology: type[_Topology] = (
+            _Sentinel if self.sentinels else _Cluster if cluster else _Servers
+        )
+        self.sync_pool_class, self.async_pool_class = self.topology.pool_classes(pool_class)
+
         parser_class = _import(own, "parser_class")
-        self._topology(own, servers, pool_class)
-        if not self.sentinels:
-            self.sync_pool_class, self.async_pool_class = self._pool_classes(pool_class)
         redis_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
         self._check_keys(redis_options)
         defaults = {**_DEFAULT_POOL_OPTIONS, "driver_info": _driver_info()}
-        if self.cluster:  # redis-py's async cluster client cannot wait: keep its own limit
+        if not self.topology.pools_wait:  # the client keeps redis-py's own connection limit
             defaults.pop("max_connections")
         self.sync_options = self._pool_options(self.sync_pool_class, defaults, redis_options)
         self.async_options = self._pool_options(self.async_pool_class, defaults, redis_options)
@@ -516,33 +430,6 @@ class _Config:
                 self.sync_options["protocol"] = self.async_options["protocol"] = 2
         # The pool key holds what the user set, so equal settings share a pool.
         self.frozen = _freeze((redis_options, parser_class, pool_class))
-
-    def _topology(self, own: dict[str, Any], servers: list[str], pool_class: Any) -> None:
-        """Sentinel, Cluster or plain servers: which ``servers`` index means which pool."""
-        self.cluster = _checked(own, "cluster", bool)
-        self.sentinels = self._sentinel_addresses(own["sentinels"])
-        self.sentinel_kwargs = own["sentinel_kwargs"] or {}
-        if not isinstance(self.sentinel_kwargs, dict):
-            raise ImproperlyConfigured("OPTIONS 'sentinel_kwargs' must be a dict.")
-        replica_reads = _checked(own, "sentinel_replica_reads", bool)
-        if self.sentinels:
-            if self.cluster or pool_class is not None or len(servers) != 1:
-                raise ImproperlyConfigured(
-                    "With OPTIONS 'sentinels', LOCATION is one URL naming the service, "
-                    "redis://[:password@]service_name[/db], and neither 'cluster' nor "
-                    "'pool_class' is set."
-                )
-            # Index 0: the master's pool; index 1: the replicas' pool, for reads.
-            self.servers = servers * 2 if replica_reads else servers
-            self.sync_pool_class, self.async_pool_class = (
-                _WaitingSentinelPool,
-                _AsyncWaitingSentinelPool,
-            )
-        elif self.cluster:
-            # One cluster client routes every command; LOCATION lists its startup nodes.
-            self.startup_nodes = [_host_port(url) for url in servers]
-            self.servers = servers[:1]
-            self._url_credentials()  # checks the URL now, not at the first call
 
     @staticmethod
     def _sentinel_addresses(value: Any) -> list[tuple[str, int]]:
@@ -609,21 +496,6 @@ class _Config:
         return {**wanted, **options}
 
     @staticmethod
-    def _pool_classes(pool_class: Any) -> tuple[Any, Any]:
-        """The sync and asyncio pool classes; a standard redis-py class maps to its twin."""
-        if pool_class is None:
-            return _WaitingPool, _AsyncWaitingPool
-        if issubclass(pool_class, redis.asyncio.ConnectionPool):
-            twin = _twin_class(pool_class, redis, "redis.connection")
-            return twin or _WaitingPool, pool_class
-        if not issubclass(pool_class, redis.ConnectionPool):
-            raise ImproperlyConfigured(
-                f"OPTIONS 'pool_class' must be a redis-py ConnectionPool class, not {pool_class!r}."
-            )
-        twin = _twin_class(pool_class, redis.asyncio, "redis.asyncio.connection")
-        return pool_class, twin or _AsyncWaitingPool
-
-    @staticmethod
     def _parser(parser_class: type, *, sync: bool) -> type:
         import redis._parsers as parsers
 
@@ -646,12 +518,11 @@ class _Config:
             redis.asyncio.connection.Connection,
             redis.asyncio.connection.SSLConnection,
             redis.asyncio.connection.UnixDomainSocketConnection,
+            *self.topology.client_classes,
         )
         custom = redis_options.get("connection_class")
         if isinstance(custom, type):
             connection_classes += (custom,)
-        if self.cluster:
-            connection_classes += (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
         accepted = _accepted_arguments(
             self.sync_pool_class, self.async_pool_class, *connection_classes
         )
@@ -663,122 +534,144 @@ class _Config:
                 "connection pool arguments (max_connections, socket_timeout, db, ...)."
             )
 
-    def pool_key(self, kind: str, index: int) -> tuple[Hashable, ...]:
-        topology: tuple[Hashable, ...] = ()  # a plain server's pool: wherever it is listed
-        if self.cluster or self.sentinels:
-            topology = (self.cluster, tuple(self.sentinels), _freeze(self.sentinel_kwargs), index)
-        return (kind, self.servers[index], self.frozen, topology)
-
-    def make_sync_client(self, index: int) -> Any:
-        if self.cluster:
-            options = {k: v for k, v in self.sync_options.items() if k != "timeout"}
-            # The node pools wait like ours; RedisCluster hands them no 'timeout' argument.
-            wait = self.sync_options.get("timeout", _DEFAULT_POOL_OPTIONS["timeout"])
-            node_pool = type(
-                "_ClusterNodePool",
-                (_WaitingPool,),
-                {"__init__": functools.partialmethod(_WaitingPool.__init__, timeout=wait)},
-            )
-            # redis-py uses connection_pool_class only for a client made from a URL.
-            others = [redis.cluster.ClusterNode(h, p) for h, p in self.startup_nodes[1:]]
-            return _SharedCluster(
-                url=self.servers[0],
-                startup_nodes=others,
-                connection_pool_class=node_pool,
-                **options,
-            )
-        if self.sentinels:
-            manager = redis.sentinel.Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs)
-            pool = self._sentinel_pool(self.sync_pool_class, manager, index, self.sync_options)
-        else:
-            pool = self.sync_pool_class.from_url(self.servers[index], **self.sync_options)
-        return _SharedRedis(connection_pool=pool)
-
-    def make_async_client(self, index: int) -> Any:
-        if self.cluster:
-            nodes = [
-                redis.asyncio.cluster.ClusterNode(host, port) for host, port in self.startup_nodes
-            ]
-            options = {k: v for k, v in self.async_options.items() if k != "timeout"}
-            return _SharedAsyncCluster(startup_nodes=nodes, **self._url_credentials(), **options)
-        if self.sentinels:
-            manager = redis.asyncio.sentinel.Sentinel(
-                self.sentinels, sentinel_kwargs=self.sentinel_kwargs
-            )
-            pool = self._sentinel_pool(self.async_pool_class, manager, index, self.async_options)
-        else:
-            pool = self.async_pool_class.from_url(self.servers[index], **self.async_options)
-        return _SharedAsyncRedis(connection_pool=pool)
-
-    def _url_credentials(self) -> dict[str, Any]:
-        """What the first URL of LOCATION says besides the host: password, db, TLS."""
-        options = redis.connection.parse_url(self.servers[0])
-        for name in ("host", "port", "path", "connection_class"):
-            options.pop(name, None)
-        if self.cluster:
-            if options.pop("db", 0) not in (0, "0"):
-                raise ImproperlyConfigured("Redis Cluster has only db 0: drop the /db of LOCATION.")
-            if urlsplit(self.servers[0]).scheme == "rediss":
-                options["ssl"] = True
-        return options
-
-    def _sentinel_pool(
-        self, pool_class: Any, manager: Any, index: int, options: dict[str, Any]
-    ) -> Any:
-        service = urlsplit(self.servers[0]).hostname
-        connection = {**options, **self._url_credentials()}
-        return pool_class(service, manager, is_master=index == 0, **connection)
-
-
-_NO_OPTIONS: dict[str, Any] = {}
-_configs: dict[Hashable, tuple[dict[str, Any], _Config]] = {}
-
-
-def _config_for(servers: list[str], options: dict[str, Any]) -> _Config:
-    """The checked configuration, parsed once per settings dict rather than per request.
-
-    Django builds a cache object per request from the same settings, so the OPTIONS dict is
-    the same object each time; the entry holds it, so its id cannot be reused meanwhile.
-    """
-    key = (tuple(servers), id(options))
-    entry = _configs.get(key)
-    if entry is None or entry[0] is not options:
-        if len(_configs) >= 64:  # settings that come and go (tests): start afresh
-            _configs.clear()
-        entry = _configs[key] = (options, _Config(servers, options))
-    return entry[1]
-
-
-@functools.cache
-def _driver_info() -> Any:
-    """The CLIENT SETINFO name Django's own backend sends, so servers see the same client."""
-    version = django.get_version()
-    if hasattr(redis, "DriverInfo"):
-        return redis.DriverInfo().add_upstream_driver("django", version)
-    return None
-
 
 # ---------------------------------------------------------------------------
-# The pool cache (Django ticket #35651)
+# Topologies and pools: servers with replicas, Sentinel, Cluster; the pool registry
 # ---------------------------------------------------------------------------
 
+if TYPE_CHECKING:
+    _SyncPool = redis.ConnectionPool
+    _AsyncPool = redis.asyncio.ConnectionPool
+else:
+    _SyncPool = _AsyncPool = object
 
-class _SharedRedis(redis.Redis):
-    """A sync client on a shared pool; closing it never closes the pool."""
+
+class _WaitForConnection(_SyncPool):
+    """Mixed into redis-py's pools: as fast, but when every connection is busy, callers wait
+    for one. ``redis.BlockingConnectionPool`` waits too, but costs a queue round trip on
+    every call."""
+
+    def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout = timeout
+        self._released = threading.Condition(threading.Lock())
+        self._waiting = 0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().get_connection(*args, **kwargs)
+        except redis.exceptions.MaxConnectionsError:
+            return self._wait_for_connection(*args, **kwargs)
+
+    def _wait_for_connection(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            with self._released:
+                # Counted, then checked: a release either shows here or sees the count.
+                self._waiting += 1
+                try:
+                    if not self._available_connections and not self._has_room():
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise redis.ConnectionError(_pool_exhausted(self))
+                        self._released.wait(remaining)
+                finally:
+                    self._waiting -= 1
+            try:
+                return super().get_connection(*args, **kwargs)
+            except redis.exceptions.MaxConnectionsError:
+                pass
+
+    def _has_room(self) -> bool:
+        return bool(self._created_connections < self.max_connections)
+
+    def release(self, connection: Any) -> None:
+        super().release(connection)
+        if self._waiting:
+            with self._released:
+                self._released.notify()
+
+
+class _AsyncWaitForConnection(_AsyncPool):
+    """The asyncio twin of ``_WaitForConnection``: a pool per event loop, so futures suffice."""
+
+    def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout = timeout
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except redis.exceptions.MaxConnectionsError:
+            return await self._wait_for_connection(*args, **kwargs)
+
+    async def _wait_for_connection(self, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        while True:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise redis.ConnectionError(_pool_exhausted(self))
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except BaseException as error:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, but leaving: pass the turn on
+                if isinstance(error, asyncio.TimeoutError):
+                    raise redis.ConnectionError(_pool_exhausted(self)) from None
+                raise
+            with contextlib.suppress(redis.exceptions.MaxConnectionsError):
+                return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def release(self, connection: Any) -> None:
+        await super().release(connection)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class _WaitingPool(_WaitForConnection, redis.ConnectionPool):
+    """The default sync pool."""
+
+
+class _AsyncWaitingPool(_AsyncWaitForConnection, redis.asyncio.ConnectionPool):
+    """The default asyncio pool."""
+
+
+class _WaitingSentinelPool(_WaitForConnection, redis.sentinel.SentinelConnectionPool):
+    """The sync pool of a Sentinel-managed master or replica."""
+
+
+class _AsyncWaitingSentinelPool(
+    _AsyncWaitForConnection, redis.asyncio.sentinel.SentinelConnectionPool
+):
+    """The asyncio pool of a Sentinel-managed master or replica."""
+
+
+def _pool_exhausted(pool: Any) -> str:
+    return (
+        f"No free Redis connection within {pool.timeout} s: all {pool.max_connections} "
+        "of the pool are in use. Raise OPTIONS 'max_connections', or 'timeout' (the wait)."
+    )
 
 
 class _SharedAsyncRedis(redis.asyncio.Redis):
-    """An asyncio client on a shared pool; ``aclose()`` releases only its own connection."""
+    """An asyncio client on a shared pool. ``aclose()`` releases only its own connection:
+    1.x users close raw clients with ``aclose(close_connection_pool=True)``, and other cache
+    objects on the loop still use the pool, which is closed with the loop instead."""
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        # Other cache objects on this loop use the pool: it is closed with the loop instead.
         await super().aclose(close_connection_pool=False)
-
-    async def close_shared(self) -> None:
-        await self.connection_pool.disconnect()
-        manager = getattr(self.connection_pool, "sentinel_manager", None)
-        if manager is not None:  # a Sentinel pool: its connections to the sentinels too
-            await manager.aclose()
 
 
 # command: (RedisCluster method that splits it by slot, its arguments from the command's)
@@ -835,12 +728,12 @@ class _SharedCluster(redis.cluster.RedisCluster):
         if not kwargs:
             if args[0] == "SCAN":
                 node, node_cursor, count = _ClusterCommands.scan_target(self, args[1])
-                reply = super().execute_command("SCAN", node_cursor, *args[2:], target_nodes=node)
+                reply = super().execute_command("SCAN", node_cursor, *args[2:], target_nodes=node)  # type: ignore[no-untyped-call]
                 return _ClusterCommands.scan_reply(reply, args[1], count)
             split = _ClusterCommands.split(self, args)
             if split is not None:
                 return getattr(self, split[0])(*split[1])
-        return super().execute_command(*args, **kwargs)
+        return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
 
 
 class _SharedAsyncCluster(redis.asyncio.cluster.RedisCluster):
@@ -861,9 +754,6 @@ class _SharedAsyncCluster(redis.asyncio.cluster.RedisCluster):
 
     async def aclose(self, *args: Any, **kwargs: Any) -> None:
         """Other cache objects on this loop use this client: it is closed with the loop."""
-
-    async def close_shared(self) -> None:
-        await super().aclose()
 
 
 class _PoolRegistry:
@@ -891,8 +781,12 @@ class _PoolRegistry:
         return client
 
     def async_client(
-        self, key: Hashable, make: Callable[[], redis.asyncio.Redis]
+        self,
+        key: Hashable,
+        make: Callable[[], redis.asyncio.Redis],
+        shut_down: Callable[[redis.asyncio.Redis], Awaitable[None]],
     ) -> redis.asyncio.Redis:
+        """The running loop's client for ``key``; ``shut_down`` closes it with the loop."""
         loop = asyncio.get_running_loop()
         entry = self._loops.get(loop)
         client = entry.clients.get(key) if entry is not None else None
@@ -905,16 +799,12 @@ class _PoolRegistry:
                 client = entry.clients.get(key)
                 if client is None:
                     client = entry.clients[key] = make()
+                    entry.shutdowns.append(functools.partial(shut_down, client))
         return client
 
-    def loop_count(self) -> int:
-        """How many event loops have pools here (for tests and monitoring)."""
-        return len(self._loops)
-
-    def forget_loop(self, loop: asyncio.AbstractEventLoop) -> dict[Hashable, Any]:
+    def forget_loop(self, loop: asyncio.AbstractEventLoop) -> _LoopClients | None:
         with self._lock:
-            entry = self._loops.pop(loop, None)
-        return entry.clients if entry is not None else {}
+            return self._loops.pop(loop, None)
 
     def _drop_closed_loops(self) -> None:
         for loop in [loop for loop in self._loops if loop.is_closed()]:
@@ -927,6 +817,7 @@ class _LoopClients:
 
     def __init__(self, registry: _PoolRegistry, loop: asyncio.AbstractEventLoop) -> None:
         self.clients: dict[Hashable, redis.asyncio.Redis] = {}
+        self.shutdowns: list[Callable[[], Awaitable[None]]] = []
         # Event loops close every live async generator at shutdown (shutdown_asyncgens),
         # while they can still run coroutines: the one hook that asyncio offers.
         self._watcher = self._close_at_shutdown(registry, loop)
@@ -940,14 +831,12 @@ class _LoopClients:
         try:
             yield
         finally:
-            if not loop.is_closed():
-                for client in registry.forget_loop(loop).values():
-                    try:
-                        await client.close_shared()
-                    except Exception:  # pragma: no cover - shutdown must go on
-                        logger.warning(
-                            "Could not close a Redis pool at loop shutdown", exc_info=True
-                        )
+            entry = None if loop.is_closed() else registry.forget_loop(loop)
+            for shut_down in entry.shutdowns if entry is not None else ():
+                try:
+                    await shut_down()
+                except Exception:  # pragma: no cover - shutdown must go on
+                    logger.warning("Could not close a Redis pool at loop shutdown", exc_info=True)
 
     def abandon(self) -> None:
         """Finish the watcher without awaiting, for a loop that closed without shutdown."""
@@ -958,17 +847,224 @@ class _LoopClients:
 _registry = _PoolRegistry()
 
 
+class _Topology(abc.ABC):
+    """Where a cache's data lives: its servers, and the clients that reach them, by index
+    (0 takes writes, 1 to ``readers`` serve reads), with their pool keys, their factories
+    for both paths and their shutdown. One subclass per kind of deployment."""
+
+    client_classes: tuple[type, ...] = ()  # whose keyword arguments OPTIONS may hold too
+    pools_wait = True  # whether callers wait for a free connection past max_connections
+    atomic_move = True  # whether incr_version's old and new keys fit in one script
+
+    def __init__(self, servers: list[str], config: _Config) -> None:
+        self.servers, self.config = servers, config
+        self.readers = 0
+
+    @classmethod
+    def pool_classes(cls, pool_class: Any) -> tuple[Any, Any]:
+        """The sync and asyncio pool classes; a standard redis-py class maps to its twin."""
+        if pool_class is None:
+            return _WaitingPool, _AsyncWaitingPool
+        if issubclass(pool_class, redis.asyncio.ConnectionPool):
+            twin = _twin_class(pool_class, redis, "redis.connection")
+            return twin or _WaitingPool, pool_class
+        if not issubclass(pool_class, redis.ConnectionPool):
+            raise ImproperlyConfigured(
+                f"OPTIONS 'pool_class' must be a redis-py ConnectionPool class, not {pool_class!r}."
+            )
+        twin = _twin_class(pool_class, redis.asyncio, "redis.asyncio.connection")
+        return pool_class, twin or _AsyncWaitingPool
+
+    def index_for(self, write: bool) -> int:
+        """The client to use: writes go to the first, reads to a reader if there is one."""
+        if write or not self.readers:
+            return 0
+        return random.randint(1, self.readers)
+
+    def sync_client(self, index: int) -> redis.Redis:
+        return _registry.sync_client(self.pool_key("sync", index), lambda: self.make_sync(index))
+
+    def async_client(self, index: int) -> redis.asyncio.Redis:
+        make = functools.partial(self.make_async, index)
+        return _registry.async_client(self.pool_key("async", index), make, self.shut_down)
+
+    @abc.abstractmethod
+    def pool_key(self, kind: str, index: int) -> Hashable:
+        """What makes a pool different from another: equal keys share one pool."""
+
+    @abc.abstractmethod
+    def make_sync(self, index: int) -> redis.Redis:
+        """A new sync client on a new pool."""
+
+    @abc.abstractmethod
+    def make_async(self, index: int) -> redis.asyncio.Redis:
+        """A new asyncio client on a new pool, for the running loop."""
+
+    async def shut_down(self, client: redis.asyncio.Redis) -> None:
+        """Close an asyncio client's connections, while its loop can still run."""
+        await client.connection_pool.disconnect()
+
+
+class _Servers(_Topology):
+    """One server, or a LOCATION list of them: writes go to the first, reads to the others."""
+
+    def __init__(self, servers: list[str], config: _Config) -> None:
+        super().__init__(servers, config)
+        self.readers = len(servers) - 1
+
+    def pool_key(self, kind: str, index: int) -> Hashable:
+        # A server's pool, wherever it is listed: aliases that name it share it.
+        return (kind, self.servers[index], self.config.frozen)
+
+    def make_sync(self, index: int) -> redis.Redis:
+        config = self.config
+        pool = config.sync_pool_class.from_url(self.servers[index], **config.sync_options)
+        return redis.Redis(connection_pool=pool)
+
+    def make_async(self, index: int) -> redis.asyncio.Redis:
+        config = self.config
+        pool = config.async_pool_class.from_url(self.servers[index], **config.async_options)
+        return _SharedAsyncRedis(connection_pool=pool)
+
+
+def _url_options(url: str) -> dict[str, Any]:
+    """What a LOCATION URL says besides where the server is: password, db, TLS."""
+    options: dict[str, Any] = redis.connection.parse_url(url)
+    for name in ("host", "port", "path", "connection_class"):
+        options.pop(name, None)
+    return options
+
+
+class _Sentinel(_Topology):
+    """A master that Sentinel finds (client 0) and, with ``sentinel_replica_reads``, its
+    replicas for reads (client 1). LOCATION names the service: ``redis://[:pw@]service/db``."""
+
+    def __init__(self, servers: list[str], config: _Config) -> None:
+        if len(servers) != 1:
+            raise ImproperlyConfigured(
+                "With OPTIONS 'sentinels', LOCATION is one URL naming the service, "
+                "redis://[:password@]service_name[/db]."
+            )
+        super().__init__(servers, config)
+        self.readers = 1 if config.sentinel_replica_reads else 0
+        self.service = urlsplit(servers[0]).hostname
+        self.connection_options = _url_options(servers[0])
+
+    @classmethod
+    def pool_classes(cls, pool_class: Any) -> tuple[Any, Any]:
+        return _WaitingSentinelPool, _AsyncWaitingSentinelPool
+
+    def pool_key(self, kind: str, index: int) -> Hashable:
+        config = self.config
+        sentinels = (tuple(config.sentinels), _freeze(config.sentinel_kwargs))
+        return (kind, self.servers[0], config.frozen, sentinels, index)
+
+    def make_sync(self, index: int) -> redis.Redis:
+        config = self.config
+        manager = redis.sentinel.Sentinel(config.sentinels, sentinel_kwargs=config.sentinel_kwargs)
+        pool = self._pool(config.sync_pool_class, config.sync_options, manager, index)
+        return redis.Redis(connection_pool=pool)
+
+    def make_async(self, index: int) -> redis.asyncio.Redis:
+        config = self.config
+        manager = redis.asyncio.sentinel.Sentinel(
+            config.sentinels, sentinel_kwargs=config.sentinel_kwargs
+        )
+        pool = self._pool(config.async_pool_class, config.async_options, manager, index)
+        return _SharedAsyncRedis(connection_pool=pool)
+
+    def _pool(self, pool_class: Any, options: dict[str, Any], manager: Any, index: int) -> Any:
+        return pool_class(
+            self.service, manager, is_master=index == 0, **{**options, **self.connection_options}
+        )
+
+    async def shut_down(self, client: redis.asyncio.Redis) -> None:
+        await super().shut_down(client)
+        await client.connection_pool.sentinel_manager.aclose()  # type: ignore[attr-defined]
+
+
+class _Cluster(_Topology):
+    """Redis Cluster: one client routes every command; LOCATION lists its startup nodes.
+    redis-py's asyncio cluster client cannot wait for a connection (redis-py #3135), so
+    ``max_connections`` stays its own per-node limit."""
+
+    client_classes = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
+    pools_wait = False
+    atomic_move = False  # incr_version's two keys lie in different slots: two round trips
+
+    def __init__(self, servers: list[str], config: _Config) -> None:
+        super().__init__(servers, config)
+        self.startup_nodes = [_host_port(url) for url in servers]
+        self.connection_options = _url_options(servers[0])
+        if self.connection_options.pop("db", 0) not in (0, "0"):
+            raise ImproperlyConfigured("Redis Cluster has only db 0: drop the /db of LOCATION.")
+        if urlsplit(servers[0]).scheme == "rediss":
+            self.connection_options["ssl"] = True
+
+    def pool_key(self, kind: str, index: int) -> Hashable:
+        return (kind, tuple(self.servers), self.config.frozen, "cluster")
+
+    def make_sync(self, index: int) -> redis.Redis:
+        options = {k: v for k, v in self.config.sync_options.items() if k != "timeout"}
+        # The node pools wait like ours; RedisCluster hands them no 'timeout' argument.
+        wait = self.config.sync_options.get("timeout", _DEFAULT_POOL_OPTIONS["timeout"])
+        node_pool = type(
+            "_ClusterNodePool",
+            (_WaitingPool,),
+            {"__init__": functools.partialmethod(_WaitingPool.__init__, timeout=wait)},
+        )
+        # redis-py uses connection_pool_class only for a client made from a URL.
+        others = [redis.cluster.ClusterNode(h, p) for h, p in self.startup_nodes[1:]]
+        client = _SharedCluster(
+            url=self.servers[0], startup_nodes=others, connection_pool_class=node_pool, **options
+        )
+        return cast(redis.Redis, client)  # it takes every command the drivers send
+
+    def make_async(self, index: int) -> redis.asyncio.Redis:
+        nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in self.startup_nodes]
+        options = {k: v for k, v in self.config.async_options.items() if k != "timeout"}
+        client = _SharedAsyncCluster(startup_nodes=nodes, **self.connection_options, **options)
+        return cast(redis.asyncio.Redis, client)
+
+    async def shut_down(self, client: redis.asyncio.Redis) -> None:
+        await redis.asyncio.cluster.RedisCluster.aclose(cast(_SharedAsyncCluster, client))
+
+
+_NO_OPTIONS: dict[str, Any] = {}
+_topologies: dict[Hashable, tuple[dict[str, Any], _Topology]] = {}
+
+
+def _topology_for(servers: list[str], options: dict[str, Any]) -> _Topology:
+    """The checked configuration, parsed once per settings dict rather than per request.
+
+    Django builds a cache object per request from the same settings, so the OPTIONS dict is
+    the same object each time; the entry holds it, so its id cannot be reused meanwhile.
+    """
+    key = (tuple(servers), id(options))
+    entry = _topologies.get(key)
+    if entry is None or entry[0] is not options:
+        if len(_topologies) >= 64:  # settings that come and go (tests): start afresh
+            _topologies.clear()
+        config = _Config(options)
+        entry = _topologies[key] = (options, config.topology(servers, config))
+    return entry[1]
+
+
 # ---------------------------------------------------------------------------
 # Operations: what each cache method sends to Redis and how the reply becomes a result
 # ---------------------------------------------------------------------------
-# An operation is a generator: it yields a command (a tuple of arguments), a pipeline (a list
-# of such tuples) or a pause (``_Sleep``), receives the reply, and returns the method's
-# result. The sync and the asyncio client run the same generators, so the two paths cannot
-# drift apart. Each call of a cache method is one round trip unless said otherwise.
+# An operation is a generator that does no I/O. It yields a command (a tuple of arguments), a
+# pipeline (a list of such tuples), a pause (``_Sleep``) or, in an iteration, results found so
+# far (``_Found``); it receives each reply and returns the method's result. The sync and the
+# asyncio driver run the same generators, so the two paths cannot drift apart, and tests run
+# them against scripted replies. Each call of a cache method is one round trip unless said.
+
+_T = TypeVar("_T")
 
 
 class _Sleep:
-    """A pause inside an operation: ``time.sleep`` or ``asyncio.sleep``, by path."""
+    """A pause: ``time.sleep`` or ``asyncio.sleep`` by path. Its reply is the clock after it
+    (``time.monotonic()`` or the loop's time), so operations never read a clock themselves."""
 
     __slots__ = ("seconds",)
 
@@ -976,16 +1072,52 @@ class _Sleep:
         self.seconds = seconds
 
 
-Command = Union[tuple[Any, ...], list[tuple[Any, ...]], _Sleep]  # noqa: UP007 (3.10 runs it)
-Operation = Generator[Command, Any, Any]
+class _Found:
+    """Results of an iteration so far, handed to the caller before the next command."""
 
-# Commands that may go to a replica; everything else goes to the first server.
-_READ_COMMANDS = frozenset({"GET", "MGET", "EXISTS", "TTL", "PTTL"})
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+
+Command = Union[tuple[Any, ...], list[tuple[Any, ...]], _Sleep, _Found]  # noqa: UP007 (3.10)
+Operation = Generator[Command, Any, _T]
+
+
+class Plan(Generic[_T]):
+    """A call of a cache method, ready for a driver: the public method's name (for the log),
+    the operation, and its fallback: what the call returns (or raises) when Redis is
+    unavailable and OPTIONS ``ignore_exceptions`` is on."""
+
+    __slots__ = ("fallback", "method", "operation")
+
+    def __init__(self, method: str, operation: Operation[_T], fallback: Callable[[], _T]) -> None:
+        self.method, self.operation, self.fallback = method, operation, fallback
+
+
+def _false() -> bool:
+    return False
+
+
+def _none() -> None:
+    return None
+
+
+def _zero() -> int:
+    return 0
+
+
+def _key_not_found(key: Any) -> NoReturn:
+    """What Django's incr raises for a missing key."""
+    raise ValueError(f"Key '{key}' not found.")
+
+
 _SCRIPTS: dict[str, str] = {}
 
 
 class _Script:
-    """A Lua script sent by its SHA1; the client falls back to EVAL after NOSCRIPT."""
+    """A Lua script sent by its SHA1; the driver falls back to EVAL after NOSCRIPT."""
 
     def __init__(self, source: str) -> None:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
@@ -1020,54 +1152,33 @@ _RELEASE_LOCK = _Script(
 )
 
 
-class _KeyNotFound:
-    """What a cache call returns when Redis is unavailable and errors are ignored: raise, as
-    for a missing key (``incr``, ``incr_version``)."""
-
-    def __init__(self, key: Any) -> None:
-        self.key = key
-
-    def resolve(self) -> Any:
-        raise ValueError(f"Key '{self.key}' not found.")
-
-
-class _Computed:
-    """A miss of ``get_or_set``: the default, computed."""
-
-    def __init__(self, default: Any) -> None:
-        self.default = default
-
-    def resolve(self) -> Any:
-        return self.default() if callable(self.default) else self.default
-
-
 def _set_command(key: str, data: Any, timeout: int | None, *flags: str) -> tuple[Any, ...]:
     if timeout is None:
         return ("SET", key, data, *flags)
     return ("SET", key, data, "EX", timeout, *flags)
 
 
-def _op_add(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operation:
+def _op_add(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operation[bool]:
     data = codec.dumps(value)
     if timeout == 0:
         # Django's add(timeout=0) reports whether the key was free and leaves nothing behind.
-        return (yield ("EXISTS", key)) == 0
+        return bool((yield ("EXISTS", key)) == 0)
     return bool((yield _set_command(key, data, timeout, "NX")))
 
 
-def _op_get(codec: _Codec, key: str, default: Any) -> Operation:
+def _op_get(codec: _Codec, key: str, default: Any) -> Operation[Any]:
     data = yield ("GET", key)
     return default if data is None else codec.loads(data)
 
 
 def _op_set(
     codec: _Codec, key: str, value: Any, timeout: int | None, nx: bool, xx: bool
-) -> Operation:
+) -> Operation[bool | None]:
     """Django's set (returns None); with ``nx`` or ``xx``, whether the value was written."""
     data = codec.dumps(value)
     if timeout == 0:  # an instant expiry: nothing is stored
         if nx:
-            return (yield ("EXISTS", key)) == 0
+            return bool((yield ("EXISTS", key)) == 0)
         existed = yield ("DEL", key)
         return bool(existed) if xx else None
     flags = ("NX",) if nx else ("XX",) if xx else ()
@@ -1075,18 +1186,20 @@ def _op_set(
     return bool(written) if flags else None
 
 
-def _op_touch(key: str, timeout: int | None) -> Operation:
+def _op_touch(key: str, timeout: int | None) -> Operation[bool]:
     if timeout is None:
         return bool((yield ("PERSIST", key)))
     return bool((yield ("EXPIRE", key, timeout)))
 
 
-def _op_bool(*command: Any) -> Operation:
+def _op_bool(*command: Any) -> Operation[bool]:
     """A command whose integer reply means yes or no (DEL, EXISTS, EXPIRE, PERSIST, ...)."""
     return bool((yield command))
 
 
-def _op_get_many(codec: _Codec, key_map: dict[str, Any]) -> Operation:
+def _op_get_many(codec: _Codec, key_map: dict[str, Any]) -> Operation[dict[Any, Any]]:
+    if not key_map:
+        return {}
     values = codec.loads_many((yield ("MGET", *key_map)))
     return {
         user_key: value
@@ -1095,7 +1208,9 @@ def _op_get_many(codec: _Codec, key_map: dict[str, Any]) -> Operation:
     }
 
 
-def _op_set_many(codec: _Codec, data: dict[str, Any], timeout: int | None) -> Operation:
+def _op_set_many(codec: _Codec, data: dict[str, Any], timeout: int | None) -> Operation[list[Any]]:
+    if not data:
+        return []
     dumps = codec.dumps
     encoded = [(key, dumps(value)) for key, value in data.items()]
     if timeout == 0:
@@ -1107,22 +1222,23 @@ def _op_set_many(codec: _Codec, data: dict[str, Any], timeout: int | None) -> Op
     return []
 
 
-def _op_delete_many(keys: list[str]) -> Operation:
-    yield ("DEL", *keys)
+def _op_delete_many(keys: list[str]) -> Operation[None]:
+    if keys:
+        yield ("DEL", *keys)
 
 
-def _op_incr(key: str, delta: int, create: bool) -> Operation:
+def _op_incr(key: str, delta: int, create: bool) -> Operation[int]:
     if create:
-        return (yield ("INCRBY", key, delta))
+        return int((yield ("INCRBY", key, delta)))
     value = yield _INCR_EXISTING([key], [delta])
     if value is None:
-        _KeyNotFound(key).resolve()
-    return value
+        _key_not_found(key)
+    return int(value)
 
 
 def _op_get_or_set(
     codec: _Codec, key: str, default: Any, timeout: int | None, lock_timeout: float | None
-) -> Operation:
+) -> Operation[Any]:
     """One GET on a hit. On a miss with a callable default and stampede protection on, one
     caller computes under a short lock while the others wait for its value (bounded by the
     lock's timeout) and compute it themselves if it does not come."""
@@ -1148,19 +1264,19 @@ def _op_get_or_set(
         value = yield from _op_store_missing(codec, key, value, timeout)
         yield _RELEASE_LOCK([lock], [token])
         return value
-    deadline, pause = time.monotonic() + lock_timeout, 0.005
-    while time.monotonic() < deadline:
-        yield _Sleep(pause)
+    deadline, pause = None, 0.005
+    while True:
+        now = yield _Sleep(pause)
+        deadline = now - pause + lock_timeout if deadline is None else deadline
         data, locked = yield [("GET", key), ("EXISTS", lock)]
         if data is not None:
             return codec.loads(data)
-        if not locked:  # the computing caller failed or gave up: compute here
-            break
+        if not locked or now >= deadline:  # the holder failed, or is too slow: compute here
+            return (yield from _op_store_missing(codec, key, default(), timeout))
         pause = min(pause * 2, 0.1)
-    return (yield from _op_store_missing(codec, key, default(), timeout))
 
 
-def _op_store_missing(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operation:
+def _op_store_missing(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operation[Any]:
     if timeout == 0:
         return value
     current = yield _GET_OR_STORE([key], [codec.dumps(value), timeout or 0])
@@ -1168,203 +1284,262 @@ def _op_store_missing(codec: _Codec, key: str, value: Any, timeout: int | None) 
     return value if current is None else codec.loads(current)
 
 
-def _op_move(old_key: str, new_key: str, user_key: Any, atomic: bool) -> Operation:
+def _op_move(old_key: str, new_key: str, user_key: Any, atomic: bool) -> Operation[None]:
     """Move a value to another key, keeping its expiry: one atomic round trip, or on Redis
     Cluster (the keys lie in different slots, out of reach of one script) two."""
     if atomic:
         if not (yield _RENAME_EXISTING([old_key, new_key], [])):
-            _KeyNotFound(user_key).resolve()
+            _key_not_found(user_key)
         return
     data, remaining = yield [("GET", old_key), ("PTTL", old_key)]
     if data is None:
-        _KeyNotFound(user_key).resolve()
+        _key_not_found(user_key)
     expiry = ("PX", remaining) if remaining > 0 else ()
     yield [("SET", new_key, data, *expiry), ("DEL", old_key)]
 
 
-def _op_clear() -> Operation:
+def _op_then(operation: Operation[Any], result: _T) -> Operation[_T]:
+    """``operation``, returning ``result`` instead of its own."""
+    yield from operation
+    return result
+
+
+def _op_clear() -> Operation[bool]:
     return bool((yield ("FLUSHDB",)))
 
 
-def _op_ttl(command: str, key: str) -> Operation:
+def _op_ttl(command: str, key: str) -> Operation[int | None]:
     """django-redis's convention: 0 for a missing key, None for one that never expires."""
     remaining = yield (command, key)
     if remaining == -2:
         return 0
-    return None if remaining == -1 else remaining
+    return None if remaining == -1 else int(remaining)
 
 
-def _op_scan(pattern: str, cursor: int, count: int) -> Operation:
-    cursor, keys = yield ("SCAN", cursor, "MATCH", pattern, "COUNT", count)
-    return int(cursor), keys
-
-
-def _op_delete_pattern(pattern: str, count: int) -> Operation:
-    """SCAN and UNLINK in batches (one round trip each), never KEYS; returns how many went."""
-    cursor, deleted = 0, 0
+def _op_scan(pattern: str, count: int, convert: Callable[[Any], Any]) -> Operation[None]:
+    """An iteration over the keys matching ``pattern``, ``convert``-ed, one SCAN page per
+    round trip of ``count`` keys at most; never KEYS, which blocks the server."""
+    cursor = 0
     while True:
-        cursor, keys = yield from _op_scan(pattern, cursor, count)
+        cursor, keys = yield ("SCAN", cursor, "MATCH", pattern, "COUNT", count)
         if keys:
-            deleted += yield ("UNLINK", *keys)
-        if cursor == 0:
+            yield _Found([convert(key) for key in keys])
+        if int(cursor) == 0:
+            return
+
+
+def _op_delete_pattern(pattern: str, count: int) -> Operation[int]:
+    """UNLINK the keys matching ``pattern`` page by page (one round trip each); how many."""
+    scan, reply, deleted = _op_scan(pattern, count, _unchanged), None, 0
+    while True:
+        try:
+            command = scan.send(reply)
+        except StopIteration:
             return deleted
+        if type(command) is _Found:
+            deleted += yield ("UNLINK", *command.items)
+            reply = None
+        else:
+            reply = yield command
 
 
-def _op_clear_prefix(pattern: str, count: int) -> Operation:
+def _unchanged(key: Any) -> Any:
+    return key
+
+
+def _op_clear_prefix(pattern: str, count: int) -> Operation[bool]:
     yield from _op_delete_pattern(pattern, count)
     return True
 
 
 # ---------------------------------------------------------------------------
-# Clients: run operations on the shared pools
+# Drivers: plans run on redis-py's sync and asyncio clients; all I/O policy lives here
 # ---------------------------------------------------------------------------
+
+# Commands that may go to a replica; everything else goes to the first server.
+_READ_COMMANDS = frozenset({"GET", "MGET", "EXISTS", "TTL", "PTTL"})
 
 # Redis is down, unreachable or too slow: what ignore_exceptions covers. Wrong credentials
 # are a configuration error and always raise.
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
-class _Client:
-    """What both clients share: Django's RedisCacheClient internals and server choice."""
+class _Driver:
+    """What both drivers share: Django's RedisCacheClient internals, server choice, and a
+    plan's fallback when Redis is unavailable."""
 
-    def __init__(self, config: _Config) -> None:
-        self._config = config
-        self._servers = config.servers
-        self._serializer = config.serializer
-        self._single = len(config.servers) == 1
+    path_prefix = ""  # what the cache methods of this path start with: "a" for asyncio
+
+    def __init__(self, topology: _Topology) -> None:
+        self._topology = topology
+        self._config = topology.config
+        self._one_client = topology.readers == 0  # no server to choose
+        # Django's RedisCacheClient names, which Django's own test suite reads.
+        self._servers = topology.servers
+        self._serializer = topology.config.codec
 
     def _get_connection_pool_index(self, write: bool) -> int:
-        # Write to the first server. Read from the others if there are more.
-        if write or len(self._servers) == 1:
+        return self._topology.index_for(write)
+
+    def _index(self, *commands: tuple[Any, ...]) -> int:
+        """The client for ``commands``: a reader if every one of them only reads."""
+        if self._one_client:
             return 0
-        return random.randint(1, len(self._servers) - 1)
+        return self._topology.index_for(any(c[0] not in _READ_COMMANDS for c in commands))
 
-    def _pipeline_index(self, commands: list[tuple[Any, ...]]) -> int:
-        return self._get_connection_pool_index(any(c[0] not in _READ_COMMANDS for c in commands))
-
-    def _unavailable(self, operation: Operation, error: Exception, miss: Any) -> Any:
-        """Raise ``error``, or with ignore_exceptions log it once and return the miss."""
+    def _unavailable(self, plan: Plan[_T], error: Exception) -> _T:
+        """Raise ``error``, or with ignore_exceptions log it once and return the fallback."""
         if not self._config.ignore_exceptions or isinstance(error, redis.AuthenticationError):
             raise error
-        operation.close()
+        plan.operation.close()
         if self._config.log_ignored_exceptions:
-            name = getattr(operation, "__name__", "operation").removeprefix("_op_")
-            logger.warning("Redis unavailable in %s, ignored: %s", name, error)
-        if isinstance(miss, (_KeyNotFound, _Computed)):
-            return miss.resolve()
-        return miss
+            method = self.path_prefix + plan.method
+            logger.warning("Redis unavailable in %s, ignored: %s", method, error)
+        return plan.fallback()
 
 
-class _SyncClient(_Client):
-    """Runs operations on ``redis.Redis`` clients from the process-wide registry."""
+class _SyncDriver(_Driver):
+    """Runs plans on ``redis.Redis`` clients from the process-wide registry."""
 
-    def __init__(self, config: _Config) -> None:
-        super().__init__(config)
-        self._pool_class = config.sync_pool_class
-        self._pool_options = config.sync_options
-        self._clients: list[redis.Redis | None] = [None] * len(self._servers)
+    def __init__(self, topology: _Topology) -> None:
+        super().__init__(topology)
+        self._pool_options = topology.config.sync_options  # Django's name
+        self._clients: list[redis.Redis | None] = [None] * (topology.readers + 1)
+
+    def get_client(self, key: Any = None, *, write: bool = False) -> redis.Redis:
+        return self._client_at(self._topology.index_for(write))
+
+    def _get_connection_pool(self, write: bool) -> redis.ConnectionPool:
+        return self.get_client(write=write).connection_pool
 
     def _client_at(self, index: int) -> redis.Redis:
         client = self._clients[index]
         if client is None:
-            key = self._config.pool_key("sync", index)
-            make = functools.partial(self._config.make_sync_client, index)
-            client = self._clients[index] = _registry.sync_client(key, make)
+            client = self._clients[index] = self._topology.sync_client(index)
         return client
 
-    def _get_connection_pool(self, write: bool) -> redis.ConnectionPool:
-        return self._client_at(self._get_connection_pool_index(write)).connection_pool
-
-    def get_client(self, key: Any = None, *, write: bool = False) -> redis.Redis:
-        return self._client_at(self._get_connection_pool_index(write))
-
-    def run(self, operation: Operation, miss: Any = None) -> Any:
+    def run(self, plan: Plan[_T]) -> _T:
+        operation = plan.operation
         try:
             command = next(operation)
             while True:
                 command = operation.send(self._send(command))
         except StopIteration as done:
-            return done.value
+            result: _T = done.value
+            return result
         except _UNAVAILABLE as error:
-            return self._unavailable(operation, error, miss)
+            return self._unavailable(plan, error)
+
+    def iterate(self, plan: Plan[None]) -> Iterator[Any]:
+        """The results an iteration finds, lazily: its next command waits for the caller."""
+        operation, reply = plan.operation, None
+        while True:
+            try:
+                command = operation.send(reply)
+                reply = None if type(command) is _Found else self._send(command)
+            except StopIteration:
+                return
+            except _UNAVAILABLE as error:
+                return self._unavailable(plan, error)
+            if type(command) is _Found:
+                yield from command.items
 
     def _send(self, command: Command) -> Any:
         if type(command) is tuple:
-            client = self._clients[0] if self._single else None
-            if client is None:
-                write = command[0] not in _READ_COMMANDS
-                client = self._client_at(self._get_connection_pool_index(write))
+            client = self._client_at(self._index(command))
             try:
                 return client.execute_command(*command)
             except redis.exceptions.NoScriptError:
-                return client.execute_command("EVAL", _SCRIPTS[command[1]], *command[2:])
+                source = _SCRIPTS[command[1]]
+                return client.execute_command("EVAL", source, *command[2:])
         if type(command) is list:
-            pipeline = self._client_at(self._pipeline_index(command)).pipeline(transaction=False)
+            pipeline = self._client_at(self._index(*command)).pipeline(transaction=False)
             for args in command:
                 pipeline.execute_command(*args)
             return pipeline.execute()
         assert isinstance(command, _Sleep)
         time.sleep(command.seconds)
-        return None
+        return time.monotonic()
 
 
-class _AsyncClient(_Client):
-    """Runs operations on ``redis.asyncio.Redis`` clients of the running event loop."""
+class _AsyncDriver(_Driver):
+    """Runs plans on ``redis.asyncio.Redis`` clients of the running event loop."""
 
-    def __init__(self, config: _Config) -> None:
-        super().__init__(config)
-        self._pool_class = config.async_pool_class
-        self._pool_options = config.async_options
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._clients: list[redis.asyncio.Redis | None] = []
+    path_prefix = "a"
+
+    def __init__(self, topology: _Topology) -> None:
+        super().__init__(topology)
+        self._pool_options = topology.config.async_options  # Django's name
+        # The loop these clients belong to, swapped with them in one assignment: threads
+        # running loops of their own may share this object.
+        self._loop_clients: tuple[Any, list[redis.asyncio.Redis | None]] = (None, [])
+
+    def get_client(self, key: Any = None, *, write: bool = False) -> redis.asyncio.Redis:
+        return self._client_at(self._topology.index_for(write))
+
+    def _get_connection_pool(self, write: bool) -> redis.asyncio.ConnectionPool:
+        index = self._topology.index_for(write)
+        if asyncio._get_running_loop() is None:
+            # Django's own test_redis_pool_options inspects the pool outside any loop: a
+            # new client's pool, unshared and never connected.
+            return self._topology.make_async(index).connection_pool
+        return self._client_at(index).connection_pool
 
     def _client_at(self, index: int) -> redis.asyncio.Redis:
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._loop, self._clients = loop, [None] * len(self._servers)
-        client = self._clients[index]
+        bound, clients = self._loop_clients
+        if bound is not loop:
+            clients = [None] * (self._topology.readers + 1)
+            self._loop_clients = (loop, clients)
+        client = clients[index]
         if client is None:
-            key = self._config.pool_key("async", index)
-            make = functools.partial(self._config.make_async_client, index)
-            client = self._clients[index] = _registry.async_client(key, make)
+            client = clients[index] = self._topology.async_client(index)
         return client
 
-    def _get_connection_pool(self, write: bool) -> redis.asyncio.ConnectionPool:
-        index = self._get_connection_pool_index(write)
-        if asyncio._get_running_loop() is None:
-            # No loop to bind a pool to: a fresh one, unshared, for inspection (Django's tests).
-            return self._pool_class.from_url(self._servers[index], **self._pool_options)
-        return self._client_at(index).connection_pool
-
-    def get_client(self, key: Any = None, *, write: bool = False) -> redis.asyncio.Redis:
-        return self._client_at(self._get_connection_pool_index(write))
-
-    async def run(self, operation: Operation, miss: Any = None) -> Any:
+    async def run(self, plan: Plan[_T]) -> _T:
+        operation = plan.operation
         try:
             command = next(operation)
             while True:
                 command = operation.send(await self._send(command))
         except StopIteration as done:
-            return done.value
+            result: _T = done.value
+            return result
         except _UNAVAILABLE as error:
-            return self._unavailable(operation, error, miss)
+            return self._unavailable(plan, error)
+
+    async def iterate(self, plan: Plan[None]) -> AsyncIterator[Any]:
+        """The results an iteration finds, lazily: its next command waits for the caller."""
+        operation, reply = plan.operation, None
+        while True:
+            try:
+                command = operation.send(reply)
+                reply = None if type(command) is _Found else await self._send(command)
+            except StopIteration:
+                return
+            except _UNAVAILABLE as error:
+                self._unavailable(plan, error)
+                return
+            if type(command) is _Found:
+                for item in command.items:
+                    yield item
 
     async def _send(self, command: Command) -> Any:
         if type(command) is tuple:
-            write = command[0] not in _READ_COMMANDS
-            client = self._client_at(0 if self._single else self._get_connection_pool_index(write))
+            client = self._client_at(self._index(command))
             try:
                 return await client.execute_command(*command)
             except redis.exceptions.NoScriptError:
-                return await client.execute_command("EVAL", _SCRIPTS[command[1]], *command[2:])
+                source = _SCRIPTS[command[1]]
+                return await client.execute_command("EVAL", source, *command[2:])
         if type(command) is list:
-            pipeline = self._client_at(self._pipeline_index(command)).pipeline(transaction=False)
+            pipeline = self._client_at(self._index(*command)).pipeline(transaction=False)
             for args in command:
                 pipeline.execute_command(*args)
             return await pipeline.execute()
         assert isinstance(command, _Sleep)
         await asyncio.sleep(command.seconds)
-        return None
+        return asyncio.get_running_loop().time()
 
 
 # ---------------------------------------------------------------------------
@@ -1372,7 +1547,9 @@ class _AsyncClient(_Client):
 # ---------------------------------------------------------------------------
 
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
-Planned = tuple[Operation, Any]  # an operation, and what it returns when errors are ignored
+_Cache = TypeVar("_Cache", bound="_RedisEXBase")
+_P = ParamSpec("_P")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _seconds(value: Any, unit: float = 1) -> int:
@@ -1391,24 +1568,75 @@ def _timestamp(when: Any, unit: float = 1) -> int:
     return _seconds(when)
 
 
+def _text(redis_key: bytes | str) -> str:
+    return redis_key.decode() if isinstance(redis_key, bytes) else redis_key
+
+
+def _twins(
+    plan: Callable[Concatenate[_Cache, _P], Plan[_T]],
+) -> tuple[
+    Callable[Concatenate[_Cache, _P], _T],
+    Callable[Concatenate[_Cache, _P], Coroutine[Any, Any, _T]],
+]:
+    """A cache method and its native async twin, both made from the method that plans them:
+    ``get, aget = _twins(_plan_get)``. Type checkers see the plan's signature on both."""
+
+    def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return self._sync_driver.run(plan(self, *args, **kwargs))
+
+    async def amethod(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await self._async_driver.run(plan(self, *args, **kwargs))
+
+    return _like(method, plan, ""), _like(amethod, plan, "a")
+
+
+def _iteration_twins(
+    plan: Callable[Concatenate[_Cache, _P], Plan[None]],
+) -> tuple[
+    Callable[Concatenate[_Cache, _P], Iterator[Any]],
+    Callable[Concatenate[_Cache, _P], AsyncIterator[Any]],
+]:
+    """``_twins`` for an iteration: a lazy iterator and an async one."""
+
+    def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> Iterator[Any]:
+        return self._sync_driver.iterate(plan(self, *args, **kwargs))
+
+    def amethod(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> AsyncIterator[Any]:
+        return self._async_driver.iterate(plan(self, *args, **kwargs))
+
+    return _like(method, plan, ""), _like(amethod, plan, "a")
+
+
+def _like(function: _F, plan: Callable[..., Any], prefix: str) -> _F:
+    """``function`` named, documented and signed as the method ``plan`` plans, so that
+    ``help()``, ``inspect.signature`` and debuggers show the method's own."""
+    name = prefix + plan.__name__.removeprefix("_plan_")
+    function.__name__, function.__doc__, function.__module__ = name, plan.__doc__, __name__
+    function.__qualname__ = f"{plan.__qualname__.rpartition('.')[0]}.{name}"
+    signature = inspect.signature(plan)
+    returns = str(signature.return_annotation)  # "Plan[int]": the method returns an int
+    function.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        return_annotation=returns[5:-1] if returns.startswith("Plan[") else returns
+    )
+    return function
+
+
 class _RedisEXBase(BaseCache):
     """Django's cache API and django-redis's extras, each in a sync and a native async form.
 
-    Each pair of twins builds its operation in one place (``_plan_*``) and differs only in
-    the client that runs it.
+    Each method is planned once, in ``_plan_<method>``: keys, versions and timeouts become
+    an operation with its fallback. ``_twins`` makes the sync method and its ``a`` twin from
+    the plan; they differ only in the driver that runs it.
     """
 
     _client_kind: str
 
     def __init__(self, server: str | list[str], params: dict[str, Any]) -> None:
         super().__init__(params)
-        if isinstance(server, str):
-            self._servers = re.split("[;,]", server)
-        else:
-            self._servers = list(server)
-        self._options = params.get("OPTIONS") or _NO_OPTIONS
-        self._config = _config_for(self._servers, self._options)
-        self._serializer = self._config.serializer
+        self._servers = re.split("[;,]", server) if isinstance(server, str) else list(server)
+        self._topology = _topology_for(self._servers, params.get("OPTIONS") or _NO_OPTIONS)
+        self._config = self._topology.config
+        self._codec = self._config.codec
         cls = type(self)
         self._default_key_methods = (
             cls.make_and_validate_key is BaseCache.make_and_validate_key
@@ -1421,33 +1649,29 @@ class _RedisEXBase(BaseCache):
         return f"<{type(self).__name__} {servers}>"
 
     @cached_property
-    def _sync_client(self) -> _SyncClient:
-        return _SyncClient(self._config)
+    def _sync_driver(self) -> _SyncDriver:
+        return _SyncDriver(self._topology)
 
     @cached_property
-    def _async_client(self) -> _AsyncClient:
-        return _AsyncClient(self._config)
+    def _async_driver(self) -> _AsyncDriver:
+        return _AsyncDriver(self._topology)
 
     @property
-    def _class(self) -> type:
-        return type(self._cache)
-
-    @property
-    def _cache(self) -> Any:
+    def _cache(self) -> _SyncDriver | _AsyncDriver:
         """Django's client object: sync on RedisEXCache, asyncio on AsyncRedisEXCache."""
         if self._client_kind == "async":
-            return self._async_client
-        return self._sync_client
+            return self._async_driver
+        return self._sync_driver
 
     # Raw clients and locks --------------------------------------------------
 
     def get_client(self, key: Any = None, *, write: bool = True) -> redis.Redis:
         """A ``redis.Redis`` on the shared pool (the first server unless ``write=False``)."""
-        return self._sync_client.get_client(key, write=write)
+        return self._sync_driver.get_client(key, write=write)
 
     def get_async_client(self, key: Any = None, *, write: bool = True) -> redis.asyncio.Redis:
         """A ``redis.asyncio.Redis`` on the running loop's shared pool."""
-        return self._async_client.get_client(key, write=write)
+        return self._async_driver.get_client(key, write=write)
 
     def lock(
         self,
@@ -1469,29 +1693,14 @@ class _RedisEXBase(BaseCache):
             thread_local=thread_local,
         )
 
-    def alock(
-        self,
-        key: Any,
-        version: int | None = None,
-        timeout: float | None = None,
-        sleep: float = 0.1,
-        blocking: bool = True,
-        blocking_timeout: float | None = None,
-        thread_local: bool = True,
-    ) -> Any:
-        """The asyncio ``Lock``, on the running loop: ``async with cache.alock("report"): ...``."""
-        return self.get_async_client().lock(
-            self._key(key, version),
-            timeout=timeout,
-            sleep=sleep,
-            blocking=blocking,
-            blocking_timeout=blocking_timeout,
-            thread_local=thread_local,
-        )
+    def alock(self, key: Any, version: int | None = None, **lock_arguments: Any) -> Any:
+        """The asyncio ``Lock`` of the running loop, with ``lock()``'s other arguments:
+        ``async with cache.alock("report"): ...``."""
+        return self.get_async_client().lock(self._key(key, version), **lock_arguments)
 
     # Keys and timeouts ------------------------------------------------------
 
-    def get_backend_timeout(self, timeout: Any = DEFAULT_TIMEOUT) -> int | None:
+    def get_backend_timeout(self, timeout: float | None = DEFAULT_TIMEOUT) -> int | None:
         if timeout is DEFAULT_TIMEOUT:
             timeout = self.default_timeout
         # None keeps the key forever; zero or less deletes it.
@@ -1541,223 +1750,170 @@ class _RedisEXBase(BaseCache):
                 self.validate_key(redis_key)  # warns for the keys at fault
         return redis_keys
 
-    def _key_map(self, keys: Iterable[Any], version: int | None) -> dict[str, Any]:
-        keys = list(keys)
-        return dict(zip(self._keys(keys, version), keys, strict=True))
-
-    def _pattern(self, pattern: str, version: Any) -> str:
+    def _pattern(self, pattern: str, version: int | str | None) -> str:
         """A SCAN pattern for user keys matching ``pattern``, the prefix taken literally."""
         prefix = _GLOB_SPECIAL.sub(r"\\\1", self.key_prefix)
         return str(self.key_func(pattern, prefix, self.version if version is None else version))
 
-    def _user_key(self, redis_key: bytes | str) -> str:
-        key = redis_key.decode() if isinstance(redis_key, bytes) else redis_key
-        if self._config.reverse_key_function is not None:
-            return self._config.reverse_key_function(key)
+    def _user_key_of(self, version: int | None) -> Callable[[Any], str]:
+        """How to turn a Redis key found by SCAN back into the user's key."""
+        reverse = self._config.reverse_key_function
+        if reverse is not None:
+            return lambda redis_key: reverse(_text(redis_key))
         if self.key_func is default_key_func:
-            return key.split(":", 2)[2]
-        return key
+            head = len(f"{self.key_prefix}:{self.version if version is None else version}:")
+            return lambda redis_key: _text(redis_key)[head:]
+        return _text
 
-    # The API: each method, its async twin, and the plan they share ----------
+    # The API: each method's plan, then the method and its async twin made from it ----------
 
-    def add(
-        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
-    ) -> bool:
-        return self._sync_client.run(*self._plan_add(key, value, timeout, version))
-
-    async def aadd(
-        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
-    ) -> bool:
-        return await self._async_client.run(*self._plan_add(key, value, timeout, version))
-
-    def _plan_add(self, key: Any, value: Any, timeout: Any, version: int | None) -> Planned:
+    def _plan_add(
+        self,
+        key: Any,
+        value: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> Plan[bool]:
         timeout = self.get_backend_timeout(timeout)
-        return _op_add(self._serializer, self._key(key, version), value, timeout), False
+        return Plan("add", _op_add(self._codec, self._key(key, version), value, timeout), _false)
 
-    def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
-        return self._sync_client.run(*self._plan_get(key, default, version))
+    add, aadd = _twins(_plan_add)
 
-    async def aget(self, key: Any, default: Any = None, version: int | None = None) -> Any:
-        return await self._async_client.run(*self._plan_get(key, default, version))
+    def _plan_get(self, key: Any, default: Any = None, version: int | None = None) -> Plan[Any]:
+        operation = _op_get(self._codec, self._key(key, version), default)
+        return Plan("get", operation, lambda: default)
 
-    def _plan_get(self, key: Any, default: Any, version: int | None) -> Planned:
-        return _op_get(self._serializer, self._key(key, version), default), default
-
-    def set(
-        self,
-        key: Any,
-        value: Any,
-        timeout: Any = DEFAULT_TIMEOUT,
-        version: int | None = None,
-        nx: bool = False,
-        xx: bool = False,
-    ) -> Any:
-        """Django's set; with ``nx=True`` (only if missing) or ``xx=True`` (only if present),
-        returns whether the value was written."""
-        return self._sync_client.run(*self._plan_set(key, value, timeout, version, nx, xx))
-
-    async def aset(
-        self,
-        key: Any,
-        value: Any,
-        timeout: Any = DEFAULT_TIMEOUT,
-        version: int | None = None,
-        nx: bool = False,
-        xx: bool = False,
-    ) -> Any:
-        return await self._async_client.run(*self._plan_set(key, value, timeout, version, nx, xx))
+    get, aget = _twins(_plan_get)
 
     def _plan_set(
-        self, key: Any, value: Any, timeout: Any, version: int | None, nx: bool, xx: bool
-    ) -> Planned:
+        self,
+        key: Any,
+        value: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        nx: bool = False,
+        xx: bool = False,
+    ) -> Plan[Any]:
+        """Django's set; with ``nx=True`` (only if missing) or ``xx=True`` (only if present),
+        returns whether the value was written. (Typed Any: Django's returns None.)"""
         if nx and xx:
             raise ValueError("set() takes nx=True or xx=True, not both.")
         timeout = self.get_backend_timeout(timeout)
-        op = _op_set(self._serializer, self._key(key, version), value, timeout, nx, xx)
-        return op, (False if nx or xx else None)
+        operation = _op_set(self._codec, self._key(key, version), value, timeout, nx, xx)
+        return Plan("set", operation, _false if nx or xx else _none)
 
-    def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
-        return self._sync_client.run(*self._plan_touch(key, timeout, version))
+    set, aset = _twins(_plan_set)
 
-    async def atouch(
-        self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
-    ) -> bool:
-        return await self._async_client.run(*self._plan_touch(key, timeout, version))
+    def _plan_touch(
+        self, key: Any, timeout: float | None = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> Plan[bool]:
+        timeout = self.get_backend_timeout(timeout)
+        return Plan("touch", _op_touch(self._key(key, version), timeout), _false)
 
-    def _plan_touch(self, key: Any, timeout: Any, version: int | None) -> Planned:
-        return _op_touch(self._key(key, version), self.get_backend_timeout(timeout)), False
+    touch, atouch = _twins(_plan_touch)
 
-    def delete(self, key: Any, version: int | None = None) -> bool:
-        return self._sync_client.run(_op_bool("DEL", self._key(key, version)), False)
+    def _plan_delete(self, key: Any, version: int | None = None) -> Plan[bool]:
+        return Plan("delete", _op_bool("DEL", self._key(key, version)), _false)
 
-    async def adelete(self, key: Any, version: int | None = None) -> bool:
-        return await self._async_client.run(_op_bool("DEL", self._key(key, version)), False)
+    delete, adelete = _twins(_plan_delete)
 
-    def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
-        key_map = self._key_map(keys, version)
-        if not key_map:
-            return {}
-        return self._sync_client.run(_op_get_many(self._serializer, key_map), {})
+    def _plan_get_many(
+        self, keys: Iterable[Any], version: int | None = None
+    ) -> Plan[dict[Any, Any]]:
+        keys = list(keys)
+        key_map = dict(zip(self._keys(keys, version), keys, strict=True))
+        return Plan("get_many", _op_get_many(self._codec, key_map), dict)
 
-    async def aget_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
-        key_map = self._key_map(keys, version)
-        if not key_map:
-            return {}
-        return await self._async_client.run(_op_get_many(self._serializer, key_map), {})
-
-    def get_or_set(
-        self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
-    ) -> Any:
-        return self._sync_client.run(*self._plan_get_or_set(key, default, timeout, version))
-
-    async def aget_or_set(
-        self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
-    ) -> Any:
-        return await self._async_client.run(*self._plan_get_or_set(key, default, timeout, version))
+    get_many, aget_many = _twins(_plan_get_many)
 
     def _plan_get_or_set(
-        self, key: Any, default: Any, timeout: Any, version: int | None
-    ) -> Planned:
+        self,
+        key: Any,
+        default: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> Plan[Any]:
         timeout = self.get_backend_timeout(timeout)
         lock_timeout = self._config.stampede_lock_timeout
-        op = _op_get_or_set(
-            self._serializer, self._key(key, version), default, timeout, lock_timeout
-        )
-        return op, _Computed(default)
-
-    def has_key(self, key: Any, version: int | None = None) -> bool:
-        return self._sync_client.run(_op_bool("EXISTS", self._key(key, version)), False)
-
-    async def ahas_key(self, key: Any, version: int | None = None) -> bool:
-        return await self._async_client.run(_op_bool("EXISTS", self._key(key, version)), False)
-
-    def incr(
-        self, key: Any, delta: int = 1, version: int | None = None, ignore_key_check: bool = False
-    ) -> int:
-        """Django's incr; ``ignore_key_check=True`` creates a missing key (from 0) instead."""
-        return self._sync_client.run(*self._plan_incr(key, delta, version, ignore_key_check))
-
-    async def aincr(
-        self, key: Any, delta: int = 1, version: int | None = None, ignore_key_check: bool = False
-    ) -> int:
-        return await self._async_client.run(*self._plan_incr(key, delta, version, ignore_key_check))
-
-    def _plan_incr(self, key: Any, delta: int, version: int | None, create: bool) -> Planned:
         redis_key = self._key(key, version)
-        return _op_incr(redis_key, delta, create), _KeyNotFound(redis_key)
+        operation = _op_get_or_set(self._codec, redis_key, default, timeout, lock_timeout)
+        return Plan("get_or_set", operation, lambda: default() if callable(default) else default)
 
-    def decr(
+    get_or_set, aget_or_set = _twins(_plan_get_or_set)
+
+    def _plan_has_key(self, key: Any, version: int | None = None) -> Plan[bool]:
+        return Plan("has_key", _op_bool("EXISTS", self._key(key, version)), _false)
+
+    has_key, ahas_key = _twins(_plan_has_key)
+
+    def _plan_incr(
         self, key: Any, delta: int = 1, version: int | None = None, ignore_key_check: bool = False
-    ) -> int:
-        return self.incr(key, -delta, version, ignore_key_check)
+    ) -> Plan[int]:
+        """Django's incr; ``ignore_key_check=True`` creates a missing key (from 0) instead."""
+        return self._counter("incr", key, delta, version, ignore_key_check)
 
-    async def adecr(
+    incr, aincr = _twins(_plan_incr)
+
+    def _plan_decr(
         self, key: Any, delta: int = 1, version: int | None = None, ignore_key_check: bool = False
-    ) -> int:
-        return await self.aincr(key, -delta, version, ignore_key_check)
+    ) -> Plan[int]:
+        """Django's decr; ``ignore_key_check=True`` creates a missing key (from 0) instead."""
+        return self._counter("decr", key, -delta, version, ignore_key_check)
 
-    def set_many(
-        self, data: dict[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
-    ) -> list[Any]:
-        if not data:
-            return []
-        return self._sync_client.run(*self._plan_set_many(data, timeout, version))
+    decr, adecr = _twins(_plan_decr)
 
-    async def aset_many(
-        self, data: dict[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
-    ) -> list[Any]:
-        if not data:
-            return []
-        return await self._async_client.run(*self._plan_set_many(data, timeout, version))
+    def _counter(
+        self, method: str, key: Any, delta: int, version: int | None, create: bool
+    ) -> Plan[int]:
+        redis_key = self._key(key, version)
+        fallback = functools.partial(_key_not_found, redis_key)
+        return Plan(method, _op_incr(redis_key, delta, create), fallback)
 
-    def _plan_set_many(self, data: dict[Any, Any], timeout: Any, version: int | None) -> Planned:
+    def _plan_set_many(
+        self,
+        data: dict[Any, Any],
+        timeout: float | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> Plan[list[Any]]:
         redis_data = dict(zip(self._keys(data, version), data.values(), strict=True))
-        op = _op_set_many(self._serializer, redis_data, self.get_backend_timeout(timeout))
-        return op, list(data)  # with Redis unavailable, every key failed
+        operation = _op_set_many(self._codec, redis_data, self.get_backend_timeout(timeout))
+        return Plan("set_many", operation, lambda: list(data))  # unavailable: every key failed
 
-    def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
-        redis_keys = self._keys(keys, version)
-        if redis_keys:
-            self._sync_client.run(_op_delete_many(redis_keys))
+    set_many, aset_many = _twins(_plan_set_many)
 
-    async def adelete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
-        redis_keys = self._keys(keys, version)
-        if redis_keys:
-            await self._async_client.run(_op_delete_many(redis_keys))
+    def _plan_delete_many(self, keys: Iterable[Any], version: int | None = None) -> Plan[None]:
+        return Plan("delete_many", _op_delete_many(self._keys(keys, version)), _none)
 
-    def incr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        version = self.version if version is None else version
-        self._sync_client.run(*self._plan_move(key, delta, version))
-        return version + delta
+    delete_many, adelete_many = _twins(_plan_delete_many)
 
-    async def aincr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        version = self.version if version is None else version
-        await self._async_client.run(*self._plan_move(key, delta, version))
-        return version + delta
+    def _plan_incr_version(self, key: Any, delta: int = 1, version: int | None = None) -> Plan[int]:
+        """Django's incr_version, keeping the value's remaining time to live."""
+        return self._move("incr_version", key, delta, version)
 
-    def _plan_move(self, key: Any, delta: int, version: int) -> Planned:
-        old_key, new_key = self._key(key, version), self._key(key, version + delta)
-        op = _op_move(old_key, new_key, key, atomic=not self._config.cluster)
-        return op, _KeyNotFound(key)
+    incr_version, aincr_version = _twins(_plan_incr_version)
 
-    def decr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        return self.incr_version(key, -delta, version)
+    def _plan_decr_version(self, key: Any, delta: int = 1, version: int | None = None) -> Plan[int]:
+        """Django's decr_version, keeping the value's remaining time to live."""
+        return self._move("decr_version", key, -delta, version)
 
-    async def adecr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        return await self.aincr_version(key, -delta, version)
+    decr_version, adecr_version = _twins(_plan_decr_version)
 
-    def clear(self) -> bool:
-        """FLUSHDB, as Django's; with OPTIONS ``clear_by_prefix``, only this cache's keys."""
-        return self._sync_client.run(self._plan_clear(), False)
+    def _move(self, method: str, key: Any, delta: int, version: int | None) -> Plan[int]:
+        old = self.version if version is None else version
+        old_key, new_key = self._key(key, old), self._key(key, old + delta)
+        atomic = self._topology.atomic_move
+        operation = _op_then(_op_move(old_key, new_key, key, atomic), old + delta)
+        return Plan(method, operation, functools.partial(_key_not_found, key))
 
-    async def aclear(self) -> bool:
-        return await self._async_client.run(self._plan_clear(), False)
-
-    def _plan_clear(self) -> Operation:
+    def _plan_clear(self) -> Plan[bool]:
+        """FLUSHDB, as Django's; with OPTIONS ``clear_by_prefix``, only this cache's keys.
+        Returns True, as Django's own Redis backend does (django-stubs types it None)."""
         if not self._config.clear_by_prefix:
-            return _op_clear()
-        prefix = _GLOB_SPECIAL.sub(r"\\\1", self.key_prefix)
-        return _op_clear_prefix(str(self.key_func("*", prefix, "*")), self._config.scan_count)
+            return Plan("clear", _op_clear(), _false)
+        pattern = self._pattern("*", "*")  # every version
+        return Plan("clear", _op_clear_prefix(pattern, self._config.scan_count), _false)
+
+    clear, aclear = _twins(_plan_clear)  # type: ignore[assignment]
 
     def close(self, **kwargs: Any) -> None:
         """Nothing to do: the pools are shared by every cache object and outlive requests."""
@@ -1767,125 +1923,83 @@ class _RedisEXBase(BaseCache):
 
     # Expiry (django-redis's names and return values) ------------------------
 
-    def ttl(self, key: Any, version: int | None = None) -> int | None:
+    def _plan_ttl(self, key: Any, version: int | None = None) -> Plan[int | None]:
         """Seconds left: None if the key never expires, 0 if it does not exist."""
-        return self._sync_client.run(_op_ttl("TTL", self._key(key, version)), 0)
+        return Plan("ttl", _op_ttl("TTL", self._key(key, version)), _zero)
 
-    async def attl(self, key: Any, version: int | None = None) -> int | None:
-        return await self._async_client.run(_op_ttl("TTL", self._key(key, version)), 0)
+    ttl, attl = _twins(_plan_ttl)
 
-    def pttl(self, key: Any, version: int | None = None) -> int | None:
+    def _plan_pttl(self, key: Any, version: int | None = None) -> Plan[int | None]:
         """Milliseconds left: None if the key never expires, 0 if it does not exist."""
-        return self._sync_client.run(_op_ttl("PTTL", self._key(key, version)), 0)
+        return Plan("pttl", _op_ttl("PTTL", self._key(key, version)), _zero)
 
-    async def apttl(self, key: Any, version: int | None = None) -> int | None:
-        return await self._async_client.run(_op_ttl("PTTL", self._key(key, version)), 0)
+    pttl, apttl = _twins(_plan_pttl)
 
-    def expire(self, key: Any, timeout: Any, version: int | None = None) -> bool:
+    def _plan_expire(self, key: Any, timeout: Any, version: int | None = None) -> Plan[bool]:
         """Expire in ``timeout`` seconds (a number or a timedelta); False if no such key."""
-        return self._sync_client.run(
-            self._plan_expiry("EXPIRE", key, _seconds(timeout), version), False
-        )
+        return self._expiry("expire", key, _seconds(timeout), version)
 
-    async def aexpire(self, key: Any, timeout: Any, version: int | None = None) -> bool:
-        return await self._async_client.run(
-            self._plan_expiry("EXPIRE", key, _seconds(timeout), version), False
-        )
+    expire, aexpire = _twins(_plan_expire)
 
-    def pexpire(self, key: Any, timeout: Any, version: int | None = None) -> bool:
+    def _plan_pexpire(self, key: Any, timeout: Any, version: int | None = None) -> Plan[bool]:
         """Expire in ``timeout`` milliseconds (a number or a timedelta)."""
-        return self._sync_client.run(
-            self._plan_expiry("PEXPIRE", key, _seconds(timeout, 0.001), version), False
-        )
+        return self._expiry("pexpire", key, _seconds(timeout, 0.001), version)
 
-    async def apexpire(self, key: Any, timeout: Any, version: int | None = None) -> bool:
-        return await self._async_client.run(
-            self._plan_expiry("PEXPIRE", key, _seconds(timeout, 0.001), version), False
-        )
+    pexpire, apexpire = _twins(_plan_pexpire)
 
-    def expire_at(self, key: Any, when: Any, version: int | None = None) -> bool:
+    def _plan_expire_at(self, key: Any, when: Any, version: int | None = None) -> Plan[bool]:
         """Expire at ``when``: a datetime, or Unix time in seconds."""
-        return self._sync_client.run(
-            self._plan_expiry("EXPIREAT", key, _timestamp(when), version), False
-        )
+        return self._expiry("expire_at", key, _timestamp(when), version)
 
-    async def aexpire_at(self, key: Any, when: Any, version: int | None = None) -> bool:
-        return await self._async_client.run(
-            self._plan_expiry("EXPIREAT", key, _timestamp(when), version), False
-        )
+    expire_at, aexpire_at = _twins(_plan_expire_at)
 
-    def pexpire_at(self, key: Any, when: Any, version: int | None = None) -> bool:
+    def _plan_pexpire_at(self, key: Any, when: Any, version: int | None = None) -> Plan[bool]:
         """Expire at ``when``: a datetime, or Unix time in milliseconds."""
-        return self._sync_client.run(
-            self._plan_expiry("PEXPIREAT", key, _timestamp(when, 0.001), version), False
-        )
+        return self._expiry("pexpire_at", key, _timestamp(when, 0.001), version)
 
-    async def apexpire_at(self, key: Any, when: Any, version: int | None = None) -> bool:
-        return await self._async_client.run(
-            self._plan_expiry("PEXPIREAT", key, _timestamp(when, 0.001), version), False
-        )
+    pexpire_at, apexpire_at = _twins(_plan_pexpire_at)
 
-    def persist(self, key: Any, version: int | None = None) -> bool:
+    def _plan_persist(self, key: Any, version: int | None = None) -> Plan[bool]:
         """Remove the key's expiry; False if it has none or does not exist."""
-        return self._sync_client.run(_op_bool("PERSIST", self._key(key, version)), False)
+        return self._expiry("persist", key, None, version)
 
-    async def apersist(self, key: Any, version: int | None = None) -> bool:
-        return await self._async_client.run(_op_bool("PERSIST", self._key(key, version)), False)
+    persist, apersist = _twins(_plan_persist)
 
-    def _plan_expiry(self, command: str, key: Any, amount: int, version: int | None) -> Operation:
-        return _op_bool(command, self._key(key, version), amount)
+    def _expiry(self, method: str, key: Any, amount: int | None, version: int | None) -> Plan[bool]:
+        """EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT or (without an amount) PERSIST."""
+        command = (method.replace("_", "").upper(), self._key(key, version))
+        operation = _op_bool(*command) if amount is None else _op_bool(*command, amount)
+        return Plan(method, operation, _false)
 
     # Keys by pattern (SCAN, never KEYS) --------------------------------------
 
-    def iter_keys(
+    def _plan_iter_keys(
         self, search: str, itersize: int | None = None, version: int | None = None
-    ) -> Iterator[str]:
+    ) -> Plan[None]:
         """The user keys matching the glob ``search``, lazily, ``itersize`` per SCAN."""
-        pattern, count = self._pattern(search, version), itersize or self._config.scan_count
-        cursor = 0
-        while True:
-            cursor, keys = self._sync_client.run(_op_scan(pattern, cursor, count), (0, []))
-            yield from map(self._user_key, keys)
-            if cursor == 0:
-                return
+        count = itersize or self._config.scan_count
+        operation = _op_scan(self._pattern(search, version), count, self._user_key_of(version))
+        return Plan("iter_keys", operation, _none)
 
-    async def aiter_keys(
-        self, search: str, itersize: int | None = None, version: int | None = None
-    ) -> AsyncIterator[str]:
-        pattern, count = self._pattern(search, version), itersize or self._config.scan_count
-        cursor = 0
-        while True:
-            cursor, keys = await self._async_client.run(_op_scan(pattern, cursor, count), (0, []))
-            for key in keys:
-                yield self._user_key(key)
-            if cursor == 0:
-                return
+    iter_keys, aiter_keys = _iteration_twins(_plan_iter_keys)
 
     def keys(self, search: str, version: int | None = None) -> list[str]:
+        """The user keys matching the glob ``search``, all at once."""
         return list(self.iter_keys(search, version=version))
 
     async def akeys(self, search: str, version: int | None = None) -> list[str]:
         return [key async for key in self.aiter_keys(search, version=version)]
 
-    def delete_pattern(
-        self, pattern: str, version: int | None = None, itersize: int | None = None
-    ) -> int:
-        """Delete the keys matching the glob ``pattern``; returns how many were deleted."""
-        return self._sync_client.run(self._plan_delete_pattern(pattern, version, itersize), 0)
-
-    async def adelete_pattern(
-        self, pattern: str, version: int | None = None, itersize: int | None = None
-    ) -> int:
-        return await self._async_client.run(
-            self._plan_delete_pattern(pattern, version, itersize), 0
-        )
-
     def _plan_delete_pattern(
-        self, pattern: str, version: int | None, itersize: int | None
-    ) -> Operation:
-        return _op_delete_pattern(
-            self._pattern(pattern, version), itersize or self._config.scan_count
+        self, pattern: str, version: int | None = None, itersize: int | None = None
+    ) -> Plan[int]:
+        """Delete the keys matching the glob ``pattern``; returns how many were deleted."""
+        count = itersize or self._config.scan_count
+        return Plan(
+            "delete_pattern", _op_delete_pattern(self._pattern(pattern, version), count), _zero
         )
+
+    delete_pattern, adelete_pattern = _twins(_plan_delete_pattern)
 
 
 class RedisEXCache(_RedisEXBase):
