@@ -232,7 +232,7 @@ _MISSING = object()
 
 
 # ---------------------------------------------------------------------------
-# Configuration: LOCATION and OPTIONS
+# Configuration: OPTIONS, checked once
 # ---------------------------------------------------------------------------
 
 # OPTIONS keys this module consumes itself, with their defaults; every other key goes to
