@@ -2,6 +2,9 @@
 
 Each server listens on a free 127.0.0.1 port picked here and is stopped by PID. Most tests
 run over both cache classes and both paths (the sync methods and their ``a`` twins).
+
+The harness section (servers, Sentinel, Cluster, ASGI requests, redaction) is the benchmark's
+too: ``benchmarks/bench.py`` configures Django, then imports it from here.
 """
 
 from __future__ import annotations
@@ -12,42 +15,45 @@ import contextlib
 import os
 import pickle
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import django
 import pytest
 from django.conf import settings
 
-settings.configure(
-    DEBUG=False,
-    SECRET_KEY="django-redis-ex tests",
-    ALLOWED_HOSTS=["*"],
-    ROOT_URLCONF=__name__,
-    MIDDLEWARE=[],
-    INSTALLED_APPS=[],
-    CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
-)
-django.setup()
+if not settings.configured:  # the benchmark configures Django before importing the harness
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="django-redis-ex tests",
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=[],
+        INSTALLED_APPS=[],
+        CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
+    )
+    django.setup()
 
-import redis  # noqa: E402
-import redis.asyncio  # noqa: E402
-from asgiref.sync import async_to_sync  # noqa: E402
-from django.core.cache import caches  # noqa: E402
-from django.core.cache.backends.base import BaseCache  # noqa: E402
-from django.core.exceptions import ImproperlyConfigured  # noqa: E402
-from django.http import HttpRequest, HttpResponse  # noqa: E402
-from django.test.utils import override_settings  # noqa: E402
-from django.urls import path  # noqa: E402
+import redis
+import redis.asyncio
+import redis.cluster
+from asgiref.sync import async_to_sync
+from django.core.cache import caches
+from django.core.cache.backends.base import BaseCache
+from django.core.exceptions import ImproperlyConfigured
+from django.core.handlers.asgi import ASGIHandler
+from django.http import HttpRequest, HttpResponse
+from django.test.utils import override_settings
+from django.urls import path
 
-import django_redis_ex  # noqa: E402
-from django_redis_ex import AsyncRedisEXCache, RedisEXCache  # noqa: E402
+import django_redis_ex
+from django_redis_ex import AsyncRedisEXCache, RedisEXCache
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -57,97 +63,19 @@ BACKENDS = {
     "AsyncRedisEXCache": "django_redis_ex.AsyncRedisEXCache",
 }
 DJANGO_BACKEND = "django.core.cache.backends.redis.RedisCache"
+ExCache = RedisEXCache | AsyncRedisEXCache
 
 
 # ---------------------------------------------------------------------------
-# Redis servers
+# Harness: Redis servers, Sentinel, Cluster, ASGI requests (the benchmark's too)
 # ---------------------------------------------------------------------------
 
 
 def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server (or sentinel) on a free loopback port, stopped by its PID."""
-
-    def __init__(self, *extra: str, directory: str | None = None, sentinel: str = "") -> None:
-        self.port = free_port()
-        self.dir = directory or tempfile.mkdtemp(prefix="django-redis-ex-")
-        self.extra, self.sentinel = extra, sentinel
-        self.process: subprocess.Popen[bytes] | None = None
-        self._stats: redis.Redis | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        assert REDIS_SERVER is not None
-        options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.dir]
-        options += ["--repl-diskless-sync-delay", "0", *self.extra]
-        if self.sentinel:  # sentinels rewrite their config file: one each
-            config = os.path.join(self.dir, f"sentinel-{self.port}.conf")
-            with open(config, "w") as file:
-                file.write(f"port {self.port}\nbind 127.0.0.1\n{self.sentinel}")
-            options = [config, "--sentinel"]
-        self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), *options]
-            if not self.sentinel
-            else [REDIS_SERVER, *options],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.ConnectionError):
-                if self.client().ping():
-                    return
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(port=self.port, db=db, socket_timeout=5)
-
-    def stat(self, name: str) -> int:
-        """A server statistic, read on one connection kept for the purpose."""
-        if self._stats is None:
-            self._stats = self.client()
-        return int(self._stats.info()[name])
-
-
-def fresh_server() -> Iterator[RedisServer]:
-    """A fresh server for a fixture, stopped and its directory removed afterwards."""
-    srv = RedisServer()
-    yield srv
-    srv.stop()
-    shutil.rmtree(srv.dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def server() -> Iterator[RedisServer]:
-    yield from fresh_server()
-
-
-@pytest.fixture(scope="session")
-def second_server() -> Iterator[RedisServer]:
-    yield from fresh_server()
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A server this one test may stop and restart."""
-    yield from fresh_server()
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -159,7 +87,141 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
             if result:
                 return result
         time.sleep(0.05)
-    raise TimeoutError(f"gave up after {timeout} s waiting for {what}")
+    raise TimeoutError(f"gave up after {timeout:g} s waiting for {what}")
+
+
+def redact(url: str) -> str:
+    """``url`` with the password of its user part shown as ``***``, for reports."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+StoppableT = TypeVar("StoppableT", bound=Stoppable)
+
+
+class Cleanup:
+    """What the harness started, and one temporary directory for the servers' files.
+
+    ``stop_all()`` stops everything newest first and removes the directory: the test session
+    calls it at its end, the benchmark at exit, on Ctrl-C and past its --max-seconds, so a
+    setup that fails halfway leaves nothing running either.
+    """
+
+    def __init__(self) -> None:
+        self._started: list[Stoppable] = []
+        self._base: str | None = None
+        self._lock = threading.Lock()  # the benchmark's watchdog calls stop_all() from a thread
+
+    def register(self, item: StoppableT) -> StoppableT:
+        with self._lock:
+            self._started.append(item)
+        return item
+
+    def directory(self) -> str:
+        """A new directory for a server's files (a sentinel's config, a cluster's nodes.conf)."""
+        with self._lock:
+            if self._base is None:
+                self._base = tempfile.mkdtemp(prefix="django-redis-ex-")
+            return tempfile.mkdtemp(dir=self._base)
+
+    def stop_all(self) -> None:
+        while True:
+            with self._lock:
+                if not self._started:
+                    break
+                item = self._started.pop()
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                item.stop()
+        with self._lock:
+            base, self._base = self._base, None
+        if base is not None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+CLEANUP = Cleanup()
+
+
+class RedisServer:
+    """A redis-server (or a sentinel, given its config lines) on a free loopback port."""
+
+    def __init__(self, *extra: str, directory: str | None = None, sentinel: str = "") -> None:
+        self.extra, self.sentinel = extra, sentinel
+        self.dir = directory or CLEANUP.directory()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stats: redis.Redis | None = None
+        CLEANUP.register(self)
+        for attempt in range(3):  # another process may take the free port first
+            self.port = free_port()
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start it on its port; return once it answers PING (within 10 s)."""
+        if REDIS_SERVER is None:
+            raise RuntimeError("redis-server is not on the PATH: apt-get install redis-server")
+        if self.sentinel:  # sentinels rewrite their config file: one each
+            config = os.path.join(self.dir, f"sentinel-{self.port}.conf")
+            with open(config, "w") as file:
+                file.write(f"port {self.port}\nbind 127.0.0.1\n{self.sentinel}")
+            argv = [REDIS_SERVER, config, "--sentinel"]
+        else:
+            argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+            argv += ["--appendonly", "no", "--dir", self.dir, "--repl-diskless-sync-delay", "0"]
+            argv += self.extra
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        with self.client(timeout=1) as probe:
+            while self.process.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    if probe.ping():
+                        return
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        """Kill it by its PID; ``start()`` brings it back on the same port."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def client(self, db: int = 0, timeout: float = 5) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            db=db,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+
+    def stat(self, name: str) -> int:
+        """A server statistic, read on one connection kept for the purpose."""
+        if self._stats is None:
+            self._stats = self.client()
+        return int(self._stats.info()[name])
+
+
+def replica_synced(server: RedisServer) -> bool:
+    """Whether ``server`` is a primary, or a replica whose link to its primary is up."""
+    info = server.client().info("replication")
+    return info["role"] == "master" or info.get("master_link_status") == "up"
 
 
 class SentinelSetup:
@@ -167,27 +229,33 @@ class SentinelSetup:
 
     service = "mymaster"
 
-    def __init__(self) -> None:
-        self.master = RedisServer()
-        self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.master.port))
-        self.nodes = [self.master, self.replica]
-        wait_until(
-            lambda: self.replica.client().info("replication")["master_link_status"] == "up",
-            20,
-            "the replica to sync",
+    def __init__(self, down_after_ms: int = 1000) -> None:
+        self.dir = CLEANUP.directory()
+        self.master = RedisServer(directory=self.dir)
+        self.replica = RedisServer(
+            "--replicaof", "127.0.0.1", str(self.master.port), directory=self.dir
         )
+        wait_until(lambda: replica_synced(self.replica), 20, "the replica to sync")
         # Sentinels read the master's replicas when they connect: start them afterwards.
         conf = (
             f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
-            f"sentinel down-after-milliseconds {self.service} 1000\n"
+            f"sentinel down-after-milliseconds {self.service} {down_after_ms}\n"
             f"sentinel failover-timeout {self.service} 3000\n"
         )
-        self.sentinels = [RedisServer(directory=self.master.dir, sentinel=conf) for _ in range(3)]
+        self.sentinels = [RedisServer(directory=self.dir, sentinel=conf) for _ in range(3)]
         wait_until(self._ready, 30, "the sentinels to agree")
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        return [self.master, self.replica, *self.sentinels]
 
     @property
     def addresses(self) -> list[str]:
         return [f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels]
+
+    def location(self, db: int) -> tuple[str, dict[str, Any]]:
+        """LOCATION and OPTIONS of a cache on this service."""
+        return f"redis://{self.service}/{db}", {"sentinels": self.addresses}
 
     def reported_master(self) -> set[int]:
         return {
@@ -201,10 +269,6 @@ class SentinelSetup:
             if state["num-other-sentinels"] != 2 or state["num-slaves"] < 1:
                 return False
         return self.reported_master() == {self.master.port}
-
-    def master_client(self, db: int = 0) -> redis.Redis:
-        (port,) = self.reported_master()
-        return redis.Redis(port=port, db=db, socket_timeout=5)
 
     def failover(self) -> None:
         """Kill the master by PID; wait until the sentinels promote the replica."""
@@ -222,41 +286,49 @@ class SentinelSetup:
         self.master, self.replica = self.replica, old
 
     def stop(self) -> None:
-        for process in [*self.sentinels, *self.nodes]:
-            process.stop()
-        shutil.rmtree(self.master.dir, ignore_errors=True)
+        for server in self.servers:
+            server.stop()
 
 
 class ClusterSetup:
     """Three primaries, each with a replica, made by ``redis-cli --cluster create``."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="django-redis-ex-cluster-")
-        self.nodes = []
-        for _ in range(6):
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not on the PATH: apt-get install redis-server")
+        self.dir = CLEANUP.directory()
+        self.nodes: list[RedisServer] = []
+        for i in range(6):
             # The bus port defaults to port + 10000, which may be taken or too high: pick it.
             options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"]
-            options += ["--cluster-port", str(free_port())]
-            node = RedisServer(*options, directory=self.dir)
-            node.extra += ("--cluster-config-file", f"nodes-{node.port}.conf")
-            node.stop()
-            node.start()
-            self.nodes.append(node)
-        cli = shutil.which("redis-cli")
-        assert cli is not None
-        endpoints = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(
-            [cli, "--cluster", "create", *endpoints, "--cluster-replicas", "1", "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
+            options += ["--cluster-port", str(free_port()), "--cluster-config-file", f"{i}.conf"]
+            self.nodes.append(RedisServer(*options, directory=self.dir))
+        argv = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
+        argv += ["--cluster-replicas", "1", "--cluster-yes"]
+        create = subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
         )
-        wait_until(self._ok, 30, "cluster_state:ok on every node")
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create: {create.stdout[-500:]}")
+        wait_until(self._ok, 30, "cluster_state:ok and synced replicas on every node")
 
     @property
     def urls(self) -> list[str]:
         return [node.url for node in self.nodes]
+
+    def location(self) -> tuple[list[str], dict[str, Any]]:
+        """LOCATION and OPTIONS of a cache on the cluster: two startup nodes, the client
+        finds the others."""
+        return self.urls[:2], {"cluster": True}
+
+    def primaries(self) -> list[RedisServer]:
+        """The running nodes that serve slots now."""
+        return [
+            node
+            for node in self.nodes
+            if node.process is not None and node.client().info("replication")["role"] == "master"
+        ]
 
     def _ok(self) -> bool:
         for node in self.nodes:
@@ -264,6 +336,8 @@ class ClusterSetup:
                 continue
             info = node.client().cluster("info")
             if info["cluster_state"] != "ok" or int(info["cluster_slots_ok"]) != 16384:
+                return False
+            if not replica_synced(node):
                 return False
         return True
 
@@ -274,7 +348,7 @@ class ClusterSetup:
     def failover_primary(self, key: str) -> None:
         """Kill the primary of ``key``'s slot by PID; wait until its replica serves it."""
         client = self.client()
-        port = client.get_node_from_key(key).port
+        port = client.get_node_from_key(key).port  # type: ignore[no-untyped-call]
         client.close()
         victim = next(node for node in self.nodes if node.port == port)
         victim.stop()
@@ -294,7 +368,82 @@ class ClusterSetup:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def asgi_get(handler: ASGIHandler, path: str, query_string: str = "") -> tuple[int, bytes]:
+    """One GET of ``path`` through Django's ASGI ``handler``, sent as a server sends it: the
+    response's status and body."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query_string.encode(),
+        "root_path": "",
+        "headers": [(b"host", b"localhost")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+    }
+    sent: list[Mapping[str, Any]] = []
+    answered = asyncio.Event()
+    request_read = False
+
+    async def receive() -> Mapping[str, Any]:
+        nonlocal request_read
+        if not request_read:
+            request_read = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await answered.wait()  # as a client would, it leaves once answered
+        return {"type": "http.disconnect"}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            answered.set()
+
+    await handler(scope, receive, send)
+    answered.set()
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return int(status), body
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: servers, topologies and caches
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_what_the_harness_started() -> Iterator[None]:
+    """At the end, whatever is still running (a setup that failed halfway) is stopped too."""
+    yield
+    CLEANUP.stop_all()
+
+
+def fresh_server() -> Iterator[RedisServer]:
+    """A fresh server for a fixture, stopped afterwards."""
+    srv = RedisServer()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[RedisServer]:
+    yield from fresh_server()
+
+
+@pytest.fixture(scope="session")
+def second_server() -> Iterator[RedisServer]:
+    yield from fresh_server()
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A server this one test may stop and restart."""
+    yield from fresh_server()
 
 
 @pytest.fixture(scope="session")
@@ -304,24 +453,41 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
     setup.stop()
 
 
-@pytest.fixture(scope="session")
-def cluster_setup() -> Iterator[ClusterSetup]:
+def skip_without_redis_cli() -> None:
     if shutil.which("redis-cli") is None:
         pytest.skip("redis-cli is not installed: it creates the test cluster")
+
+
+@pytest.fixture(scope="session")
+def cluster_setup() -> Iterator[ClusterSetup]:
+    skip_without_redis_cli()
     setup = ClusterSetup()
     yield setup
     setup.stop()
 
 
 class Target:
-    """Where a test's caches point (one topology), and a raw client to check their writes."""
+    """Where a test's caches point (one topology): a raw client to check their writes, and
+    the servers that hold the data (the primaries), to read statistics on."""
 
-    def __init__(self, name: str, location: Any, options: dict[str, Any], raw: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        location: Any,
+        options: dict[str, Any],
+        raw: Any,
+        servers: list[RedisServer],
+    ) -> None:
         self.name, self.location, self.options, self.raw = name, location, options, raw
+        self.servers = servers
 
-    def make(self, backend: str, **params: Any) -> BaseCache:
+    def make(self, backend: str, **params: Any) -> ExCache:
         options = {**self.options, **params.pop("OPTIONS", {})}
         return make_cache(backend, self.location, OPTIONS=options, **params)
+
+    def stat(self, name: str) -> int:
+        """A server statistic, summed over the servers that hold the data."""
+        return sum(server.stat(name) for server in self.servers)
 
 
 TOPOLOGIES = ["single", "sentinel", "cluster"]
@@ -331,25 +497,33 @@ TOPOLOGIES = ["single", "sentinel", "cluster"]
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     """The same tests on one server (db 3), on Sentinel, and on Cluster."""
     if request.param == "single":
-        server = request.getfixturevalue("server")
-        found = Target("single", server.url, {"db": 3}, server.client(db=3))
+        server: RedisServer = request.getfixturevalue("server")
+        found = Target("single", server.url, {"db": 3}, server.client(db=3), [server])
     elif request.param == "sentinel":
-        setup = request.getfixturevalue("sentinel_setup")
-        found = Target(
-            "sentinel", "redis://mymaster/3", {"sentinels": setup.addresses}, setup.master_client(3)
-        )
+        sentinel: SentinelSetup = request.getfixturevalue("sentinel_setup")
+        location, options = sentinel.location(3)
+        raw = sentinel.master.client(db=3)
+        found = Target("sentinel", location, options, raw, [sentinel.master])
     else:
-        setup = request.getfixturevalue("cluster_setup")
-        found = Target("cluster", setup.urls[:2], {"cluster": True}, setup.client())
+        cluster: ClusterSetup = request.getfixturevalue("cluster_setup")
+        location, options = cluster.location()
+        found = Target("cluster", location, options, cluster.client(), cluster.primaries())
     found.raw.flushdb()
     yield found
     found.raw.close()
 
 
-def make_cache(backend: str, location: str | list[str], **params: Any) -> BaseCache:
-    """A cache object built the way Django's cache handler builds one."""
+def build_cache(backend: str, location: Any, **params: Any) -> BaseCache:
+    """A cache object of any backend, built the way Django's cache handler builds one."""
     with override_settings(CACHES={"x": {"BACKEND": backend, "LOCATION": location, **params}}):
         return caches.create_connection("x")
+
+
+def make_cache(backend: str, location: Any, **params: Any) -> ExCache:
+    """One of this module's caches, built the way Django's cache handler builds one."""
+    cache = build_cache(backend, location, **params)
+    assert isinstance(cache, (RedisEXCache, AsyncRedisEXCache))
+    return cache
 
 
 # ---------------------------------------------------------------------------
@@ -360,7 +534,7 @@ def make_cache(backend: str, location: str | list[str], **params: Any) -> BaseCa
 class Api:
     """Calls ``cache.name()`` on the sync path, ``await cache.aname()`` on the async one."""
 
-    def __init__(self, cache: BaseCache, path: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cache: ExCache, path: str, loop: asyncio.AbstractEventLoop) -> None:
         self.cache, self.path, self.loop = cache, path, loop
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
@@ -385,12 +559,12 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def cache(backend: str, target: Target) -> BaseCache:
+def cache(backend: str, target: Target) -> ExCache:
     return target.make(backend, KEY_PREFIX="t")
 
 
 @pytest.fixture(params=["sync", "async"])
-def api(request: pytest.FixtureRequest, cache: BaseCache, loop: asyncio.AbstractEventLoop) -> Api:
+def api(request: pytest.FixtureRequest, cache: ExCache, loop: asyncio.AbstractEventLoop) -> Api:
     return Api(cache, request.param, loop)
 
 
@@ -698,8 +872,8 @@ def test_data_is_shared_with_djangos_backend(
     writer_backend: str, reader_backend: str, server: RedisServer
 ) -> None:
     server.client(db=4).flushdb()
-    writer = make_cache(writer_backend, server.url, OPTIONS={"db": 4})
-    reader = make_cache(reader_backend, server.url, OPTIONS={"db": 4})
+    writer = build_cache(writer_backend, server.url, OPTIONS={"db": 4})
+    reader = build_cache(reader_backend, server.url, OPTIONS={"db": 4})
     writer.set("n", 10)
     writer.set("obj", {"a": [1, 2]})
     writer.set_many({"m": 1.5})
@@ -1136,46 +1310,15 @@ urlpatterns = [path("async/", async_view), path("sync/", sync_view)]
 
 
 async def serve(view: str, count: int) -> list[bytes]:
-    from django.core.handlers.asgi import ASGIHandler
-
+    """``count`` concurrent requests of ``view``, each with its own key: the bodies."""
     handler = ASGIHandler()
 
     async def request(i: int) -> bytes:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": f"/{view}/",
-            "raw_path": f"/{view}/".encode(),
-            "query_string": f"k=r{i}".encode(),
-            "root_path": "",
-            "headers": [(b"host", b"testserver")],
-            "client": ("127.0.0.1", 1000 + i),
-            "server": ("testserver", 80),
-        }
-        sent: list[dict[str, Any]] = []
-        received = False
-        done = asyncio.Event()
+        status, body = await asgi_get(handler, f"/{view}/", f"k=r{i}")
+        assert status == 200, body
+        return body
 
-        async def receive() -> dict[str, Any]:
-            nonlocal received
-            if not received:
-                received = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        await handler(scope, receive, send)
-        done.set()
-        assert sent[0]["status"] == 200, sent
-        return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-
-    return await asyncio.wait_for(asyncio.gather(*(request(i) for i in range(count))), 120)
+    return await asyncio.wait_for(asyncio.gather(*(request(i) for i in range(count))), 60)
 
 
 def connections_for_asgi_requests(server: RedisServer, backend: str, view: str, db: int) -> int:
@@ -1611,8 +1754,7 @@ def test_sentinel_failover_is_found_by_itself(backend: str) -> None:
 
 
 def test_cluster_failover_is_found_by_itself(backend: str) -> None:
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is not installed: it creates the test cluster")
+    skip_without_redis_cli()
     setup = ClusterSetup()
     loop = asyncio.new_event_loop()
     try:
