@@ -51,6 +51,7 @@ from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpRequest, HttpResponse
 from django.test.utils import override_settings
 from django.urls import path
+from django.utils.module_loading import import_string
 
 import django_redis_ex
 from django_redis_ex import AsyncRedisEXCache, RedisEXCache
@@ -514,9 +515,10 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
 
 
 def build_cache(backend: str, location: Any, **params: Any) -> BaseCache:
-    """A cache object of any backend, built the way Django's cache handler builds one."""
-    with override_settings(CACHES={"x": {"BACKEND": backend, "LOCATION": location, **params}}):
-        return caches.create_connection("x")
+    """A cache object of any backend, built as Django's cache handler builds one, without
+    changing settings (threads build their own at once)."""
+    backend_class: type[BaseCache] = import_string(backend)
+    return backend_class(location, params)
 
 
 def make_cache(backend: str, location: Any, **params: Any) -> ExCache:
