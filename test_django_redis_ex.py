@@ -149,6 +149,16 @@ class Cleanup:
 CLEANUP = Cleanup()
 
 
+@contextlib.contextmanager
+def stopped_on_failure(setup: Stoppable) -> Iterator[None]:
+    """Stop what ``setup`` started so far if starting the rest fails."""
+    try:
+        yield
+    except BaseException:
+        setup.stop()
+        raise
+
+
 class RedisServer:
     """A redis-server (or a sentinel, given its config lines) on a free loopback port."""
 
@@ -232,23 +242,26 @@ class SentinelSetup:
 
     def __init__(self, down_after_ms: int = 1000) -> None:
         self.dir = CLEANUP.directory()
-        self.master = RedisServer(directory=self.dir)
-        self.replica = RedisServer(
-            "--replicaof", "127.0.0.1", str(self.master.port), directory=self.dir
-        )
-        wait_until(lambda: replica_synced(self.replica), 20, "the replica to sync")
-        # Sentinels read the master's replicas when they connect: start them afterwards.
-        conf = (
-            f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
-            f"sentinel down-after-milliseconds {self.service} {down_after_ms}\n"
-            f"sentinel failover-timeout {self.service} 3000\n"
-        )
-        self.sentinels = [RedisServer(directory=self.dir, sentinel=conf) for _ in range(3)]
-        wait_until(self._ready, 30, "the sentinels to agree")
+        self.servers: list[RedisServer] = []  # all of them, whatever their role
+        self.sentinels: list[RedisServer] = []
+        with stopped_on_failure(self):
+            self.master = self._add(RedisServer(directory=self.dir))
+            follow = ("--replicaof", "127.0.0.1", str(self.master.port))
+            self.replica = self._add(RedisServer(*follow, directory=self.dir))
+            wait_until(lambda: replica_synced(self.replica), 20, "the replica to sync")
+            # Sentinels read the master's replicas when they connect: start them afterwards.
+            conf = (
+                f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} {down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} 3000\n"
+            )
+            for _ in range(3):
+                self.sentinels.append(self._add(RedisServer(directory=self.dir, sentinel=conf)))
+            wait_until(self._ready, 30, "the sentinels to agree")
 
-    @property
-    def servers(self) -> list[RedisServer]:
-        return [self.master, self.replica, *self.sentinels]
+    def _add(self, server: RedisServer) -> RedisServer:
+        self.servers.append(server)
+        return server
 
     @property
     def addresses(self) -> list[str]:
@@ -300,19 +313,25 @@ class ClusterSetup:
             raise RuntimeError("redis-cli is not on the PATH: apt-get install redis-server")
         self.dir = CLEANUP.directory()
         self.nodes: list[RedisServer] = []
-        for i in range(6):
-            # The bus port defaults to port + 10000, which may be taken or too high: pick it.
-            options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"]
-            options += ["--cluster-port", str(free_port()), "--cluster-config-file", f"{i}.conf"]
-            self.nodes.append(RedisServer(*options, directory=self.dir))
-        argv = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
-        argv += ["--cluster-replicas", "1", "--cluster-yes"]
-        create = subprocess.run(
-            argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
-        )
-        if create.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create: {create.stdout[-500:]}")
-        wait_until(self._ok, 30, "cluster_state:ok and synced replicas on every node")
+        with stopped_on_failure(self):
+            for i in range(6):
+                # The bus port defaults to port + 10000, which may be taken or too high.
+                options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"]
+                options += [
+                    "--cluster-port",
+                    str(free_port()),
+                    "--cluster-config-file",
+                    f"{i}.conf",
+                ]
+                self.nodes.append(RedisServer(*options, directory=self.dir))
+            argv = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
+            argv += ["--cluster-replicas", "1", "--cluster-yes"]
+            create = subprocess.run(
+                argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+            )
+            if create.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create: {create.stdout[-500:]}")
+            wait_until(self._ok, 30, "cluster_state:ok and synced replicas on every node")
 
     @property
     def urls(self) -> list[str]:
@@ -1828,7 +1847,8 @@ def test_benchmark_quick_run_reports_every_scenario_for_both_classes(
     out = tmp_path / "bench.json"
     command = [sys.executable, bench, "--quick", "--scale", "0.02", "--reps", "1"]
     command += ["--asgi-reps", "1", "--no-pin", "--location", server.url, "--json", str(out)]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command += ["--max-seconds", "90"]  # its own watchdog stops what it started, before ours
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=110)
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = json.loads(out.read_text())
     scenarios = report["results"]
