@@ -42,6 +42,9 @@ The raw clients use redis-py's defaults (no socket timeout): they are the limit.
 bounded all the same: asyncio work by ``wait_for``, threads by ``join`` timeouts, server setup
 by deadlines, and the whole run by ``--max-seconds``, past which the servers are stopped and
 the process exits; every process it starts is stopped by PID then, at exit and on Ctrl-C.
+
+It prints tables to read; ``--json`` also writes every figure and how it was measured
+(arguments, versions, machine). It sets no pass/fail targets.
 """
 
 from __future__ import annotations
@@ -53,7 +56,6 @@ import contextlib
 import contextvars
 import functools
 import gc
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -1020,58 +1022,8 @@ def topology_note(name: str, info: dict[str, Any], cpus: tuple[int, int | None] 
 
 
 # ---------------------------------------------------------------------------
-# Targets and report
+# Report
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    scenario: str
-    backend: str
-    reference: str | None  # a backend key for a ratio; None: connections received
-    limit: float
-
-    def measure(self, run: Run) -> float | None:
-        if self.reference is None:
-            reps = run.reps.get(self.scenario, {}).get(self.backend)
-            return float(max(r["connections_received"] for r in reps)) if reps else None
-        ratios = paired_ratio(run, self.scenario, self.backend, self.reference)
-        return statistics.median(ratios) if ratios else None
-
-    def passed(self, value: float) -> bool:
-        return value <= self.limit if self.reference is None else value >= self.limit
-
-    def describe(self) -> str:
-        who = f"{self.scenario} {LABELS[self.backend]}"
-        if self.reference is None:
-            return f"{who}: connections received <= {self.limit:g}"
-        reference = {RAW: "raw", EX: "RedisEXCache", AEX: "AsyncRedisEXCache"}.get(
-            self.reference, "Django"
-        )
-        return f"{who} / {reference} >= {self.limit:g}"
-
-
-def targets() -> list[Target]:
-    out = []
-    both = (EX, AEX)
-    for s in ("sync.get_hit", "sync.get_miss", "threads.get", "sync.set", "sync.incr"):
-        out += [Target(s, c, RAW, 0.90) for c in both]
-    for s in ("async.get", "async.set"):
-        out += [Target(s, c, RAW, 0.90) for c in both]
-        out += [Target(s, c, DJANGO, 2.0) for c in both]
-    for s in ("sync.get_many", "sync.set_many", "async.get_many", "async.set_many"):
-        out += [Target(s, c, RAW, 0.60) for c in both]
-    # The non-native path of each class against the other class's native path.
-    for scenario in SCENARIOS:
-        if scenario.kind == "sync":
-            out.append(Target(scenario.name, AEX, EX, 0.90))
-        elif scenario.kind == "async":
-            out.append(Target(scenario.name, EX, AEX, 0.90))
-    out += [Target("sync.incr", c, DJANGO, 1.6) for c in both]
-    for s in ("asgi.async_view", "asgi.sync_view"):
-        out += [Target(s, c, None, 60) for c in both]
-        out += [Target(s, c, DJANGO, 1.0) for c in both]
-    return out
 
 
 Results = dict[str, dict[str, dict[str, Any]]]  # scenario: backend key: figures
@@ -1160,44 +1112,6 @@ def topology_table(sections: list[tuple[Run, Results]], notes: list[str]) -> str
     return "\n".join(lines)
 
 
-def target_report(run: Run) -> tuple[str, list[dict[str, Any]]]:
-    lines = ["", "targets (ratios of this run, median of per-rep ratios)"]
-    rows = []
-    for target in targets():
-        value = target.measure(run)
-        status = "n/a" if value is None else ("PASS" if target.passed(value) else "MISS")
-        shown = (
-            "-"
-            if value is None
-            else (f"{value:.0f}" if target.reference is None else f"{value:.2f}")
-        )
-        lines.append(f"  {status:<5}{shown:>7}  {target.describe()}")
-        rows.append({"target": target.describe(), "value": value, "status": status})
-    misses = sum(row["status"] == "MISS" for row in rows)
-    passes = sum(row["status"] == "PASS" for row in rows)
-    lines.append(f"  {passes} passed, {misses} missed, {len(rows) - passes - misses} not measured")
-    return "\n".join(lines), rows
-
-
-def source_id(module: types.ModuleType) -> dict[str, Any]:
-    """Which django_redis_ex was measured: file, SHA-256, git commit and whether it is edited."""
-    file = Path(str(module.__file__))
-    out: dict[str, Any] = {
-        "file": str(file),
-        "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
-    }
-    git = ["git", "-C", str(file.parent)]
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, timeout=5)
-        status = subprocess.run(
-            [*git, "status", "--porcelain", "--", file.name], capture_output=True, timeout=5
-        )
-        if commit.returncode == 0:
-            out["commit"] = commit.stdout.decode().strip()
-            out["modified"] = bool(status.stdout.strip())
-    return out
-
-
 def meta(
     args: argparse.Namespace,
     prefix: str,
@@ -1238,7 +1152,6 @@ def meta(
         "redis_py": redis.__version__,
         "hiredis": bool(redis.utils.HIREDIS_AVAILABLE),
         "django_redis_ex": getattr(ex, "__version__", None),
-        "django_redis_ex_source": source_id(ex),
         "redis_server": server.get("redis_version"),
         "cpu_count": os.cpu_count(),
         "loadavg_end": os.getloadavg(),
@@ -1333,7 +1246,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"bench:{secrets.token_hex(4)}:"
     monitor = None
     errors: dict[str, dict[str, str]] = {}
-    document: dict[str, Any] = {"results": {}, "errors": errors, "targets": []}
+    document: dict[str, Any] = {"results": {}, "errors": errors}
     extra: dict[str, Any] = {}
     run = None
     settings_in_force = contextlib.ExitStack()
@@ -1383,8 +1296,6 @@ def main(argv: list[str] | None = None) -> int:
                 run_scenario(run, scenario, app, sampler)
             results = {s.name: summarize_scenario(run, s.name) for s in chosen}
             print(table(run, results))
-            report, document["targets"] = target_report(run)
-            print(report)
             document["results"] = results
             sections.append((run, results))
             if codec_scenarios:
