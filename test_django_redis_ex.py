@@ -1665,18 +1665,39 @@ def test_keys_iter_keys_and_delete_pattern(api: Api, target: Target) -> None:
         assert after.get("cmdstat_keys") == commandstats.get("cmdstat_keys")  # SCAN, not KEYS
 
 
-def test_iter_keys_is_lazy_on_both_paths(server: RedisServer, backend: str) -> None:
-    cache = make_cache(backend, server.url, OPTIONS={"db": 3, "scan_count": 5}, KEY_PREFIX="it")
-    cache.set_many({f"k{i}": i for i in range(12)})
-    iterator = cache.iter_keys("k*")
-    assert next(iterator).startswith("k")
-    assert sorted([*iterator, "x"])[-1] == "x"
+def test_iter_keys_is_lazy_on_both_paths(
+    server: RedisServer, backend: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The first key costs a SCAN or two of ``itersize`` keys, not the keyspace's dozens."""
+    server.client(db=15).flushdb()
+    options = {"db": 15, "scan_count": 10}
+    cache = make_cache(backend, server.url, OPTIONS=options, KEY_PREFIX="it")
+    names = [f"k{i}" for i in range(300)]
+    cache.set_many(dict.fromkeys(names, 1))
+    counts = ServerCounts([server])
 
-    async def collect() -> list[str]:
-        return [key async for key in cache.aiter_keys("k*", itersize=3)]
+    iterator = cache.iter_keys("k*")  # scan_count keys per SCAN
+    first: list[str] = []
+    taking_one = counts.commands(lambda: first.append(next(iterator)))
+    taking_the_rest = counts.commands(lambda: first.extend(iterator))
+    assert taking_one.get("scan", 0) <= 2 < 10 <= taking_the_rest.get("scan", 0)
+    assert sorted(first) == sorted(names)
 
-    assert sorted(asyncio.run(collect())) == sorted(f"k{i}" for i in range(12))
-    assert sorted(asyncio.run(cache.akeys("k1*"))) == ["k1", "k10", "k11"]
+    async_iterator = cache.aiter_keys("k*", itersize=10)
+
+    async def take(count: int) -> list[str]:
+        return [await anext(async_iterator) for _ in range(count)]
+
+    async def drain() -> list[str]:
+        return [key async for key in async_iterator]
+
+    taking_one = counts.commands(lambda: first.extend(loop.run_until_complete(take(1))))
+    taking_the_rest = counts.commands(lambda: first.extend(loop.run_until_complete(drain())))
+    assert taking_one.get("scan", 0) <= 2 < 10 <= taking_the_rest.get("scan", 0)
+    assert sorted(first) == sorted(names * 2)
+    assert sorted(loop.run_until_complete(cache.akeys("k1*"))) == sorted(
+        name for name in names if name.startswith("k1")
+    )
 
 
 def test_glob_characters_in_key_prefix_are_literal(server: RedisServer, backend: str) -> None:
