@@ -1103,13 +1103,45 @@ def test_loop_closed_without_shutdown_is_dropped(server: RedisServer, backend: s
     assert django_redis_ex._registry.loop_count() == 0
 
 
-def test_repr_and_errors_hide_the_password(backend: str) -> None:
-    port = free_port()
-    cache = make_cache(backend, f"redis://:s3cret@127.0.0.1:{port}/0")
-    assert "s3cret" not in repr(cache) and "***" in repr(cache)
-    with pytest.raises(redis.ConnectionError) as error:
+def test_repr_and_errors_hide_the_password(
+    own_server: RedisServer, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The password of LOCATION shows in no text this module builds: repr, configuration
+    errors, the full-pool error, ignore_exceptions' log; nor in redis-py's connection error."""
+    secret = "s3cret"
+    down = f"redis://user:{secret}@127.0.0.1:{free_port()}"
+    cache = make_cache(backend, down + "/0")
+    texts = [repr(cache)]
+    assert redact(down + "/0") in repr(cache)
+    with pytest.raises(redis.ConnectionError) as refused:
         cache.get("k")
-    assert "s3cret" not in str(error.value)
+    texts.append(str(refused.value))
+    misconfigured: list[tuple[str | list[str], dict[str, Any]]] = [
+        (down + "/3", {"cluster": True}),  # a cluster has db 0 only
+        ([down, down], {"sentinels": ["127.0.0.1:1"]}),  # Sentinel takes one URL
+        (down, {"sokcet_timeout": 1}),  # an unknown option
+        (down, {"scan_count": 0}),  # a bad value
+    ]
+    for location, options in misconfigured:
+        with pytest.raises(ImproperlyConfigured) as error:
+            make_cache(backend, location, OPTIONS=options)
+        texts.append(str(error.value))
+    caplog.set_level("WARNING", logger="django_redis_ex")
+    assert make_cache(backend, down, OPTIONS={"ignore_exceptions": True}).get("k") is None
+    assert caplog.records
+    texts.append(caplog.text)
+    own_server.client().config_set("requirepass", secret)
+    options = {"max_connections": 1, "timeout": 0.2}
+    full = make_cache(backend, f"redis://:{secret}@127.0.0.1:{own_server.port}", OPTIONS=options)
+    pool = full.get_client().connection_pool
+    held = pool.get_connection()
+    try:
+        with pytest.raises(redis.ConnectionError, match="max_connections") as exhausted:
+            full.get("k")
+    finally:
+        pool.release(held)
+    texts.append(str(exhausted.value))
+    assert [text for text in texts if secret in text] == []
 
 
 # ---------------------------------------------------------------------------
