@@ -842,10 +842,25 @@ def test_clear_flushes_the_db(api: Api, target: Target) -> None:
     assert target.keys() == []
 
 
-def test_close_keeps_the_shared_pool_working(api: Api) -> None:
+def shared_pool(api: Api) -> Any:
+    """The pool ``api``'s path runs on (of a cluster: the client, which owns the node pools)."""
+    if api.path == "sync":
+        client = api.cache.get_client()
+    else:
+        client = api.loop.run_until_complete(_call(api.cache.get_async_client))
+    return getattr(client, "connection_pool", client)
+
+
+def test_close_keeps_the_shared_pool_working(api: Api, target: Target) -> None:
+    """close() (aclose() on the async path), which Django calls after each request, leaves
+    the shared pool to the next request: the same pool, and no new connection."""
     api.set("k", 1)
+    pool = shared_pool(api)
+    connections = target.stat("total_connections_received")
     api.close()
     assert api.get("k") == 1
+    assert shared_pool(api) is pool
+    assert target.stat("total_connections_received") == connections
 
 
 def test_key_prefix_and_key_function(server: RedisServer, backend: str) -> None:
