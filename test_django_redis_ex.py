@@ -1832,7 +1832,15 @@ def test_get_or_set_failure_releases_the_lock(api: Api, target: Target) -> None:
 
 def test_get_or_set_without_stampede_protection(api: Api, target: Target) -> None:
     cache = featured_api(api, target, stampede_protection=False)
-    assert cache.get_or_set("k", lambda: 1) == 1
+    held_while_computing: list[list[bytes]] = []
+
+    def compute() -> int:
+        held_while_computing.append(target.keys())
+        return 1
+
+    assert cache.get_or_set("k", compute) == 1
+    assert held_while_computing == [[]]  # no lock key
+    assert target.keys() == [b"t:1:k"]
     assert cache.get_or_set("k", lambda: 2) == 1
 
 
