@@ -1478,10 +1478,10 @@ def test_asgi_handler_200_concurrent_requests_stay_within_the_pool(
     ours = connections_for_asgi_requests(server, backend, view, db=db)
     print(f"\n{backend} {view} view: {ours} connections for 200 requests")
     assert ours <= 100  # the default max_connections of one pool
-    # Django's own backend builds a pool per request: the contrast this project exists for.
+    # Django's own backend builds a pool per request (ticket #35651): shown, not asserted,
+    # so that this test outlives the day Django fixes it.
     theirs = connections_for_asgi_requests(server, DJANGO_BACKEND, view, db=13)
     print(f"{DJANGO_BACKEND} {view} view: {theirs} connections for 200 requests")
-    assert theirs > ours
 
 
 # ---------------------------------------------------------------------------
