@@ -44,6 +44,7 @@ if not settings.configured:  # the benchmark configures Django before importing 
 import redis
 import redis.asyncio
 import redis.cluster
+import redis.sentinel
 from asgiref.sync import async_to_sync
 from django.core.cache import caches
 from django.core.cache.backends.base import BaseCache
@@ -53,6 +54,7 @@ from django.http import HttpRequest, HttpResponse
 from django.test.utils import override_settings
 from django.urls import path
 from django.utils.module_loading import import_string
+from redis.crc import key_slot
 
 import django_redis_ex
 from django_redis_ex import AsyncRedisEXCache, RedisEXCache
@@ -273,14 +275,17 @@ class SentinelSetup:
         return f"redis://{self.service}/{db}", {"sentinels": self.addresses}
 
     def reported_master(self) -> set[int]:
-        return {
-            int(s.client().sentinel_get_master_addr_by_name(self.service)[1])
-            for s in self.sentinels
-        }
+        ports = set()
+        for sentinel in self.sentinels:
+            address = sentinel.client().sentinel_get_master_addr_by_name(self.service)
+            assert isinstance(address, tuple)
+            ports.add(int(address[1]))
+        return ports
 
     def _ready(self) -> bool:
         for sentinel in self.sentinels:
             state = sentinel.client().sentinel_master(self.service)
+            assert isinstance(state, dict)
             if state["num-other-sentinels"] != 2 or state["num-slaves"] < 1:
                 return False
         return self.reported_master() == {self.master.port}
@@ -531,13 +536,11 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
         found = Target("single", server.url, {"db": 3}, server.client(db=3), [server])
     elif request.param == "sentinel":
         sentinel: SentinelSetup = request.getfixturevalue("sentinel_setup")
-        location, options = sentinel.location(3)
         raw = sentinel.master.client(db=3)
-        found = Target("sentinel", location, options, raw, [sentinel.master])
+        found = Target("sentinel", *sentinel.location(3), raw, [sentinel.master])
     else:
         cluster: ClusterSetup = request.getfixturevalue("cluster_setup")
-        location, options = cluster.location()
-        found = Target("cluster", location, options, cluster.client(), cluster.primaries())
+        found = Target("cluster", *cluster.location(), cluster.client(), cluster.primaries())
     found.raw.flushdb()
     yield found
     found.raw.close()
@@ -546,7 +549,7 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
 def build_cache(backend: str, location: Any, **params: Any) -> BaseCache:
     """A cache object of any backend, built as Django's cache handler builds one, without
     changing settings (threads build their own at once)."""
-    backend_class: type[BaseCache] = import_string(backend)
+    backend_class: Callable[[Any, dict[str, Any]], BaseCache] = import_string(backend)
     return backend_class(location, params)
 
 
@@ -1026,12 +1029,12 @@ def test_pool_class_parser_class_and_serializer_options(
     cache.set("k", {"v": 1})
     assert cache.get("k") == {"v": 1}
     assert loop.run_until_complete(cache.aget("k")) == {"v": 1}
-    sync_pool = cache._sync_client._get_connection_pool(write=True)
+    sync_pool = cache.get_client().connection_pool
     assert type(sync_pool) is redis.ConnectionPool
     assert sync_pool.connection_kwargs["parser_class"].__name__ == "_RESP2Parser"
 
     async def async_pool() -> Any:
-        return cache._async_client._get_connection_pool(write=True)
+        return cache.get_async_client().connection_pool
 
     pool = loop.run_until_complete(async_pool())
     assert type(pool) is redis.asyncio.ConnectionPool
@@ -1082,9 +1085,7 @@ def test_two_aliases_on_different_dbs_never_share_pools(
     assert (one.get("k"), two.get("k")) == ("one", "two")
     assert loop.run_until_complete(one.aget("k")) == "one"
     assert loop.run_until_complete(two.aget("k")) == "two"
-    assert one._sync_client._get_connection_pool(True) is not two._sync_client._get_connection_pool(
-        True
-    )
+    assert one.get_client().connection_pool is not two.get_client().connection_pool
 
 
 def test_cache_objects_in_threads_share_one_pool(server: RedisServer, backend: str) -> None:
@@ -1092,7 +1093,7 @@ def test_cache_objects_in_threads_share_one_pool(server: RedisServer, backend: s
 
     def grab() -> None:
         cache = make_cache(backend, server.url, OPTIONS={"db": 3})
-        pools.append(cache._sync_client._get_connection_pool(write=True))
+        pools.append(cache.get_client().connection_pool)
 
     threads = [threading.Thread(target=grab) for _ in range(4)]
     for thread in threads:
@@ -1260,16 +1261,16 @@ def test_full_pool_waits_then_gives_a_clear_error(
     api = Api(cache, path_, loop)
     api.set("k", 1)
     if path_ == "sync":
-        pool = cache._sync_client._get_connection_pool(write=True)
+        pool = cache.get_client().connection_pool
         held = pool.get_connection()
         release: Callable[[], Any] = lambda: pool.release(held)  # noqa: E731
     else:
 
         async def take() -> Any:
-            return await cache.get_async_client().connection_pool.get_connection()
+            async_pool = cache.get_async_client().connection_pool
+            return await async_pool.get_connection()  # type: ignore[no-untyped-call]
 
         held = loop.run_until_complete(take())
-        pool = cache.get_async_client  # resolved inside the loop below
 
         async def give_back() -> None:
             await cache.get_async_client().connection_pool.release(held)
@@ -1883,8 +1884,10 @@ def test_sentinel_replica_reads_use_the_replica_pool(
 ) -> None:
     options = {"sentinels": sentinel_setup.addresses, "sentinel_replica_reads": True}
     cache = make_cache(backend, "redis://mymaster/5", OPTIONS=options)
-    reader = cache._sync_client._get_connection_pool(write=False)
-    writer = cache._sync_client._get_connection_pool(write=True)
+    reader = cache.get_client(write=False).connection_pool
+    writer = cache.get_client(write=True).connection_pool
+    assert isinstance(reader, redis.sentinel.SentinelConnectionPool)
+    assert isinstance(writer, redis.sentinel.SentinelConnectionPool)
     assert (reader.is_master, writer.is_master) == (False, True)
     cache.set("k", "v")
     assert wait_until(lambda: cache.get("k") == "v", 10, "the replica to catch up")
@@ -1901,7 +1904,7 @@ def test_cluster_multi_key_calls_span_slots(cluster_setup: ClusterSetup, backend
     cache = make_cache(backend, cluster_setup.urls[:1], OPTIONS={"cluster": True})
     keys = [f"spread{i}" for i in range(40)]
     client = cluster_setup.client()
-    assert len({client.keyslot(cache.make_key(key)) for key in keys}) > 20
+    assert len({key_slot(cache.make_key(key).encode()) for key in keys}) > 20
     cache.set_many(dict.fromkeys(keys, 1))
     assert cache.get_many(keys) == dict.fromkeys(keys, 1)
     assert sorted(cache.keys("spread*")) == sorted(keys)
@@ -1930,7 +1933,9 @@ def test_sentinel_failover_is_found_by_itself(backend: str) -> None:
         assert cache.get("after") == 2
         _, async_failures = eventually(lambda: loop.run_until_complete(cache.aset("a", 3)))
         assert loop.run_until_complete(cache.aget("a")) == 3
-        assert cache.get_client().connection_pool.get_master_address()[1] != old_master
+        pool = cache.get_client().connection_pool
+        assert isinstance(pool, redis.sentinel.SentinelConnectionPool)
+        assert pool.get_master_address()[1] != old_master  # type: ignore[no-untyped-call]
         print(f"\nsentinel failover: {sync_failures} sync, {async_failures} async failed calls")
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
@@ -1975,8 +1980,9 @@ def test_cluster_sync_node_pools_wait_for_a_free_connection(
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(work, range(8), timeout=60))
     assert cache.get("shared") == 400
-    node_pool = cache.get_client().get_node_from_key(cache.make_key("shared")).redis_connection
-    assert node_pool.connection_pool.max_connections == 2
+    client: Any = cache.get_client()  # a RedisCluster, which redis-py does not type
+    node = client.get_node_from_key(cache.make_key("shared"))
+    assert node.redis_connection.connection_pool.max_connections == 2
 
 
 def test_a_sync_retry_option_reaches_the_asyncio_pools_as_an_asyncio_retry(
