@@ -2,6 +2,9 @@
 
 Each server listens on a free 127.0.0.1 port picked here and is stopped by PID. Most tests
 run over both cache classes and both paths (the sync methods and their ``a`` twins).
+
+The harness section (servers, Sentinel, Cluster, ASGI requests, redaction) is the benchmark's
+too: ``benchmarks/bench.py`` configures Django, then imports it from here.
 """
 
 from __future__ import annotations
@@ -11,43 +14,50 @@ import concurrent.futures
 import contextlib
 import os
 import pickle
+import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import django
 import pytest
 from django.conf import settings
 
-settings.configure(
-    DEBUG=False,
-    SECRET_KEY="django-redis-ex tests",
-    ALLOWED_HOSTS=["*"],
-    ROOT_URLCONF=__name__,
-    MIDDLEWARE=[],
-    INSTALLED_APPS=[],
-    CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
-)
-django.setup()
+if not settings.configured:  # the benchmark configures Django before importing the harness
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="django-redis-ex tests",
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=[],
+        INSTALLED_APPS=[],
+        CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
+    )
+    django.setup()
 
-import redis  # noqa: E402
-import redis.asyncio  # noqa: E402
-from asgiref.sync import async_to_sync  # noqa: E402
-from django.core.cache import caches  # noqa: E402
-from django.core.cache.backends.base import BaseCache  # noqa: E402
-from django.core.exceptions import ImproperlyConfigured  # noqa: E402
-from django.http import HttpRequest, HttpResponse  # noqa: E402
-from django.test.utils import override_settings  # noqa: E402
-from django.urls import path  # noqa: E402
+import redis
+import redis.asyncio
+import redis.cluster
+import redis.sentinel
+from asgiref.sync import async_to_sync
+from django.core.cache import caches
+from django.core.cache.backends.base import BaseCache
+from django.core.exceptions import ImproperlyConfigured
+from django.core.handlers.asgi import ASGIHandler
+from django.http import HttpRequest, HttpResponse
+from django.test.utils import override_settings
+from django.urls import path
+from django.utils.module_loading import import_string
+from redis.crc import key_slot
 
-import django_redis_ex  # noqa: E402
-from django_redis_ex import AsyncRedisEXCache, RedisEXCache  # noqa: E402
+import django_redis_ex
+from django_redis_ex import AsyncRedisEXCache, RedisEXCache
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -57,97 +67,19 @@ BACKENDS = {
     "AsyncRedisEXCache": "django_redis_ex.AsyncRedisEXCache",
 }
 DJANGO_BACKEND = "django.core.cache.backends.redis.RedisCache"
+ExCache = RedisEXCache | AsyncRedisEXCache
 
 
 # ---------------------------------------------------------------------------
-# Redis servers
+# Harness: Redis servers, Sentinel, Cluster, ASGI requests (the benchmark's too)
 # ---------------------------------------------------------------------------
 
 
 def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server (or sentinel) on a free loopback port, stopped by its PID."""
-
-    def __init__(self, *extra: str, directory: str | None = None, sentinel: str = "") -> None:
-        self.port = free_port()
-        self.dir = directory or tempfile.mkdtemp(prefix="django-redis-ex-")
-        self.extra, self.sentinel = extra, sentinel
-        self.process: subprocess.Popen[bytes] | None = None
-        self._stats: redis.Redis | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        assert REDIS_SERVER is not None
-        options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.dir]
-        options += ["--repl-diskless-sync-delay", "0", *self.extra]
-        if self.sentinel:  # sentinels rewrite their config file: one each
-            config = os.path.join(self.dir, f"sentinel-{self.port}.conf")
-            with open(config, "w") as file:
-                file.write(f"port {self.port}\nbind 127.0.0.1\n{self.sentinel}")
-            options = [config, "--sentinel"]
-        self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), *options]
-            if not self.sentinel
-            else [REDIS_SERVER, *options],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.ConnectionError):
-                if self.client().ping():
-                    return
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(port=self.port, db=db, socket_timeout=5)
-
-    def stat(self, name: str) -> int:
-        """A server statistic, read on one connection kept for the purpose."""
-        if self._stats is None:
-            self._stats = self.client()
-        return int(self._stats.info()[name])
-
-
-def fresh_server() -> Iterator[RedisServer]:
-    """A fresh server for a fixture, stopped and its directory removed afterwards."""
-    srv = RedisServer()
-    yield srv
-    srv.stop()
-    shutil.rmtree(srv.dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def server() -> Iterator[RedisServer]:
-    yield from fresh_server()
-
-
-@pytest.fixture(scope="session")
-def second_server() -> Iterator[RedisServer]:
-    yield from fresh_server()
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A server this one test may stop and restart."""
-    yield from fresh_server()
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -159,7 +91,151 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
             if result:
                 return result
         time.sleep(0.05)
-    raise TimeoutError(f"gave up after {timeout} s waiting for {what}")
+    raise TimeoutError(f"gave up after {timeout:g} s waiting for {what}")
+
+
+def redact(url: str) -> str:
+    """``url`` with the password of its user part shown as ``***``, for reports."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+StoppableT = TypeVar("StoppableT", bound=Stoppable)
+
+
+class Cleanup:
+    """What the harness started, and one temporary directory for the servers' files.
+
+    ``stop_all()`` stops everything newest first and removes the directory: the test session
+    calls it at its end, the benchmark at exit, on Ctrl-C and past its --max-seconds, so a
+    setup that fails halfway leaves nothing running either.
+    """
+
+    def __init__(self) -> None:
+        self._started: list[Stoppable] = []
+        self._base: str | None = None
+        self._lock = threading.Lock()  # the benchmark's watchdog calls stop_all() from a thread
+
+    def register(self, item: StoppableT) -> StoppableT:
+        with self._lock:
+            self._started.append(item)
+        return item
+
+    def directory(self) -> str:
+        """A new directory for a server's files (a sentinel's config, a cluster's nodes.conf)."""
+        with self._lock:
+            if self._base is None:
+                self._base = tempfile.mkdtemp(prefix="django-redis-ex-")
+            return tempfile.mkdtemp(dir=self._base)
+
+    def stop_all(self) -> None:
+        while True:
+            with self._lock:
+                if not self._started:
+                    break
+                item = self._started.pop()
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                item.stop()
+        with self._lock:
+            base, self._base = self._base, None
+        if base is not None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+CLEANUP = Cleanup()
+
+
+@contextlib.contextmanager
+def stopped_on_failure(setup: Stoppable) -> Iterator[None]:
+    """Stop what ``setup`` started so far if starting the rest fails."""
+    try:
+        yield
+    except BaseException:
+        setup.stop()
+        raise
+
+
+class RedisServer:
+    """A redis-server (or a sentinel, given its config lines) on a free loopback port."""
+
+    def __init__(self, *extra: str, directory: str | None = None, sentinel: str = "") -> None:
+        self.extra, self.sentinel = extra, sentinel
+        self.dir = directory or CLEANUP.directory()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stats: redis.Redis | None = None
+        CLEANUP.register(self)
+        for attempt in range(3):  # another process may take the free port first
+            self.port = free_port()
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start it on its port; return once it answers PING (within 10 s)."""
+        if REDIS_SERVER is None:
+            raise RuntimeError("redis-server is not on the PATH: apt-get install redis-server")
+        if self.sentinel:  # sentinels rewrite their config file: one each
+            config = os.path.join(self.dir, f"sentinel-{self.port}.conf")
+            with open(config, "w") as file:
+                file.write(f"port {self.port}\nbind 127.0.0.1\n{self.sentinel}")
+            argv = [REDIS_SERVER, config, "--sentinel"]
+        else:
+            argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+            argv += ["--appendonly", "no", "--dir", self.dir, "--repl-diskless-sync-delay", "0"]
+            argv += self.extra
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        with self.client(timeout=1) as probe:
+            while self.process.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    if probe.ping():
+                        return
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        """Kill it by its PID; ``start()`` brings it back on the same port."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def client(self, db: int = 0, timeout: float = 5) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            db=db,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+
+    def stat(self, name: str) -> int:
+        """A server statistic, read on one connection kept for the purpose."""
+        if self._stats is None:
+            self._stats = self.client()
+        return int(self._stats.info()[name])
+
+
+def replica_synced(server: RedisServer) -> bool:
+    """Whether ``server`` is a primary, or a replica whose link to its primary is up."""
+    info = server.client().info("replication")
+    return info["role"] == "master" or info.get("master_link_status") == "up"
 
 
 class SentinelSetup:
@@ -167,44 +243,52 @@ class SentinelSetup:
 
     service = "mymaster"
 
-    def __init__(self) -> None:
-        self.master = RedisServer()
-        self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.master.port))
-        self.nodes = [self.master, self.replica]
-        wait_until(
-            lambda: self.replica.client().info("replication")["master_link_status"] == "up",
-            20,
-            "the replica to sync",
-        )
-        # Sentinels read the master's replicas when they connect: start them afterwards.
-        conf = (
-            f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
-            f"sentinel down-after-milliseconds {self.service} 1000\n"
-            f"sentinel failover-timeout {self.service} 3000\n"
-        )
-        self.sentinels = [RedisServer(directory=self.master.dir, sentinel=conf) for _ in range(3)]
-        wait_until(self._ready, 30, "the sentinels to agree")
+    def __init__(self, down_after_ms: int = 1000) -> None:
+        self.dir = CLEANUP.directory()
+        self.servers: list[RedisServer] = []  # all of them, whatever their role
+        self.sentinels: list[RedisServer] = []
+        with stopped_on_failure(self):
+            self.master = self._add(RedisServer(directory=self.dir))
+            follow = ("--replicaof", "127.0.0.1", str(self.master.port))
+            self.replica = self._add(RedisServer(*follow, directory=self.dir))
+            wait_until(lambda: replica_synced(self.replica), 20, "the replica to sync")
+            # Sentinels read the master's replicas when they connect: start them afterwards.
+            conf = (
+                f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} {down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} 3000\n"
+            )
+            for _ in range(3):
+                self.sentinels.append(self._add(RedisServer(directory=self.dir, sentinel=conf)))
+            wait_until(self._ready, 30, "the sentinels to agree")
+
+    def _add(self, server: RedisServer) -> RedisServer:
+        self.servers.append(server)
+        return server
 
     @property
     def addresses(self) -> list[str]:
         return [f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels]
 
+    def location(self, db: int) -> tuple[str, dict[str, Any]]:
+        """LOCATION and OPTIONS of a cache on this service."""
+        return f"redis://{self.service}/{db}", {"sentinels": self.addresses}
+
     def reported_master(self) -> set[int]:
-        return {
-            int(s.client().sentinel_get_master_addr_by_name(self.service)[1])
-            for s in self.sentinels
-        }
+        ports = set()
+        for sentinel in self.sentinels:
+            address = sentinel.client().sentinel_get_master_addr_by_name(self.service)
+            assert isinstance(address, tuple)
+            ports.add(int(address[1]))
+        return ports
 
     def _ready(self) -> bool:
         for sentinel in self.sentinels:
             state = sentinel.client().sentinel_master(self.service)
+            assert isinstance(state, dict)
             if state["num-other-sentinels"] != 2 or state["num-slaves"] < 1:
                 return False
         return self.reported_master() == {self.master.port}
-
-    def master_client(self, db: int = 0) -> redis.Redis:
-        (port,) = self.reported_master()
-        return redis.Redis(port=port, db=db, socket_timeout=5)
 
     def failover(self) -> None:
         """Kill the master by PID; wait until the sentinels promote the replica."""
@@ -222,41 +306,55 @@ class SentinelSetup:
         self.master, self.replica = self.replica, old
 
     def stop(self) -> None:
-        for process in [*self.sentinels, *self.nodes]:
-            process.stop()
-        shutil.rmtree(self.master.dir, ignore_errors=True)
+        for server in self.servers:
+            server.stop()
 
 
 class ClusterSetup:
     """Three primaries, each with a replica, made by ``redis-cli --cluster create``."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="django-redis-ex-cluster-")
-        self.nodes = []
-        for _ in range(6):
-            # The bus port defaults to port + 10000, which may be taken or too high: pick it.
-            options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"]
-            options += ["--cluster-port", str(free_port())]
-            node = RedisServer(*options, directory=self.dir)
-            node.extra += ("--cluster-config-file", f"nodes-{node.port}.conf")
-            node.stop()
-            node.start()
-            self.nodes.append(node)
         cli = shutil.which("redis-cli")
-        assert cli is not None
-        endpoints = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(
-            [cli, "--cluster", "create", *endpoints, "--cluster-replicas", "1", "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
-        wait_until(self._ok, 30, "cluster_state:ok on every node")
+        if cli is None:
+            raise RuntimeError("redis-cli is not on the PATH: apt-get install redis-server")
+        self.dir = CLEANUP.directory()
+        self.nodes: list[RedisServer] = []
+        with stopped_on_failure(self):
+            for i in range(6):
+                # The bus port defaults to port + 10000, which may be taken or too high.
+                options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"]
+                options += [
+                    "--cluster-port",
+                    str(free_port()),
+                    "--cluster-config-file",
+                    f"{i}.conf",
+                ]
+                self.nodes.append(RedisServer(*options, directory=self.dir))
+            argv = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
+            argv += ["--cluster-replicas", "1", "--cluster-yes"]
+            create = subprocess.run(
+                argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+            )
+            if create.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create: {create.stdout[-500:]}")
+            wait_until(self._ok, 30, "cluster_state:ok and synced replicas on every node")
 
     @property
     def urls(self) -> list[str]:
         return [node.url for node in self.nodes]
+
+    def location(self) -> tuple[list[str], dict[str, Any]]:
+        """LOCATION and OPTIONS of a cache on the cluster: two startup nodes, the client
+        finds the others."""
+        return self.urls[:2], {"cluster": True}
+
+    def primaries(self) -> list[RedisServer]:
+        """The running nodes that serve slots now."""
+        return [
+            node
+            for node in self.nodes
+            if node.process is not None and node.client().info("replication")["role"] == "master"
+        ]
 
     def _ok(self) -> bool:
         for node in self.nodes:
@@ -264,6 +362,8 @@ class ClusterSetup:
                 continue
             info = node.client().cluster("info")
             if info["cluster_state"] != "ok" or int(info["cluster_slots_ok"]) != 16384:
+                return False
+            if not replica_synced(node):
                 return False
         return True
 
@@ -274,7 +374,7 @@ class ClusterSetup:
     def failover_primary(self, key: str) -> None:
         """Kill the primary of ``key``'s slot by PID; wait until its replica serves it."""
         client = self.client()
-        port = client.get_node_from_key(key).port
+        port = client.get_node_from_key(key).port  # type: ignore[no-untyped-call]
         client.close()
         victim = next(node for node in self.nodes if node.port == port)
         victim.stop()
@@ -294,7 +394,82 @@ class ClusterSetup:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def asgi_get(handler: ASGIHandler, path: str, query_string: str = "") -> tuple[int, bytes]:
+    """One GET of ``path`` through Django's ASGI ``handler``, sent as a server sends it: the
+    response's status and body."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query_string.encode(),
+        "root_path": "",
+        "headers": [(b"host", b"localhost")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+    }
+    sent: list[Mapping[str, Any]] = []
+    answered = asyncio.Event()
+    request_read = False
+
+    async def receive() -> Mapping[str, Any]:
+        nonlocal request_read
+        if not request_read:
+            request_read = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await answered.wait()  # as a client would, it leaves once answered
+        return {"type": "http.disconnect"}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            answered.set()
+
+    await handler(scope, receive, send)
+    answered.set()
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return int(status), body
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: servers, topologies and caches
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_what_the_harness_started() -> Iterator[None]:
+    """At the end, whatever is still running (a setup that failed halfway) is stopped too."""
+    yield
+    CLEANUP.stop_all()
+
+
+def fresh_server() -> Iterator[RedisServer]:
+    """A fresh server for a fixture, stopped afterwards."""
+    srv = RedisServer()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[RedisServer]:
+    yield from fresh_server()
+
+
+@pytest.fixture(scope="session")
+def second_server() -> Iterator[RedisServer]:
+    yield from fresh_server()
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A server this one test may stop and restart."""
+    yield from fresh_server()
 
 
 @pytest.fixture(scope="session")
@@ -304,24 +479,50 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
     setup.stop()
 
 
-@pytest.fixture(scope="session")
-def cluster_setup() -> Iterator[ClusterSetup]:
+def skip_without_redis_cli() -> None:
     if shutil.which("redis-cli") is None:
         pytest.skip("redis-cli is not installed: it creates the test cluster")
+
+
+@pytest.fixture(scope="session")
+def cluster_setup() -> Iterator[ClusterSetup]:
+    skip_without_redis_cli()
     setup = ClusterSetup()
     yield setup
     setup.stop()
 
 
 class Target:
-    """Where a test's caches point (one topology), and a raw client to check their writes."""
+    """Where a test's caches point (one topology): a raw client to check their writes, and
+    the servers that hold the data (the primaries), to read statistics on."""
 
-    def __init__(self, name: str, location: Any, options: dict[str, Any], raw: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        location: Any,
+        options: dict[str, Any],
+        raw: Any,
+        servers: list[RedisServer],
+    ) -> None:
         self.name, self.location, self.options, self.raw = name, location, options, raw
+        self.servers = servers
 
-    def make(self, backend: str, **params: Any) -> BaseCache:
+    def make(self, backend: str, **params: Any) -> ExCache:
         options = {**self.options, **params.pop("OPTIONS", {})}
         return make_cache(backend, self.location, OPTIONS=options, **params)
+
+    def stat(self, name: str) -> int:
+        """A server statistic, summed over the servers that hold the data."""
+        return sum(server.stat(name) for server in self.servers)
+
+    def keys(self, pattern: str = "*") -> list[bytes]:
+        """The keys matching ``pattern``, sorted; on every primary of a cluster (redis-py
+        sends KEYS and DBSIZE to one node only)."""
+        if self.name == "cluster":
+            found = self.raw.keys(pattern, target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+        else:
+            found = self.raw.keys(pattern)
+        return sorted(found)
 
 
 TOPOLOGIES = ["single", "sentinel", "cluster"]
@@ -331,25 +532,32 @@ TOPOLOGIES = ["single", "sentinel", "cluster"]
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     """The same tests on one server (db 3), on Sentinel, and on Cluster."""
     if request.param == "single":
-        server = request.getfixturevalue("server")
-        found = Target("single", server.url, {"db": 3}, server.client(db=3))
+        server: RedisServer = request.getfixturevalue("server")
+        found = Target("single", server.url, {"db": 3}, server.client(db=3), [server])
     elif request.param == "sentinel":
-        setup = request.getfixturevalue("sentinel_setup")
-        found = Target(
-            "sentinel", "redis://mymaster/3", {"sentinels": setup.addresses}, setup.master_client(3)
-        )
+        sentinel: SentinelSetup = request.getfixturevalue("sentinel_setup")
+        raw = sentinel.master.client(db=3)
+        found = Target("sentinel", *sentinel.location(3), raw, [sentinel.master])
     else:
-        setup = request.getfixturevalue("cluster_setup")
-        found = Target("cluster", setup.urls[:2], {"cluster": True}, setup.client())
+        cluster: ClusterSetup = request.getfixturevalue("cluster_setup")
+        found = Target("cluster", *cluster.location(), cluster.client(), cluster.primaries())
     found.raw.flushdb()
     yield found
     found.raw.close()
 
 
-def make_cache(backend: str, location: str | list[str], **params: Any) -> BaseCache:
-    """A cache object built the way Django's cache handler builds one."""
-    with override_settings(CACHES={"x": {"BACKEND": backend, "LOCATION": location, **params}}):
-        return caches.create_connection("x")
+def build_cache(backend: str, location: Any, **params: Any) -> BaseCache:
+    """A cache object of any backend, built as Django's cache handler builds one, without
+    changing settings (threads build their own at once)."""
+    backend_class: Callable[[Any, dict[str, Any]], BaseCache] = import_string(backend)
+    return backend_class(location, params)
+
+
+def make_cache(backend: str, location: Any, **params: Any) -> ExCache:
+    """One of this module's caches, built the way Django's cache handler builds one."""
+    cache = build_cache(backend, location, **params)
+    assert isinstance(cache, (RedisEXCache, AsyncRedisEXCache))
+    return cache
 
 
 # ---------------------------------------------------------------------------
@@ -360,7 +568,7 @@ def make_cache(backend: str, location: str | list[str], **params: Any) -> BaseCa
 class Api:
     """Calls ``cache.name()`` on the sync path, ``await cache.aname()`` on the async one."""
 
-    def __init__(self, cache: BaseCache, path: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cache: ExCache, path: str, loop: asyncio.AbstractEventLoop) -> None:
         self.cache, self.path, self.loop = cache, path, loop
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
@@ -385,12 +593,12 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def cache(backend: str, target: Target) -> BaseCache:
+def cache(backend: str, target: Target) -> ExCache:
     return target.make(backend, KEY_PREFIX="t")
 
 
 @pytest.fixture(params=["sync", "async"])
-def api(request: pytest.FixtureRequest, cache: BaseCache, loop: asyncio.AbstractEventLoop) -> Api:
+def api(request: pytest.FixtureRequest, cache: ExCache, loop: asyncio.AbstractEventLoop) -> Api:
     return Api(cache, request.param, loop)
 
 
@@ -412,6 +620,68 @@ def raw(server: RedisServer, db: int = 3) -> redis.Redis:
 def raw_redis(target: Target) -> Any:
     """A plain redis-py client on what the ``api`` and ``cache`` fixtures use."""
     return target.raw
+
+
+class ServerCounts:
+    """What a cache's calls cost, counted by the servers that hold its data.
+
+    A round trip is one read of a client's request by the server (INFO's
+    ``total_reads_processed``): a pipeline is one; a script the server lost, sent again after
+    NOSCRIPT, is two. The INFO that reads the counters is taken off.
+    """
+
+    # What replicas (REPLCONF ACK) and sentinels (PING, PUBLISH, INFO) send a primary.
+    OTHERS = ("cmdstat_replconf", "cmdstat_ping", "cmdstat_publish")
+
+    def __init__(self, servers: list[RedisServer]) -> None:
+        self.clients = [server.client() for server in servers]
+
+    def _read(self) -> list[tuple[int, dict[str, int]]]:
+        """Per server: the reads so far, and the calls of each command (one INFO each)."""
+        out = []
+        for client in self.clients:
+            info = client.info("stats", "commandstats")
+            calls = {k: v["calls"] for k, v in info.items() if k.startswith("cmdstat_")}
+            out.append((int(info["total_reads_processed"]), calls))
+        return out
+
+    def trips(self, call: Callable[[], Any], prepare: Callable[[], Any] | None = None) -> list[int]:
+        """Round trips of ``call()`` per server. A call during which a replica or a sentinel
+        spoke to a server is made again; ``prepare()``, uncounted, runs before each call."""
+        for _ in range(20):
+            if prepare is not None:
+                prepare()
+            before = self._read()
+            call()
+            after = self._read()
+            pairs = list(zip(before, after, strict=True))
+            if not any(self._others_spoke(old[1], new[1]) for old, new in pairs):
+                return [new[0] - old[0] - 1 for old, new in pairs]
+        raise AssertionError("replicas or sentinels spoke to the servers during every try")
+
+    def _others_spoke(self, old: dict[str, int], new: dict[str, int]) -> bool:
+        """Whether commands other than ours (one INFO) ran between the two readings."""
+        only_our_info = new["cmdstat_info"] - old.get("cmdstat_info", 0) == 1
+        return not only_our_info or any(new.get(k, 0) != old.get(k, 0) for k in self.OTHERS)
+
+    def commands(self, call: Callable[[], Any]) -> dict[str, int]:
+        """How often each command ran during ``call()``, summed over the servers (this
+        counter's INFO left out; anybody else's commands count)."""
+        before = self._read()
+        call()
+        after = self._read()
+        ran: dict[str, int] = {}
+        for (_, old), (_, new) in zip(before, after, strict=True):
+            for key, calls in new.items():
+                name = key.removeprefix("cmdstat_")
+                ran[name] = ran.get(name, 0) + calls - old.get(key, 0)
+        ran["info"] -= len(self.clients)
+        return {name: calls for name, calls in ran.items() if calls}
+
+    def flush_scripts(self) -> None:
+        """SCRIPT FLUSH everywhere, as a restarted server or a new primary has no script."""
+        for client in self.clients:
+            client.script_flush()
 
 
 # ---------------------------------------------------------------------------
@@ -568,17 +838,33 @@ def test_versions(api: Api) -> None:
         api.incr_version("missing")
 
 
-def test_clear_flushes_the_db(api: Api, raw_redis: Any) -> None:
+def test_clear_flushes_the_db(api: Api, target: Target) -> None:
     api.set("k", 1)
-    raw_redis.set("foreign", 1)
+    target.raw.set("foreign", 1)
+    assert len(target.keys()) == 2
     assert api.clear() is True
-    assert raw_redis.dbsize() == 0
+    assert target.keys() == []
 
 
-def test_close_keeps_the_shared_pool_working(api: Api) -> None:
+def shared_pool(api: Api) -> Any:
+    """The pool ``api``'s path runs on (of a cluster: the client, which owns the node pools)."""
+    if api.path == "sync":
+        client = api.cache.get_client()
+    else:
+        client = api.loop.run_until_complete(_call(api.cache.get_async_client))
+    return getattr(client, "connection_pool", client)
+
+
+def test_close_keeps_the_shared_pool_working(api: Api, target: Target) -> None:
+    """close() (aclose() on the async path), which Django calls after each request, leaves
+    the shared pool to the next request: the same pool, and no new connection."""
     api.set("k", 1)
+    pool = shared_pool(api)
+    connections = target.stat("total_connections_received")
     api.close()
     assert api.get("k") == 1
+    assert shared_pool(api) is pool
+    assert target.stat("total_connections_received") == connections
 
 
 def test_key_prefix_and_key_function(server: RedisServer, backend: str) -> None:
@@ -636,39 +922,39 @@ def test_every_async_method_is_native(cls: type[BaseCache]) -> None:
         assert asyncio.iscoroutinefunction(method), name
 
 
-def test_each_call_is_one_round_trip(
-    api: Api, target: Target, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One round trip per call (per node on a cluster, where multi-key commands split)."""
-    sent: list[Any] = []
-    for client_class in (django_redis_ex._SyncClient, django_redis_ex._AsyncClient):
-        original = client_class._send
-
-        def counting(self: Any, command: Any, original: Any = original) -> Any:
-            sent.append(command)
-            return original(self, command)
-
-        monkeypatch.setattr(client_class, "_send", counting)
+def test_each_call_is_one_round_trip(api: Api, target: Target) -> None:
+    """One round trip per call, counted by the servers; on a cluster, per node, since a
+    multi-key call splits by slot and each node gets its part at once."""
+    counts = ServerCounts(target.servers)
     api.set("n", 1)
-    calls: list[Callable[[], Any]] = [
-        lambda: api.get("n"),
-        lambda: api.set("s", "v"),
-        lambda: api.add("a", 1),
-        lambda: api.add("z", 1, timeout=0),
-        lambda: api.incr("n"),
-        lambda: api.set_many({f"k{i}": i for i in range(20)}, timeout=60),
-        lambda: api.get_many([f"k{i}" for i in range(20)]),
-        lambda: api.delete_many(["k1", "k2"]),
-        lambda: api.touch("n", 10),
-        lambda: api.incr_version("s"),
-        lambda: api.get_or_set("n", 5),
+    calls: list[tuple[str, Callable[[], Any]]] = [
+        ("get", lambda: api.get("n")),
+        ("set", lambda: api.set("s", "v")),
+        ("add", lambda: api.add("a", 1)),
+        ("add timeout=0", lambda: api.add("z", 1, timeout=0)),
+        ("incr", lambda: api.incr("n")),
+        ("set_many", lambda: api.set_many({f"k{i}": i for i in range(20)}, timeout=60)),
+        ("get_many", lambda: api.get_many([f"k{i}" for i in range(20)])),
+        ("delete_many", lambda: api.delete_many(["k1", "k2"])),
+        ("touch", lambda: api.touch("n", 10)),
+        ("incr_version", lambda: api.incr_version("s")),
+        ("get_or_set", lambda: api.get_or_set("n", 5)),
     ]
-    for call in calls:
-        sent.clear()
+
+    def version_1_of_s() -> None:  # what incr_version moves away
+        api.set("s", "v")
+
+    for _name, call in calls:  # connect to every server first: connecting takes trips too
+        version_1_of_s()
         call()
+    for name, call in calls:
+        trips = counts.trips(call, prepare=version_1_of_s)
         # On a cluster, incr_version's two keys lie in different slots: two round trips.
-        expected = 2 if target.name == "cluster" and sent[0][0] == ("GET", "t:1:s") else 1
-        assert len(sent) == expected, sent
+        expected = 2 if target.name == "cluster" and name == "incr_version" else 1
+        assert max(trips) == expected, (name, trips)
+    # A server without the script (restarted, or a new primary): still one round trip.
+    trips = counts.trips(lambda: api.incr("n"), prepare=counts.flush_scripts)
+    assert max(trips) == 1, ("incr after SCRIPT FLUSH", trips)
 
 
 # ---------------------------------------------------------------------------
@@ -698,8 +984,8 @@ def test_data_is_shared_with_djangos_backend(
     writer_backend: str, reader_backend: str, server: RedisServer
 ) -> None:
     server.client(db=4).flushdb()
-    writer = make_cache(writer_backend, server.url, OPTIONS={"db": 4})
-    reader = make_cache(reader_backend, server.url, OPTIONS={"db": 4})
+    writer = build_cache(writer_backend, server.url, OPTIONS={"db": 4})
+    reader = build_cache(reader_backend, server.url, OPTIONS={"db": 4})
     writer.set("n", 10)
     writer.set("obj", {"a": [1, 2]})
     writer.set_many({"m": 1.5})
@@ -743,12 +1029,12 @@ def test_pool_class_parser_class_and_serializer_options(
     cache.set("k", {"v": 1})
     assert cache.get("k") == {"v": 1}
     assert loop.run_until_complete(cache.aget("k")) == {"v": 1}
-    sync_pool = cache._sync_client._get_connection_pool(write=True)
+    sync_pool = cache.get_client().connection_pool
     assert type(sync_pool) is redis.ConnectionPool
     assert sync_pool.connection_kwargs["parser_class"].__name__ == "_RESP2Parser"
 
     async def async_pool() -> Any:
-        return cache._async_client._get_connection_pool(write=True)
+        return cache.get_async_client().connection_pool
 
     pool = loop.run_until_complete(async_pool())
     assert type(pool) is redis.asyncio.ConnectionPool
@@ -799,9 +1085,7 @@ def test_two_aliases_on_different_dbs_never_share_pools(
     assert (one.get("k"), two.get("k")) == ("one", "two")
     assert loop.run_until_complete(one.aget("k")) == "one"
     assert loop.run_until_complete(two.aget("k")) == "two"
-    assert one._sync_client._get_connection_pool(True) is not two._sync_client._get_connection_pool(
-        True
-    )
+    assert one.get_client().connection_pool is not two.get_client().connection_pool
 
 
 def test_cache_objects_in_threads_share_one_pool(server: RedisServer, backend: str) -> None:
@@ -809,7 +1093,7 @@ def test_cache_objects_in_threads_share_one_pool(server: RedisServer, backend: s
 
     def grab() -> None:
         cache = make_cache(backend, server.url, OPTIONS={"db": 3})
-        pools.append(cache._sync_client._get_connection_pool(write=True))
+        pools.append(cache.get_client().connection_pool)
 
     threads = [threading.Thread(target=grab) for _ in range(4)]
     for thread in threads:
@@ -846,13 +1130,45 @@ def test_loop_closed_without_shutdown_is_dropped(server: RedisServer, backend: s
     assert django_redis_ex._registry.loop_count() == 0
 
 
-def test_repr_and_errors_hide_the_password(backend: str) -> None:
-    port = free_port()
-    cache = make_cache(backend, f"redis://:s3cret@127.0.0.1:{port}/0")
-    assert "s3cret" not in repr(cache) and "***" in repr(cache)
-    with pytest.raises(redis.ConnectionError) as error:
+def test_repr_and_errors_hide_the_password(
+    own_server: RedisServer, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The password of LOCATION shows in no text this module builds: repr, configuration
+    errors, the full-pool error, ignore_exceptions' log; nor in redis-py's connection error."""
+    secret = "s3cret"
+    down = f"redis://user:{secret}@127.0.0.1:{free_port()}"
+    cache = make_cache(backend, down + "/0")
+    texts = [repr(cache)]
+    assert redact(down + "/0") in repr(cache)
+    with pytest.raises(redis.ConnectionError) as refused:
         cache.get("k")
-    assert "s3cret" not in str(error.value)
+    texts.append(str(refused.value))
+    misconfigured: list[tuple[str | list[str], dict[str, Any]]] = [
+        (down + "/3", {"cluster": True}),  # a cluster has db 0 only
+        ([down, down], {"sentinels": ["127.0.0.1:1"]}),  # Sentinel takes one URL
+        (down, {"sokcet_timeout": 1}),  # an unknown option
+        (down, {"scan_count": 0}),  # a bad value
+    ]
+    for location, options in misconfigured:
+        with pytest.raises(ImproperlyConfigured) as error:
+            make_cache(backend, location, OPTIONS=options)
+        texts.append(str(error.value))
+    caplog.set_level("WARNING", logger="django_redis_ex")
+    assert make_cache(backend, down, OPTIONS={"ignore_exceptions": True}).get("k") is None
+    assert caplog.records
+    texts.append(caplog.text)
+    own_server.client().config_set("requirepass", secret)
+    options = {"max_connections": 1, "timeout": 0.2}
+    full = make_cache(backend, f"redis://:{secret}@127.0.0.1:{own_server.port}", OPTIONS=options)
+    pool = full.get_client().connection_pool
+    held = pool.get_connection()
+    try:
+        with pytest.raises(redis.ConnectionError, match="max_connections") as exhausted:
+            full.get("k")
+    finally:
+        pool.release(held)
+    texts.append(str(exhausted.value))
+    assert [text for text in texts if secret in text] == []
 
 
 # ---------------------------------------------------------------------------
@@ -945,16 +1261,16 @@ def test_full_pool_waits_then_gives_a_clear_error(
     api = Api(cache, path_, loop)
     api.set("k", 1)
     if path_ == "sync":
-        pool = cache._sync_client._get_connection_pool(write=True)
+        pool = cache.get_client().connection_pool
         held = pool.get_connection()
         release: Callable[[], Any] = lambda: pool.release(held)  # noqa: E731
     else:
 
         async def take() -> Any:
-            return await cache.get_async_client().connection_pool.get_connection()
+            async_pool = cache.get_async_client().connection_pool
+            return await async_pool.get_connection()  # type: ignore[no-untyped-call]
 
         held = loop.run_until_complete(take())
-        pool = cache.get_async_client  # resolved inside the loop below
 
         async def give_back() -> None:
             await cache.get_async_client().connection_pool.release(held)
@@ -1136,46 +1452,15 @@ urlpatterns = [path("async/", async_view), path("sync/", sync_view)]
 
 
 async def serve(view: str, count: int) -> list[bytes]:
-    from django.core.handlers.asgi import ASGIHandler
-
+    """``count`` concurrent requests of ``view``, each with its own key: the bodies."""
     handler = ASGIHandler()
 
     async def request(i: int) -> bytes:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": f"/{view}/",
-            "raw_path": f"/{view}/".encode(),
-            "query_string": f"k=r{i}".encode(),
-            "root_path": "",
-            "headers": [(b"host", b"testserver")],
-            "client": ("127.0.0.1", 1000 + i),
-            "server": ("testserver", 80),
-        }
-        sent: list[dict[str, Any]] = []
-        received = False
-        done = asyncio.Event()
+        status, body = await asgi_get(handler, f"/{view}/", f"k=r{i}")
+        assert status == 200, body
+        return body
 
-        async def receive() -> dict[str, Any]:
-            nonlocal received
-            if not received:
-                received = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        await handler(scope, receive, send)
-        done.set()
-        assert sent[0]["status"] == 200, sent
-        return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-
-    return await asyncio.wait_for(asyncio.gather(*(request(i) for i in range(count))), 120)
+    return await asyncio.wait_for(asyncio.gather(*(request(i) for i in range(count))), 60)
 
 
 def connections_for_asgi_requests(server: RedisServer, backend: str, view: str, db: int) -> int:
@@ -1195,10 +1480,10 @@ def test_asgi_handler_200_concurrent_requests_stay_within_the_pool(
     ours = connections_for_asgi_requests(server, backend, view, db=db)
     print(f"\n{backend} {view} view: {ours} connections for 200 requests")
     assert ours <= 100  # the default max_connections of one pool
-    # Django's own backend builds a pool per request: the contrast this project exists for.
+    # Django's own backend builds a pool per request (ticket #35651): shown, not asserted,
+    # so that this test outlives the day Django fixes it.
     theirs = connections_for_asgi_requests(server, DJANGO_BACKEND, view, db=13)
     print(f"{DJANGO_BACKEND} {view} view: {theirs} connections for 200 requests")
-    assert theirs > ours
 
 
 # ---------------------------------------------------------------------------
@@ -1315,25 +1600,40 @@ def test_ignore_exceptions_returns_misses_and_logs_each_failure(
         make_cache(backend, f"redis://127.0.0.1:{free_port()}/0", OPTIONS=options), path_, loop
     )
     caplog.set_level("WARNING", logger="django_redis_ex")
-    assert api.get("k") is None
-    assert api.get("k", "fallback") == "fallback"
-    assert api.get_many(["a", "b"]) == {}
-    assert api.has_key("k") is False
-    assert api.set("k", 1) is None
-    assert api.set("k", 1, nx=True) is False
-    assert api.add("k", 1) is False
-    assert api.delete("k") is False
-    assert api.touch("k") is False
-    assert api.set_many({"a": 1, "b": 2}) == ["a", "b"]
-    assert api.get_or_set("k", lambda: "computed") == "computed"
-    assert api.ttl("k") == 0
-    assert api.delete_pattern("*") == 0
-    assert api.clear() is False
+    misses: list[tuple[str, Callable[[], Any], Any]] = [  # method, call, what it returns
+        ("get", lambda: api.get("k"), None),
+        ("get", lambda: api.get("k", "fallback"), "fallback"),
+        ("get_many", lambda: api.get_many(["a", "b"]), {}),
+        ("has_key", lambda: api.has_key("k"), False),
+        ("set", lambda: api.set("k", 1), None),
+        ("set", lambda: api.set("k", 1, nx=True), False),
+        ("add", lambda: api.add("k", 1), False),
+        ("delete", lambda: api.delete("k"), False),
+        ("touch", lambda: api.touch("k"), False),
+        ("set_many", lambda: api.set_many({"a": 1, "b": 2}), ["a", "b"]),
+        ("get_or_set", lambda: api.get_or_set("k", lambda: "computed"), "computed"),
+        ("ttl", lambda: api.ttl("k"), 0),
+        ("delete_pattern", lambda: api.delete_pattern("*"), 0),
+        ("clear", lambda: api.clear(), False),
+    ]
+
+    def records() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if r.name == "django_redis_ex"]
+        caplog.clear()
+        return found
+
+    logged: list[tuple[str, list[str]]] = []  # each call's method, and what it logged
+    for method, call, miss in misses:
+        assert call() == miss, method
+        logged.append((method, records()))
     with pytest.raises(ValueError, match="not found"):
         api.incr("k")
-    records = [r for r in caplog.records if r.name == "django_redis_ex"]
-    assert len(records) == 15
-    assert "ignored" in records[0].getMessage()
+    logged.append(("incr", records()))
+    assert [method for method, messages in logged if len(messages) != 1] == []
+    assert all("ignored" in messages[0] for _, messages in logged)
+    # Each record names the method called (its a-twin on the async path).
+    unnamed = [(m, ms[0]) for m, ms in logged if not re.search(rf"\ba?{m}\b", ms[0])]
+    assert unnamed == []
 
 
 def test_ignore_exceptions_never_hides_the_callers_mistakes(api: Api, target: Target) -> None:
@@ -1342,8 +1642,8 @@ def test_ignore_exceptions_never_hides_the_callers_mistakes(api: Api, target: Ta
         cache.set("k", Unpicklable())
     with pytest.raises(ValueError, match="not both"):
         cache.set("k", 1, nx=True, xx=True)
+    cache.set("s", "text")
     with pytest.raises(redis.ResponseError):
-        cache.set("s", "text")
         cache.incr("s")
 
 
@@ -1439,18 +1739,39 @@ def test_keys_iter_keys_and_delete_pattern(api: Api, target: Target) -> None:
         assert after.get("cmdstat_keys") == commandstats.get("cmdstat_keys")  # SCAN, not KEYS
 
 
-def test_iter_keys_is_lazy_on_both_paths(server: RedisServer, backend: str) -> None:
-    cache = make_cache(backend, server.url, OPTIONS={"db": 3, "scan_count": 5}, KEY_PREFIX="it")
-    cache.set_many({f"k{i}": i for i in range(12)})
-    iterator = cache.iter_keys("k*")
-    assert next(iterator).startswith("k")
-    assert sorted([*iterator, "x"])[-1] == "x"
+def test_iter_keys_is_lazy_on_both_paths(
+    server: RedisServer, backend: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The first key costs a SCAN or two of ``itersize`` keys, not the keyspace's dozens."""
+    server.client(db=15).flushdb()
+    options = {"db": 15, "scan_count": 10}
+    cache = make_cache(backend, server.url, OPTIONS=options, KEY_PREFIX="it")
+    names = [f"k{i}" for i in range(300)]
+    cache.set_many(dict.fromkeys(names, 1))
+    counts = ServerCounts([server])
 
-    async def collect() -> list[str]:
-        return [key async for key in cache.aiter_keys("k*", itersize=3)]
+    iterator = cache.iter_keys("k*")  # scan_count keys per SCAN
+    first: list[str] = []
+    taking_one = counts.commands(lambda: first.append(next(iterator)))
+    taking_the_rest = counts.commands(lambda: first.extend(iterator))
+    assert taking_one.get("scan", 0) <= 2 < 10 <= taking_the_rest.get("scan", 0)
+    assert sorted(first) == sorted(names)
 
-    assert sorted(asyncio.run(collect())) == sorted(f"k{i}" for i in range(12))
-    assert sorted(asyncio.run(cache.akeys("k1*"))) == ["k1", "k10", "k11"]
+    async_iterator = cache.aiter_keys("k*", itersize=10)
+
+    async def take(count: int) -> list[str]:
+        return [await anext(async_iterator) for _ in range(count)]
+
+    async def drain() -> list[str]:
+        return [key async for key in async_iterator]
+
+    taking_one = counts.commands(lambda: first.extend(loop.run_until_complete(take(1))))
+    taking_the_rest = counts.commands(lambda: first.extend(loop.run_until_complete(drain())))
+    assert taking_one.get("scan", 0) <= 2 < 10 <= taking_the_rest.get("scan", 0)
+    assert sorted(first) == sorted(names * 2)
+    assert sorted(loop.run_until_complete(cache.akeys("k1*"))) == sorted(
+        name for name in names if name.startswith("k1")
+    )
 
 
 def test_glob_characters_in_key_prefix_are_literal(server: RedisServer, backend: str) -> None:
@@ -1470,7 +1791,7 @@ def test_clear_by_prefix_leaves_other_keys(api: Api, target: Target) -> None:
         cache.set(f"k{i}", i, version=3)
     target.raw.set("foreign", 1)
     assert cache.clear() is True
-    assert target.raw.keys("t:*") == []
+    assert target.keys("t:*") == []
     assert target.raw.get("foreign") == b"1"
 
 
@@ -1522,13 +1843,21 @@ def test_get_or_set_failure_releases_the_lock(api: Api, target: Target) -> None:
 
     with pytest.raises(RuntimeError, match="backend down"):
         api.get_or_set("fragile", broken)
-    assert target.raw.keys("*fragile*") == []
+    assert target.keys("*fragile*") == []
     assert api.get_or_set("fragile", lambda: "ok") == "ok"
 
 
 def test_get_or_set_without_stampede_protection(api: Api, target: Target) -> None:
     cache = featured_api(api, target, stampede_protection=False)
-    assert cache.get_or_set("k", lambda: 1) == 1
+    held_while_computing: list[list[bytes]] = []
+
+    def compute() -> int:
+        held_while_computing.append(target.keys())
+        return 1
+
+    assert cache.get_or_set("k", compute) == 1
+    assert held_while_computing == [[]]  # no lock key
+    assert target.keys() == [b"t:1:k"]
     assert cache.get_or_set("k", lambda: 2) == 1
 
 
@@ -1555,8 +1884,10 @@ def test_sentinel_replica_reads_use_the_replica_pool(
 ) -> None:
     options = {"sentinels": sentinel_setup.addresses, "sentinel_replica_reads": True}
     cache = make_cache(backend, "redis://mymaster/5", OPTIONS=options)
-    reader = cache._sync_client._get_connection_pool(write=False)
-    writer = cache._sync_client._get_connection_pool(write=True)
+    reader = cache.get_client(write=False).connection_pool
+    writer = cache.get_client(write=True).connection_pool
+    assert isinstance(reader, redis.sentinel.SentinelConnectionPool)
+    assert isinstance(writer, redis.sentinel.SentinelConnectionPool)
     assert (reader.is_master, writer.is_master) == (False, True)
     cache.set("k", "v")
     assert wait_until(lambda: cache.get("k") == "v", 10, "the replica to catch up")
@@ -1573,7 +1904,7 @@ def test_cluster_multi_key_calls_span_slots(cluster_setup: ClusterSetup, backend
     cache = make_cache(backend, cluster_setup.urls[:1], OPTIONS={"cluster": True})
     keys = [f"spread{i}" for i in range(40)]
     client = cluster_setup.client()
-    assert len({client.keyslot(cache.make_key(key)) for key in keys}) > 20
+    assert len({key_slot(cache.make_key(key).encode()) for key in keys}) > 20
     cache.set_many(dict.fromkeys(keys, 1))
     assert cache.get_many(keys) == dict.fromkeys(keys, 1)
     assert sorted(cache.keys("spread*")) == sorted(keys)
@@ -1602,7 +1933,9 @@ def test_sentinel_failover_is_found_by_itself(backend: str) -> None:
         assert cache.get("after") == 2
         _, async_failures = eventually(lambda: loop.run_until_complete(cache.aset("a", 3)))
         assert loop.run_until_complete(cache.aget("a")) == 3
-        assert cache.get_client().connection_pool.get_master_address()[1] != old_master
+        pool = cache.get_client().connection_pool
+        assert isinstance(pool, redis.sentinel.SentinelConnectionPool)
+        assert pool.get_master_address()[1] != old_master  # type: ignore[no-untyped-call]
         print(f"\nsentinel failover: {sync_failures} sync, {async_failures} async failed calls")
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
@@ -1611,8 +1944,7 @@ def test_sentinel_failover_is_found_by_itself(backend: str) -> None:
 
 
 def test_cluster_failover_is_found_by_itself(backend: str) -> None:
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is not installed: it creates the test cluster")
+    skip_without_redis_cli()
     setup = ClusterSetup()
     loop = asyncio.new_event_loop()
     try:
@@ -1648,8 +1980,9 @@ def test_cluster_sync_node_pools_wait_for_a_free_connection(
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(work, range(8), timeout=60))
     assert cache.get("shared") == 400
-    node_pool = cache.get_client().get_node_from_key(cache.make_key("shared")).redis_connection
-    assert node_pool.connection_pool.max_connections == 2
+    client: Any = cache.get_client()  # a RedisCluster, which redis-py does not type
+    node = client.get_node_from_key(cache.make_key("shared"))
+    assert node.redis_connection.connection_pool.max_connections == 2
 
 
 def test_a_sync_retry_option_reaches_the_asyncio_pools_as_an_asyncio_retry(
@@ -1684,7 +2017,8 @@ def test_benchmark_quick_run_reports_every_scenario_for_both_classes(
     out = tmp_path / "bench.json"
     command = [sys.executable, bench, "--quick", "--scale", "0.02", "--reps", "1"]
     command += ["--asgi-reps", "1", "--no-pin", "--location", server.url, "--json", str(out)]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command += ["--max-seconds", "90"]  # its own watchdog stops what it started, before ours
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=110)
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = json.loads(out.read_text())
     scenarios = report["results"]

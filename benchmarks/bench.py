@@ -31,7 +31,9 @@ there. Each topology adds about 2 s of setup and about the time of the single ru
 async scenarios (half a minute with --quick, two to three minutes without).
 
 Without ``--location`` a throwaway ``redis-server`` is started on a free loopback port and
-stopped at the end; ``--location`` applies to the single topology only. Every redis-server
+stopped at the end; ``--location`` applies to the single topology only. The servers, Sentinel
+and Cluster are started by the test suite's harness (``test_django_redis_ex.py``, imported
+from the repository root; it needs pytest: ``pip install -e '.[test]'``). Every redis-server
 and sentinel this process starts shares its CPU, the helper that samples the server's
 connected clients runs on the other (``--no-pin`` turns pinning off): on a 2-core machine a
 GET loop is several times faster on a shared CPU, and unpinned figures flip between the two.
@@ -39,7 +41,10 @@ GET loop is several times faster on a shared CPU, and unpinned figures flip betw
 The raw clients use redis-py's defaults (no socket timeout): they are the limit. Every wait is
 bounded all the same: asyncio work by ``wait_for``, threads by ``join`` timeouts, server setup
 by deadlines, and the whole run by ``--max-seconds``, past which the servers are stopped and
-the process exits.
+the process exits; every process it starts is stopped by PID then, at exit and on Ctrl-C.
+
+It prints tables to read; ``--json`` also writes every figure and how it was measured
+(arguments, versions, machine). It sets no pass/fail targets.
 """
 
 from __future__ import annotations
@@ -51,7 +56,6 @@ import contextlib
 import contextvars
 import functools
 import gc
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -60,21 +64,17 @@ import pickle
 import platform
 import secrets
 import select
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import django
 import redis
@@ -87,12 +87,37 @@ from django.conf import settings
 from django.core.cache import caches
 from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpRequest, HttpResponse
+from django.test.utils import override_settings  # resets the caches on entry and exit
 from django.urls import path
 from django.utils.module_loading import import_string
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)  # django_redis_ex need not be installed
+    sys.path.insert(0, REPO_ROOT)  # the test harness; django_redis_ex need not be installed
+
+URLCONF = "bench_urls"
+# Before the harness: the test module configures Django only if nobody has. Each run's
+# CACHES are applied with override_settings once its servers are known.
+settings.configure(
+    DEBUG=False,
+    SECRET_KEY="bench-" + secrets.token_hex(16),
+    ALLOWED_HOSTS=["*"],
+    ROOT_URLCONF=URLCONF,
+    MIDDLEWARE=[],
+    INSTALLED_APPS=[],
+    CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
+    USE_TZ=True,
+)
+django.setup()
+
+from test_django_redis_ex import (  # noqa: E402
+    CLEANUP,
+    ClusterSetup,
+    RedisServer,
+    SentinelSetup,
+    asgi_get,
+    redact,
+)
 
 RAW = "redis-py"
 EX = "django_redis_ex.RedisEXCache"
@@ -106,12 +131,10 @@ TIMEOUT = 300  # Django's default TIMEOUT: every SET carries EX 300
 MANY_KEYS = [f"many:{i}" for i in range(100)]
 THREADS = 8
 TASKS = 100
-URLCONF = "bench_urls"
 SAMPLE_INTERVAL = 0.003  # seconds between two INFO clients of the sampler
 STEP_TIMEOUT = 300.0  # seconds one measurement may take before it is abandoned
 CHUNK = 10  # operations between two looks at the clock
 QUICK = 0.15  # share of the default work that --quick does
-SETUP_TIMEOUT = 30.0  # seconds a replica, the sentinels or a cluster may take to be ready
 
 # The codec-cost section: a value large enough to be compressed (2,072 bytes pickled, 2,815 as
 # the JSON serializer writes it), and which serializer or compressor each variant uses.
@@ -136,12 +159,11 @@ CODECS: dict[str, tuple[dict[str, Any], str | None]] = {  # OPTIONS, module it n
     "zstd": ({"compressor": "zstd"}, "zstandard"),
     "lz4": ({"compressor": "lz4"}, "lz4.frame"),
 }
-CODEC_SCENARIOS = ("sync.get_hit", "sync.set", "sync.get_many", "sync.set_many")
-CODEC_SCENARIOS += ("async.get", "async.set")
+CODEC_SCENARIOS: tuple[str, ...] = ("sync.get_hit", "sync.set", "sync.get_many")
+CODEC_SCENARIOS += ("sync.set_many", "async.get", "async.set")
 CODEC_SHARE = 0.25  # share of a scenario's work that the codec section does
 
 TOPOLOGIES = ("single", "sentinel", "cluster")
-SERVICE = "mymaster"  # the service the sentinels monitor
 
 
 # ---------------------------------------------------------------------------
@@ -236,8 +258,8 @@ def work(scenario: Scenario, args: argparse.Namespace) -> int:
     """Operations (calls, requests) of one measurement: --requests is taken as given."""
     if scenario.kind == "asgi" and args.requests_given:
         return int(args.requests)
-    base = args.requests if scenario.kind == "asgi" else scenario.base
-    return max(1, round(base * args.scale * (QUICK if args.quick else 1.0)))
+    base: int = args.requests if scenario.kind == "asgi" else scenario.base
+    return max(1, round(base * float(args.scale) * (QUICK if args.quick else 1.0)))
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -247,138 +269,16 @@ def split(total: int, parts: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------
-# Redis server, helper processes, cleanup
+# Deployments (their servers come from the test harness), the sampler, cleanup
 # ---------------------------------------------------------------------------
 
 
-class Processes:
-    """Child processes this run started, stopped by PID at exit whatever happens."""
-
-    def __init__(self) -> None:
-        self.children: list[subprocess.Popen[Any]] = []
-        self.dirs: list[str] = []
-        atexit.register(self.stop_all)
-
-    def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        proc = subprocess.Popen(argv, **kwargs)
-        self.children.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[Any]) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
-
-    def stop_all(self) -> None:
-        self.stop_since(0, 0)
-
-    def stop_since(self, children: int, dirs: int) -> None:
-        """Stop the children started after the first ``children``, newest first; remove the
-        directories made after the first ``dirs``."""
-        while len(self.children) > children:
-            self.stop(self.children.pop())
-        while len(self.dirs) > dirs:
-            shutil.rmtree(self.dirs.pop(), ignore_errors=True)
-
-    @contextlib.contextmanager
-    def scope(self) -> Iterator[None]:
-        """Children started inside are stopped, and directories removed, when it ends."""
-        children, dirs = len(self.children), len(self.dirs)
-        try:
-            yield
-        finally:
-            self.stop_since(children, dirs)
-
-    def tempdir(self, prefix: str) -> str:
-        path = tempfile.mkdtemp(prefix=prefix)
-        self.dirs.append(path)
-        return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise RuntimeError(f"{name} is not on the PATH: apt-get install redis-server")
-    return path
-
-
-def start_server(
-    procs: Processes,
-    workdir: str,
-    options: Callable[[int], list[str]] = lambda port: [],
-    sentinel: str = "",
-) -> tuple[subprocess.Popen[Any], int]:
-    """A redis-server on a free loopback port with ``options(port)``, or a sentinel with the
-    config lines ``sentinel``; the process and its port once it answers PING."""
-    server = binary("redis-server")
-    for _attempt in range(3):
-        port = free_port()
-        if sentinel:  # a sentinel rewrites its config file: one each
-            config = Path(workdir, f"sentinel-{port}.conf")
-            config.write_text(f"port {port}\nbind 127.0.0.1\n{sentinel}")
-            argv = [server, str(config), "--sentinel"]
-        else:
-            argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-            argv += ["--appendonly", "no", "--dir", workdir, "--daemonize", "no", *options(port)]
-        proc = procs.start(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        with node(port, timeout=1) as probe:
-            while proc.poll() is None and time.monotonic() < deadline:
-                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                    probe.ping()
-                    return proc, port
-                time.sleep(0.05)
-        procs.stop(proc)
-    raise RuntimeError("could not start redis-server on a free port")
-
-
-def start_redis(procs: Processes) -> str:
-    """A throwaway redis-server on a free loopback port; its URL once it answers."""
+def start_redis() -> RedisServer:
+    """A throwaway redis-server on a free loopback port, once it answers."""
     try:
-        _proc, port = start_server(procs, procs.tempdir("bench-redis-"))
+        return RedisServer()
     except RuntimeError as exc:
         sys.exit(f"{exc}, or use --location")
-    return f"redis://127.0.0.1:{port}/0"
-
-
-def node(port: int, timeout: float = 5) -> redis.Redis:
-    """A client of one server or sentinel of this run, for setup checks and INFO."""
-    return redis.Redis(port=port, socket_connect_timeout=timeout, socket_timeout=timeout)
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = SETUP_TIMEOUT) -> None:
-    """Poll ``condition`` until it is true (Redis errors count as not yet), bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(redis.RedisError, OSError):
-            if condition():
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"gave up after {timeout:g} s waiting for {what}")
-
-
-def replica_synced(port: int) -> bool:
-    with node(port) as client:
-        info = client.info("replication")
-    return info["role"] == "master" or info.get("master_link_status") == "up"
-
-
-def data_node(port: int) -> list[str]:
-    """Options of a server that has replicas: replicate at once, without waiting for more."""
-    return ["--repl-diskless-sync-delay", "0"]
 
 
 class Topology:
@@ -387,9 +287,9 @@ class Topology:
     name = "single"
     multi_get = "mget"  # the raw clients' method for get_many
 
-    def __init__(self, url: str, processes: list[subprocess.Popen[Any]] | None = None) -> None:
+    def __init__(self, url: str, servers: list[RedisServer]) -> None:
         self.url = url  # of the server, the master or a primary: what a report names
-        self.processes = processes or []  # what this run started for it
+        self.servers = servers  # what this run started for it
 
     def describe(self) -> str:
         return redact(self.url)
@@ -411,57 +311,45 @@ class Topology:
     def close_sync(self, client: Any) -> None:
         client.close()
 
+    def pids(self) -> list[int]:
+        return [server.process.pid for server in self.servers if server.process is not None]
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
 
 class SentinelTopology(Topology):
     """A master, its replica and three sentinels (quorum 2) watching them."""
 
     name = "sentinel"
 
-    def __init__(self, procs: Processes) -> None:
-        workdir = procs.tempdir("bench-sentinel-")
-        master, port = start_server(procs, workdir, data_node)
-        follow = ["--replicaof", "127.0.0.1", str(port)]
-        replica, replica_port = start_server(procs, workdir, lambda p: [*data_node(p), *follow])
-        super().__init__(f"redis://127.0.0.1:{port}/0", [master, replica])
-        self.master_port = port
-        wait_until(lambda: replica_synced(replica_port), "the replica to sync")
-        # Sentinels read the master's replicas when they connect: start them afterwards.
-        config = (
-            f"sentinel monitor {SERVICE} 127.0.0.1 {port} 2\n"
-            f"sentinel down-after-milliseconds {SERVICE} 1500\n"
-            f"sentinel failover-timeout {SERVICE} 3000\n"
-        )
-        self.sentinels: list[tuple[str, int]] = []
-        for _ in range(3):
-            proc, sentinel_port = start_server(procs, workdir, sentinel=config)
-            self.processes.append(proc)
-            self.sentinels.append(("127.0.0.1", sentinel_port))
-        wait_until(self._agreed, "the sentinels to find the master and each other")
-
-    def _agreed(self) -> bool:
-        for _host, port in self.sentinels:
-            with node(port) as sentinel:
-                state = sentinel.sentinel_master(SERVICE)
-                master = sentinel.sentinel_get_master_addr_by_name(SERVICE)
-            if state["num-other-sentinels"] != 2 or int(master[1]) != self.master_port:
-                return False
-        return True
+    def __init__(self) -> None:
+        self.setup = SentinelSetup(down_after_ms=1500)
+        super().__init__(f"{self.setup.master.url}/0", self.setup.servers)
+        self.sentinels = [("127.0.0.1", sentinel.port) for sentinel in self.setup.sentinels]
 
     def describe(self) -> str:
         sentinels = ", ".join(str(port) for _host, port in self.sentinels)
-        return f"master on port {self.master_port} + 1 replica, sentinels on ports {sentinels}"
+        return (
+            f"master on port {self.setup.master.port} + 1 replica, sentinels on ports {sentinels}"
+        )
 
     def location(self) -> tuple[Any, dict[str, Any]]:
-        return f"redis://{SERVICE}/0", {"sentinels": [f"{h}:{p}" for h, p in self.sentinels]}
+        return self.setup.location(0)
 
     def raw_sync(self) -> Any:
-        manager = redis.sentinel.Sentinel(self.sentinels)
-        pool = redis.sentinel.SentinelConnectionPool(SERVICE, manager, is_master=True)
+        manager = redis.sentinel.Sentinel(self.sentinels)  # type: ignore[no-untyped-call]
+        pool = redis.sentinel.SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            self.setup.service, manager, is_master=True
+        )
         return redis.Redis(connection_pool=pool)
 
     async def raw_async(self) -> Any:
-        manager = redis.asyncio.sentinel.Sentinel(self.sentinels)
-        pool = redis.asyncio.sentinel.SentinelConnectionPool(SERVICE, manager, is_master=True)
+        manager = redis.asyncio.sentinel.Sentinel(self.sentinels)  # type: ignore[no-untyped-call]
+        pool = redis.asyncio.sentinel.SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            self.setup.service, manager, is_master=True
+        )
         return redis.asyncio.Redis(connection_pool=pool)
 
     async def close_async(self, client: Any) -> None:
@@ -481,44 +369,16 @@ class ClusterTopology(Topology):
     name = "cluster"
     multi_get = "mget_nonatomic"
 
-    def __init__(self, procs: Processes) -> None:
-        workdir = procs.tempdir("bench-cluster-")
-
-        def options(port: int) -> list[str]:
-            # The bus port defaults to port + 10000, which is too high above 55535: pick it.
-            out = [*data_node(port), "--cluster-enabled", "yes"]
-            out += ["--cluster-port", str(free_port())]
-            out += ["--cluster-config-file", f"nodes-{port}.conf"]
-            return [*out, "--cluster-node-timeout", "1000"]
-
-        started = [start_server(procs, workdir, options) for _ in range(6)]
-        self.ports = [port for _proc, port in started]
-        super().__init__(f"redis://127.0.0.1:{self.ports[0]}/0", [p for p, _ in started])
-        argv = [binary("redis-cli"), "--cluster", "create"]
-        argv += [f"127.0.0.1:{port}" for port in self.ports]
-        argv += ["--cluster-replicas", "1", "--cluster-yes"]
-        create = subprocess.run(
-            argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
-        )
-        if create.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create: {create.stdout[-500:]}")
-        wait_until(self._ok, "cluster_state:ok and synced replicas on every node")
-
-    def _ok(self) -> bool:
-        for port in self.ports:
-            with node(port) as client:
-                info = client.cluster("info")
-            if info["cluster_state"] != "ok" or int(info["cluster_slots_ok"]) != 16384:
-                return False
-            if not replica_synced(port):
-                return False
-        return True
+    def __init__(self) -> None:
+        self.setup = ClusterSetup()
+        self.ports = [node.port for node in self.setup.nodes]
+        super().__init__(f"{self.setup.nodes[0].url}/0", self.setup.nodes)
 
     def describe(self) -> str:
         return f"3 primaries + 3 replicas on ports {', '.join(map(str, self.ports))}"
 
     def location(self) -> tuple[Any, dict[str, Any]]:
-        return [f"redis://127.0.0.1:{port}" for port in self.ports], {"cluster": True}
+        return self.setup.location()
 
     def raw_sync(self) -> Any:
         return redis.cluster.RedisCluster("127.0.0.1", self.ports[0])
@@ -532,8 +392,8 @@ class ClusterTopology(Topology):
         return client
 
 
-def start_topology(name: str, procs: Processes) -> Topology:
-    return {"sentinel": SentinelTopology, "cluster": ClusterTopology}[name](procs)
+def start_topology(name: str) -> Topology:
+    return {"sentinel": SentinelTopology, "cluster": ClusterTopology}[name]()
 
 
 _SAMPLER = """
@@ -569,10 +429,11 @@ while time.monotonic() < deadline:
 class Sampler:
     """A helper process on the other CPU that polls INFO clients to catch the peak."""
 
-    def __init__(self, procs: Processes, url: str, cpu: int | None) -> None:
+    def __init__(self, url: str, cpu: int | None) -> None:
         argv = [sys.executable, "-c", _SAMPLER, url, str(-1 if cpu is None else cpu)]
         argv += [str(SAMPLE_INTERVAL), "3600"]
-        self.proc = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        CLEANUP.register(self)
         self._read()
 
     def _read(self) -> list[str]:
@@ -590,14 +451,23 @@ class Sampler:
         self.proc.stdin.flush()
         return self._read()
 
-    def start(self) -> int:
+    def begin(self) -> int:
         """Start a window; the connected clients now."""
         return int(self._ask("start")[0])
 
-    def stop(self) -> tuple[int, int]:
+    def end(self) -> tuple[int, int]:
         """End the window: its peak of connected clients and how many samples it took."""
         peak, samples = self._ask("stop")
         return int(peak), int(samples)
+
+    def stop(self) -> None:
+        """Kill the helper by its PID."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
 
 
 def cleanup_keys(client: redis.Redis, prefix: str) -> int:
@@ -611,14 +481,6 @@ def cleanup_keys(client: redis.Redis, prefix: str) -> int:
         if cursor == 0:
             break
     return deleted
-
-
-def redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.hostname}:{parts.port}"))
 
 
 # ---------------------------------------------------------------------------
@@ -682,26 +544,14 @@ def topology_backends(topology: Topology, prefix: str) -> tuple[list[Backend], d
     return backends, entries
 
 
-def configure_django(caches_setting: dict[str, Any]) -> None:
-    """settings.configure() with these CACHES, and the URLs of the ASGI views."""
-    caches_setting["default"] = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+def install_urlconf() -> None:
+    """The ROOT_URLCONF module: the URLs of the ASGI views."""
     urls = types.ModuleType(URLCONF)
     urls.urlpatterns = [  # type: ignore[attr-defined]
         path("async/<str:alias>/", async_view),
         path("sync/<str:alias>/", sync_view),
     ]
     sys.modules[URLCONF] = urls
-    settings.configure(
-        DEBUG=False,
-        SECRET_KEY="bench-" + secrets.token_hex(16),
-        ALLOWED_HOSTS=["*"],
-        ROOT_URLCONF=URLCONF,
-        MIDDLEWARE=[],
-        INSTALLED_APPS=[],
-        CACHES=caches_setting,
-        USE_TZ=True,
-    )
-    django.setup()
 
 
 async def async_view(request: HttpRequest, alias: str) -> HttpResponse:
@@ -937,51 +787,14 @@ def measure_async(run: Run, backend: Backend, scenario: Scenario, n: int) -> dic
 
 async def asgi_requests(app: ASGIHandler, url_path: str, n: int, concurrency: int) -> int:
     """Serve ``n`` GET requests of ``url_path`` through the ASGI app; how many were not 200."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": url_path,
-        "raw_path": url_path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"localhost")],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-    }
     failed = 0
     remaining = iter(range(n))
 
-    async def one() -> None:
-        nonlocal failed
-        finished = asyncio.Event()
-        status: list[int] = []
-        received = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal received
-            if not received:
-                received = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await finished.wait()  # as a server: the client leaves once answered
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                finished.set()
-
-        await app(dict(scope), receive, send)
-        finished.set()
-        if status != [200]:
-            failed += 1
-
     async def worker() -> None:
+        nonlocal failed
         for _ in remaining:
-            await one()
+            status, _body = await asgi_get(app, url_path)
+            failed += status != 200
 
     workers = [worker() for _ in range(min(concurrency, n))]
     await asyncio.wait_for(asyncio.gather(*workers), STEP_TIMEOUT)
@@ -1023,13 +836,13 @@ def measure_asgi(
     reset_sync_pool(run, backend)
     gc.collect()
     received_before = run.monitor.info("stats")["total_connections_received"]
-    baseline = sampler.start()
+    baseline = sampler.begin()
     try:
         # A fresh context, as a server's: request tasks must not inherit cache objects that
         # this process created outside requests (asgiref's Local is context-local).
         rps, failed = contextvars.Context().run(asyncio.run, serve())
     finally:
-        peak, samples = sampler.stop()
+        peak, samples = sampler.end()
     received = run.monitor.info("stats")["total_connections_received"] - received_before
     return {
         "ops_per_s": rps,
@@ -1155,7 +968,6 @@ def codec_section(
 
 def topology_section(
     name: str,
-    procs: Processes,
     main_args: argparse.Namespace,
     prefix: str,
     scenarios: list[Scenario],
@@ -1163,17 +975,15 @@ def topology_section(
 ) -> tuple[Run, Results, dict[str, Any]] | None:
     """Start topology ``name``, measure ``scenarios`` there, stop it: the run, its results
     and what was measured; None if it could not be started."""
-    from django.test.utils import override_settings  # resets caches on entry and exit
-
-    with procs.scope():
-        began = time.monotonic()
-        print(f"[{name}] starting its servers", file=sys.stderr, flush=True)
-        try:
-            topology = start_topology(name, procs)
-        except Exception as exc:
-            errors.setdefault(name, {})["setup"] = f"{type(exc).__name__}: {exc}"
-            print(f"  ! {name} setup: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            return None
+    began = time.monotonic()
+    print(f"[{name}] starting its servers", file=sys.stderr, flush=True)
+    try:
+        topology = start_topology(name)  # a failed start stops what it started
+    except Exception as exc:
+        errors.setdefault(name, {})["setup"] = f"{type(exc).__name__}: {exc}"
+        print(f"  ! {name} setup: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return None
+    try:
         setup = time.monotonic() - began
         backends, entries = topology_backends(topology, prefix)
         run = Run(topology, prefix, main_args, backends, topology.raw_sync(), section=name)
@@ -1185,14 +995,16 @@ def topology_section(
         topology.close_sync(run.raw_sync)
         cpus = None
         if hasattr(os, "sched_getaffinity"):
-            cpus = sorted({cpu for p in topology.processes for cpu in os.sched_getaffinity(p.pid)})
+            cpus = sorted({cpu for pid in topology.pids() for cpu in os.sched_getaffinity(pid)})
         info = {
             "servers": topology.describe(),
-            "redis_processes": len(topology.processes),
+            "redis_processes": len(topology.pids()),
             "their_cpus": cpus,
             "setup_seconds": round(setup, 1),
             "seconds": round(time.monotonic() - began, 1),
         }
+    finally:
+        topology.stop()
     return run, {s.name: summarize_scenario(run, s.name) for s in scenarios}, info
 
 
@@ -1210,58 +1022,8 @@ def topology_note(name: str, info: dict[str, Any], cpus: tuple[int, int | None] 
 
 
 # ---------------------------------------------------------------------------
-# Targets and report
+# Report
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    scenario: str
-    backend: str
-    reference: str | None  # a backend key for a ratio; None: connections received
-    limit: float
-
-    def measure(self, run: Run) -> float | None:
-        if self.reference is None:
-            reps = run.reps.get(self.scenario, {}).get(self.backend)
-            return float(max(r["connections_received"] for r in reps)) if reps else None
-        ratios = paired_ratio(run, self.scenario, self.backend, self.reference)
-        return statistics.median(ratios) if ratios else None
-
-    def passed(self, value: float) -> bool:
-        return value <= self.limit if self.reference is None else value >= self.limit
-
-    def describe(self) -> str:
-        who = f"{self.scenario} {LABELS[self.backend]}"
-        if self.reference is None:
-            return f"{who}: connections received <= {self.limit:g}"
-        reference = {RAW: "raw", EX: "RedisEXCache", AEX: "AsyncRedisEXCache"}.get(
-            self.reference, "Django"
-        )
-        return f"{who} / {reference} >= {self.limit:g}"
-
-
-def targets() -> list[Target]:
-    out = []
-    both = (EX, AEX)
-    for s in ("sync.get_hit", "sync.get_miss", "threads.get", "sync.set", "sync.incr"):
-        out += [Target(s, c, RAW, 0.90) for c in both]
-    for s in ("async.get", "async.set"):
-        out += [Target(s, c, RAW, 0.90) for c in both]
-        out += [Target(s, c, DJANGO, 2.0) for c in both]
-    for s in ("sync.get_many", "sync.set_many", "async.get_many", "async.set_many"):
-        out += [Target(s, c, RAW, 0.60) for c in both]
-    # The non-native path of each class against the other class's native path.
-    for scenario in SCENARIOS:
-        if scenario.kind == "sync":
-            out.append(Target(scenario.name, AEX, EX, 0.90))
-        elif scenario.kind == "async":
-            out.append(Target(scenario.name, EX, AEX, 0.90))
-    out += [Target("sync.incr", c, DJANGO, 1.6) for c in both]
-    for s in ("asgi.async_view", "asgi.sync_view"):
-        out += [Target(s, c, None, 60) for c in both]
-        out += [Target(s, c, DJANGO, 1.0) for c in both]
-    return out
 
 
 Results = dict[str, dict[str, dict[str, Any]]]  # scenario: backend key: figures
@@ -1350,44 +1112,6 @@ def topology_table(sections: list[tuple[Run, Results]], notes: list[str]) -> str
     return "\n".join(lines)
 
 
-def target_report(run: Run) -> tuple[str, list[dict[str, Any]]]:
-    lines = ["", "targets (ratios of this run, median of per-rep ratios)"]
-    rows = []
-    for target in targets():
-        value = target.measure(run)
-        status = "n/a" if value is None else ("PASS" if target.passed(value) else "MISS")
-        shown = (
-            "-"
-            if value is None
-            else (f"{value:.0f}" if target.reference is None else f"{value:.2f}")
-        )
-        lines.append(f"  {status:<5}{shown:>7}  {target.describe()}")
-        rows.append({"target": target.describe(), "value": value, "status": status})
-    misses = sum(row["status"] == "MISS" for row in rows)
-    passes = sum(row["status"] == "PASS" for row in rows)
-    lines.append(f"  {passes} passed, {misses} missed, {len(rows) - passes - misses} not measured")
-    return "\n".join(lines), rows
-
-
-def source_id(module: types.ModuleType) -> dict[str, Any]:
-    """Which django_redis_ex was measured: file, SHA-256, git commit and whether it is edited."""
-    file = Path(str(module.__file__))
-    out: dict[str, Any] = {
-        "file": str(file),
-        "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
-    }
-    git = ["git", "-C", str(file.parent)]
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, timeout=5)
-        status = subprocess.run(
-            [*git, "status", "--porcelain", "--", file.name], capture_output=True, timeout=5
-        )
-        if commit.returncode == 0:
-            out["commit"] = commit.stdout.decode().strip()
-            out["modified"] = bool(status.stdout.strip())
-    return out
-
-
 def meta(
     args: argparse.Namespace,
     prefix: str,
@@ -1428,7 +1152,6 @@ def meta(
         "redis_py": redis.__version__,
         "hiredis": bool(redis.utils.HIREDIS_AVAILABLE),
         "django_redis_ex": getattr(ex, "__version__", None),
-        "django_redis_ex_source": source_id(ex),
         "redis_server": server.get("redis_version"),
         "cpu_count": os.cpu_count(),
         "loadavg_end": os.getloadavg(),
@@ -1499,12 +1222,12 @@ def pin(no_pin: bool) -> tuple[int, int | None] | None:
     return available[0], (available[1] if len(available) > 1 else None)
 
 
-def watchdog(seconds: float, procs: Processes) -> None:
-    """Bound the whole run: past ``seconds``, stop the children and exit."""
+def watchdog(seconds: float) -> None:
+    """Bound the whole run: past ``seconds``, stop the servers and helpers and exit."""
 
     def abort() -> None:
         print(f"bench: aborted after {seconds:.0f} s (--max-seconds)", file=sys.stderr)
-        procs.stop_all()
+        CLEANUP.stop_all()
         os._exit(3)
 
     timer = threading.Timer(seconds, abort)
@@ -1517,15 +1240,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    procs = Processes()
-    watchdog(args.max_seconds, procs)
+    atexit.register(CLEANUP.stop_all)
+    watchdog(args.max_seconds)
     cpus = pin(args.no_pin)  # before starting redis-server, which inherits the CPU
     prefix = f"bench:{secrets.token_hex(4)}:"
     monitor = None
     errors: dict[str, dict[str, str]] = {}
-    document: dict[str, Any] = {"results": {}, "errors": errors, "targets": []}
+    document: dict[str, Any] = {"results": {}, "errors": errors}
     extra: dict[str, Any] = {}
     run = None
+    settings_in_force = contextlib.ExitStack()
     try:
         chosen = [
             s for s in SCENARIOS if not args.scenario or s.name.startswith(tuple(args.scenario))
@@ -1534,6 +1258,7 @@ def main(argv: list[str] | None = None) -> int:
         codec_scenarios = [s for s in chosen if s.name in CODEC_SCENARIOS and args.codecs]
         caches_setting: dict[str, Any] = {}
         if single:
+            servers = []
             if args.location:
                 url = args.location
                 print(
@@ -1542,15 +1267,19 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
             else:
-                url = start_redis(procs)
+                servers = [start_redis()]
+                url = f"{servers[0].url}/0"
             monitor = redis.Redis.from_url(url, socket_timeout=10)
             monitor.ping()
             backends, failed = main_backends(caches_setting, url, prefix, args.backend)
             variants = codec_backends(caches_setting, url, prefix) if codec_scenarios else []
-        configure_django(caches_setting)
+        install_urlconf()
+        settings_in_force.enter_context(
+            override_settings(CACHES={**settings.CACHES, **caches_setting})
+        )
         sections: list[tuple[Run, Results]] = []
         if single:
-            topology = Topology(url)  # raw_sync: redis-py's defaults, the limit
+            topology = Topology(url, servers)  # raw_sync: redis-py's defaults, the limit
             run = _run = Run(topology, prefix, args, backends, topology.raw_sync(), monitor)
             run.errors = errors
             for dotted in failed:
@@ -1562,13 +1291,11 @@ def main(argv: list[str] | None = None) -> int:
             app = ASGIHandler()
             sampler = None
             if any(s.kind == "asgi" for s in chosen):
-                sampler = Sampler(procs, url, None if cpus is None else cpus[1])
+                sampler = Sampler(url, None if cpus is None else cpus[1])
             for scenario in chosen:
                 run_scenario(run, scenario, app, sampler)
             results = {s.name: summarize_scenario(run, s.name) for s in chosen}
             print(table(run, results))
-            report, document["targets"] = target_report(run)
-            print(report)
             document["results"] = results
             sections.append((run, results))
             if codec_scenarios:
@@ -1591,7 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
             document["topologies"] = {}
             for name in others:
                 scenarios = [s for s in chosen if s.kind != "asgi"]
-                section = topology_section(name, procs, args, prefix, scenarios, errors)
+                section = topology_section(name, args, prefix, scenarios, errors)
                 if section is None:
                     continue
                 topology_run, topology_results, info = section
@@ -1609,11 +1336,12 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:
+        settings_in_force.close()
         if args.location and monitor is not None:
             with contextlib.suppress(redis.RedisError):
                 deleted = cleanup_keys(monitor, prefix)
                 print(f"deleted {deleted} keys under '{prefix}*'", file=sys.stderr)
-        procs.stop_all()
+        CLEANUP.stop_all()
 
 
 if __name__ == "__main__":
