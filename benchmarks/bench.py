@@ -339,15 +339,13 @@ class SentinelTopology(Topology):
         return self.setup.location(0)
 
     def raw_sync(self) -> Any:
-        manager = redis.sentinel.Sentinel(self.sentinels)  # type: ignore[no-untyped-call]
-        pool = redis.sentinel.SentinelConnectionPool(  # type: ignore[no-untyped-call]
-            self.setup.service, manager, is_master=True
-        )
+        manager = redis.sentinel.Sentinel(self.sentinels)
+        pool = redis.sentinel.SentinelConnectionPool(self.setup.service, manager, is_master=True)
         return redis.Redis(connection_pool=pool)
 
     async def raw_async(self) -> Any:
-        manager = redis.asyncio.sentinel.Sentinel(self.sentinels)  # type: ignore[no-untyped-call]
-        pool = redis.asyncio.sentinel.SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        manager = redis.asyncio.sentinel.Sentinel(self.sentinels)
+        pool = redis.asyncio.sentinel.SentinelConnectionPool(
             self.setup.service, manager, is_master=True
         )
         return redis.asyncio.Redis(connection_pool=pool)
