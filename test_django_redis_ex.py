@@ -2162,6 +2162,16 @@ def codec_options(serializer: str, compressor: str | None) -> dict[str, Any]:
     return {"serializer": serializer, "compressor": compressor, "compress_min_length": 64}
 
 
+def stored_by_set(cache: Any, value: Any) -> Any:
+    """What ``cache.set("k", value)`` sends to Redis as the value."""
+    stored = Anything()
+    scripted(
+        "sync", cache, "set", "k", value, script=Script((("SET", "t:1:k", stored, "EX", 300), True))
+    )
+    (data,) = stored.seen
+    return data
+
+
 @pytest.mark.parametrize("compressor", [None, *ALGORITHMS])
 @pytest.mark.parametrize("serializer", SERIALIZERS)
 def test_codec_round_trips_every_serializer_and_compressor(
@@ -2169,16 +2179,7 @@ def test_codec_round_trips_every_serializer_and_compressor(
 ) -> None:
     cache = offline_cache(**codec_options(serializer, compressor))
     for value in CODEC_VALUES:
-        stored = Anything()
-        scripted(
-            "sync",
-            cache,
-            "set",
-            "k",
-            value,
-            script=Script((("SET", "t:1:k", stored, "EX", 300), True)),
-        )
-        (data,) = stored.seen
+        data = stored_by_set(cache, value)
         if type(value) is int:
             assert data == value  # raw, so INCR works on it
         elif compressor is not None and len(str(value)) > 200:
@@ -2194,17 +2195,7 @@ def test_compressed_values_stay_readable_when_the_compressor_changes(
     writer: str, reader: str | None
 ) -> None:
     value = {"report": "x" * 2000}
-    written = Anything()
-    cache = offline_cache(**codec_options("pickle", writer))
-    scripted(
-        "sync",
-        cache,
-        "set",
-        "k",
-        value,
-        script=Script((("SET", "t:1:k", written, "EX", 300), True)),
-    )
-    (data,) = written.seen
+    data = stored_by_set(offline_cache(**codec_options("pickle", writer)), value)
     assert data.startswith(b"\x00rx") and len(data) < 500
     later = offline_cache(**codec_options("pickle", reader))
     assert scripted("sync", later, "get", "k", script=Script((("GET", "t:1:k"), data))) == value
@@ -2215,17 +2206,9 @@ def test_djangos_own_format_is_what_pickle_writes() -> None:
 
     cache = offline_cache()
     for value in [5, "five", {"five": 5}, True]:
-        stored = Anything()
-        scripted(
-            "sync",
-            cache,
-            "set",
-            "k",
-            value,
-            script=Script((("SET", "t:1:k", stored, "EX", 300), True)),
-        )
-        assert stored.seen == [DjangosSerializer().dumps(value)]
-        assert DjangosSerializer().loads(stored.seen[0]) == value
+        data = stored_by_set(cache, value)
+        assert data == DjangosSerializer().dumps(value)
+        assert DjangosSerializer().loads(data) == value
 
 
 def stampede_cache() -> Any:
