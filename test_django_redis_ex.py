@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import enum
 import os
 import pickle
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -54,7 +57,9 @@ from django.http import HttpRequest, HttpResponse
 from django.test.utils import override_settings
 from django.urls import path
 from django.utils.module_loading import import_string
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.retry import Retry
 
 import django_redis_ex
 from django_redis_ex import AsyncRedisEXCache, RedisEXCache
@@ -201,9 +206,13 @@ class RedisServer:
         deadline = time.monotonic() + 10
         with self.client(timeout=1) as probe:
             while self.process.poll() is None and time.monotonic() < deadline:
-                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                try:
                     if probe.ping():
                         return
+                except redis.AuthenticationError:
+                    return  # it answers, and wants a password
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass
                 time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"redis-server did not start on port {self.port}")
@@ -2087,12 +2096,20 @@ class Script:
         return reply
 
 
+class RedisDown(Script):
+    """Every command fails as if Redis refused connections, however often it is sent."""
+
+    def answer(self, command: Any) -> Any:
+        self.sent.append(command)
+        raise DOWN
+
+
 class ScriptedSyncDriver(django_redis_ex._SyncDriver):
     def __init__(self, topology: Any, script: Script) -> None:
         super().__init__(topology)
         self.script = script
 
-    def _send(self, command: Any) -> Any:
+    def _send_once(self, command: Any) -> Any:
         return self.script.answer(command)
 
 
@@ -2101,7 +2118,7 @@ class ScriptedAsyncDriver(django_redis_ex._AsyncDriver):
         super().__init__(topology)
         self.script = script
 
-    async def _send(self, command: Any) -> Any:
+    async def _send_once(self, command: Any) -> Any:
         return self.script.answer(command)
 
 
@@ -2350,7 +2367,7 @@ def test_ignore_exceptions_fallback_and_log_name_the_method(
 ) -> None:
     cache = offline_cache(ignore_exceptions=True)
     with caplog.at_level("WARNING", logger="django_redis_ex"):
-        assert scripted(path, cache, method, *args, script=Script((Anything(), DOWN))) == fallback
+        assert scripted(path, cache, method, *args, script=RedisDown()) == fallback
     called = method if path == "sync" else f"a{method}"
     assert [r.getMessage().split(",")[0] for r in caplog.records] == [
         f"Redis unavailable in {called}"
@@ -2362,13 +2379,13 @@ def test_ignore_exceptions_fallback_and_log_name_the_method(
 def test_ignore_exceptions_counters_raise_as_for_a_missing_key(path: str, method: str) -> None:
     cache = offline_cache(ignore_exceptions=True)
     with pytest.raises(ValueError, match="not found"):
-        scripted(path, cache, method, "k", script=Script((Anything(), DOWN)))
+        scripted(path, cache, method, "k", script=RedisDown())
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_without_ignore_exceptions_redis_errors_raise(path: str) -> None:
     with pytest.raises(redis.ConnectionError):
-        scripted(path, offline_cache(), "get", "k", script=Script((Anything(), DOWN)))
+        scripted(path, offline_cache(), "get", "k", script=RedisDown())
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -2447,3 +2464,437 @@ def test_get_many_makes_its_keys_as_djangos_make_and_validate_key_does() -> None
     cache.key_func = reversed_key  # swapped on a live object, as Django's own tests do
     mget = Script((("MGET", "2|t|a"), [None]))
     assert scripted("sync", cache, "get_many", ["a"], version=2, script=mget) == {}
+
+
+# ---------------------------------------------------------------------------
+# The connection lifecycle: restarts, idle timeouts, forks, loops that come and go, overload
+# ---------------------------------------------------------------------------
+
+
+def test_every_pooled_async_connection_is_replaced_after_a_restart(
+    own_server: RedisServer, backend: str
+) -> None:
+    """20 pooled connections, all closed by a restart while the loop runs: no call fails,
+    not even INCRBY, which is never sent twice."""
+    cache = make_cache(backend, own_server.url, OPTIONS={"max_connections": 20})
+
+    async def main() -> list[Any]:
+        await asyncio.gather(*(cache.aset(f"k{i}", i) for i in range(20)))
+        pooled = own_server.stat("connected_clients") - 1  # less the stats connection
+        assert pooled >= 10, pooled
+        own_server.stop()
+        own_server.start()
+        await asyncio.sleep(0.2)  # the loop runs and sees each socket closed
+        counts = await asyncio.gather(
+            *(cache.aincr(f"n{i}", ignore_key_check=True) for i in range(20))
+        )
+        return list(counts)
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == [1] * 20
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_connections_the_server_cut_while_idle_are_replaced(
+    backend: str, path_: str, loop: Any
+) -> None:
+    """Redis's idle ``timeout`` (managed services set one) closes pooled connections while
+    the process is quiet (the event loop not running either); the next call works."""
+    idle_server = RedisServer("--timeout", "1")
+    try:
+        api = Api(make_cache(backend, idle_server.url), path_, loop)
+        assert api.incr("n", ignore_key_check=True) == 1
+        time.sleep(2.5)  # idle past the server's timeout, which closes the connection
+        assert api.incr("n", ignore_key_check=True) == 2
+        assert api.get("missing") is None
+    finally:
+        idle_server.stop()
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_connections_killed_by_client_kill_are_replaced(
+    own_server: RedisServer, backend: str, path_: str, loop: Any
+) -> None:
+    api = Api(make_cache(backend, own_server.url), path_, loop)
+    assert api.incr("n", ignore_key_check=True) == 1
+    with own_server.client() as admin:
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+    time.sleep(0.1)
+    assert api.incr("n", ignore_key_check=True) == 2
+
+
+def wait_for_child(pid: int, timeout: float) -> int:
+    """The exit code of a forked child, killing it (by PID) if it outlives ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise TimeoutError(f"forked child {pid} still ran after {timeout} s")
+
+
+def in_forked_child(work: Callable[[], int], timeout: float = 30) -> int:
+    """Run ``work`` in a forked child; its result (0 to 100) is the child's exit code."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 101
+        try:
+            code = work()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return wait_for_child(pid, timeout)
+
+
+def test_a_forked_child_never_uses_its_parents_asyncio_connections(
+    server: RedisServer, backend: str
+) -> None:
+    """Forked with the parent's loop open (a multiprocessing worker calling get_event_loop on
+    Python 3.10/3.11 gets that loop): the child opens its own connection."""
+    cache = make_cache(backend, server.url, OPTIONS={"db": 9, "max_connections": 1})
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def client_id() -> int:
+            return int(await cache.get_async_client().client_id())
+
+        loop.run_until_complete(cache.aset("who", "parent"))
+        parents = loop.run_until_complete(client_id())
+
+        def child() -> int:
+            async def work() -> int:
+                await cache.aset("child", 1)
+                assert await cache.aget("child") == 1
+                return await client_id()
+
+            mine = loop.run_until_complete(asyncio.wait_for(work(), 10))
+            return 0 if mine != parents else 3
+
+        assert in_forked_child(child) == 0
+        assert loop.run_until_complete(cache.aget("who")) == "parent"
+        assert loop.run_until_complete(client_id()) == parents
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_waiters(
+    server: RedisServer, backend: str
+) -> None:
+    """A parent thread waits for the one connection when the process forks: in the child, a
+    waiter is served as soon as a connection is released, not after the whole timeout."""
+    cache = make_cache(backend, server.url, OPTIONS={"db": 9, "max_connections": 1, "timeout": 8})
+    pool = cache.get_client().connection_pool
+    held = pool.get_connection()
+    parent_waiter = threading.Thread(target=lambda: pool.release(pool.get_connection()))
+    parent_waiter.start()
+    time.sleep(0.2)  # it waits now
+
+    def child() -> int:
+        mine = pool.get_connection()
+        waited: list[float] = []
+
+        def wait() -> None:
+            start = time.monotonic()
+            pool.release(pool.get_connection())
+            waited.append(time.monotonic() - start)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.2)
+        pool.release(mine)
+        waiter.join(10)
+        return 0 if waited and waited[0] < 2 else 4
+
+    try:
+        assert in_forked_child(child) == 0
+    finally:
+        pool.release(held)
+        parent_waiter.join(10)
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_callers_beyond_max_connections_are_served_in_turn(
+    server: RedisServer, backend: str, path_: str
+) -> None:
+    """Twice as many callers as connections, for 3 s: first come, first served, so none
+    waits anywhere near the pool's timeout while Redis answers in microseconds."""
+    cache = make_cache(backend, server.url, OPTIONS={"db": 9, "max_connections": 4, "timeout": 2})
+    waits: list[float] = []
+    errors: list[BaseException] = []
+    stop_at = time.monotonic() + 3
+
+    def sync_caller(n: int) -> None:
+        while time.monotonic() < stop_at:
+            start = time.monotonic()
+            try:
+                cache.set(f"fair{n}", n)
+            except redis.ConnectionError as error:
+                errors.append(error)
+            waits.append(time.monotonic() - start)
+
+    async def async_caller(n: int) -> None:
+        while time.monotonic() < stop_at:
+            start = time.monotonic()
+            try:
+                await cache.aset(f"fair{n}", n)
+            except redis.ConnectionError as error:
+                errors.append(error)
+            waits.append(time.monotonic() - start)
+
+    if path_ == "sync":
+        threads = [threading.Thread(target=sync_caller, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+    else:
+
+        async def main() -> None:
+            await asyncio.gather(*(async_caller(n) for n in range(8)))
+
+        asyncio.run(asyncio.wait_for(main(), 20))
+    print(f"\n{len(waits)} calls, longest {max(waits) * 1000:.1f} ms")
+    assert not errors
+    assert len(waits) > 100 and max(waits) < 1
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_event_loops_dropped_without_close_leave_nothing_behind(
+    server: RedisServer, backend: str
+) -> None:
+    """new_event_loop() + run_until_complete(cache.aget(...)), never closed, 1000 times:
+    each loop goes with its connection, as with plain redis.asyncio."""
+    import gc
+    import warnings
+
+    cache = make_cache(backend, server.url, OPTIONS={"db": 9})
+
+    def drop_loops(count: int) -> None:
+        for _ in range(count):
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(cache.aget("k"))
+            del loop
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # the loops are dropped on purpose
+        drop_loops(20)
+        gc.collect()
+        before = open_fds()
+        drop_loops(1000)
+        gc.collect()
+        after = open_fds()
+    print(f"\nfds: {before} before 1000 dropped loops, {after} after")
+    assert after - before < 20
+    assert len(django_redis_ex._registry._loops) < 20
+
+
+def test_one_cache_object_shared_by_threads_that_run_their_own_loops(
+    server: RedisServer, backend: str
+) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"db": 9})  # one object, as at module level
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        async def main() -> None:
+            for i in range(200):
+                await cache.aset(f"thread{n}", i)
+                assert await cache.aget(f"thread{n}") == i
+
+        try:
+            asyncio.run(asyncio.wait_for(main(), 30))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: any unlocked state shows
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(40)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+
+
+def test_get_or_set_releases_its_lock_when_the_value_cannot_be_stored(
+    api: Api, target: Target
+) -> None:
+    with pytest.raises((pickle.PicklingError, TypeError, AttributeError)):
+        api.get_or_set("k", Unpicklable)
+    assert target.keys("*lock*") == []
+    assert api.get_or_set("k", lambda: "next caller") == "next caller"  # no wait for a lock
+
+
+def test_aget_or_set_cancelled_while_it_holds_the_lock_releases_it(
+    own_server: RedisServer, backend: str
+) -> None:
+    """The server is frozen (SIGSTOP) after the lock is taken, so the store hangs; the task
+    is cancelled (as wait_for or a client disconnect would): the lock does not stay."""
+    cache = make_cache(backend, own_server.url, KEY_PREFIX="t")
+    assert own_server.process is not None
+    pid = own_server.process.pid
+
+    def freeze_the_server() -> str:
+        os.kill(pid, signal.SIGSTOP)  # the store that follows gets no answer
+        return "value"
+
+    async def main() -> None:
+        task = asyncio.ensure_future(cache.aget_or_set("k", freeze_the_server))
+        try:
+            await asyncio.sleep(0.3)  # it waits for the store's reply now
+            assert not task.done()
+            task.cancel()
+            await asyncio.sleep(0.1)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 20)
+
+    asyncio.run(main())
+    with own_server.client() as check:
+        assert check.keys("*lock*") == []
+
+
+def test_get_or_set_with_ignore_exceptions_computes_once_when_the_store_fails() -> None:
+    calls: list[int] = []
+
+    def compute() -> str:
+        calls.append(1)
+        return "computed"
+
+    script = Script(
+        (("GET", "t:1:k"), None),
+        ([LOCK, ("GET", "t:1:k")], [True, None]),
+        (Anything(), DOWN),  # storing the value fails: Redis went away
+        release_lock(),  # tried on the way out
+    )
+    cache = offline_cache(ignore_exceptions=True, stampede_lock_timeout=2)
+    assert scripted("sync", cache, "get_or_set", "k", compute, script=script) == "computed"
+    assert calls == [1]
+
+
+def test_a_value_over_the_servers_size_limit_is_a_clear_error(backend: str) -> None:
+    """Redis drops the connection on a value over proto-max-bulk-len: that is the caller's
+    value at fault, not Redis unavailable, even with ignore_exceptions."""
+    small = RedisServer("--proto-max-bulk-len", "1mb")
+    try:
+        cache = make_cache(backend, small.url, OPTIONS={"ignore_exceptions": True})
+        with pytest.raises(ValueError, match="proto-max-bulk-len"):
+            cache.set("big", b"x" * 3_000_000)
+        with pytest.raises(ValueError, match="proto-max-bulk-len"):
+            asyncio.run(cache.aset("big", b"x" * 3_000_000))
+        cache.set("small", b"x" * 1000)
+        assert cache.get("small") == b"x" * 1000
+    finally:
+        small.stop()
+
+
+def test_a_wrong_sentinel_password_is_never_ignored(
+    sentinel_setup: SentinelSetup, backend: str
+) -> None:
+    """redis-py reports a sentinel's refusal as MasterNotFoundError, a ConnectionError:
+    ignore_exceptions must not take it for Redis being down."""
+    guarded = RedisServer(
+        directory=CLEANUP.directory(),
+        sentinel=(
+            "requirepass sentinel-secret\n"
+            f"sentinel monitor mymaster 127.0.0.1 {sentinel_setup.master.port} 1\n"
+        ),
+    )
+    try:
+        options = {
+            "sentinels": [f"127.0.0.1:{guarded.port}"],
+            # redis-py retries a refused sentinel with a backoff of seconds: not here.
+            "sentinel_kwargs": {"password": "wrong", "retry": Retry(NoBackoff(), 0)},
+            "ignore_exceptions": True,
+        }
+        cache = make_cache(backend, "redis://mymaster/0", OPTIONS=options)
+        with pytest.raises(redis.ConnectionError, match="AuthenticationError"):
+            cache.get("k")
+        with pytest.raises(redis.ConnectionError, match="AuthenticationError"):
+            asyncio.run(cache.aget("k"))
+    finally:
+        guarded.stop()
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "redis://127.0.0.1:6390/0?password=s3cret",
+        "redis://:s3/cret@127.0.0.1:6390/0",
+        "redis://user:s3#cret@127.0.0.1:6390/0",
+        "redis://:s3cret@/0",
+    ],
+)
+def test_passwords_never_show_in_reprs_or_messages(location: str, backend: str) -> None:
+    try:
+        shown = repr(make_cache(backend, location))
+    except ImproperlyConfigured as error:
+        shown = str(error)
+    try:
+        make_cache(backend, [location, location], OPTIONS={"cluster": True, "db": 0})
+    except ImproperlyConfigured as error:
+        shown += str(error)
+    try:
+        make_cache(backend, "redis://svc/0", OPTIONS={"sentinels": [location.replace("/0", "")]})
+    except ImproperlyConfigured as error:
+        shown += str(error)
+    assert "s3" not in shown and "cret" not in shown, shown
+
+
+def test_keys_with_a_colon_in_the_key_prefix(api: Api, target: Target) -> None:
+    backend = f"django_redis_ex.{type(api.cache).__name__}"
+    cache = Api(target.make(backend, KEY_PREFIX="myapp:v2"), api.path, api.loop)
+    cache.set("user:1", 1)
+    cache.set("user:2", 2)
+    assert sorted(cache.keys("user:*")) == ["user:1", "user:2"]
+    assert [cache.get(key) for key in sorted(cache.keys("user:*"))] == [1, 2]
+
+
+class Colour(enum.IntEnum):
+    RED = 50
+    GREEN = 57
+
+
+@pytest.mark.parametrize("serializer", ["msgpack", "json"])
+def test_int_subclasses_read_back_as_written_with_every_serializer(
+    api: Api, target: Target, serializer: str
+) -> None:
+    pytest.importorskip("msgpack") if serializer == "msgpack" else None
+    cache = featured_api(api, target, serializer=serializer)
+    cache.set("red", Colour.RED)
+    cache.set("green", Colour.GREEN)
+    assert cache.get("red") == 50 and cache.get("green") == 57
+    assert cache.get_many(["red", "green"]) == {"red": 50, "green": 57}
+    cache.set("n", 7)  # plain ints stay raw, for INCR
+    assert target.raw.get("t:1:n") == b"7" and cache.incr("n") == 8
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_read_goes_once_more_on_a_new_connection_but_an_increment_never(path: str) -> None:
+    """The connection a command took may have died idle: a read or a plain SET is sent once
+    more; INCRBY, which may have been applied, and anything that timed out are not."""
+    value = pickle.dumps("v", pickle.HIGHEST_PROTOCOL)
+    script = Script((("GET", "t:1:k"), DOWN), (("GET", "t:1:k"), value))
+    assert scripted(path, offline_cache(), "get", "k", script=script) == "v"
+    script = Script((("INCRBY", "t:1:n", 1), DOWN))
+    with pytest.raises(redis.ConnectionError):
+        scripted(path, offline_cache(), "incr", "n", ignore_key_check=True, script=script)
+    script = Script((("GET", "t:1:k"), redis.TimeoutError("Timeout reading from socket")))
+    with pytest.raises(redis.TimeoutError):
+        scripted(path, offline_cache(), "get", "k", script=script)
+    down = RedisDown()
+    with pytest.raises(redis.ConnectionError):
+        scripted(path, offline_cache(), "get", "k", script=down)
+    assert len(down.sent) == 2  # a server that is down: the second attempt fails at once
