@@ -28,10 +28,12 @@ import os
 import pickle
 import random
 import re
+import select
 import sys
 import threading
 import time
 import types
+import weakref
 import zlib
 from collections.abc import (
     AsyncGenerator,
@@ -55,7 +57,7 @@ from typing import (
     Union,
     cast,
 )
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import django
 import redis
@@ -186,6 +188,8 @@ class _Codec:
 
     Raw ints and compressed values are recognised on read whatever the settings, so changing
     the serializer's compression, or turning it on, leaves entries already stored readable.
+    Serialized data that would read as a raw int is tagged; pickles (Django's format) never
+    need it.
     """
 
     def __init__(self, serializer: Any, compressor: str | None, min_length: int) -> None:
@@ -203,6 +207,9 @@ class _Codec:
         data = self._dumps(obj)
         if self._compress is not None and len(data) >= self._min_length:
             return self._header + self._compress(data)
+        if data[:1] in _INT_FIRST_BYTES and data[:1] and _reads_as_int(data):
+            # msgpack writes 50 (an IntEnum, say) as b"2": tagged, or it would read as 2.
+            return _SERIALIZED + data
         return data
 
     def loads_many(self, values: list[bytes | None]) -> list[Any]:
@@ -218,6 +225,8 @@ class _Codec:
         if first == b"\x80":  # a pickle, the usual case (or msgpack's empty map)
             return self._loads(data)
         if first == b"\x00" and data[:3] == _COMPRESSED:
+            if data[3:4] == _SERIALIZED[3:]:
+                return self._loads(data[4:])
             return self.loads(_decompressor(data[3:4])(data[4:]))
         if first and first in _INT_FIRST_BYTES:
             try:
@@ -228,6 +237,17 @@ class _Codec:
 
 
 _INT_FIRST_BYTES = b"-0123456789"
+_SERIALIZED = _COMPRESSED + b"="  # a serializer's output that is not compressed
+
+
+def _reads_as_int(data: bytes) -> bool:
+    try:
+        int(data)
+    except ValueError:
+        return False
+    return True
+
+
 _MISSING = object()
 
 
@@ -267,21 +287,27 @@ _DEFAULT_POOL_OPTIONS: dict[str, Any] = {
 
 
 def _redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and reprs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    userinfo = netloc[0].partition(":")[0] + ":***"
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[2]}"))
+    """``url`` with its password replaced by ``***``: in the user part, even with an
+    unencoded ``/``, ``#`` or ``@`` in it, and in a ``password=`` query parameter."""
+    scheme, separator, rest = url.partition("://")
+    head, question, query = rest.partition("?")
+    userinfo, at, host = head.rpartition("@")
+    if at and ":" in userinfo:
+        head = f"{userinfo.partition(':')[0]}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", query)
+    return f"{scheme}{separator}{head}{question}{query}"
 
 
 def _host_port(address: str) -> tuple[str, int]:
     """``("host", port)`` from ``"host:port"`` or ``"redis://host:port/..."``."""
-    parts = urlsplit(address if "//" in address else f"redis://{address}")
-    if parts.hostname is None:
-        raise ValueError(f"no host in {address!r}")
-    return parts.hostname, parts.port or 6379
+    try:
+        parts = urlsplit(address if "//" in address else f"redis://{address}")
+        host, port = parts.hostname, parts.port or 6379
+    except ValueError:  # a port that is no number: an unencoded ':' or '#' in a password?
+        host = None
+    if host is None:
+        raise ImproperlyConfigured(f"No host and port in {_redact(address)!r}.")
+    return host, port
 
 
 def _freeze(value: Any) -> Hashable:
@@ -434,12 +460,13 @@ class _Config:
             return []
         try:
             addresses = [_host_port(v) if isinstance(v, str) else (v[0], int(v[1])) for v in value]
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, ImproperlyConfigured):
             addresses = []
         if not addresses:
+            shown = [_redact(v) if isinstance(v, str) else v for v in value]
             raise ImproperlyConfigured(
                 "OPTIONS 'sentinels' must list the sentinels as 'host:port' or (host, port), "
-                f"not {value!r}."
+                f"not {shown!r}."
             )
         return addresses
 
@@ -544,97 +571,128 @@ else:
 
 
 class _WaitForConnection(_SyncPool):
-    """Mixed into redis-py's pools: as fast, but when every connection is busy, callers wait
-    for one. ``redis.BlockingConnectionPool`` waits too, but costs a queue round trip on
-    every call."""
+    """Mixed into redis-py's pools: as fast while a connection is free; when every one is in
+    use, callers queue for one, first come first served, for up to ``timeout`` seconds.
+    (``redis.BlockingConnectionPool`` waits too, but costs a queue round trip on every call.)
+    """
 
     def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self.timeout = timeout
-        self._released = threading.Condition(threading.Lock())
-        self._waiting = 0
+        super().__init__(*args, **kwargs)
+
+    def reset(self) -> None:
+        # redis-py calls this when it makes the pool and, in a forked child, at its first
+        # use: the parent's waiters are not in the child.
+        super().reset()
+        self._queue: collections.deque[threading.Event] = collections.deque()
+        self._queue_lock = threading.Lock()
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().get_connection(*args, **kwargs)
-        except redis.exceptions.MaxConnectionsError:
-            return self._wait_for_connection(*args, **kwargs)
-
-    def _wait_for_connection(self, *args: Any, **kwargs: Any) -> Any:
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while True:
-            with self._released:
-                # Counted, then checked: a release either shows here or sees the count.
-                self._waiting += 1
-                try:
-                    if not self._available_connections and not self._has_room():
-                        remaining = None if deadline is None else deadline - time.monotonic()
-                        if remaining is not None and remaining <= 0:
-                            raise redis.ConnectionError(_pool_exhausted(self))
-                        self._released.wait(remaining)
-                finally:
-                    self._waiting -= 1
+        if not self._queue:  # nobody waits: take a free one if there is one
             try:
                 return super().get_connection(*args, **kwargs)
             except redis.exceptions.MaxConnectionsError:
                 pass
+        return self._wait_turn(*args, **kwargs)
 
-    def _has_room(self) -> bool:
-        return bool(self._created_connections < self.max_connections)
+    def _wait_turn(self, *args: Any, **kwargs: Any) -> Any:
+        self._checkpid()  # a child forgets its parent's queue
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        turn = threading.Event()
+        with self._queue_lock:
+            self._queue.append(turn)
+        try:
+            while True:
+                if self._queue[0] is turn:  # first in line: take the next free connection
+                    turn.clear()
+                    with contextlib.suppress(redis.exceptions.MaxConnectionsError):
+                        return super().get_connection(*args, **kwargs)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise redis.ConnectionError(_pool_exhausted(self))
+                turn.wait(remaining)
+        finally:
+            with self._queue_lock:
+                self._queue.remove(turn)
+                if self._queue:
+                    self._queue[0].set()  # the next in line looks now
 
     def release(self, connection: Any) -> None:
         super().release(connection)
-        if self._waiting:
-            with self._released:
-                self._released.notify()
+        if self._queue:  # someone waits: the first in line looks now
+            with self._queue_lock:
+                if self._queue:
+                    self._queue[0].set()
 
 
 class _AsyncWaitForConnection(_AsyncPool):
-    """The asyncio twin of ``_WaitForConnection``: a pool per event loop, so futures suffice."""
+    """The asyncio twin of ``_WaitForConnection`` (a pool per event loop: no thread locks),
+    which also checks each idle connection before handing it out."""
 
     def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.timeout = timeout
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._queue: collections.deque[asyncio.Event] = collections.deque()
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
-        except redis.exceptions.MaxConnectionsError:
-            return await self._wait_for_connection(*args, **kwargs)
+        if not self._queue:
+            try:
+                return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+            except redis.exceptions.MaxConnectionsError:
+                pass
+        return await self._wait_turn(*args, **kwargs)
 
-    async def _wait_for_connection(self, *args: Any, **kwargs: Any) -> Any:
+    async def _wait_turn(self, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         deadline = None if self.timeout is None else loop.time() + self.timeout
-        while True:
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise redis.ConnectionError(_pool_exhausted(self))
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, remaining)
-            except BaseException as error:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                elif waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # woken, but leaving: pass the turn on
-                if isinstance(error, asyncio.TimeoutError):
-                    raise redis.ConnectionError(_pool_exhausted(self)) from None
-                raise
-            with contextlib.suppress(redis.exceptions.MaxConnectionsError):
-                return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        turn = asyncio.Event()
+        self._queue.append(turn)
+        try:
+            while True:
+                if self._queue[0] is turn:
+                    turn.clear()
+                    with contextlib.suppress(redis.exceptions.MaxConnectionsError):
+                        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise redis.ConnectionError(_pool_exhausted(self))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(turn.wait(), remaining)
+        finally:
+            self._queue.remove(turn)
+            if self._queue:
+                self._queue[0].set()
 
     async def release(self, connection: Any) -> None:
+        connection._django_redis_ex_released = asyncio.get_running_loop().time()
         await super().release(connection)
-        self._wake_one()
+        if self._queue:
+            self._queue[0].set()
 
-    def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    async def ensure_connection(self, connection: Any) -> None:
+        """redis-py's check of an idle connection before use, also where redis-py 8.1 skips
+        it (RESP3, whose maintenance notifications are on by default): a connection with
+        anything to read was closed by the server (a restart, its idle ``timeout``, CLIENT
+        KILL), so it reconnects instead of failing the caller's command. A connection idle for
+        over a millisecond asks its socket too (a select() costing under a microsecond), since
+        the loop may not have run to see the close; busy connections skip that."""
+        await connection.connect()
+        released = getattr(connection, "_django_redis_ex_released", None)
+        idle = released is not None and asyncio.get_running_loop().time() - released > 0.001
+        try:
+            stale = await connection.can_read() or (idle and _has_input(connection))
+        except (redis.ConnectionError, OSError):
+            stale = True
+        if stale:
+            await connection.disconnect()
+            await connection.connect()
+
+
+def _has_input(connection: Any) -> bool:
+    """Whether an asyncio connection's socket has anything to read (here: the server's close)."""
+    transport = getattr(getattr(connection, "_writer", None), "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and bool(select.select([sock], [], [], 0)[0])
 
 
 class _WaitingPool(_WaitForConnection, redis.ConnectionPool):
@@ -758,15 +816,21 @@ class _PoolRegistry:
 
     Sync clients: one per key per process (redis-py resets a pool after ``fork()``).
     Asyncio clients: one per key per event loop, since a connection belongs to the loop that
-    opened it. A loop's pools are disconnected when the loop shuts down its async generators
-    (``asyncio.run``, ``async_to_sync``, uvicorn) and dropped, at the latest when another loop
-    needs a pool, once the loop is closed. Reads take no lock; creation does.
+    opened it. Each loop holds its own clients (an attribute of the loop), so a loop dropped
+    without ``close()`` is collected with its connections; the registry keeps the loops
+    weakly. A loop's pools are disconnected when the loop shuts down its async generators
+    (``asyncio.run``, ``async_to_sync``, uvicorn), or dropped once the loop is closed. A forked
+    child starts with none: its parent's clients and sockets are never used, nor closed,
+    there. Reads take no lock; creation does.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sync: dict[Hashable, redis.Redis] = {}
-        self._loops: dict[asyncio.AbstractEventLoop, _LoopClients] = {}
+        self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        self._held: dict[asyncio.AbstractEventLoop, _LoopClients] = {}  # loops without __dict__
+        self._generation = 0  # how many forks this process is from the one that made it
+        self._inherited: list[Any] = []  # the parent's loop clients, in a forked child
 
     def sync_client(self, key: Hashable, make: Callable[[], redis.Redis]) -> redis.Redis:
         client = self._sync.get(key)
@@ -777,36 +841,66 @@ class _PoolRegistry:
                     client = self._sync[key] = make()
         return client
 
-    def async_client(
-        self,
-        key: Hashable,
-        make: Callable[[], redis.asyncio.Redis],
-        shut_down: Callable[[redis.asyncio.Redis], Awaitable[None]],
-    ) -> redis.asyncio.Redis:
-        """The running loop's client for ``key``; ``shut_down`` closes it with the loop."""
+    def async_client(self, topology: _Topology, index: int) -> redis.asyncio.Redis:
+        """The running loop's client for ``topology``'s ``index``, made at first use."""
         loop = asyncio.get_running_loop()
-        entry = self._loops.get(loop)
+        key = topology.async_keys[index]
+        entry = self._clients_of(loop)
         client = entry.clients.get(key) if entry is not None else None
         if client is None:
             with self._lock:
-                entry = self._loops.get(loop)
+                entry = self._clients_of(loop)
                 if entry is None:
                     self._drop_closed_loops()
-                    entry = self._loops[loop] = _LoopClients(self, loop)
+                    entry = self._attach(loop, _LoopClients(self, loop))
                 client = entry.clients.get(key)
                 if client is None:
-                    client = entry.clients[key] = make()
-                    entry.shutdowns.append(functools.partial(shut_down, client))
+                    client = entry.clients[key] = topology.make_async(index)
+                    entry.shutdowns.append(functools.partial(topology.shut_down, client))
         return client
+
+    def _clients_of(self, loop: asyncio.AbstractEventLoop) -> _LoopClients | None:
+        entry = getattr(loop, "_django_redis_ex", None) or self._held.get(loop)
+        if entry is not None and entry.generation != self._generation:
+            self._inherited.append(entry)  # the parent's: kept, so never closed here
+            entry = None
+        return entry
+
+    def _attach(self, loop: asyncio.AbstractEventLoop, entry: _LoopClients) -> _LoopClients:
+        try:
+            loop._django_redis_ex = entry  # type: ignore[attr-defined]
+        except AttributeError:  # a loop without __dict__ (uvloop): held here until closed
+            self._held[loop] = entry
+        self._loops.add(loop)
+        return entry
 
     def forget_loop(self, loop: asyncio.AbstractEventLoop) -> _LoopClients | None:
         with self._lock:
-            return self._loops.pop(loop, None)
+            entry = self._clients_of(loop)
+            if entry is not None:
+                self._held.pop(loop, None)
+                with contextlib.suppress(AttributeError):
+                    del loop._django_redis_ex  # type: ignore[attr-defined]
+            self._loops.discard(loop)
+            return entry
 
     def _drop_closed_loops(self) -> None:
         for loop in [loop for loop in self._loops if loop.is_closed()]:
             # Their sockets close when the transports are collected; nothing can await now.
-            self._loops.pop(loop).abandon()
+            entry = self._clients_of(loop)
+            self._held.pop(loop, None)
+            with contextlib.suppress(AttributeError):
+                del loop._django_redis_ex  # type: ignore[attr-defined]
+            self._loops.discard(loop)
+            if entry is not None:
+                entry.abandon()
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._generation += 1
+        self._inherited.append(dict(self._held))
+        self._held.clear()
+        self._loops = weakref.WeakSet()
 
 
 class _LoopClients:
@@ -815,33 +909,39 @@ class _LoopClients:
     def __init__(self, registry: _PoolRegistry, loop: asyncio.AbstractEventLoop) -> None:
         self.clients: dict[Hashable, redis.asyncio.Redis] = {}
         self.shutdowns: list[Callable[[], Awaitable[None]]] = []
+        self.generation = registry._generation
         # Event loops close every live async generator at shutdown (shutdown_asyncgens),
         # while they can still run coroutines: the one hook that asyncio offers.
         self._watcher = self._close_at_shutdown(registry, loop)
         with contextlib.suppress(StopIteration):  # it stops at its yield, registered
             self._watcher.asend(None).send(None)
 
-    @staticmethod
     async def _close_at_shutdown(
-        registry: _PoolRegistry, loop: asyncio.AbstractEventLoop
+        self, registry: _PoolRegistry, loop: asyncio.AbstractEventLoop
     ) -> AsyncGenerator[None, None]:
         try:
             yield
         finally:
-            entry = None if loop.is_closed() else registry.forget_loop(loop)
-            for shut_down in entry.shutdowns if entry is not None else ():
-                try:
-                    await shut_down()
-                except Exception:  # pragma: no cover - shutdown must go on
-                    logger.warning("Could not close a Redis pool at loop shutdown", exc_info=True)
+            if self.generation == registry._generation and not loop.is_closed():
+                registry.forget_loop(loop)
+                for shut_down in self.shutdowns:
+                    try:
+                        await shut_down()
+                    except Exception:  # pragma: no cover - shutdown must go on
+                        logger.warning(
+                            "Could not close a Redis pool at loop shutdown", exc_info=True
+                        )
 
     def abandon(self) -> None:
         """Finish the watcher without awaiting, for a loop that closed without shutdown."""
+        self.shutdowns.clear()
         with contextlib.suppress(StopIteration, RuntimeError):
             self._watcher.aclose().send(None)
 
 
 _registry = _PoolRegistry()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_registry.after_fork_in_child)
 
 
 class _Topology(abc.ABC):
@@ -882,8 +982,11 @@ class _Topology(abc.ABC):
         return _registry.sync_client(self.pool_key("sync", index), lambda: self.make_sync(index))
 
     def async_client(self, index: int) -> redis.asyncio.Redis:
-        make = functools.partial(self.make_async, index)
-        return _registry.async_client(self.pool_key("async", index), make, self.shut_down)
+        return _registry.async_client(self, index)
+
+    @cached_property
+    def async_keys(self) -> list[Hashable]:
+        return [self.pool_key("async", index) for index in range(self.readers + 1)]
 
     @abc.abstractmethod
     def pool_key(self, kind: str, index: int) -> Hashable:
@@ -926,7 +1029,11 @@ class _Servers(_Topology):
 
 def _url_options(url: str) -> dict[str, Any]:
     """What a LOCATION URL says besides where the server is: password, db, TLS."""
-    options: dict[str, Any] = redis.connection.parse_url(url)
+    try:
+        options: dict[str, Any] = redis.connection.parse_url(url)
+    except ValueError as error:  # redis-py's message quotes the URL, password and all
+        message = str(error).replace(url, _redact(url))
+        raise ImproperlyConfigured(f"LOCATION {_redact(url)!r}: {message}") from None
     for name in ("host", "port", "path", "connection_class"):
         options.pop(name, None)
     return options
@@ -1087,10 +1194,24 @@ class Plan(Generic[_T]):
     the operation, and its fallback: what the call returns (or raises) when Redis is
     unavailable and OPTIONS ``ignore_exceptions`` is on."""
 
-    __slots__ = ("fallback", "method", "operation")
+    __slots__ = ("fallback", "method", "operation", "undo")
 
-    def __init__(self, method: str, operation: Operation[_T], fallback: Callable[[], _T]) -> None:
-        self.method, self.operation, self.fallback = method, operation, fallback
+    def __init__(
+        self,
+        method: str,
+        operation: Operation[_T],
+        fallback: Callable[[], _T],
+        undo: list[tuple[Any, ...]] | None = None,
+    ) -> None:
+        self.method = method
+        self.operation = operation
+        self.fallback = fallback
+        # Commands the operation puts here while it holds something (a lock) and takes back
+        # when it lets go: sent, best effort, if the call fails, is cancelled or times out.
+        self.undo = _NOTHING_TO_UNDO if undo is None else undo
+
+
+_NOTHING_TO_UNDO: list[tuple[Any, ...]] = []  # never appended to: shared by plans
 
 
 def _false() -> bool:
@@ -1234,32 +1355,41 @@ def _op_incr(key: str, delta: int, create: bool) -> Operation[int]:
 
 
 def _op_get_or_set(
-    codec: _Codec, key: str, default: Any, timeout: int | None, lock_timeout: float | None
+    codec: _Codec,
+    key: str,
+    default: Any,
+    timeout: int | None,
+    lock_timeout: float | None,
+    undo: list[tuple[Any, ...]],
+    computed: list[Any],
 ) -> Operation[Any]:
     """One GET on a hit. On a miss with a callable default and stampede protection on, one
     caller computes under a short lock while the others wait for its value (bounded by the
-    lock's timeout) and compute it themselves if it does not come."""
+    lock's timeout) and compute it themselves if it does not come. The lock's release waits
+    in ``undo`` while it is held; a computed value is kept in ``computed``."""
     data = yield ("GET", key)
     if data is not None:
         return codec.loads(data)
     if timeout == 0 or lock_timeout is None or not callable(default):
-        value = default() if callable(default) else default
-        return (yield from _op_store_missing(codec, key, value, timeout))
+        computed.append(default() if callable(default) else default)
+        return (yield from _op_store_missing(codec, key, computed[0], timeout))
     lock, token = key + "\x00lock", os.urandom(8).hex()
+    release = _RELEASE_LOCK([lock], [token])
+    undo.append(release)  # from the moment the SET may have taken it
     # Lock, then look again: a caller that stored the value and let go since our GET wins.
     locked, data = yield [("SET", lock, token, "PX", int(lock_timeout * 1000), "NX"), ("GET", key)]
+    if not locked:
+        undo.clear()
     if data is not None:
         if locked:
-            yield _RELEASE_LOCK([lock], [token])
+            undo.clear()
+            yield release
         return codec.loads(data)
     if locked:
-        try:
-            value = default()
-        except Exception:
-            yield _RELEASE_LOCK([lock], [token])
-            raise
-        value = yield from _op_store_missing(codec, key, value, timeout)
-        yield _RELEASE_LOCK([lock], [token])
+        computed.append(default())
+        value = yield from _op_store_missing(codec, key, computed[0], timeout)
+        undo.clear()
+        yield release
         return value
     deadline, pause = None, 0.005
     while True:
@@ -1269,7 +1399,8 @@ def _op_get_or_set(
         if data is not None:
             return codec.loads(data)
         if not locked or now >= deadline:  # the holder failed, or is too slow: compute here
-            return (yield from _op_store_missing(codec, key, default(), timeout))
+            computed.append(default())
+            return (yield from _op_store_missing(codec, key, computed[0], timeout))
         pause = min(pause * 2, 0.1)
 
 
@@ -1361,6 +1492,64 @@ _READ_COMMANDS = frozenset({"GET", "MGET", "EXISTS", "TTL", "PTTL"})
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
+_MASTER_NOT_FOUND = (redis.sentinel.MasterNotFoundError, redis.asyncio.sentinel.MasterNotFoundError)
+
+
+def _wrong_credentials(error: Exception) -> bool:
+    """Whether ``error`` says the credentials are wrong: a configuration error, never ignored.
+    redis-py's Sentinel reports them as MasterNotFoundError, with each sentinel's error in
+    its text."""
+    if isinstance(error, _MASTER_NOT_FOUND):
+        return "AuthenticationError" in str(error)
+    return isinstance(error, redis.AuthenticationError)
+
+
+# A connection dropped while a value this large went out may mean the server refused its size.
+_LARGE_VALUE = 1 << 20
+_BULK_LIMIT = ("CONFIG", "GET", "proto-max-bulk-len")
+
+
+def _largest_value(command: Command) -> int:
+    commands = [command] if type(command) is tuple else command if type(command) is list else []
+    return max((len(a) for c in commands for a in c if isinstance(a, bytes)), default=0)
+
+
+def _refuse_oversized(command: Command, limit_reply: Any, error: Exception) -> None:
+    """Raise a ValueError if ``command`` carries a value over the server's size limit: Redis
+    answers "invalid bulk length" and closes the connection, which would otherwise read as
+    Redis being unavailable."""
+    reply = dict(limit_reply) if isinstance(limit_reply, dict) else {}
+    if isinstance(limit_reply, list):
+        reply = dict(zip(limit_reply[::2], limit_reply[1::2], strict=False))
+    limit = int(next(iter(reply.values()), 0) or 0)
+    size = _largest_value(command)
+    if (limit and size > limit) or "invalid bulk length" in str(error):
+        raise ValueError(
+            f"A value of {size} bytes is larger than this Redis server accepts "
+            f"(proto-max-bulk-len {limit or 'unknown'}): it refused the value and closed the "
+            "connection."
+        ) from error
+
+
+# Commands that may be sent once more when their connection turns out to have been closed
+# by the server: they read, or write the same whatever is stored (not NX/XX, INCR, scripts).
+_IDEMPOTENT = frozenset({"GET", "MGET", "EXISTS", "TTL", "PTTL", "SCAN", "SET", "MSET"})
+
+
+def _resendable(command: Command, error: redis.RedisError) -> bool:
+    """Whether ``command`` may go out once more on a new connection after ``error``: the
+    connection it took may have died idle (a restart, the server's idle ``timeout``); a
+    server that is down fails the second attempt at once too. Never a timeout (a frozen
+    server) and never wrong credentials."""
+    commands = [command] if type(command) is tuple else command if type(command) is list else []
+    return (
+        bool(commands)
+        and isinstance(error, redis.ConnectionError)
+        and not isinstance(error, redis.AuthenticationError)
+        and all(c[0] in _IDEMPOTENT and "NX" not in c and "XX" not in c for c in commands)
+    )
+
+
 class _Driver:
     """What both drivers share: Django's RedisCacheClient internals, server choice, and a
     plan's fallback when Redis is unavailable."""
@@ -1386,7 +1575,7 @@ class _Driver:
 
     def _unavailable(self, plan: Plan[_T], error: Exception) -> _T:
         """Raise ``error``, or with ignore_exceptions log it once and return the fallback."""
-        if not self._config.ignore_exceptions or isinstance(error, redis.AuthenticationError):
+        if not self._config.ignore_exceptions or _wrong_credentials(error):
             raise error
         plan.operation.close()
         if self._config.log_ignored_exceptions:
@@ -1425,7 +1614,11 @@ class _SyncDriver(_Driver):
             result: _T = done.value
             return result
         except _UNAVAILABLE as error:
+            self._undo(plan)
             return self._unavailable(plan, error)
+        except BaseException:
+            self._undo(plan)
+            raise
 
     def iterate(self, plan: Plan[None]) -> Iterator[Any]:
         """The results an iteration finds, lazily: its next command waits for the caller."""
@@ -1441,9 +1634,31 @@ class _SyncDriver(_Driver):
             if type(command) is _Found:
                 yield from command.items
 
+    def _undo(self, plan: Plan[Any]) -> None:
+        while plan.undo:
+            self._try(plan.undo.pop())
+
     def _send(self, command: Command) -> Any:
+        try:
+            return self._send_once(command)
+        except (redis.ConnectionError, redis.ResponseError) as error:
+            if _largest_value(command) > _LARGE_VALUE:
+                _refuse_oversized(command, self._try(_BULK_LIMIT), error)
+            if not _resendable(command, error):
+                raise
+        return self._send_once(command)
+
+    def _try(self, command: Command) -> Any:
+        """``command``'s reply, or None if it fails: for what is done on the way out."""
+        try:
+            return self._send_once(command)
+        except redis.RedisError:
+            return None
+
+    def _send_once(self, command: Command) -> Any:
         if type(command) is tuple:
-            client = self._client_at(self._index(command))
+            client = self._clients[0] if self._one_client else None
+            client = client or self._client_at(self._index(command))
             try:
                 return client.execute_command(*command)
             except redis.exceptions.NoScriptError:
@@ -1467,9 +1682,6 @@ class _AsyncDriver(_Driver):
     def __init__(self, topology: _Topology) -> None:
         super().__init__(topology)
         self._pool_options = topology.config.async_options  # Django's name
-        # The loop these clients belong to, swapped with them in one assignment: threads
-        # running loops of their own may share this object.
-        self._loop_clients: tuple[Any, list[redis.asyncio.Redis | None]] = (None, [])
 
     def get_client(self, key: Any = None, *, write: bool = False) -> redis.asyncio.Redis:
         return self._client_at(self._topology.index_for(write))
@@ -1483,15 +1695,9 @@ class _AsyncDriver(_Driver):
         return self._client_at(index).connection_pool
 
     def _client_at(self, index: int) -> redis.asyncio.Redis:
-        loop = asyncio.get_running_loop()
-        bound, clients = self._loop_clients
-        if bound is not loop:
-            clients = [None] * (self._topology.readers + 1)
-            self._loop_clients = (loop, clients)
-        client = clients[index]
-        if client is None:
-            client = clients[index] = self._topology.async_client(index)
-        return client
+        # Looked up on every call, never kept here: threads that run loops of their own may
+        # share this object, and a client kept here would keep its loop alive.
+        return _registry.async_client(self._topology, index)
 
     async def run(self, plan: Plan[_T]) -> _T:
         operation = plan.operation
@@ -1503,7 +1709,11 @@ class _AsyncDriver(_Driver):
             result: _T = done.value
             return result
         except _UNAVAILABLE as error:
+            await self._undo(plan)
             return self._unavailable(plan, error)
+        except BaseException:  # cancelled or timed out too: a lock this call holds goes
+            await self._undo(plan)
+            raise
 
     async def iterate(self, plan: Plan[None]) -> AsyncIterator[Any]:
         """The results an iteration finds, lazily: its next command waits for the caller."""
@@ -1521,7 +1731,28 @@ class _AsyncDriver(_Driver):
                 for item in command.items:
                     yield item
 
+    async def _undo(self, plan: Plan[Any]) -> None:
+        while plan.undo:
+            await self._try(plan.undo.pop())
+
     async def _send(self, command: Command) -> Any:
+        try:
+            return await self._send_once(command)
+        except (redis.ConnectionError, redis.ResponseError) as error:
+            if _largest_value(command) > _LARGE_VALUE:
+                _refuse_oversized(command, await self._try(_BULK_LIMIT), error)
+            if not _resendable(command, error):
+                raise
+        return await self._send_once(command)
+
+    async def _try(self, command: Command) -> Any:
+        """``command``'s reply, or None if it fails: for what is done on the way out."""
+        try:
+            return await self._send_once(command)
+        except redis.RedisError:
+            return None
+
+    async def _send_once(self, command: Command) -> Any:
         if type(command) is tuple:
             client = self._client_at(self._index(command))
             try:
@@ -1827,8 +2058,18 @@ class _RedisEXBase(BaseCache):
         timeout = self.get_backend_timeout(timeout)
         lock_timeout = self._config.stampede_lock_timeout
         redis_key = self.make_and_validate_key(key, version)
-        operation = _op_get_or_set(self._codec, redis_key, default, timeout, lock_timeout)
-        return Plan("get_or_set", operation, lambda: default() if callable(default) else default)
+        undo: list[tuple[Any, ...]] = []
+        computed: list[Any] = []  # with Redis unavailable, a value computed is not lost
+        operation = _op_get_or_set(
+            self._codec, redis_key, default, timeout, lock_timeout, undo, computed
+        )
+
+        def fallback() -> Any:
+            if computed:
+                return computed[0]
+            return default() if callable(default) else default
+
+        return Plan("get_or_set", operation, fallback, undo)
 
     get_or_set, aget_or_set = _twins(_plan_get_or_set)
 
