@@ -1368,10 +1368,13 @@ def test_300_async_to_sync_calls_neither_leak_nor_fail(server: RedisServer, back
     cache = make_cache(backend, server.url, OPTIONS={"db": 11})
     cache.set("k", "v")
     connected = server.stat("connected_clients")
+    opened = server.stat("total_connections_received")
     for _ in range(300):
         assert async_to_sync(cache.aget)("k") == "v"
     assert len(django_redis_ex._registry._loops) == 0
-    assert server.stat("connected_clients") <= connected
+    # One connection, parked between loops and taken up again by the next one.
+    assert server.stat("total_connections_received") - opened <= 1
+    assert server.stat("connected_clients") <= connected + 1
 
 
 def test_legacy_raw_client_pattern_inside_async_to_sync(server: RedisServer, backend: str) -> None:
@@ -2898,3 +2901,36 @@ def test_a_read_goes_once_more_on_a_new_connection_but_an_increment_never(path: 
     with pytest.raises(redis.ConnectionError):
         scripted(path, offline_cache(), "get", "k", script=down)
     assert len(down.sent) == 2  # a server that is down: the second attempt fails at once
+
+
+def wsgi_get(handler: Any, path: str, query: str) -> tuple[str, bytes]:
+    """One GET through Django's WSGIHandler, as a WSGI server makes it."""
+    from wsgiref.util import setup_testing_defaults
+
+    environ: dict[str, Any] = {"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(environ)
+    statuses: list[str] = []
+    body = b"".join(handler(environ, lambda status, headers: statuses.append(status)))
+    return statuses[0], body
+
+
+def connections_for_wsgi_requests(server: RedisServer, backend: str, count: int) -> int:
+    """Connections Redis received for ``count`` requests to an async view under WSGI, each
+    run by Django on an event loop of its own (async_to_sync)."""
+    from django.core.handlers.wsgi import WSGIHandler
+
+    with override_settings(CACHES={"default": {"BACKEND": backend, "LOCATION": server.url}}):
+        handler = WSGIHandler()
+        before = server.stat("total_connections_received")
+        for i in range(count):
+            assert wsgi_get(handler, "/async/", f"k=w{i}") == ("200 OK", f"w{i}".encode())
+        return server.stat("total_connections_received") - before
+
+
+def test_async_views_under_wsgi_reuse_the_workers_connections(
+    own_server: RedisServer, backend: str
+) -> None:
+    ours = connections_for_wsgi_requests(own_server, backend, 300)
+    theirs = connections_for_wsgi_requests(own_server, DJANGO_BACKEND, 300)
+    print(f"\n300 async-view requests under WSGI: {ours} connections; Django's backend {theirs}")
+    assert ours <= 3
