@@ -29,6 +29,7 @@ import pickle
 import random
 import re
 import select
+import socket
 import sys
 import threading
 import time
@@ -811,6 +812,83 @@ class _SharedAsyncCluster(redis.asyncio.cluster.RedisCluster):
         """Other cache objects on this loop use this client: it is closed with the loop."""
 
 
+class _ParkingLot:
+    """Sockets of asyncio connections whose event loop shut down, kept for the next loop.
+
+    A loop's connections cannot serve another loop, but their sockets can: parked here at
+    the loop's shutdown (at most ``max_connections`` a pool), they are taken up again by
+    the next loop's pool for the same server and settings, with the server's session as it
+    was: no new TCP connection and no handshake. WSGI projects with async views run each
+    request on a new loop (``async_to_sync``); their connections stay as few as the
+    worker's threads. A forked child closes its copies and never uses them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: dict[Hashable, list[socket.socket]] = {}
+
+    def park(self, key: Hashable, connection: Any, limit: int) -> bool:
+        """Keep ``connection``'s socket, if it is idle and there is room; True if kept."""
+        writer = getattr(connection, "_writer", None)
+        sock = writer.transport.get_extra_info("socket") if writer is not None else None
+        if sock is None or _has_input(connection):
+            return False  # unread input: not a clean session to hand on
+        with self._lock:
+            parked = self._sockets.setdefault(key, [])
+            if len(parked) >= limit:
+                return False
+            parked.append(socket.socket(fileno=os.dup(sock.fileno())))
+        return True
+
+    def take(self, key: Hashable) -> socket.socket | None:
+        """A parked socket for ``key`` that the server has not closed meanwhile."""
+        while True:
+            with self._lock:
+                parked = self._sockets.get(key)
+                sock = parked.pop() if parked else None
+            if sock is None or not select.select([sock], [], [], 0)[0]:
+                return sock
+            sock.close()  # readable while idle: the server closed it (restart, timeout)
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        for parked in self._sockets.values():
+            for sock in parked:
+                sock.close()  # the child's copy of the descriptor: the parent keeps its own
+        self._sockets = {}
+
+
+_parking = _ParkingLot()
+
+
+class _ResumableConnection(redis.asyncio.connection.Connection):
+    """A TCP asyncio connection that resumes a parked socket when there is one."""
+
+    parking_key: Hashable = None
+    _resumed = False
+
+    async def _connect(self) -> None:
+        sock = _parking.take(self.parking_key) if self.parking_key is not None else None
+        if sock is None:
+            self._resumed = False
+            await super()._connect()  # type: ignore[no-untyped-call]
+            return
+        self._reader, self._writer = await asyncio.open_connection(sock=sock)
+        self._resumed = True
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        if self._resumed:  # the server's session goes on: only the parser is new
+            self._parser.on_connect(self)
+            return
+        await super().on_connect_check_health(check_health)
+
+
+@functools.lru_cache(maxsize=256)
+def _resumable_connection(parking_key: Hashable) -> type[_ResumableConnection]:
+    """The connection class of the asyncio pools of one configuration of one server."""
+    return type("_ResumableConnection", (_ResumableConnection,), {"parking_key": parking_key})
+
+
 class _PoolRegistry:
     """Process-wide clients (each on its own pool), keyed by configuration.
 
@@ -896,6 +974,7 @@ class _PoolRegistry:
                 entry.abandon()
 
     def after_fork_in_child(self) -> None:
+        _parking.after_fork_in_child()
         self._lock = threading.Lock()
         self._generation += 1
         self._inherited.append(dict(self._held))
@@ -1024,7 +1103,18 @@ class _Servers(_Topology):
     def make_async(self, index: int) -> redis.asyncio.Redis:
         config = self.config
         pool = config.async_pool_class.from_url(self.servers[index], **config.async_options)
+        if pool.connection_class is redis.asyncio.connection.Connection:  # plain TCP
+            pool.connection_class = _resumable_connection(self.async_keys[index])
         return _SharedAsyncRedis(connection_pool=pool)
+
+    async def shut_down(self, client: redis.asyncio.Redis) -> None:
+        pool = client.connection_pool
+        key = getattr(pool.connection_class, "parking_key", None)
+        for connection in list(pool._available_connections) if key is not None else ():
+            with contextlib.suppress(redis.ConnectionError, OSError):
+                if not await connection.can_read():  # nothing left unread
+                    _parking.park(key, connection, pool.max_connections)
+        await super().shut_down(client)
 
 
 def _url_options(url: str) -> dict[str, Any]:
