@@ -939,12 +939,13 @@ class _PoolRegistry:
 
     def _clients_of(self, loop: asyncio.AbstractEventLoop) -> _LoopClients | None:
         entry = getattr(loop, "_django_redis_ex", None) or self._held.get(loop)
-        if entry is not None and entry.generation != self._generation:
-            self._inherited.append(entry)  # the parent's: kept, so never closed here
-            entry = None
-        return entry
+        # A forked child finds its parent's on the loop it inherited: not its own.
+        return entry if entry is not None and entry.generation == self._generation else None
 
     def _attach(self, loop: asyncio.AbstractEventLoop, entry: _LoopClients) -> _LoopClients:
+        inherited = getattr(loop, "_django_redis_ex", None)
+        if inherited is not None:
+            self._inherited.append(inherited)  # the parent's: kept, so never closed here
         try:
             loop._django_redis_ex = entry  # type: ignore[attr-defined]
         except AttributeError:  # a loop without __dict__ (uvloop): held here until closed
@@ -952,24 +953,23 @@ class _PoolRegistry:
         self._loops.add(loop)
         return entry
 
-    def forget_loop(self, loop: asyncio.AbstractEventLoop) -> _LoopClients | None:
+    def _detach(self, loop: asyncio.AbstractEventLoop) -> _LoopClients | None:
+        entry = self._clients_of(loop)
+        if entry is not None:
+            self._held.pop(loop, None)
+            with contextlib.suppress(AttributeError):
+                del loop._django_redis_ex  # type: ignore[attr-defined]
+        self._loops.discard(loop)
+        return entry
+
+    def forget_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
-            entry = self._clients_of(loop)
-            if entry is not None:
-                self._held.pop(loop, None)
-                with contextlib.suppress(AttributeError):
-                    del loop._django_redis_ex  # type: ignore[attr-defined]
-            self._loops.discard(loop)
-            return entry
+            self._detach(loop)
 
     def _drop_closed_loops(self) -> None:
         for loop in [loop for loop in self._loops if loop.is_closed()]:
             # Their sockets close when the transports are collected; nothing can await now.
-            entry = self._clients_of(loop)
-            self._held.pop(loop, None)
-            with contextlib.suppress(AttributeError):
-                del loop._django_redis_ex  # type: ignore[attr-defined]
-            self._loops.discard(loop)
+            entry = self._detach(loop)
             if entry is not None:
                 entry.abandon()
 
