@@ -675,11 +675,11 @@ class _AsyncWaitForConnection(_AsyncPool):
         it (RESP3, whose maintenance notifications are on by default): a connection with
         anything to read was closed by the server (a restart, its idle ``timeout``, CLIENT
         KILL), so it reconnects instead of failing the caller's command. A connection idle for
-        over a millisecond asks its socket too (a select() costing under a microsecond), since
-        the loop may not have run to see the close; busy connections skip that."""
+        over 50 ms asks its socket too (a select(), about a microsecond), since the loop may
+        not have run to see the close; busy connections skip that."""
         await connection.connect()
         released = getattr(connection, "_django_redis_ex_released", None)
-        idle = released is not None and asyncio.get_running_loop().time() - released > 0.001
+        idle = released is not None and asyncio.get_running_loop().time() - released > 0.05
         try:
             stale = await connection.can_read() or (idle and _has_input(connection))
         except (redis.ConnectionError, OSError):
@@ -938,7 +938,9 @@ class _PoolRegistry:
         return client
 
     def _clients_of(self, loop: asyncio.AbstractEventLoop) -> _LoopClients | None:
-        entry = getattr(loop, "_django_redis_ex", None) or self._held.get(loop)
+        entry = getattr(loop, "_django_redis_ex", None)
+        if entry is None and self._held:
+            entry = self._held.get(loop)
         # A forked child finds its parent's on the loop it inherited: not its own.
         return entry if entry is not None and entry.generation == self._generation else None
 
@@ -1699,7 +1701,11 @@ class _SyncDriver(_Driver):
         try:
             command = next(operation)
             while True:
-                command = operation.send(self._send(command))
+                try:
+                    reply = self._send_once(command)
+                except (redis.ConnectionError, redis.ResponseError) as error:
+                    reply = self._after(error, command)
+                command = operation.send(reply)
         except StopIteration as done:
             result: _T = done.value
             return result
@@ -1732,10 +1738,15 @@ class _SyncDriver(_Driver):
         try:
             return self._send_once(command)
         except (redis.ConnectionError, redis.ResponseError) as error:
-            if _largest_value(command) > _LARGE_VALUE:
-                _refuse_oversized(command, self._try(_BULK_LIMIT), error)
-            if not _resendable(command, error):
-                raise
+            return self._after(error, command)
+
+    def _after(self, error: redis.RedisError, command: Command) -> Any:
+        """``command``'s reply when it failed with ``error`` once: a clear error if its value
+        was too large, else the reply of a second attempt if one is safe, else ``error``."""
+        if _largest_value(command) > _LARGE_VALUE:
+            _refuse_oversized(command, self._try(_BULK_LIMIT), error)
+        if not _resendable(command, error):
+            raise error
         return self._send_once(command)
 
     def _try(self, command: Command) -> Any:
@@ -1794,7 +1805,11 @@ class _AsyncDriver(_Driver):
         try:
             command = next(operation)
             while True:
-                command = operation.send(await self._send(command))
+                try:
+                    reply = await self._send_once(command)
+                except (redis.ConnectionError, redis.ResponseError) as error:
+                    reply = await self._after(error, command)
+                command = operation.send(reply)
         except StopIteration as done:
             result: _T = done.value
             return result
@@ -1829,10 +1844,13 @@ class _AsyncDriver(_Driver):
         try:
             return await self._send_once(command)
         except (redis.ConnectionError, redis.ResponseError) as error:
-            if _largest_value(command) > _LARGE_VALUE:
-                _refuse_oversized(command, await self._try(_BULK_LIMIT), error)
-            if not _resendable(command, error):
-                raise
+            return await self._after(error, command)
+
+    async def _after(self, error: redis.RedisError, command: Command) -> Any:
+        if _largest_value(command) > _LARGE_VALUE:
+            _refuse_oversized(command, await self._try(_BULK_LIMIT), error)
+        if not _resendable(command, error):
+            raise error
         return await self._send_once(command)
 
     async def _try(self, command: Command) -> Any:
