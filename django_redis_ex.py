@@ -1601,9 +1601,15 @@ _LARGE_VALUE = 1 << 20
 _BULK_LIMIT = ("CONFIG", "GET", "proto-max-bulk-len")
 
 
+def _commands_of(command: Command) -> list[tuple[Any, ...]]:
+    """The Redis commands in ``command``: itself, those of a pipeline, or none (a pause)."""
+    return [command] if type(command) is tuple else command if type(command) is list else []
+
+
 def _largest_value(command: Command) -> int:
-    commands = [command] if type(command) is tuple else command if type(command) is list else []
-    return max((len(a) for c in commands for a in c if isinstance(a, bytes)), default=0)
+    return max(
+        (len(a) for c in _commands_of(command) for a in c if isinstance(a, bytes)), default=0
+    )
 
 
 def _refuse_oversized(command: Command, limit_reply: Any, error: Exception) -> None:
@@ -1633,7 +1639,7 @@ def _resendable(command: Command, error: redis.RedisError) -> bool:
     connection it took may have died idle (a restart, the server's idle ``timeout``); a
     server that is down fails the second attempt at once too. Never a timeout (a frozen
     server) and never wrong credentials."""
-    commands = [command] if type(command) is tuple else command if type(command) is list else []
+    commands = _commands_of(command)
     return (
         bool(commands)
         and isinstance(error, redis.ConnectionError)
