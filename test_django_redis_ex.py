@@ -2837,14 +2837,19 @@ def test_a_wrong_sentinel_password_is_never_ignored(
         "redis://127.0.0.1:6390/0?password=s3cret",
         "redis://:s3/cret@127.0.0.1:6390/0",
         "redis://user:s3#cret@127.0.0.1:6390/0",
+        "redis://user:s3?cret@127.0.0.1:6390/0",
+        "redis://user:s3,cret@127.0.0.1:6390/0",
         "redis://:s3cret@/0",
     ],
 )
 def test_passwords_never_show_in_reprs_or_messages(location: str, backend: str) -> None:
+    shown = ""
     try:
-        shown = repr(make_cache(backend, location))
-    except ImproperlyConfigured as error:
-        shown = str(error)
+        cache = make_cache(backend, location, OPTIONS={"socket_connect_timeout": 0.5})
+        shown += repr(cache)
+        cache.get("k")  # nothing listens there: a connection error
+    except (ImproperlyConfigured, redis.ConnectionError, ValueError) as error:
+        shown += str(error)
     try:
         make_cache(backend, [location, location], OPTIONS={"cluster": True, "db": 0})
     except ImproperlyConfigured as error:
@@ -2934,3 +2939,26 @@ def test_async_views_under_wsgi_reuse_the_workers_connections(
     theirs = connections_for_wsgi_requests(own_server, DJANGO_BACKEND, 300)
     print(f"\n300 async-view requests under WSGI: {ours} connections; Django's backend {theirs}")
     assert ours <= 3
+
+
+def test_a_call_cancelled_while_it_connects_does_not_spoil_the_loops_shutdown(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cancelled call leaves a connection that never connected in the pool: the loop's
+    shutdown parks or closes the others all the same, and logs nothing."""
+    cache = make_cache(BACKENDS["AsyncRedisEXCache"], server.url, OPTIONS={"db": 7})
+
+    async def main() -> None:
+        await cache.aset("k", 1)
+        busy = asyncio.ensure_future(cache.aget("k"))  # the pooled connection is in use...
+        connecting = asyncio.ensure_future(cache.aget("k"))  # ...so this one opens another
+        for _ in range(3):
+            await asyncio.sleep(0)
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connecting
+        assert await busy == 1
+
+    with caplog.at_level("WARNING", logger="django_redis_ex"):
+        asyncio.run(main())
+    assert [record.getMessage() for record in caplog.records] == []
