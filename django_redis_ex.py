@@ -291,10 +291,11 @@ def _redact(url: str) -> str:
     """``url`` with its password replaced by ``***``: in the user part, even with an
     unencoded ``/``, ``#`` or ``@`` in it, and in a ``password=`` query parameter."""
     scheme, separator, rest = url.partition("://")
+    userinfo, at, rest = rest.rpartition("@")  # the last '@': a password may hold '?' or '#'
     head, question, query = rest.partition("?")
-    userinfo, at, host = head.rpartition("@")
-    if at and ":" in userinfo:
-        head = f"{userinfo.partition(':')[0]}:***@{host}"
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        head = f"{user}:***@{head}" if colon else f"{userinfo}@{head}"
     query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", query)
     return f"{scheme}{separator}{head}{question}{query}"
 
@@ -1092,6 +1093,8 @@ class _Servers(_Topology):
     def __init__(self, servers: list[str], config: _Config) -> None:
         super().__init__(servers, config)
         self.readers = len(servers) - 1
+        for url in servers:
+            _url_options(url)  # a URL redis-py cannot read fails now, its password unsaid
 
     def pool_key(self, kind: str, index: int) -> Hashable:
         # A server's pool, wherever it is listed: aliases that name it share it.
@@ -1113,6 +1116,8 @@ class _Servers(_Topology):
         pool = client.connection_pool
         key = getattr(pool.connection_class, "parking_key", None)
         for connection in list(pool._available_connections) if key is not None else ():
+            if not connection.is_connected:  # e.g. a call cancelled while it connected
+                continue
             with contextlib.suppress(redis.ConnectionError, OSError):
                 if not await connection.can_read():  # nothing left unread
                     _parking.park(key, connection, pool.max_connections)
@@ -1123,9 +1128,11 @@ def _url_options(url: str) -> dict[str, Any]:
     """What a LOCATION URL says besides where the server is: password, db, TLS."""
     try:
         options: dict[str, Any] = redis.connection.parse_url(url)
-    except ValueError as error:  # redis-py's message quotes the URL, password and all
-        message = str(error).replace(url, _redact(url))
-        raise ImproperlyConfigured(f"LOCATION {_redact(url)!r}: {message}") from None
+    except ValueError:  # redis-py's message may quote the URL or a piece of the password
+        raise ImproperlyConfigured(
+            f"LOCATION {_redact(url)!r} is not a Redis URL that redis-py can read: a '/', "
+            "'?', '#' or '@' in a password must be percent-encoded."
+        ) from None
     for name in ("host", "port", "path", "connection_class"):
         options.pop(name, None)
     return options
@@ -1976,6 +1983,11 @@ class _RedisEXBase(BaseCache):
     def __init__(self, server: str | list[str], params: dict[str, Any]) -> None:
         super().__init__(params)
         self._servers = re.split("[;,]", server) if isinstance(server, str) else list(server)
+        if not all("://" in url for url in self._servers):
+            raise ImproperlyConfigured(
+                "LOCATION lists Redis URLs (redis://, rediss://, unix://), split on ',' and "
+                "';': percent-encode those characters in a password."
+            )
         self._topology = _topology_for(self._servers, params.get("OPTIONS") or _NO_OPTIONS)
         self._config = self._topology.config
         self._codec = self._config.codec
