@@ -2302,17 +2302,17 @@ class _RedisEXBase(BaseCache):
 
     expire, aexpire = _twins(_plan_expire)
 
-    def _plan_pexpire(self, key: Any, timeout: Any, version: int | None = None) -> Plan[bool]:
-        """Expire in ``timeout`` milliseconds (a number or a timedelta)."""
-        return self._expiry("pexpire", key, _seconds(timeout, 0.001), version)
-
-    pexpire, apexpire = _twins(_plan_pexpire)
-
     def _plan_expire_at(self, key: Any, when: Any, version: int | None = None) -> Plan[bool]:
         """Expire at ``when``: a datetime, or Unix time in seconds."""
         return self._expiry("expire_at", key, _timestamp(when), version)
 
     expire_at, aexpire_at = _twins(_plan_expire_at)
+
+    def _plan_pexpire(self, key: Any, timeout: Any, version: int | None = None) -> Plan[bool]:
+        """Expire in ``timeout`` milliseconds (a number or a timedelta)."""
+        return self._expiry("pexpire", key, _seconds(timeout, 0.001), version)
+
+    pexpire, apexpire = _twins(_plan_pexpire)
 
     def _plan_pexpire_at(self, key: Any, when: Any, version: int | None = None) -> Plan[bool]:
         """Expire at ``when``: a datetime, or Unix time in milliseconds."""
