@@ -1670,6 +1670,7 @@ class _Driver:
         self._serializer = topology.config.codec
 
     def _get_connection_pool_index(self, write: bool) -> int:
+        # Django's RedisCacheClient name too (its test_get_connection_pool_index).
         return self._topology.index_for(write)
 
     def _index(self, *commands: tuple[Any, ...]) -> int:
@@ -1771,8 +1772,7 @@ class _SyncDriver(_Driver):
 
     def _send_once(self, command: Command) -> Any:
         if type(command) is tuple:
-            client = self._clients[0] if self._one_client else None
-            client = client or self._client_at(self._index(command))
+            client = self._client_at(self._index(command))
             try:
                 return client.execute_command(*command)
             except redis.exceptions.NoScriptError:
