@@ -46,6 +46,7 @@ from collections.abc import (
     Hashable,
     Iterable,
     Iterator,
+    Mapping,
 )
 from typing import (
     TYPE_CHECKING,
@@ -76,6 +77,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.functional import cached_property
 from django.utils.module_loading import import_string
+from redis._parsers import _RESP3Parser
 
 __all__ = ["AsyncRedisEXCache", "RedisEXCache", "RedisSerializer"]
 __version__ = "2.0.0"
@@ -275,6 +277,21 @@ _OWN_OPTIONS: dict[str, Any] = {
     "sentinel_kwargs": None,
     "sentinel_replica_reads": False,
     "cluster": False,
+    "multiplex": True,
+    "client_cache": False,
+}
+
+# OPTIONS "client_cache" settings: the local store's bounds, and the heartbeat of its
+# tracking connection (entries are served for at most two intervals past the last answer).
+_CLIENT_CACHE_DEFAULTS: dict[str, Any] = {
+    "max_entries": 10_000,
+    "max_bytes": 64 * 1024 * 1024,
+    "heartbeat_interval": 0.25,
+}
+_CLIENT_CACHE_KINDS: dict[str, tuple[type, float]] = {
+    "max_entries": (int, 1),
+    "max_bytes": (int, 1024),
+    "heartbeat_interval": (float, 0.01),
 }
 
 # Defaults that differ from redis-py's: past 100 connections, wait for a free one instead
@@ -420,6 +437,14 @@ class _Config:
             raise ImproperlyConfigured("OPTIONS 'sentinel_kwargs' must be a dict.")
         self.sentinel_replica_reads: bool = _checked(own, "sentinel_replica_reads", bool)
         cluster = _checked(own, "cluster", bool)
+        # The drivers send commands on pooled connections themselves, without redis-py's
+        # per-command machinery, unless redis-py's own retry policy is asked for (or on a
+        # cluster, whose client routes each command).
+        retries = {"retry", "retry_on_error", "retry_on_timeout"} & set(options)
+        self.direct = not cluster and not retries
+        self.multiplex: bool = _checked(own, "multiplex", bool) and self.direct
+        self.client_cache = self._client_cache(own["client_cache"], cluster)
+        self.codec_key = _freeze((own["serializer"], own["compressor"], own["compress_min_length"]))
         pool_class = _import(own, "pool_class")
         if self.sentinels and (cluster or pool_class is not None):
             raise ImproperlyConfigured(
@@ -455,6 +480,39 @@ class _Config:
                 self.sync_options["protocol"] = self.async_options["protocol"] = 2
         # The pool key holds what the user set, so equal settings share a pool.
         self.frozen = _freeze((redis_options, parser_class, pool_class))
+
+    @staticmethod
+    def _client_cache(value: Any, cluster: bool) -> dict[str, Any] | None:
+        """The client-side cache's settings, or None when it is off."""
+        if value is False or value is None:
+            return None
+        if value is True:
+            value = {}
+        if not isinstance(value, dict):
+            raise ImproperlyConfigured(
+                f"OPTIONS 'client_cache' must be True, False or a dict of "
+                f"{', '.join(_CLIENT_CACHE_DEFAULTS)}, not {value!r}."
+            )
+        unknown = sorted(set(value) - set(_CLIENT_CACHE_DEFAULTS))
+        if unknown:
+            raise ImproperlyConfigured(
+                f"OPTIONS 'client_cache' has no setting {unknown[0]!r}; it takes "
+                f"{', '.join(_CLIENT_CACHE_DEFAULTS)}."
+            )
+        if cluster:
+            raise ImproperlyConfigured(
+                "OPTIONS 'client_cache' does not work with 'cluster': a Redis Cluster would "
+                "need a tracking connection per primary, kept in step with resharding. Turn "
+                "one of them off."
+            )
+        settings = {**_CLIENT_CACHE_DEFAULTS, **value}
+        for name, (kind, minimum) in _CLIENT_CACHE_KINDS.items():
+            try:
+                settings[name] = _checked(settings, name, kind, minimum=minimum)
+            except ImproperlyConfigured as error:
+                message = str(error).replace("OPTIONS", "OPTIONS 'client_cache' setting", 1)
+                raise ImproperlyConfigured(message) from None
+        return settings
 
     @staticmethod
     def _sentinel_addresses(value: Any) -> list[tuple[str, int]]:
@@ -726,6 +784,8 @@ class _SharedAsyncRedis(redis.asyncio.Redis):
     """An asyncio client on a shared pool. ``aclose()`` releases only its own connection:
     1.x users close raw clients with ``aclose(close_connection_pool=True)``, and other cache
     objects on the loop still use the pool, which is closed with the loop instead."""
+
+    line: _Line | None = None  # the multiplexed connection of this loop's pool
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         await super().aclose(close_connection_pool=False)
@@ -1655,16 +1715,321 @@ def _resendable(command: Command, error: redis.RedisError) -> bool:
     )
 
 
+# ---------------------------------------------------------------------------
+# The client-side store (OPTIONS "client_cache")
+# ---------------------------------------------------------------------------
+
+# Commands that change no key; every other command drops the keys it names from the store.
+_CHANGES_NOTHING = _READ_COMMANDS | {"SCAN", "CONFIG", "PING", "SCRIPT", "CLIENT", "INFO"}
+_IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+def _keys_written(command: tuple[Any, ...]) -> list[Any] | None:
+    """The keys ``command`` may change; None for every key (FLUSHDB)."""
+    name = command[0]
+    if name in _CHANGES_NOTHING:
+        return []
+    if name in ("FLUSHDB", "FLUSHALL"):
+        return None
+    if name in ("EVALSHA", "EVAL"):
+        return list(command[3 : 3 + int(command[2])])
+    if name == "MSET":
+        return list(command[1::2])
+    if name in ("DEL", "UNLINK", "RENAME"):
+        return list(command[1:])
+    return list(command[1:2])
+
+
+class _Store:
+    """The client-side cache of one configuration in this process, shared by threads, event
+    loops, both classes and both paths.
+
+    A read of a key this process read before is answered from memory while the server is
+    known to keep the store honest: a dedicated connection (a thread) runs ``CLIENT TRACKING
+    ON BCAST PREFIX <key prefix>``, drops the entries the server says changed, and pings every
+    ``heartbeat_interval``; entries are served only until two intervals after the send of the
+    last answered ping, and the whole store is flushed whenever that connection is lost.
+
+    A read that misses fetches the value and its PTTL in one round trip and stores them only
+    if no write or invalidation of the key (and no flush) came while it was in flight; every
+    write this process sends drops the keys it names when it is answered. Values of immutable
+    types are kept as they are; others as the stored bytes, decoded afresh for each caller.
+    """
+
+    def __init__(self, topology: _Topology, prefix: str | None, settings: dict[str, Any]) -> None:
+        self.topology = topology
+        self.codec = topology.config.codec
+        self.prefix = prefix  # None: every key is tracked (a custom KEY_FUNCTION)
+        self.max_entries: int = settings["max_entries"]
+        self.max_bytes: int = settings["max_bytes"]
+        self.interval: float = settings["heartbeat_interval"]
+        self.refused = False  # the server refused tracking: off for this process
+        self._fresh_start()
+
+    def _fresh_start(self) -> None:
+        """Empty and untracked: at creation, and in a forked child."""
+        self.lock = threading.Lock()
+        self.entries: collections.OrderedDict[str, tuple[Any, bool, float, int]] = (
+            collections.OrderedDict()
+        )  # key: (value, whether it is the stored bytes, expiry or 0, size)
+        self.bytes = 0
+        self.reading: dict[str, list[int]] = {}  # key: [reads in flight, changed since]
+        self.epoch = 0  # bumped by every flush: reads begun before it store nothing
+        self.valid_until = 0.0  # time.monotonic() past which nothing is served
+        self.tracker: threading.Thread | None = None
+        self.retry_at = 0.0
+        self.connected = False
+        self.hits = self.misses = self.invalidations = self.flushes = 0
+
+    # Served from memory ---------------------------------------------------
+
+    def lookup(self, key: str) -> Any:
+        """The value of ``key``, or ``_MISSING`` if it must be read from Redis."""
+        now = time.monotonic()
+        if now >= self.valid_until:
+            self._track_again(now)
+            self.misses += 1
+            return _MISSING
+        entry = self.entries.get(key)
+        if entry is None or (entry[2] and now >= entry[2]):
+            self.misses += 1
+            return _MISSING
+        with contextlib.suppress(KeyError):  # dropped meanwhile by another thread
+            self.entries.move_to_end(key)
+        self.hits += 1
+        return self.codec.loads(entry[0]) if entry[1] else entry[0]
+
+    def lookup_many(self, keys: list[str]) -> list[Any] | None:
+        """The values of all ``keys``, or None unless every one is here."""
+        values = [self.lookup(key) for key in keys]
+        return None if any(value is _MISSING for value in values) else values
+
+    def holds(self, key: str) -> bool:
+        now = time.monotonic()
+        entry = self.entries.get(key) if now < self.valid_until else None
+        return entry is not None and not (entry[2] and now >= entry[2])
+
+    # Filled and emptied by the drivers -------------------------------------
+
+    def reads(self, command: Command) -> list[Any] | None:
+        """The keys whose values ``command`` reads, if the store would keep them."""
+        if type(command) is not tuple or command[0] not in ("GET", "MGET"):
+            return None
+        return list(command[1:]) if time.monotonic() < self.valid_until else None
+
+    def begin(self, keys: list[Any]) -> tuple[int, float]:
+        with self.lock:
+            for key in keys:
+                mark = self.reading.get(key)
+                if mark is None:
+                    self.reading[key] = [1, 0]
+                else:
+                    mark[0] += 1
+            return self.epoch, time.monotonic()
+
+    def end(self, ticket: tuple[int, float], keys: list[Any], replies: list[Any] | None) -> None:
+        """After the read of ``keys``: keep what it found, unless anything changed."""
+        epoch, started = ticket
+        values: list[Any] = [None] * len(keys)
+        pttls: list[Any] = values
+        if replies is not None:
+            values = replies[0] if isinstance(replies[0], list) else [replies[0]]
+            pttls = replies[1:]
+        with self.lock:
+            fresh = epoch == self.epoch and time.monotonic() < self.valid_until
+            for key, value, pttl in zip(keys, values, pttls, strict=True):
+                mark = self.reading.get(key) or [1, 1]  # none: a fork came between
+                mark[0] -= 1
+                changed = mark[1]
+                if not mark[0]:
+                    self.reading.pop(key, None)
+                keep = fresh and not changed and type(value) is bytes and type(pttl) is int
+                if keep and pttl != -2 and (self.prefix is None or key.startswith(self.prefix)):
+                    self._put(key, value, started + pttl / 1000 if pttl > 0 else 0.0)
+
+    def _put(self, key: str, data: bytes, expires: float) -> None:
+        size = len(data) + len(key) + 100
+        if size > self.max_bytes // 8:
+            return
+        try:
+            value = self.codec.loads(data)
+        except Exception:  # not ours to read: the caller's own read reports it
+            return
+        entry = (
+            (value, False, expires, size)
+            if type(value) in _IMMUTABLE
+            else (data, True, expires, size)
+        )
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old[3]
+        self.entries[key] = entry
+        self.bytes += size
+        while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
+            self.bytes -= self.entries.popitem(last=False)[1][3]
+
+    def written(self, command: Command) -> None:
+        """Drop what ``command`` (sent by this process) may have changed."""
+        for each in _commands_of(command):
+            keys = _keys_written(each)
+            if keys is None:
+                self.flush()
+            elif keys:
+                self.drop(keys)
+
+    def drop(self, keys: Iterable[Any]) -> None:
+        with self.lock:
+            for each in keys:
+                key = each.decode("utf-8", "surrogateescape") if type(each) is bytes else each
+                entry = self.entries.pop(key, None)
+                if entry is not None:
+                    self.bytes -= entry[3]
+                mark = self.reading.get(key)
+                if mark is not None:
+                    mark[1] = 1
+
+    def flush(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.bytes = 0
+            self.epoch += 1
+            self.flushes += 1
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "enabled": not self.refused,
+            "connected": self.connected and time.monotonic() < self.valid_until,
+            "entries": len(self.entries),
+            "bytes": self.bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "invalidations": self.invalidations,
+            "flushes": self.flushes,
+            "max_entries": self.max_entries,
+            "max_bytes": self.max_bytes,
+            "heartbeat_interval": self.interval,
+        }
+
+    # The tracking connection ------------------------------------------------
+
+    def _track_again(self, now: float) -> None:
+        """Start the tracking thread if none runs; after a failure, not before a pause."""
+        if self.tracker is not None or self.refused or now < self.retry_at:
+            return
+        with self.lock:
+            if self.tracker is None and not self.refused:
+                self.tracker = threading.Thread(
+                    target=self._track, name="django-redis-ex tracking", daemon=True
+                )
+                self.tracker.start()
+
+    def _track(self) -> None:
+        connection = None
+        try:
+            connection = self._open()
+            self.connected = True
+            while True:
+                sent = time.monotonic()
+                connection.send_command("PING")
+                while connection.read_response(push_request=True) is _PUSHED:
+                    pass  # invalidations sent before the answer: handled
+                self.valid_until = sent + 2 * self.interval
+                while (left := sent + self.interval - time.monotonic()) > 0:
+                    if connection.can_read(timeout=left):
+                        connection.read_response(push_request=True)
+        except redis.ResponseError as error:
+            self.refused = True
+            logger.warning(
+                "OPTIONS 'client_cache' is off for %s: the server refused CLIENT TRACKING "
+                "(%s). The cache works on without its local store.",
+                ", ".join(_redact(url) for url in self.topology.servers),
+                error,
+            )
+        except Exception as error:
+            if self.connected:
+                logger.warning(
+                    "client_cache: the tracking connection was lost (%s); reads go to Redis "
+                    "until it is back.",
+                    error,
+                )
+        finally:
+            self.valid_until = 0.0
+            self.flush()
+            self.connected = False
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    connection.disconnect()
+            self.retry_at = time.monotonic() + 2 * self.interval
+            self.tracker = None
+
+    def _open(self) -> Any:
+        """A RESP3 connection to the server that takes writes, tracking the prefix."""
+        pool = self.topology.sync_client(0).connection_pool
+        options = {**pool.connection_kwargs, "protocol": 3, "parser_class": _RESP3Parser}
+        options["socket_timeout"] = max(4 * self.interval, 1.0)
+        connection = pool.connection_class(**options)
+        connection.connect()
+        connection._parser.set_invalidation_push_handler(self._invalidated)
+        prefix = ("PREFIX", self.prefix) if self.prefix else ()
+        connection.send_command("CLIENT", "TRACKING", "ON", "BCAST", *prefix)
+        connection.read_response()
+        self.flush()  # nothing read before tracking began is trusted
+        return connection
+
+    def _invalidated(self, message: list[Any]) -> object:
+        keys = message[1] if len(message) > 1 else None
+        if keys is None:  # FLUSHDB, FLUSHALL
+            self.flush()
+        else:
+            self.invalidations += len(keys)
+            self.drop(keys)
+        return _PUSHED
+
+
+_PUSHED = object()  # what the tracking connection's read returns for an invalidation
+_stores: dict[Hashable, _Store] = {}
+_stores_lock = threading.Lock()
+
+
+def _store_for(topology: _Topology, prefix: str | None) -> _Store | None:
+    """The configuration's store, if OPTIONS ask for one: one per server, key prefix and
+    codec in this process, whichever class or alias uses it."""
+    settings = topology.config.client_cache
+    if settings is None:
+        return None
+    key = (topology.pool_key("sync", 0), prefix, topology.config.codec_key, _freeze(settings))
+    store = _stores.get(key)
+    if store is None:
+        with _stores_lock:
+            store = _stores.get(key)
+            if store is None:
+                store = _stores[key] = _Store(topology, prefix, settings)
+    return store
+
+
+def _stores_after_fork_in_child() -> None:
+    global _stores_lock
+    _stores_lock = threading.Lock()
+    for store in _stores.values():
+        store._fresh_start()  # the parent's thread is not here; its socket is left alone
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_stores_after_fork_in_child)
+
+
 class _Driver:
     """What both drivers share: Django's RedisCacheClient internals, server choice, and a
     plan's fallback when Redis is unavailable."""
 
     path_prefix = ""  # what the cache methods of this path start with: "a" for asyncio
 
-    def __init__(self, topology: _Topology) -> None:
+    def __init__(self, topology: _Topology, store: _Store | None = None) -> None:
         self._topology = topology
         self._config = topology.config
-        self._one_client = topology.readers == 0  # no server to choose
+        self._store = store
+        # No server to choose; with a store, reads go where its tracking connection is.
+        self._one_client = topology.readers == 0 or store is not None
         # Django's RedisCacheClient names, which Django's own test suite reads.
         self._servers = topology.servers
         self._serializer = topology.config.codec
@@ -1690,11 +2055,51 @@ class _Driver:
         return plan.fallback()
 
 
+def _sync_call(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """The replies of ``commands`` sent together on one of ``client``'s pooled connections:
+    values, or ``ResponseError`` objects for error replies. A connection that fails midway
+    is closed, so no reply is left on it for the next user."""
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        if len(commands) == 1:
+            connection.send_packed_command(connection.pack_command(*commands[0]))
+        else:
+            connection.send_packed_command(connection.pack_commands(commands))
+        callbacks = client.response_callbacks
+        replies = []
+        for command in commands:
+            try:
+                reply = connection.read_response()
+            except redis.ResponseError as error:
+                reply = error
+            else:
+                callback = callbacks.get(command[0])
+                if callback is not None:
+                    reply = callback(reply)
+            replies.append(reply)
+        return replies
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
+
+
+def _first_error_raised(replies: list[Any]) -> list[Any]:
+    """``replies``, unless one is an error reply: then the first error is raised, as redis-py
+    raises it from ``execute_command`` and from a pipeline."""
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+    return replies
+
+
 class _SyncDriver(_Driver):
     """Runs plans on ``redis.Redis`` clients from the process-wide registry."""
 
-    def __init__(self, topology: _Topology) -> None:
-        super().__init__(topology)
+    def __init__(self, topology: _Topology, store: _Store | None = None) -> None:
+        super().__init__(topology, store)
         self._pool_options = topology.config.sync_options  # Django's name
         self._clients: list[redis.Redis | None] = [None] * (topology.readers + 1)
 
@@ -1716,7 +2121,7 @@ class _SyncDriver(_Driver):
             command = next(operation)
             while True:
                 try:
-                    reply = self._send_once(command)
+                    reply = self._exchange(command)
                 except (redis.ConnectionError, redis.ResponseError) as error:
                     reply = self._after(error, command)
                 command = operation.send(reply)
@@ -1750,7 +2155,7 @@ class _SyncDriver(_Driver):
 
     def _send(self, command: Command) -> Any:
         try:
-            return self._send_once(command)
+            return self._exchange(command)
         except (redis.ConnectionError, redis.ResponseError) as error:
             return self._after(error, command)
 
@@ -1761,25 +2166,50 @@ class _SyncDriver(_Driver):
             _refuse_oversized(command, self._try(_BULK_LIMIT), error)
         if not _resendable(command, error):
             raise error
-        return self._send_once(command)
+        return self._exchange(command)
 
     def _try(self, command: Command) -> Any:
         """``command``'s reply, or None if it fails: for what is done on the way out."""
         try:
-            return self._send_once(command)
+            return self._exchange(command)
         except redis.RedisError:
             return None
+
+    def _exchange(self, command: Command) -> Any:
+        """``command``'s reply, through the client-side store if there is one."""
+        store = self._store
+        if store is None:
+            return self._send_once(command)
+        keys = store.reads(command)
+        if keys is None:
+            try:
+                return self._send_once(command)
+            finally:
+                store.written(command)
+        ticket, replies = store.begin(keys), None
+        try:
+            replies = self._send_once(
+                [cast(tuple[Any, ...], command), *(("PTTL", k) for k in keys)]
+            )
+        finally:
+            store.end(ticket, keys, replies)
+        return replies[0]
 
     def _send_once(self, command: Command) -> Any:
         if type(command) is tuple:
             client = self._client_at(self._index(command))
             try:
+                if self._config.direct:
+                    return _first_error_raised(_sync_call(client, [command]))[0]
                 return client.execute_command(*command)
             except redis.exceptions.NoScriptError:
                 source = _SCRIPTS[command[1]]
-                return client.execute_command("EVAL", source, *command[2:])
+                return self._send_once(("EVAL", source, *command[2:]))
         if type(command) is list:
-            pipeline = self._client_at(self._index(*command)).pipeline(transaction=False)
+            client = self._client_at(self._index(*command))
+            if self._config.direct:
+                return _first_error_raised(_sync_call(client, command))
+            pipeline = client.pipeline(transaction=False)
             for args in command:
                 pipeline.execute_command(*args)
             return pipeline.execute()
@@ -1788,13 +2218,183 @@ class _SyncDriver(_Driver):
         return time.monotonic()
 
 
+class _Call:
+    """Commands of one call on a multiplexed line, and the future of their replies."""
+
+    __slots__ = ("commands", "future")
+
+    def __init__(self, commands: list[tuple[Any, ...]], future: asyncio.Future[list[Any]]) -> None:
+        self.commands = commands
+        self.future = future
+
+
+class _Line:
+    """One connection that the concurrent calls of an event loop share (multiplexing).
+
+    Calls queue their commands; once per loop iteration the queue goes out in one write,
+    pipelined behind whatever is still in flight, and one reader task hands each call its own
+    replies in order (an error reply is the reply of its call alone). A call cancelled while
+    in flight has its replies read and dropped, so no other call's reply shifts. One timer
+    bounds the wait for the next reply (``socket_timeout``), instead of redis-py's
+    ``wait_for`` around every read. The line takes a connection from the pool while calls
+    are in flight and gives it back when none are (the pool bounds and checks connections).
+    """
+
+    def __init__(self, pool: Any, callbacks: Mapping[Any, Any]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.pool = pool
+        self.callbacks = callbacks
+        self.timeout: float | None = pool.connection_kwargs.get("socket_timeout")
+        self.connection: Any = None
+        self.queue: list[_Call] = []
+        self.sent: collections.deque[_Call] = collections.deque()
+        self.reader: asyncio.Task[None] | None = None
+        self.wake: asyncio.Future[None] | None = None  # what the idle reader waits on
+        self.flushing = False
+        self.progress = 0.0  # loop time of the last reply, or of a send after none in flight
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.timed_out = False
+
+    async def call(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies of ``commands``, in order: values or ``ResponseError`` objects."""
+        future: asyncio.Future[list[Any]] = self.loop.create_future()
+        self.queue.append(_Call(commands, future))
+        if not self.flushing:
+            self.flushing = True
+            self.loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self.flushing = False
+        if self.reader is None:
+            self.reader = self.loop.create_task(self._read())
+            self.reader._log_destroy_pending = False  # type: ignore[attr-defined]  # dropped loops
+        elif self.wake is not None:  # idle: the reader checks the connection, then sends
+            if not self.wake.done():
+                self.wake.set_result(None)
+        elif self.connection is not None and self.connection.is_connected:
+            self._send()
+        # else the reader is connecting: it sends the queue once connected
+
+    def _send(self) -> None:
+        calls = [call for call in self.queue if not call.future.done()]
+        self.queue = []
+        if not calls:
+            return
+        connection = self.connection
+        commands = [command for call in calls for command in call.commands]
+        connection._writer.writelines(connection.pack_commands(commands))
+        if not self.sent:
+            self.progress = self.loop.time()
+        self.sent.extend(calls)
+        if self.watchdog is None and self.timeout:
+            self.watchdog = self.loop.call_at(self.progress + self.timeout, self._check)
+
+    def _check(self) -> None:
+        """The timer: no reply for ``socket_timeout`` with calls in flight ends the reader."""
+        self.watchdog = None
+        if not self.sent or self.reader is None or not self.timeout:
+            return
+        if self.loop.time() - self.progress >= self.timeout:
+            self.timed_out = True
+            self.reader.cancel()
+        else:
+            self.watchdog = self.loop.call_at(self.progress + self.timeout, self._check)
+
+    async def _ready(self) -> None:
+        """A connection to send on: the pool checks one it hands out."""
+        if self.connection is None:
+            self.connection = await self.pool.get_connection()
+        elif not self.connection.is_connected:
+            await self.connection.connect()
+
+    async def _read(self) -> None:
+        error: BaseException | None = None  # None: the loop is shutting down
+        connecting = False
+        try:
+            while True:
+                if not self.sent:
+                    if not self.queue and self.connection is not None:
+                        await asyncio.sleep(0)  # whoever was just answered may call again
+                        if not self.queue and not self.sent:  # idle: the pool has it back
+                            connection, self.connection = self.connection, None
+                            await self.pool.release(connection)
+                    if not self.queue:
+                        self.wake = self.loop.create_future()
+                        try:
+                            await self.wake
+                        finally:
+                            self.wake = None
+                        continue
+                    connecting = True
+                    await self._ready()
+                    connecting = False
+                    self._send()
+                    continue
+                call = self.sent[0]
+                parser = self.connection._parser
+                replies = []
+                for command in call.commands:
+                    reply = await parser.read_response()
+                    callback = self.callbacks.get(command[0])
+                    if callback is not None and not isinstance(reply, redis.ResponseError):
+                        reply = callback(reply)
+                    replies.append(reply)
+                self.sent.popleft()
+                self.progress = self.loop.time()
+                if not call.future.done():
+                    call.future.set_result(replies)
+        except asyncio.CancelledError:
+            if not self.timed_out:
+                raise
+            error = redis.TimeoutError(
+                f"Timeout reading from {self.connection._host_error()}: no reply within "
+                f"socket_timeout ({self.timeout} s)."
+            )
+        except OSError as exc:
+            error = redis.ConnectionError(f"Error while reading from Redis: {exc}")
+        except Exception as exc:
+            error = exc
+        finally:
+            await self._end(error, connecting)
+
+    async def _end(self, error: BaseException | None, connecting: bool) -> None:
+        """After the reader: fail the calls in flight, and give the connection back (closed,
+        unless it ends idle with the loop). The calls not yet sent fail too if Redis could
+        not be reached or the loop ends; otherwise a new reader sends them."""
+        self.reader, self.timed_out = None, False
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        failed, self.sent = self.sent, collections.deque()
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                if failed or error is not None:  # replies may be left unread
+                    await connection.disconnect(nowait=True)
+                await self.pool.release(connection)
+        closing = error is None
+        if error is None:
+            error = redis.ConnectionError("The event loop closed with this call in flight.")
+        for call in failed:
+            if not call.future.done():
+                call.future.set_exception(error)
+        if connecting or closing:
+            queued, self.queue = self.queue, []
+            for call in queued:
+                if not call.future.done():
+                    call.future.set_exception(error)
+        elif self.queue and not self.loop.is_closed():
+            self._flush()
+
+
 class _AsyncDriver(_Driver):
     """Runs plans on ``redis.asyncio.Redis`` clients of the running event loop."""
 
     path_prefix = "a"
 
-    def __init__(self, topology: _Topology) -> None:
-        super().__init__(topology)
+    def __init__(self, topology: _Topology, store: _Store | None = None) -> None:
+        super().__init__(topology, store)
         self._pool_options = topology.config.async_options  # Django's name
 
     def get_client(self, key: Any = None, *, write: bool = False) -> redis.asyncio.Redis:
@@ -1819,7 +2419,7 @@ class _AsyncDriver(_Driver):
             command = next(operation)
             while True:
                 try:
-                    reply = await self._send_once(command)
+                    reply = await self._exchange(command)
                 except (redis.ConnectionError, redis.ResponseError) as error:
                     reply = await self._after(error, command)
                 command = operation.send(reply)
@@ -1855,7 +2455,7 @@ class _AsyncDriver(_Driver):
 
     async def _send(self, command: Command) -> Any:
         try:
-            return await self._send_once(command)
+            return await self._exchange(command)
         except (redis.ConnectionError, redis.ResponseError) as error:
             return await self._after(error, command)
 
@@ -1864,31 +2464,64 @@ class _AsyncDriver(_Driver):
             _refuse_oversized(command, await self._try(_BULK_LIMIT), error)
         if not _resendable(command, error):
             raise error
-        return await self._send_once(command)
+        return await self._exchange(command)
 
     async def _try(self, command: Command) -> Any:
         """``command``'s reply, or None if it fails: for what is done on the way out."""
         try:
-            return await self._send_once(command)
+            return await self._exchange(command)
         except redis.RedisError:
             return None
+
+    async def _exchange(self, command: Command) -> Any:
+        """``command``'s reply, through the client-side store if there is one."""
+        store = self._store
+        if store is None:
+            return await self._send_once(command)
+        keys = store.reads(command)
+        if keys is None:
+            try:
+                return await self._send_once(command)
+            finally:
+                store.written(command)
+        ticket, replies = store.begin(keys), None
+        try:
+            replies = await self._send_once(
+                [cast(tuple[Any, ...], command), *(("PTTL", k) for k in keys)]
+            )
+        finally:
+            store.end(ticket, keys, replies)
+        return replies[0]
 
     async def _send_once(self, command: Command) -> Any:
         if type(command) is tuple:
             client = self._client_at(self._index(command))
             try:
-                return await client.execute_command(*command)
+                if not self._config.multiplex:
+                    return await client.execute_command(*command)
+                return _first_error_raised(await self._line(client).call([command]))[0]
             except redis.exceptions.NoScriptError:
                 source = _SCRIPTS[command[1]]
-                return await client.execute_command("EVAL", source, *command[2:])
+                return await self._send_once(("EVAL", source, *command[2:]))
         if type(command) is list:
-            pipeline = self._client_at(self._index(*command)).pipeline(transaction=False)
+            client = self._client_at(self._index(*command))
+            if self._config.multiplex:
+                return _first_error_raised(await self._line(client).call(command))
+            pipeline = client.pipeline(transaction=False)
             for args in command:
                 pipeline.execute_command(*args)
             return await pipeline.execute()
         assert isinstance(command, _Sleep)
         await asyncio.sleep(command.seconds)
         return asyncio.get_running_loop().time()
+
+    @staticmethod
+    def _line(client: redis.asyncio.Redis) -> _Line:
+        shared = cast(_SharedAsyncRedis, client)
+        line = shared.line
+        if line is None:
+            line = shared.line = _Line(client.connection_pool, client.response_callbacks)
+        return line
 
 
 # ---------------------------------------------------------------------------
@@ -1923,18 +2556,38 @@ def _text(redis_key: bytes | str) -> str:
 
 def _twins(
     plan: Callable[Concatenate[_Cache, _P], Plan[_T]],
+    local: Callable[Concatenate[_Cache, _P], Any] | None = None,
 ) -> tuple[
     Callable[Concatenate[_Cache, _P], _T],
     Callable[Concatenate[_Cache, _P], Coroutine[Any, Any, _T]],
 ]:
     """A cache method and its native async twin, both made from the method that plans them:
-    ``get, aget = _twins(_plan_get)``. Type checkers see the plan's signature on both."""
+    ``get, aget = _twins(_plan_get)``. Type checkers see the plan's signature on both.
+    ``local``, for a read, answers from the client-side store first, if there is one, and
+    returns ``_MISSING`` when Redis must answer."""
+    if local is None:
 
-    def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return self._sync_driver.run(plan(self, *args, **kwargs))
+        def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+            return self._sync_driver.run(plan(self, *args, **kwargs))
 
-    async def amethod(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await self._async_driver.run(plan(self, *args, **kwargs))
+        async def amethod(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+            return await self._async_driver.run(plan(self, *args, **kwargs))
+
+    else:
+
+        def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+            if self._store is not None:
+                found = local(self, *args, **kwargs)
+                if found is not _MISSING:
+                    return cast(_T, found)
+            return self._sync_driver.run(plan(self, *args, **kwargs))
+
+        async def amethod(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+            if self._store is not None:
+                found = local(self, *args, **kwargs)
+                if found is not _MISSING:
+                    return cast(_T, found)
+            return await self._async_driver.run(plan(self, *args, **kwargs))
 
     return _like(method, plan, ""), _like(amethod, plan, "a")
 
@@ -1997,6 +2650,9 @@ class _RedisEXBase(BaseCache):
             and cls.make_key is BaseCache.make_key
             and cls.validate_key is _RedisEXBase.validate_key
         )
+        # The store tracks the keys of this prefix, if keys are Django's (else every key).
+        prefix = f"{self.key_prefix}:" if self._default_keys else None
+        self._store = _store_for(self._topology, prefix)
 
     def __repr__(self) -> str:
         servers = ", ".join(_redact(s) for s in self._servers)
@@ -2004,11 +2660,11 @@ class _RedisEXBase(BaseCache):
 
     @cached_property
     def _sync_driver(self) -> _SyncDriver:
-        return _SyncDriver(self._topology)
+        return _SyncDriver(self._topology, self._store)
 
     @cached_property
     def _async_driver(self) -> _AsyncDriver:
-        return _AsyncDriver(self._topology)
+        return _AsyncDriver(self._topology, self._store)
 
     @property
     def _cache(self) -> _SyncDriver | _AsyncDriver:
@@ -2016,6 +2672,14 @@ class _RedisEXBase(BaseCache):
         if self._client_kind == "async":
             return self._async_driver
         return self._sync_driver
+
+    def client_cache_info(self) -> dict[str, Any]:
+        """The client-side cache (OPTIONS ``client_cache``) of this cache's configuration in
+        this process: whether it serves (``enabled``, ``connected``), its size, and counts."""
+        if self._store is not None:
+            return self._store.info()
+        info = dict.fromkeys(("entries", "bytes", "hits", "misses", "invalidations", "flushes"), 0)
+        return {"enabled": False, "connected": False, **info}
 
     # Raw clients and locks --------------------------------------------------
 
@@ -2129,7 +2793,10 @@ class _RedisEXBase(BaseCache):
         operation = _op_get(self._codec, self.make_and_validate_key(key, version), default)
         return Plan("get", operation, lambda: default)
 
-    get, aget = _twins(_plan_get)
+    def _local_get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        return cast(_Store, self._store).lookup(self.make_and_validate_key(key, version))
+
+    get, aget = _twins(_plan_get, _local_get)
 
     def _plan_set(
         self,
@@ -2172,7 +2839,13 @@ class _RedisEXBase(BaseCache):
         key_map = dict(zip(self._keys(keys, version), keys, strict=True))
         return Plan("get_many", _op_get_many(self._codec, key_map), dict)
 
-    get_many, aget_many = _twins(_plan_get_many)
+    def _local_get_many(self, keys: Iterable[Any], version: int | None = None) -> Any:
+        if not isinstance(keys, (list, tuple)):  # an iterator: read once, by the plan
+            return _MISSING
+        values = cast(_Store, self._store).lookup_many(self._keys(keys, version))
+        return _MISSING if values is None else dict(zip(keys, values, strict=True))
+
+    get_many, aget_many = _twins(_plan_get_many, _local_get_many)
 
     def _plan_get_or_set(
         self,
@@ -2197,12 +2870,25 @@ class _RedisEXBase(BaseCache):
 
         return Plan("get_or_set", operation, fallback, undo)
 
-    get_or_set, aget_or_set = _twins(_plan_get_or_set)
+    def _local_get_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> Any:
+        return self._local_get(key, version=version)
+
+    get_or_set, aget_or_set = _twins(_plan_get_or_set, _local_get_or_set)
 
     def _plan_has_key(self, key: Any, version: int | None = None) -> Plan[bool]:
         return Plan("has_key", _op_bool("EXISTS", self.make_and_validate_key(key, version)), _false)
 
-    has_key, ahas_key = _twins(_plan_has_key)
+    def _local_has_key(self, key: Any, version: int | None = None) -> Any:
+        held = cast(_Store, self._store).holds(self.make_and_validate_key(key, version))
+        return True if held else _MISSING
+
+    has_key, ahas_key = _twins(_plan_has_key, _local_has_key)
 
     def _plan_incr(
         self, key: Any, delta: int = 1, version: int | None = None, ignore_key_check: bool = False

@@ -13,8 +13,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import enum
+import gc
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
@@ -2474,17 +2476,19 @@ def test_get_many_makes_its_keys_as_djangos_make_and_validate_key_does() -> None
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("multiplex", [True, False])
 def test_every_pooled_async_connection_is_replaced_after_a_restart(
-    own_server: RedisServer, backend: str
+    own_server: RedisServer, backend: str, multiplex: bool
 ) -> None:
-    """20 pooled connections, all closed by a restart while the loop runs: no call fails,
-    not even INCRBY, which is never sent twice."""
-    cache = make_cache(backend, own_server.url, OPTIONS={"max_connections": 20})
+    """Pooled connections (20 without multiplexing, the line's one with it), all closed by a
+    restart while the loop runs: no call fails, not even INCRBY, which is never sent twice."""
+    options = {"max_connections": 20, "multiplex": multiplex}
+    cache = make_cache(backend, own_server.url, OPTIONS=options)
 
     async def main() -> list[Any]:
         await asyncio.gather(*(cache.aset(f"k{i}", i) for i in range(20)))
         pooled = own_server.stat("connected_clients") - 1  # less the stats connection
-        assert pooled >= 10, pooled
+        assert pooled == 1 if multiplex else pooled >= 10, pooled
         own_server.stop()
         own_server.start()
         await asyncio.sleep(0.2)  # the loop runs and sees each socket closed
@@ -2962,3 +2966,619 @@ def test_a_call_cancelled_while_it_connects_does_not_spoil_the_loops_shutdown(
     with caplog.at_level("WARNING", logger="django_redis_ex"):
         asyncio.run(main())
     assert [record.getMessage() for record in caplog.records] == []
+
+
+# ---------------------------------------------------------------------------
+# The client-side cache (OPTIONS "client_cache"): served from memory, kept honest by Redis
+# ---------------------------------------------------------------------------
+
+HEARTBEAT = 0.1  # the tests' heartbeat_interval: entries live at most 0.2 s past an answer
+BOUND = 2 * HEARTBEAT + 0.5  # how long a stale value may be served, with slack for a busy CI
+
+
+def cached_cache(backend: str, location: Any, prefix: str, **settings_: Any) -> ExCache:
+    """A cache with its own client-side store (its own KEY_PREFIX), tracking at once."""
+    client_cache = {"heartbeat_interval": HEARTBEAT, **settings_}
+    options = {"client_cache": client_cache, "socket_timeout": 1, "socket_connect_timeout": 1}
+    return make_cache(backend, location, KEY_PREFIX=prefix, OPTIONS=options)
+
+
+def serving(cache: ExCache, key: str = "warm") -> None:
+    """Wait until the store is tracked and serves: a key read twice is a hit."""
+    cache.set(key, 1)
+    store = cache._store
+    assert store is not None
+    wait_until(lambda: cache.get(key) and store.valid_until, 5, "tracking")  # a get starts it
+    settled(cache)
+
+    wait_until(lambda: local_hits(cache, lambda: cache.get(key)), 5, "the store to serve")
+
+
+def settled(cache: ExCache) -> None:
+    """Wait until every invalidation the server sent so far has reached the store: one
+    heartbeat sent after now was answered, and pushes arrive before the answer. (Writes
+    are followed by their own invalidation, which may drop a value read in between.)"""
+    store = cache._store
+    assert store is not None
+    now = time.monotonic()
+    wait_until(lambda: store.valid_until > now + 2 * HEARTBEAT, 5, "a heartbeat")
+
+
+def local_hits(cache: ExCache, call: Callable[[], Any]) -> int:
+    before = cache.client_cache_info()["hits"]
+    call()
+    return int(cache.client_cache_info()["hits"] - before)
+
+
+def deaf(cache: ExCache) -> None:
+    """Make the store ignore the server's invalidations (it is reconnected for this), so
+    that only what the cache does itself keeps it honest: each test of that can fail."""
+    store = cache._store
+    assert store is not None
+    store._invalidated = lambda message: django_redis_ex._PUSHED  # type: ignore[method-assign]
+    pool_client = cache.get_client()
+    pool_client.client_kill_filter(_type="normal", skipme=True)  # the tracker reconnects
+    serving(cache)
+
+
+def test_client_cache_serves_hits_from_memory_on_both_paths_and_classes(
+    server: RedisServer, loop: asyncio.AbstractEventLoop
+) -> None:
+    """One store for a configuration: a sync get fills it, an aget of either class hits
+    the same entry, and a hit costs no round trip."""
+    sync_cache = cached_cache(BACKENDS["RedisEXCache"], server.url, "cc-shared")
+    async_cache = cached_cache(BACKENDS["AsyncRedisEXCache"], server.url, "cc-shared")
+    assert sync_cache._store is async_cache._store is not None
+    serving(sync_cache)
+    sync_cache.set("k", {"a": [1, 2]})
+    settled(sync_cache)
+    counts = ServerCounts([server])
+    assert counts.trips(lambda: sync_cache.get("k")) == [1]  # a miss: GET and PTTL together
+    assert counts.trips(lambda: sync_cache.get("k")) == [0]
+    assert local_hits(async_cache, lambda: loop.run_until_complete(async_cache.aget("k"))) == 1
+    assert counts.trips(lambda: loop.run_until_complete(async_cache.aget("k"))) == [0]
+    assert loop.run_until_complete(async_cache.aget("k")) == {"a": [1, 2]}
+    assert counts.trips(lambda: sync_cache.get_many(["k"])) == [0]
+    assert counts.trips(lambda: sync_cache.has_key("k")) == [0]
+    assert counts.trips(lambda: sync_cache.get_or_set("k", 5)) == [0]
+    assert sync_cache.get_or_set("k", 5) == {"a": [1, 2]}
+    info = sync_cache.client_cache_info()
+    assert info["enabled"] and info["connected"] and info["entries"] >= 2, info
+    for name in ("bytes", "hits", "misses", "invalidations", "flushes"):
+        assert isinstance(info[name], int), name
+
+
+def test_client_cache_info_without_the_option(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url)
+    info = cache.client_cache_info()
+    assert info["enabled"] is False and info["entries"] == 0 and info["connected"] is False
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_another_process_write_is_seen_within_a_bounded_time(
+    server: RedisServer, backend: str, path_: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    cache = cached_cache(backend, server.url, f"cc-other-{path_}")
+    api = Api(cache, path_, loop)
+    serving(cache)
+    api.set("k", "old")
+    settled(cache)
+    assert api.get("k") == "old"
+    assert local_hits(cache, lambda: api.get("k")) == 1
+    script = (
+        "import pickle, sys, redis\n"
+        "redis.Redis(port=int(sys.argv[1])).set(sys.argv[2], pickle.dumps('new', 5))\n"
+    )
+    redis_key = cache.make_key("k")
+    subprocess.run(
+        [sys.executable, "-c", script, str(server.port), redis_key], check=True, timeout=30
+    )
+    written = time.monotonic()
+    wait_until(lambda: api.get("k") == "new", BOUND, "the other process's write")
+    delay = time.monotonic() - written
+    assert cache.client_cache_info()["invalidations"] >= 1
+    print(f"\nanother process's write seen here after {delay * 1000:.1f} ms")
+
+
+def pause(seconds: float) -> bool:
+    time.sleep(seconds)
+    return True
+
+
+# Each write method, how to call it, and what get("k") returns after it (k held "old").
+WRITES: list[tuple[str, Callable[[Api], Any], Any]] = [
+    ("set", lambda api: api.set("k", "new"), "new"),
+    ("add", lambda api: (api.delete("k"), api.add("k", "new")), "new"),
+    ("delete", lambda api: api.delete("k"), None),
+    ("incr", lambda api: api.incr("n"), 8),
+    ("decr", lambda api: api.decr("n"), 6),
+    ("set_many", lambda api: api.set_many({"k": "new"}), "new"),
+    ("delete_many", lambda api: api.delete_many(["k"]), None),
+    ("touch", lambda api: (api.touch("k", 1), pause(1.1)), None),
+    ("expire", lambda api: api.expire("k", 0), None),
+    ("pexpire", lambda api: (api.pexpire("k", 1), pause(0.05)), None),
+    ("persist", lambda api: (api.persist("k"), api.set("k", "new")), "new"),
+    ("incr_version", lambda api: api.incr_version("k"), None),
+    ("clear", lambda api: api.clear(), None),
+    ("delete_pattern", lambda api: api.delete_pattern("k*"), None),
+    ("get_or_set", lambda api: (api.delete("k"), api.get_or_set("k", "new")), "new"),
+]
+
+
+@pytest.mark.parametrize("write", WRITES, ids=[w[0] for w in WRITES])
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_every_write_method_drops_what_it_changed_before_it_returns(
+    server: RedisServer,
+    backend: str,
+    path_: str,
+    write: tuple[str, Callable[[Api], Any], Any],
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Read-your-writes by the cache itself: the server's invalidations are ignored here,
+    so a write that did not drop the local entry would leave the old value served."""
+    name, call, expected = write
+    cache = cached_cache(backend, server.url, f"cc-ryw-{name}-{path_}-{backend[-10:]}")
+    api = Api(cache, path_, loop)
+    deaf(cache)
+    api.set("k", "old")
+    api.set("n", 7)
+    settled(cache)
+    assert (api.get("k"), api.get("n")) == ("old", 7)
+    assert local_hits(cache, lambda: (api.get("k"), api.get("n"))) == 2
+    call(api)
+    key = "n" if name in ("incr", "decr") else "k"
+    assert api.get(key) == expected
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_no_stale_read_after_the_tracking_connection_is_killed(
+    server: RedisServer, backend: str, path_: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """CLIENT KILL of the tracking connection, then a write by another client at once:
+    the store is flushed, so the old value is not served past the bound."""
+    cache = cached_cache(backend, server.url, f"cc-kill-{path_}")
+    api = Api(cache, path_, loop)
+    serving(cache)
+    api.set("k", "old")
+    settled(cache)
+    assert api.get("k") == "old" and local_hits(cache, lambda: api.get("k")) == 1
+    admin = server.client()
+    tracking = [c for c in admin.client_list() if "t" in c["flags"] and "B" in c["flags"]]
+    assert tracking, admin.client_list()
+    flushes = cache.client_cache_info()["flushes"]
+    for client in tracking:
+        admin.client_kill_filter(_id=client["id"])
+    admin.set(cache.make_key("k"), pickle.dumps("new", 5))
+    killed = time.monotonic()
+    wait_until(lambda: api.get("k") == "new", BOUND, "the write after the kill")
+    assert time.monotonic() - killed < BOUND
+    assert cache.client_cache_info()["flushes"] > flushes
+    serving(cache)  # tracking is back: hits again
+    assert api.get("k") == "new"
+
+
+def test_no_stale_read_after_a_server_restart(own_server: RedisServer, backend: str) -> None:
+    cache = cached_cache(backend, own_server.url, "cc-restart")
+    serving(cache)
+    cache.set("k", "old")
+    settled(cache)
+    assert cache.get("k") == "old" and local_hits(cache, lambda: cache.get("k")) == 1
+    own_server.stop()
+    own_server.start()
+    own_server.client().set(cache.make_key("k"), pickle.dumps("new", 5))
+    restarted = time.monotonic()
+    wait_until(lambda: cache.get("k") == "new", BOUND + 2, "the restarted server's value")
+    print(f"\nrestart: the new value was read {time.monotonic() - restarted:.3f} s after")
+    serving(cache)
+    assert cache.get("k") == "new"
+
+
+def test_a_frozen_server_stops_the_store_serving_within_the_bound(
+    own_server: RedisServer, backend: str
+) -> None:
+    """SIGSTOP: no heartbeat is answered, so after the bound a get goes to Redis (and
+    times out) instead of answering from memory a value nobody can vouch for."""
+    cache = cached_cache(backend, own_server.url, "cc-frozen")
+    serving(cache)
+    cache.set("k", "old")
+    settled(cache)
+    assert cache.get("k") == "old" and local_hits(cache, lambda: cache.get("k")) == 1
+    assert own_server.process is not None
+    os.kill(own_server.process.pid, signal.SIGSTOP)
+    try:
+        time.sleep(2 * HEARTBEAT + 0.1)
+        with pytest.raises(redis.TimeoutError):
+            cache.get("k")
+    finally:
+        os.kill(own_server.process.pid, signal.SIGCONT)
+    wait_until(lambda: cache.get("k") == "old", 10, "the server back")
+
+
+def test_no_stale_read_after_a_sentinel_failover(backend: str) -> None:
+    setup = SentinelSetup()
+    try:
+        options = {
+            "sentinels": setup.addresses,
+            "socket_timeout": 1,
+            "socket_connect_timeout": 1,
+            "client_cache": {"heartbeat_interval": HEARTBEAT},
+        }
+        cache = make_cache(backend, "redis://mymaster/0", KEY_PREFIX="cc-sentinel", OPTIONS=options)
+        serving(cache)
+        cache.set("k", "old")
+        settled(cache)
+        assert cache.get("k") == "old" and local_hits(cache, lambda: cache.get("k")) == 1
+        setup.failover()
+        setup.master.client().set(cache.make_key("k"), pickle.dumps("new", 5))  # the new master
+        failed_over = time.monotonic()
+        value, _ = eventually(lambda: cache.get("k") == "new" or None, timeout=BOUND + 10)
+        assert value is True
+        print(
+            f"\nsentinel failover: the new value read {time.monotonic() - failed_over:.3f} s after"
+        )
+        serving(cache)  # the tracking connection follows the master
+        assert cache.get("k") == "new" and local_hits(cache, lambda: cache.get("k")) == 1
+        assert cache.get("k") == "new"
+    finally:
+        setup.stop()
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_a_local_entry_never_outlives_its_keys_ttl(
+    server: RedisServer, backend: str, path_: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The server's invalidations are ignored here: only the TTL read with the value can
+    end the entry."""
+    cache = cached_cache(backend, server.url, f"cc-ttl-{path_}")
+    api = Api(cache, path_, loop)
+    deaf(cache)
+    api.set("k", "v", timeout=1)
+    api.set("forever", "v", timeout=None)
+    settled(cache)
+    assert api.get("k") == "v" and local_hits(cache, lambda: api.get("k")) == 1
+    time.sleep(1.1)
+    assert api.get("k") is None
+    assert api.get("forever") == "v" and local_hits(cache, lambda: api.get("forever")) == 1
+
+
+def test_max_entries_holds_and_evicts_the_least_recently_used(
+    server: RedisServer, backend: str
+) -> None:
+    cache = cached_cache(backend, server.url, "cc-lru", max_entries=10)
+    serving(cache)
+    cache.set_many({f"k{i}": i for i in range(50)})
+    settled(cache)
+    for i in range(50):
+        assert cache.get(f"k{i}") == i
+        if i >= 1:
+            cache.get("k0")  # kept recently used
+    info = cache.client_cache_info()
+    assert info["entries"] == 10, info
+    assert local_hits(cache, lambda: cache.get("k0")) == 1
+    assert local_hits(cache, lambda: cache.get("k49")) == 1
+    assert local_hits(cache, lambda: cache.get("k5")) == 0
+
+
+def test_max_bytes_holds(server: RedisServer, backend: str) -> None:
+    cache = cached_cache(backend, server.url, "cc-bytes", max_bytes=64 * 1024)
+    serving(cache)
+    for i in range(40):
+        cache.set(f"k{i}", b"x" * 4000)
+        assert cache.get(f"k{i}") == b"x" * 4000
+    info = cache.client_cache_info()
+    assert 0 < info["bytes"] <= 64 * 1024 and 0 < info["entries"] < 40, info
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_a_value_the_caller_mutates_is_the_callers_own(
+    server: RedisServer, backend: str, path_: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    cache = cached_cache(backend, server.url, f"cc-own-{path_}")
+    api = Api(cache, path_, loop)
+    serving(cache)
+    api.set("k", {"list": [1, 2]})
+    api.set_many({"m": [1]})
+    settled(cache)
+    for _ in range(3):
+        value = api.get("k")
+        assert value == {"list": [1, 2]}
+        value["list"].append(3)
+        value["new"] = True
+        many = api.get_many(["m"])
+        assert many == {"m": [1]}
+        many["m"].append(2)
+    assert local_hits(cache, lambda: api.get("k")) == 1
+
+
+def test_a_forked_child_starts_with_an_empty_store_and_its_own_tracking(
+    server: RedisServer, backend: str
+) -> None:
+    cache = cached_cache(backend, server.url, "cc-fork")
+    serving(cache)
+    cache.set("k", "old")
+    settled(cache)
+    assert cache.get("k") == "old" and local_hits(cache, lambda: cache.get("k")) == 1
+    admin = server.client()
+
+    def trackers() -> int:
+        return sum("t" in c["flags"] for c in admin.client_list())
+
+    before = trackers()
+
+    def child() -> int:
+        if cache.client_cache_info()["entries"] != 0:
+            return 1
+        if local_hits(cache, lambda: cache.get("k")) != 0:
+            return 2
+        serving(cache)
+        if trackers() != before + 1:  # the child's own tracking connection
+            return 3
+        server.client().set(cache.make_key("k"), pickle.dumps("child", 5))
+        wait_until(lambda: cache.get("k") == "child", BOUND, "the child's invalidation")
+        return 0
+
+    assert in_forked_child(child) == 0
+    # The parent's tracking connection was not touched by the child, nor spoiled.
+    wait_until(lambda: cache.get("k") == "child", BOUND, "the parent's invalidation")
+    assert cache.client_cache_info()["connected"]
+
+
+def test_a_server_that_refuses_tracking_gives_one_warning_and_the_cache_works(
+    server: RedisServer, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin = server.client()
+    admin.acl_setuser(
+        "notrack",
+        enabled=True,
+        passwords=["+pw"],
+        keys=["*"],
+        commands=["+@all", "-client|tracking"],
+    )
+    try:
+        location = f"redis://notrack:pw@127.0.0.1:{server.port}/0"
+        cache = cached_cache(backend, location, f"cc-refused-{backend}")
+        with caplog.at_level("WARNING", logger="django_redis_ex"):
+            cache.set("k", "v")
+            for _ in range(20):
+                assert cache.get("k") == "v"
+                time.sleep(0.02)
+            wait_until(lambda: not cache.client_cache_info()["enabled"], 5, "the refusal")
+            for _ in range(5):
+                assert cache.get("k") == "v"
+                time.sleep(2 * HEARTBEAT)
+        warnings = [r for r in caplog.records if "client_cache" in r.getMessage()]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert "CLIENT TRACKING" in warnings[0].getMessage()
+        assert "pw@" not in warnings[0].getMessage()
+        assert cache.client_cache_info()["hits"] == 0
+    finally:
+        admin.acl_deluser("notrack")
+
+
+def test_client_cache_settings_are_checked_at_configuration() -> None:
+    url = "redis://127.0.0.1:1/0"
+    cases = [
+        ({"client_cache": "yes"}, "'client_cache' must be True, False or a dict"),
+        ({"client_cache": {"max_entrie": 5}}, "no setting 'max_entrie'"),
+        ({"client_cache": {"max_entries": 0}}, "'client_cache' setting 'max_entries' must be"),
+        ({"client_cache": {"heartbeat_interval": "1"}}, "'heartbeat_interval' must be a float"),
+        ({"client_cache": True, "cluster": True}, "'client_cache' does not work with 'cluster'"),
+        ({"multiplex": "no"}, "'multiplex' must be a bool"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ImproperlyConfigured, match=re.escape(message)):
+            make_cache(BACKENDS["RedisEXCache"], url, OPTIONS=options)
+
+
+def test_keys_written_names_the_keys_of_every_write_command() -> None:
+    written = django_redis_ex._keys_written
+    assert written(("GET", "k")) == [] and written(("MGET", "a", "b")) == []
+    assert written(("SET", "k", b"v", "EX", 5)) == ["k"]
+    assert written(("MSET", "a", b"1", "b", b"2")) == ["a", "b"]
+    assert written(("DEL", "a", "b")) == ["a", "b"]
+    assert written(("RENAME", "old", "new")) == ["old", "new"]
+    assert written(("EVALSHA", "sha", 2, "k", "lock", b"arg")) == ["k", "lock"]
+    assert written(("FLUSHDB",)) is None
+    assert written(("SCAN", 0, "MATCH", "*")) == []
+
+
+# ---------------------------------------------------------------------------
+# Multiplexed asyncio I/O: concurrent calls of one loop share a connection
+# ---------------------------------------------------------------------------
+
+
+def test_a_thousand_concurrent_calls_of_every_async_method_get_their_own_results(
+    server: RedisServer, backend: str
+) -> None:
+    cache = make_cache(backend, server.url, KEY_PREFIX="mux-mix")
+    cache.clear()
+    cache.set("text", "not a number")
+
+    async def one(i: int) -> tuple[str, Any]:
+        kind = i % 10
+        key = f"k{i}"
+        if kind == 0:
+            await cache.aset(key, {"i": i})
+            return "set", await cache.aget(key)
+        if kind == 1:
+            return "add", (await cache.aadd(key, i), await cache.aadd(key, -1))
+        if kind == 2:
+            await cache.aset(key, i)
+            return "incr", await cache.aincr(key, 3)
+        if kind == 3:
+            try:
+                await cache.aincr("text")
+            except redis.ResponseError as error:
+                return "incr-error", "not an integer" in str(error) or str(error)
+            return "incr-error", "no error"
+        if kind == 4:
+            await cache.aset_many({f"{key}a": i, f"{key}b": -i})
+            return "many", await cache.aget_many([f"{key}a", f"{key}b", "absent"])
+        if kind == 5:
+            return "get_or_set", await cache.aget_or_set(key, lambda: i * 2)
+        if kind == 6:
+            await cache.aset(key, i)
+            return "delete", (await cache.adelete(key), await cache.ahas_key(key))
+        if kind == 7:
+            await cache.aset(key, i, timeout=100)
+            return "ttl", (await cache.attl(key), await cache.atouch(key, 50))
+        if kind == 8:
+            await cache.aset(key, i)
+            await cache.aincr_version(key)
+            return "version", await cache.aget(key, version=2)
+        return "get", await cache.aget(f"absent{i}", default=i)
+
+    def expected(i: int) -> tuple[str, Any]:
+        kind = i % 10
+        return [
+            ("set", {"i": i}),
+            ("add", (True, False)),
+            ("incr", i + 3),
+            ("incr-error", True),
+            ("many", {f"k{i}a": i, f"k{i}b": -i}),
+            ("get_or_set", i * 2),
+            ("delete", (True, False)),
+            ("ttl", (100, True)),
+            ("version", i),
+            ("get", i),
+        ][kind]
+
+    async def main() -> list[tuple[str, Any]]:
+        return list(await asyncio.gather(*(one(i) for i in range(1000))))
+
+    before = server.stat("total_connections_received")
+    results = asyncio.run(asyncio.wait_for(main(), 60))
+    assert results == [expected(i) for i in range(1000)]
+    opened = server.stat("total_connections_received") - before
+    print(f"\n1000 concurrent calls of every kind: {opened} connections opened")
+    assert opened <= 5, opened
+
+
+def test_cancelled_calls_never_shift_another_calls_reply(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, KEY_PREFIX="mux-cancel")
+    cache.set_many({f"k{i}": f"value {i}" for i in range(500)})
+    rng = random.Random(10)
+
+    async def main() -> tuple[int, int]:
+        wrong = cancelled = 0
+        for _round in range(10):
+            tasks = [asyncio.ensure_future(cache.aget(f"k{i}")) for i in range(500)]
+            await asyncio.sleep(0)  # sent, or about to be
+            for _ in range(rng.randint(1, 3)):
+                await asyncio.sleep(0)
+            victims = rng.sample(range(500), 150)
+            for i in victims:
+                tasks[i].cancel()
+            for i, task in enumerate(tasks):
+                try:
+                    value = await task
+                except asyncio.CancelledError:
+                    cancelled += 1
+                    continue
+                wrong += value != f"value {i}"
+            assert await cache.aget("k7") == "value 7"  # the line is not spoiled
+        return wrong, cancelled
+
+    wrong, cancelled = asyncio.run(asyncio.wait_for(main(), 60))
+    assert wrong == 0
+    assert cancelled > 0
+
+
+def test_500_concurrent_agets_use_a_handful_of_connections(
+    server: RedisServer, backend: str
+) -> None:
+    """Connections opened for 5 bursts of 500 agets, by a pool of its own (a db of its own:
+    no connection another test left parked is resumed)."""
+    for multiplex in (True, False):
+        db = 11 + 2 * list(BACKENDS.values()).index(backend) + multiplex
+        options = {"multiplex": multiplex, "db": db}
+        cache = make_cache(backend, server.url, KEY_PREFIX="mux-500", OPTIONS=options)
+        cache.set("k", "v")
+
+        async def main(c: ExCache = cache) -> list[Any]:
+            values = []
+            for _ in range(5):
+                values += await asyncio.gather(*(c.aget("k") for _ in range(500)))
+            return values
+
+        before = server.stat("total_connections_received")
+        values = asyncio.run(asyncio.wait_for(main(), 60))
+        opened = server.stat("total_connections_received") - before
+        assert values == ["v"] * 2500
+        print(f"\n500 concurrent agets, multiplex={multiplex}: {opened} connections")
+        if multiplex:
+            assert opened <= 2, opened
+        else:
+            assert opened > 10, opened  # the option turns multiplexing off
+
+
+def test_a_frozen_server_fails_multiplexed_calls_with_a_timeout_not_a_hang(
+    own_server: RedisServer, backend: str
+) -> None:
+    cache = make_cache(backend, own_server.url, OPTIONS={"socket_timeout": 0.5})
+    cache.set("k", "v")
+    assert own_server.process is not None
+
+    async def main() -> list[Any]:
+        assert await cache.aget("k") == "v"
+        os.kill(own_server.process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        started = time.monotonic()
+        try:
+            results = await asyncio.gather(
+                *(cache.aget("k") for _ in range(50)), return_exceptions=True
+            )
+        finally:
+            os.kill(own_server.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        assert time.monotonic() - started < 5
+        assert await cache.aget("k") == "v"  # a new connection once it answers again
+        return results
+
+    results = asyncio.run(asyncio.wait_for(main(), 30))
+    assert all(isinstance(r, redis.TimeoutError) for r in results), results[:3]
+    assert "socket_timeout" in str(results[0])
+
+
+def test_lua_scripts_and_stampede_protection_under_multiplexing(
+    server: RedisServer, backend: str
+) -> None:
+    cache = make_cache(backend, server.url, KEY_PREFIX="mux-lua")
+    cache.set("n", 0)
+    cache.delete("gos")
+    server.client().script_flush()  # the first EVALSHA meets NOSCRIPT
+    computed = 0
+
+    def compute() -> str:
+        nonlocal computed
+        computed += 1
+        return "value"
+
+    async def main() -> tuple[list[int], list[Any]]:
+        counts = await asyncio.gather(*(cache.aincr("n") for _ in range(300)))
+        values = await asyncio.gather(*(cache.aget_or_set("gos", compute) for _ in range(300)))
+        return list(counts), list(values)
+
+    counts, values = asyncio.run(asyncio.wait_for(main(), 60))
+    assert sorted(counts) == list(range(1, 301))
+    assert values == ["value"] * 300 and computed == 1
+
+
+def test_async_to_sync_churn_leaves_no_connection_or_thread_behind(
+    server: RedisServer, backend: str
+) -> None:
+    cache = make_cache(backend, server.url, KEY_PREFIX="mux-churn")
+    cache.set("k", "v")
+    admin = server.client()
+
+    async def calls() -> list[Any]:
+        return list(await asyncio.gather(*(cache.aget("k") for _ in range(5))))
+
+    run = async_to_sync(calls)
+    assert run() == ["v"] * 5
+    threads_before = threading.active_count()
+    clients_before = int(admin.info("clients")["connected_clients"])
+    for _ in range(300):
+        assert run() == ["v"] * 5
+    gc.collect()
+    assert threading.active_count() <= threads_before
+    clients_after = int(admin.info("clients")["connected_clients"])
+    assert clients_after <= clients_before + 1, (clients_before, clients_after)

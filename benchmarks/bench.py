@@ -2,15 +2,44 @@
 
 Run from the repository root::
 
-    python benchmarks/bench.py            # default run, a few minutes
-    python benchmarks/bench.py --quick    # under a minute
+    python benchmarks/bench.py            # default run, several minutes
+    python benchmarks/bench.py --quick    # one to two minutes
     python benchmarks/bench.py --quick --scale 0.05 --json out.json   # smoke test
     python benchmarks/bench.py --quick --topology single,sentinel,cluster   # about 2 minutes
 
 One run, one Redis: the raw sync and asyncio clients of redis-py (the limit), both classes of
-django_redis_ex on their sync and async paths, Django's RedisCache, and any ``--backend``.
-Each measurement does a fixed amount of work; backends are interleaved in every repetition and
-each figure is also given as a ratio to the raw client of the same kind, paired by repetition.
+django_redis_ex on their sync and async paths, Django's RedisCache, the variants below, and
+any ``--backend``. Each measurement does a fixed amount of work; backends are interleaved in
+every repetition and each figure is also given as a ratio to the raw client of the same kind,
+paired by repetition. The main table's columns have short headings, listed above it:
+
+- ``EX+cc``, ``AEX+cc``: both classes with OPTIONS ``{"client_cache": True}`` (reads answered
+  from process memory, kept correct by the server's invalidations).
+- ``AEX-mux``: AsyncRedisEXCache with ``{"multiplex": False}`` (concurrent async calls of one
+  loop no longer share connections); only the scenarios that multiplexing may change (threads,
+  async, the ASGI async view).
+- ``vcache``, ``vcache+csc``: django-vcache (``django_vcache.backend.ValkeyCache``, a Rust
+  driver with one multiplexed connection; Python 3.12+) with its defaults, and with OPTIONS
+  ``{"CLIENT_SIDE_CACHE": {"ENABLED": True}}`` (its defaults: MAX_SIZE 10,000, TTL 300 s). It
+  stores msgpack, not Django's pickle format, and its incr creates a missing key; like every
+  backend it is seeded through itself (the counter exists), so every scenario applies to it.
+
+A row that cannot be measured here is skipped with the reason under the table and in
+``--json`` ("skipped"), not counted as an error: django-vcache where it is not installed (or
+does not import), and a variant whose OPTIONS the module checked out rejects at configuration
+(ImproperlyConfigured: an option not implemented yet). Any other failure is an error.
+
+Connections: for each async scenario, "used" counts this process's TCP connections to Redis
+that carried traffic during the measured burst (the kernel's byte counts, TCP_INFO, read
+before and after it: every client's sockets alike, redis-py's or a Rust driver's; Linux only,
+"?" elsewhere), and "opened" the connections the server received during the warm-up and the
+burst (a pool kept from an earlier event loop opens none). ``async.get_500`` is ``aget`` at 500
+concurrent tasks on one loop, reported mainly for that count; its raw client is redis.asyncio
+on redis-py's BlockingConnectionPool of 100, since the default pool refuses past 100
+connections (single topology only). The ASGI table gives, per backend, the connections the
+server received (opened), those used during the measured requests, and the peak of connected
+clients above the baseline; the ASGI default is 2,000 requests at concurrency 50 (--quick:
+300).
 
 Codec cost (``--codecs``, on unless ``--no-codecs`` or ``--scenario`` leaves none of its
 scenarios): RedisEXCache with the JSON serializer and with each compressor available (zlib,
@@ -25,10 +54,11 @@ its replica and three sentinels, Cluster three primaries with a replica each. Th
 async scenarios run there for both classes and the raw clients of that topology (redis-py's
 Sentinel pool, RedisCluster: ``mget_nonatomic`` and a non-transactional pipeline for the
 many-key calls; the asyncio RedisCluster is initialized before its first burst, which redis-py
-8.1 sometimes fails otherwise); Django's RedisCache (one server only), ``--backend`` classes
-and the ASGI scenarios (Django's request handling, the same on any topology) are left out
-there. Each topology adds about 2 s of setup and about the time of the single run's sync and
-async scenarios (half a minute with --quick, two to three minutes without).
+8.1 sometimes fails otherwise); Django's RedisCache (one server only), ``--backend`` classes,
+the variant rows, ``async.get_500`` and the ASGI scenarios (Django's request handling, the
+same on any topology) are left out there. Each topology adds about 2 s of setup and about the
+time of the single run's sync and async scenarios for three backends (half a minute with
+--quick, two to three minutes without).
 
 Without ``--location`` a throwaway ``redis-server`` is started on a free loopback port and
 stopped at the end; ``--location`` applies to the single topology only. The servers, Sentinel
@@ -38,10 +68,11 @@ and sentinel this process starts shares its CPU, the helper that samples the ser
 connected clients runs on the other (``--no-pin`` turns pinning off): on a 2-core machine a
 GET loop is several times faster on a shared CPU, and unpinned figures flip between the two.
 
-The raw clients use redis-py's defaults (no socket timeout): they are the limit. Every wait is
-bounded all the same: asyncio work by ``wait_for``, threads by ``join`` timeouts, server setup
-by deadlines, and the whole run by ``--max-seconds``, past which the servers are stopped and
-the process exits; every process it starts is stopped by PID then, at exit and on Ctrl-C.
+The raw clients use redis-py's defaults (no socket timeout; the pool of ``async.get_500``
+aside): they are the limit. Every wait is bounded all the same: asyncio work by ``wait_for``,
+threads by ``join`` timeouts, server setup by deadlines, and the whole run by
+``--max-seconds``, past which the servers are stopped and the process exits; every process it
+starts is stopped by PID then, at exit and on Ctrl-C.
 
 It prints tables to read; ``--json`` also writes every figure and how it was measured
 (arguments, versions, machine). It sets no pass/fail targets.
@@ -57,6 +88,7 @@ import contextvars
 import functools
 import gc
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -65,7 +97,9 @@ import platform
 import secrets
 import select
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -75,6 +109,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import django
 import redis
@@ -85,6 +120,7 @@ import redis.cluster
 import redis.sentinel
 from django.conf import settings
 from django.core.cache import caches
+from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpRequest, HttpResponse
 from django.test.utils import override_settings  # resets the caches on entry and exit
@@ -123,6 +159,7 @@ RAW = "redis-py"
 EX = "django_redis_ex.RedisEXCache"
 AEX = "django_redis_ex.AsyncRedisEXCache"
 DJANGO = "django.core.cache.backends.redis.RedisCache"
+VCACHE = "django_vcache.backend.ValkeyCache"  # django-vcache: a Rust driver, Python 3.12+
 LABELS = {RAW: "raw redis-py", EX: "RedisEXCache", AEX: "AsyncRedisEXCache", DJANGO: "Django"}
 
 VALUE = b"v" * 100  # the cached value: 100 bytes
@@ -131,6 +168,8 @@ TIMEOUT = 300  # Django's default TIMEOUT: every SET carries EX 300
 MANY_KEYS = [f"many:{i}" for i in range(100)]
 THREADS = 8
 TASKS = 100
+WIDE_TASKS = 500  # the async scenario that counts connections at 500 concurrent calls
+RAW_POOL = 100  # redis-py's asyncio pool: it refuses more connections than this
 SAMPLE_INTERVAL = 0.003  # seconds between two INFO clients of the sampler
 STEP_TIMEOUT = 300.0  # seconds one measurement may take before it is abandoned
 CHUNK = 10  # operations between two looks at the clock
@@ -165,6 +204,8 @@ CODEC_SHARE = 0.25  # share of a scenario's work that the codec section does
 
 TOPOLOGIES = ("single", "sentinel", "cluster")
 
+TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux: per-socket traffic counters
+
 
 # ---------------------------------------------------------------------------
 # Scenarios and backends
@@ -178,6 +219,7 @@ class Scenario:
     title: str
     unit: str
     base: int  # work of one measurement in a default run
+    tasks: int = TASKS  # concurrent tasks of an async scenario
 
 
 SCENARIOS = [
@@ -192,6 +234,9 @@ SCENARIOS = [
     Scenario("async.set", "async", f"aset, {TASKS} tasks", "ops", 4_000),
     Scenario("async.get_many", "async", f"aget_many 100, {TASKS} tasks", "calls", 300),
     Scenario("async.set_many", "async", f"aset_many 100, {TASKS} tasks", "calls", 150),
+    Scenario(
+        f"async.get_{WIDE_TASKS}", "async", f"aget, {WIDE_TASKS} tasks", "ops", 10_000, WIDE_TASKS
+    ),
     Scenario("asgi.async_view", "asgi", "ASGI async view", "requests", 2_000),
     Scenario("asgi.sync_view", "asgi", "ASGI sync view", "requests", 2_000),
 ]
@@ -202,6 +247,9 @@ class Backend:
     key: str  # what results are filed under: the cache class's dotted path, RAW, or a codec
     alias: str | None  # cache alias in CACHES; None for the raw clients
     name: str = ""  # the label, if not derived from ``key``
+    short: str = ""  # the main table's column heading, if not the label
+    only: tuple[str, ...] = ()  # prefixes of the scenarios it runs; () for all
+    optional: bool = False  # OPTIONS that this version may not know: a rejection skips it
 
     @property
     def label(self) -> str:
@@ -209,6 +257,82 @@ class Backend:
             return self.name
         parts = self.key.split(".")
         return LABELS.get(self.key, f"{parts[0]}.{parts[-1]}" if len(parts) > 2 else self.key)
+
+    @property
+    def heading(self) -> str:
+        return self.short or self.label
+
+    def runs(self, scenario: str) -> bool:
+        return not self.only or scenario.startswith(self.only)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of the main table: a cache class and its OPTIONS."""
+
+    key: str  # what its results are filed under
+    dotted: str  # BACKEND
+    label: str
+    short: str  # column heading
+    options: dict[str, Any]
+    only: tuple[str, ...] = ()  # see Backend
+    optional: bool = False  # see Backend
+    module: str | None = None  # a package that may be missing: the row is skipped, with a note
+
+
+# What the main table measures after the raw clients, in this order. The variants' OPTIONS
+# may be newer than the module checked out: one it rejects is skipped with the reason.
+# django-vcache (django_vcache/backend.py, ValkeyCache.__init__): LOCATION a redis:// URL;
+# OPTIONS SERIALIZER (msgpack), COMPRESS_MIN_LEN (1024), IGNORE_EXCEPTIONS, CLUSTER_MODE, and
+# CLIENT_SIDE_CACHE {"ENABLED", "MAX_SIZE" (10,000), "TTL" (300 s)}, off by default.
+ROWS = [
+    Row(EX, EX, "RedisEXCache", "EX", {}),
+    Row(AEX, AEX, "AsyncRedisEXCache", "AEX", {}),
+    # Django's RedisCache waits forever on a frozen server; the timeout bounds that, and only.
+    Row(DJANGO, DJANGO, "Django", "Django", {"socket_timeout": 10, "socket_connect_timeout": 5}),
+    Row(
+        f"{EX}+client_cache",
+        EX,
+        "RedisEXCache +client_cache",
+        "EX+cc",
+        {"client_cache": True},
+        optional=True,
+    ),
+    Row(
+        f"{AEX}+client_cache",
+        AEX,
+        "AsyncRedisEXCache +client_cache",
+        "AEX+cc",
+        {"client_cache": True},
+        optional=True,
+    ),
+    Row(
+        f"{AEX}-multiplex",
+        AEX,
+        "AsyncRedisEXCache -multiplex",
+        "AEX-mux",
+        {"multiplex": False},
+        only=("threads.", "async.", "asgi.async_view"),  # what multiplexing may change
+        optional=True,
+    ),
+    Row(VCACHE, VCACHE, "django-vcache", "vcache", {}, module="django_vcache"),
+    Row(
+        f"{VCACHE}+CLIENT_SIDE_CACHE",
+        VCACHE,
+        "django-vcache +CLIENT_SIDE_CACHE",
+        "vcache+csc",
+        {"CLIENT_SIDE_CACHE": {"ENABLED": True}},
+        module="django_vcache",
+    ),
+]
+OPTIONS_OF = {row.key: row.options for row in ROWS}
+VCACHE_NOTE = [
+    "django-vcache: every scenario applies to it. It stores msgpack behind a 1-byte tag, not",
+    "  Django's pickle format (the 100-byte value: 103 bytes stored); every backend is seeded",
+    "  through itself. Its incr is a bare INCRBY that creates a missing key (ours: a Lua script",
+    "  that fails on one); the counter is seeded, so both increment an existing key. Its",
+    "  client-side cache answers hits from memory: no connection used for them.",
+]
 
 
 @dataclass
@@ -229,6 +353,8 @@ class Run:
     reps: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     errors: dict[str, dict[str, str]] = field(default_factory=dict)  # shared by all sections
     failed: set[str] = field(default_factory=set)  # backends with an error in this section
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # not measured, and why
+    labels: dict[str, str] = field(default_factory=dict)  # of the backends with an error
 
     @property
     def url(self) -> str:
@@ -242,7 +368,15 @@ class Run:
         where = f"{self.section} {where}" if self.section else where
         self.errors.setdefault(backend.key, {})[where] = message
         self.failed.add(backend.key)
+        self.labels[backend.key] = backend.label
         print(f"  ! {backend.label} {where}: {message}", file=sys.stderr, flush=True)
+
+    def skip(self, backend: Backend, reason: str) -> None:
+        """Leave ``backend`` out of this section: not an error (a missing package, an option
+        this version does not know yet); the tables and --json say why."""
+        self.skipped[backend.key] = {"label": backend.label, "reason": reason}
+        self.failed.add(backend.key)
+        print(f"  - {backend.label}: not measured: {reason}", file=sys.stderr, flush=True)
 
 
 class RawAsync:
@@ -301,9 +435,16 @@ class Topology:
     def raw_sync(self) -> Any:
         return redis.Redis.from_url(self.url)
 
-    async def raw_async(self) -> Any:
-        """A raw asyncio client for the running loop, with redis-py's defaults."""
-        return redis.asyncio.Redis.from_url(self.url)
+    async def raw_async(self, tasks: int = TASKS) -> Any:
+        """A raw asyncio client for the running loop, with redis-py's defaults. Past the 100
+        connections of its pool, which it refuses, ``tasks`` concurrent calls get redis-py's
+        BlockingConnectionPool of that size, which waits for a free one instead."""
+        if tasks <= RAW_POOL:
+            return redis.asyncio.Redis.from_url(self.url)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            self.url, max_connections=RAW_POOL, timeout=STEP_TIMEOUT
+        )
+        return redis.asyncio.Redis.from_pool(pool)  # it closes the pool with it
 
     async def close_async(self, client: Any) -> None:
         await client.aclose()
@@ -313,6 +454,13 @@ class Topology:
 
     def pids(self) -> list[int]:
         return [server.process.pid for server in self.servers if server.process is not None]
+
+    def data_ports(self) -> frozenset[int]:
+        """The TCP ports of the servers that hold the keys (sentinels are not among them)."""
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("redis", "rediss"):
+            return frozenset()  # a unix socket: not counted
+        return frozenset({parts.port or 6379})
 
     def stop(self) -> None:
         for server in self.servers:
@@ -329,6 +477,9 @@ class SentinelTopology(Topology):
         super().__init__(f"{self.setup.master.url}/0", self.setup.servers)
         self.sentinels = [("127.0.0.1", sentinel.port) for sentinel in self.setup.sentinels]
 
+    def data_ports(self) -> frozenset[int]:
+        return frozenset(s.port for s in self.setup.servers if s not in self.setup.sentinels)
+
     def describe(self) -> str:
         sentinels = ", ".join(str(port) for _host, port in self.sentinels)
         return (
@@ -343,7 +494,7 @@ class SentinelTopology(Topology):
         pool = redis.sentinel.SentinelConnectionPool(self.setup.service, manager, is_master=True)
         return redis.Redis(connection_pool=pool)
 
-    async def raw_async(self) -> Any:
+    async def raw_async(self, tasks: int = TASKS) -> Any:
         manager = redis.asyncio.sentinel.Sentinel(self.sentinels)
         pool = redis.asyncio.sentinel.SentinelConnectionPool(
             self.setup.service, manager, is_master=True
@@ -375,13 +526,16 @@ class ClusterTopology(Topology):
     def describe(self) -> str:
         return f"3 primaries + 3 replicas on ports {', '.join(map(str, self.ports))}"
 
+    def data_ports(self) -> frozenset[int]:
+        return frozenset(self.ports)
+
     def location(self) -> tuple[Any, dict[str, Any]]:
         return self.setup.location()
 
     def raw_sync(self) -> Any:
         return redis.cluster.RedisCluster("127.0.0.1", self.ports[0])
 
-    async def raw_async(self) -> Any:
+    async def raw_async(self, tasks: int = TASKS) -> Any:
         client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=self.ports[0])
         # Before the 100 tasks of the warm-up: their first calls on a client that is not yet
         # initialized race (each may start initialize(), which replaces the nodes under the
@@ -468,6 +622,45 @@ class Sampler:
                 stream.close()
 
 
+Traffic = dict[tuple[Any, ...], tuple[int, int]]
+
+
+def socket_traffic(ports: frozenset[int]) -> Traffic | None:
+    """Bytes sent (acknowledged) and received so far on each TCP connection of this process
+    to one of ``ports``, by local address, from the kernel (TCP_INFO): it sees every client's
+    sockets alike, redis-py's and a Rust driver's. None where it cannot be read (not Linux)."""
+    if TCP_INFO is None or not ports or not os.path.isdir("/proc/self/fd"):
+        return None
+    traffic: Traffic = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            fd = os.dup(int(name))  # a socket object of our own, closed below; not the owner's
+        except (OSError, ValueError):
+            continue  # closed meanwhile, or the directory's own descriptor
+        try:
+            with socket.socket(fileno=fd) as sock:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                if sock.type != socket.SOCK_STREAM or sock.getpeername()[1] not in ports:
+                    continue
+                info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 192)
+                if len(info) >= 136:  # tcpi_bytes_acked, tcpi_bytes_received: Linux 4.1+
+                    traffic[sock.getsockname()] = struct.unpack_from("QQ", info, 120)
+        except OSError:
+            continue  # not connected (yet, or any more)
+    return traffic
+
+
+def connections_used(before: Traffic | None, after: Traffic | None) -> int | None:
+    """How many connections carried traffic between two ``socket_traffic`` looks (one opened
+    and closed between them is not seen: the server's count of connections received is)."""
+    if before is None or after is None:
+        return None
+    return sum(1 for address, counts in after.items() if counts != before.get(address, (0, 0)))
+
+
 def cleanup_keys(client: redis.Redis, prefix: str) -> int:
     """Delete this run's keys (SCAN MATCH + DEL; never FLUSHDB); how many were deleted."""
     deleted = 0
@@ -498,23 +691,42 @@ def cache_entry(dotted: str, location: Any, key_prefix: str, options: dict[str, 
 
 def main_backends(
     caches_setting: dict[str, Any], url: str, prefix: str, extra: list[str]
-) -> tuple[list[Backend], list[str]]:
-    """One alias per backend of the main table; the backends and the failed imports."""
-    backends = [Backend(RAW, None)]
+) -> tuple[list[Backend], list[str], dict[Backend, str]]:
+    """One alias per row of the main table (ROWS, then ``extra``): the backends, the failed
+    imports, and the rows skipped because a package they need is missing, with the reason."""
+    backends = [Backend(RAW, None, short="raw")]
     failed = []
-    # Django's RedisCache waits forever on a frozen server; the timeout bounds that, and only.
-    options = {DJANGO: {"socket_timeout": 10, "socket_connect_timeout": 5}}
-    for i, dotted in enumerate([EX, AEX, DJANGO, *extra]):
-        try:
-            import_string(dotted)
-        except Exception:  # reported by main(); the run goes on without it
-            failed.append(dotted)
-            continue
+    skipped: dict[Backend, str] = {}
+    rows = ROWS + [Row(dotted, dotted, "", "", {}) for dotted in extra]
+    for i, row in enumerate(rows):
         alias = f"b{i}"
-        entry = cache_entry(dotted, url, f"{prefix}{alias}", options.get(dotted, {}))
-        caches_setting[alias] = entry
-        backends.append(Backend(dotted, alias))
-    return backends, failed
+        backend = Backend(row.key, alias, row.label, row.short, row.only, row.optional)
+        if row.module is not None:
+            missing = module_missing(row.module)
+            if missing:
+                skipped[backend] = missing
+                continue
+        try:
+            import_string(row.dotted)
+        except Exception as exc:  # reported by main(); the run goes on without it
+            if row.module is not None:
+                skipped[backend] = f"{row.dotted} does not import: {type(exc).__name__}: {exc}"
+            else:
+                failed.append(row.dotted)
+            continue
+        caches_setting[alias] = cache_entry(row.dotted, url, f"{prefix}{alias}", row.options)
+        backends.append(backend)
+    return backends, failed, skipped
+
+
+def module_missing(module: str) -> str:
+    """Why ``module`` cannot be used here, or "" if it is installed."""
+    if importlib.util.find_spec(module) is not None:
+        return ""
+    here = f"this is Python {platform.python_version()}"
+    if module == "django_vcache":
+        return f"django-vcache is not installed (it needs Python 3.12+; {here})"
+    return f"{module} is not installed ({here})"
 
 
 def codec_backends(caches_setting: dict[str, Any], url: str, prefix: str) -> list[Backend]:
@@ -637,7 +849,7 @@ def sync_op(run: Run, backend: Backend, scenario: str) -> Callable[[], Any]:
 
 def async_op(run: Run, backend: Backend, scenario: str) -> Callable[[], Awaitable[Any]]:
     """One async operation of ``scenario``, for the running loop."""
-    op = scenario.split(".")[1]
+    op = scenario.split(".")[1].removesuffix(f"_{WIDE_TASKS}")  # "get_500": get
     if backend.alias is not None:
         cache = caches[backend.alias]
         return {
@@ -666,10 +878,10 @@ def async_op(run: Run, backend: Backend, scenario: str) -> Callable[[], Awaitabl
 
 
 @contextlib.asynccontextmanager
-async def raw_async_client(run: Run) -> Any:
+async def raw_async_client(run: Run, tasks: int = TASKS) -> Any:
     """The raw asyncio client with redis-py's defaults, built once for this loop on its own
     pool (the waits around it are bounded by STEP_TIMEOUT)."""
-    RawAsync.client = client = await run.topology.raw_async()
+    RawAsync.client = client = await run.topology.raw_async(tasks)
     try:
         yield client
     finally:
@@ -750,7 +962,7 @@ def measure_threads(run: Run, backend: Backend, scenario: Scenario, n: int) -> d
 async def _measure_async(run: Run, backend: Backend, scenario: Scenario, n: int) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
         if backend.alias is None:
-            await stack.enter_async_context(raw_async_client(run))
+            await stack.enter_async_context(raw_async_client(run, scenario.tasks))
         op = async_op(run, backend, scenario.name)
         warm = async_op(run, backend, "async.get")
         left = 0
@@ -765,22 +977,41 @@ async def _measure_async(run: Run, backend: Backend, scenario: Scenario, n: int)
         async def burst(total: int, seconds: float) -> int:
             nonlocal left, deadline
             left, deadline = total, time.perf_counter() + seconds
-            workers = (worker() for _ in range(min(TASKS, total)))
+            workers = (worker() for _ in range(min(scenario.tasks, total)))
             await asyncio.wait_for(asyncio.gather(*workers), STEP_TIMEOUT)
             return total - left
 
         # Warm-up: one cheap read per task opens the pool's connections (and Django's
         # executor thread), then a few of the measured operation.
-        await asyncio.wait_for(asyncio.gather(*(warm() for _ in range(TASKS))), STEP_TIMEOUT)
+        warming = (warm() for _ in range(scenario.tasks))
+        await asyncio.wait_for(asyncio.gather(*warming), STEP_TIMEOUT)
         await burst(min(n, 5), run.args.cap / 4)
+        ports = run.topology.data_ports()
+        traffic = socket_traffic(ports)  # outside the timing, as the look after it
         gc.collect()
         start = time.perf_counter()
         done = await burst(n, run.args.cap)
-        return rate(done, n, time.perf_counter() - start)
+        result = rate(done, n, time.perf_counter() - start)
+        result["connections_used"] = connections_used(traffic, socket_traffic(ports))
+        return result
 
 
 def measure_async(run: Run, backend: Backend, scenario: Scenario, n: int) -> dict[str, Any]:
-    return asyncio.run(_measure_async(run, backend, scenario, n))
+    """The measurement on a new event loop, with the connections its burst used and those
+    the server received meanwhile (its warm-up opens them; a pool kept from an earlier loop
+    opens none)."""
+    received = connections_received(run)
+    result = asyncio.run(_measure_async(run, backend, scenario, n))
+    after = connections_received(run)
+    result["connections_opened"] = None if received is None else after - received
+    return result
+
+
+def connections_received(run: Run) -> Any:
+    """The server's count of connections received so far; None without a monitor."""
+    if run.monitor is None:
+        return None
+    return run.monitor.info("stats")["total_connections_received"]
 
 
 async def asgi_requests(app: ASGIHandler, url_path: str, n: int, concurrency: int) -> int:
@@ -820,15 +1051,19 @@ def measure_asgi(
     url_path = f"/{view}/{backend.alias or 'raw'}/"
     warmup = max(1, min(n // 10, run.args.concurrency))
 
-    async def serve() -> tuple[float, int]:
+    ports = run.topology.data_ports()
+
+    async def serve() -> tuple[float, int, int | None]:
         async with contextlib.AsyncExitStack() as stack:
             if backend.alias is None:
                 await stack.enter_async_context(raw_async_client(run))
             await asgi_requests(app, url_path, warmup, run.args.concurrency)
+            traffic = socket_traffic(ports)
             gc.collect()
             start = time.perf_counter()
             failed = await asgi_requests(app, url_path, n, run.args.concurrency)
-            return n / (time.perf_counter() - start), failed
+            elapsed = time.perf_counter() - start
+            return n / elapsed, failed, connections_used(traffic, socket_traffic(ports))
 
     assert run.monitor is not None
     reset_sync_pool(run, backend)
@@ -838,7 +1073,7 @@ def measure_asgi(
     try:
         # A fresh context, as a server's: request tasks must not inherit cache objects that
         # this process created outside requests (asgiref's Local is context-local).
-        rps, failed = contextvars.Context().run(asyncio.run, serve())
+        rps, failed, used = contextvars.Context().run(asyncio.run, serve())
     finally:
         peak, samples = sampler.end()
     received = run.monitor.info("stats")["total_connections_received"] - received_before
@@ -846,6 +1081,7 @@ def measure_asgi(
         "ops_per_s": rps,
         "failed_requests": failed,
         "connections_received": received,
+        "connections_used": used,
         "peak_clients": peak - baseline,
         "peak_clients_total": peak,
         "baseline_clients": baseline,
@@ -861,7 +1097,7 @@ def measure_asgi(
 def run_scenario(run: Run, scenario: Scenario, app: ASGIHandler, sampler: Sampler | None) -> None:
     args = run.args
     n = max(1, round(work(scenario, args) * run.share))
-    backends = run.backends
+    backends = [backend for backend in run.backends if backend.runs(scenario.name)]
     failed: set[str] = set()
     started = time.monotonic()
     reps = args.asgi_reps if scenario.kind == "asgi" else args.reps
@@ -927,6 +1163,10 @@ def summarize_scenario(run: Run, scenario: str) -> dict[str, dict[str, Any]]:
             "ratio_reps": ratios,
             "reps": reps,
         }
+        for figure in ("connections_used", "connections_opened"):
+            counts = [r[figure] for r in reps if r.get(figure) is not None]
+            if counts:
+                entry[figure] = max(counts)
         if scenario.startswith("asgi."):
             entry["connections_received"] = max(r["connections_received"] for r in reps)
             entry["peak_clients"] = max(r["peak_clients"] for r in reps)
@@ -936,13 +1176,18 @@ def summarize_scenario(run: Run, scenario: str) -> dict[str, dict[str, Any]]:
 
 
 def probe(run: Run) -> None:
-    """A first write through each cache: a backend that fails it is left out of ``run``."""
+    """Create each cache and write through it once: a backend that fails is left out of
+    ``run``, as an error, or as skipped if its OPTIONS are a variant this version rejects."""
     for backend in run.backends:
         if backend.alias is not None:
             try:
-                caches[backend.alias].set("probe", 1)
+                caches[backend.alias].set("probe", 1)  # creating it checks its OPTIONS
             except Exception as exc:
-                run.error(backend, "setup", exc)
+                if backend.optional and isinstance(exc, ImproperlyConfigured):
+                    options = OPTIONS_OF.get(backend.key, {})
+                    run.skip(backend, f"OPTIONS {options} rejected: {exc}")
+                else:
+                    run.error(backend, "setup", exc)
     run.backends = [b for b in run.backends if b.key not in run.failed]
 
 
@@ -1041,23 +1286,73 @@ def cells(run: Run, entries: dict[str, dict[str, Any]], width: int, keys: Any = 
     return "".join(out)
 
 
+def legend(run: Run) -> list[str]:
+    """What each column heading of the main table stands for."""
+    width = max(len(b.heading) for b in run.backends) + 2
+    lines = ["columns:"]
+    for backend in run.backends:
+        text = "raw redis-py: redis.Redis / redis.asyncio.Redis" if backend.key == RAW else ""
+        if backend.alias is not None:
+            options = OPTIONS_OF.get(backend.key, {})
+            text = backend.label + (f", OPTIONS {options}" if options else "")
+        if backend.only:
+            text += f" (only {', '.join(p.rstrip('.') for p in backend.only)})"
+        lines.append(f"  {backend.heading:<{width}}{text}")
+    return lines
+
+
+def count(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
 def table(run: Run, results: Results) -> str:
-    labels = [b.label for b in run.backends]
-    width = max(20, *(len(label) + 2 for label in labels))
+    headings = [b.heading for b in run.backends]
+    width = max(16, *(len(heading) + 2 for heading in headings))
     lines = [
-        "ops/s (median) and ratio to the raw client of the same kind (median of per-rep ratios)",
-        f"{'scenario':<16}{'work':<24}" + "".join(f"{label:>{width}}" for label in labels),
+        "ops/s (median) and ratio to the raw client of the same kind (median of per-rep ratios);",
+        "'-': not run for that column",
+        *legend(run),
+        f"{'scenario':<16}{'work':<24}" + "".join(f"{h:>{width}}" for h in headings),
     ]
     for scenario in SCENARIOS:
         if scenario.name in results:
             row = cells(run, results[scenario.name], width)
             lines.append(f"{scenario.name:<16}{scenario.title:<24}{row}")
+    concurrent = [s for s in SCENARIOS if s.kind == "async" and s.name in results]
+    if concurrent:
+        lines += [
+            "",
+            "async: connections used / opened (max over reps). Used: this process's connections "
+            "to Redis that carried",
+            "traffic during the measured burst (the kernel's byte counts, TCP_INFO). Opened: "
+            "connections the server received",
+            "during warm-up and burst (a pool kept from an earlier event loop opens none).",
+            f"{'scenario':<16}{'work':<24}" + "".join(f"{h:>{width}}" for h in headings),
+        ]
+        for scenario in concurrent:
+            row = ""
+            for backend in run.backends:
+                entry = results[scenario.name].get(backend.key)
+                text = "-"
+                if entry is not None:
+                    used, opened = entry.get("connections_used"), entry.get("connections_opened")
+                    text = f"{count(used)}/{count(opened)}"
+                row += f"{text:>{width}}"
+            lines.append(f"{scenario.name:<16}{scenario.title:<24}{row}")
     asgi = [s for s in SCENARIOS if s.kind == "asgi" and s.name in results]
     if asgi:
-        lines += ["", "ASGI: connections received (max over reps), peak connected clients above "]
-        lines[-1] += "the baseline (max), non-200 responses"
+        requests = work(asgi[0], run.args)
+        lines += [
+            "",
+            f"ASGI, {requests} requests at concurrency {run.args.concurrency}: opened: "
+            "connections the server received (max over reps);",
+            "used: connections that carried traffic during the measured requests (max); peak: "
+            "connected clients above the",
+            "baseline (max); failed: non-200 responses",
+        ]
+        width = max(len(b.label) for b in run.backends) + 2
         lines.append(f"{'scenario':<16}{'backend':<{width}}{'req/s':>10}{'ratio':>8}")
-        lines[-1] += f"{'conns':>8}{'peak':>8}{'failed':>8}"
+        lines[-1] += f"{'opened':>8}{'used':>8}{'peak':>8}{'failed':>8}"
         for scenario in asgi:
             for backend in run.backends:
                 entry = results[scenario.name].get(backend.key)
@@ -1066,10 +1361,25 @@ def table(run: Run, results: Results) -> str:
                 ratio = "" if entry["ratio"] is None else f"{entry['ratio']:.2f}"
                 lines.append(
                     f"{scenario.name:<16}{backend.label:<{width}}{entry['ops_per_s']:>10,.0f}"
-                    f"{ratio:>8}{entry['connections_received']:>8}{entry['peak_clients']:>8}"
+                    f"{ratio:>8}{entry['connections_received']:>8}"
+                    f"{count(entry.get('connections_used')):>8}{entry['peak_clients']:>8}"
                     f"{entry['failed_requests']:>8}"
                 )
     return "\n".join(lines)
+
+
+def table_notes(run: Run, measured: list[Backend]) -> list[str]:
+    """What was not measured and why, and how django-vcache differs; ``measured`` are the
+    backends that took part."""
+    lines = []
+    for why in run.skipped.values():
+        lines.append(f"not measured: {why['label']}: {why['reason']}")
+    for key, label in run.labels.items():
+        for where, message in run.errors.get(key, {}).items():
+            lines.append(f"failed: {label} ({where}): {message}")
+    if any(backend.key.startswith(VCACHE) for backend in measured):
+        lines += VCACHE_NOTE
+    return lines
 
 
 def codec_table(run: Run, results: Results, stored: dict[str, int]) -> str:
@@ -1136,6 +1446,12 @@ def meta(
         "asgi_concurrency": args.concurrency,
         "pinned": None if cpus is None else {"measured_and_server": cpus[0], "sampler": cpus[1]},
         "backends": {} if run is None else {b.key: b.label for b in run.backends},
+        "backend_options": {}
+        if run is None
+        else {b.key: OPTIONS_OF.get(b.key, {}) for b in run.backends},
+        "connections_used": "TCP connections of this process to the server with traffic "
+        "(TCP_INFO bytes acked or received) between a look before the measured burst or "
+        "requests and one after",
         "raw_clients": {
             "single": "redis.Redis / redis.asyncio.Redis.from_url(url)",
             "sentinel": "redis.Redis / redis.asyncio.Redis on a SentinelConnectionPool "
@@ -1143,6 +1459,8 @@ def meta(
             "cluster": "redis.cluster.RedisCluster / redis.asyncio.cluster.RedisCluster; "
             "get_many: mget_nonatomic",
             "options": "redis-py's defaults",
+            f"async.get_{WIDE_TASKS}": f"redis.asyncio.Redis on a BlockingConnectionPool of "
+            f"{RAW_POOL} (the default pool refuses more than {RAW_POOL} connections)",
         },
         **extra,
         "python": platform.python_version(),
@@ -1150,11 +1468,19 @@ def meta(
         "redis_py": redis.__version__,
         "hiredis": bool(redis.utils.HIREDIS_AVAILABLE),
         "django_redis_ex": getattr(ex, "__version__", None),
+        "django_vcache": package_version("django-vcache"),
         "redis_server": server.get("redis_version"),
         "cpu_count": os.cpu_count(),
         "loadavg_end": os.getloadavg(),
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1269,7 +1595,7 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"{servers[0].url}/0"
             monitor = redis.Redis.from_url(url, socket_timeout=10)
             monitor.ping()
-            backends, failed = main_backends(caches_setting, url, prefix, args.backend)
+            backends, failed, missing = main_backends(caches_setting, url, prefix, args.backend)
             variants = codec_backends(caches_setting, url, prefix) if codec_scenarios else []
         install_urlconf()
         settings_in_force.enter_context(
@@ -1285,7 +1611,10 @@ def main(argv: list[str] | None = None) -> int:
                     import_string(dotted)
                 except Exception as exc:
                     run.error(Backend(dotted, None), "import", exc)
+            for backend, reason in missing.items():
+                run.skip(backend, reason)
             probe(run)
+            document["skipped"] = run.skipped
             app = ASGIHandler()
             sampler = None
             if any(s.kind == "asgi" for s in chosen):
@@ -1294,6 +1623,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_scenario(run, scenario, app, sampler)
             results = {s.name: summarize_scenario(run, s.name) for s in chosen}
             print(table(run, results))
+            document["notes"] = table_notes(run, run.backends)
+            if document["notes"]:
+                print("\n".join(["", *document["notes"]]))
             document["results"] = results
             sections.append((run, results))
             if codec_scenarios:
@@ -1311,11 +1643,14 @@ def main(argv: list[str] | None = None) -> int:
             notes = [
                 "  ASGI scenarios are not run here (Django's request handling, the same on any "
                 "topology);",
-                "  Django's RedisCache has no Sentinel or Cluster support.",
+                "  Django's RedisCache has no Sentinel or Cluster support, and the aget at "
+                f"{WIDE_TASKS} tasks",
+                "  and the variants' rows (client_cache, multiplex, django-vcache) are measured "
+                "on the single server only.",
             ]
             document["topologies"] = {}
             for name in others:
-                scenarios = [s for s in chosen if s.kind != "asgi"]
+                scenarios = [s for s in chosen if s.kind != "asgi" and s.tasks <= RAW_POOL]
                 section = topology_section(name, args, prefix, scenarios, errors)
                 if section is None:
                     continue
