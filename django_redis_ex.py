@@ -77,7 +77,6 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.functional import cached_property
 from django.utils.module_loading import import_string
-from redis._parsers import _RESP3Parser
 
 __all__ = ["AsyncRedisEXCache", "RedisEXCache", "RedisSerializer"]
 __version__ = "2.0.0"
@@ -198,6 +197,8 @@ class _Codec:
     def __init__(self, serializer: Any, compressor: str | None, min_length: int) -> None:
         self.serializer = serializer
         self._dumps, self._loads = serializer.dumps, serializer.loads
+        # What reads a pickle: pickle.loads itself for Django's format (one call less a value).
+        self._unpickle = pickle.loads if type(serializer) is RedisSerializer else self._loads
         self._compress: Callable[[bytes], bytes] | None = None
         self._min_length = min_length
         if compressor is not None:
@@ -217,7 +218,7 @@ class _Codec:
 
     def loads_many(self, values: list[bytes | None]) -> list[Any]:
         """``loads`` of each value, ``_MISSING`` for None; pickles decoded without a call."""
-        loads, raw = self.loads, self._loads
+        loads, raw = self.loads, self._unpickle
         return [
             _MISSING if data is None else raw(data) if data[:1] == b"\x80" else loads(data)
             for data in values
@@ -1936,7 +1937,11 @@ class _Store:
                 self.valid_until = sent + 2 * self.interval
                 while (left := sent + self.interval - time.monotonic()) > 0:
                     if connection.can_read(timeout=left):
-                        connection.read_response(push_request=True)
+                        while connection.can_read(timeout=0):
+                            connection.read_response(push_request=True)
+                        # Let invalidations gather for a millisecond: a thread woken per
+                        # write would take the GIL from the cache's callers at every one.
+                        time.sleep(0.001)
         except redis.ResponseError as error:
             self.refused = True
             logger.warning(
@@ -1965,7 +1970,8 @@ class _Store:
     def _open(self) -> Any:
         """A RESP3 connection to the server that takes writes, tracking the prefix."""
         pool = self.topology.sync_client(0).connection_pool
-        options = {**pool.connection_kwargs, "protocol": 3, "parser_class": _RESP3Parser}
+        options = {**pool.connection_kwargs, "protocol": 3}
+        options.pop("parser_class", None)  # redis-py's default for RESP3: hiredis if installed
         options["socket_timeout"] = max(4 * self.interval, 1.0)
         connection = pool.connection_class(**options)
         connection.connect()
@@ -2055,6 +2061,42 @@ class _Driver:
         return plan.fallback()
 
 
+def _packed(connection: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
+    """The wire form of ``commands``, as redis-py packs it but several times faster for what
+    operations send (str, bytes and int arguments: 40 us instead of 280 us for an MGET of 100
+    keys); anything else, or an encoding other than strict UTF-8, is left to redis-py."""
+    encoder = connection.encoder
+    if encoder.encoding != "utf-8" or encoder.encoding_errors != "strict":
+        return cast(list[bytes], connection.pack_commands(commands))
+    chunks: list[bytes] = []
+    pieces: list[bytes] = []
+    for command in commands:
+        if len(command) > 8:  # many keys (MGET, DEL): as one string, if they are ASCII
+            with contextlib.suppress(TypeError):
+                text = "".join(command)  # a TypeError if any is not a str
+                if text.isascii():
+                    body = "".join([f"${len(arg)}\r\n{arg}\r\n" for arg in command])
+                    pieces.append(f"*{len(command)}\r\n{body}".encode())
+                    continue
+        pieces.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            kind = type(arg)
+            if kind is str:
+                arg = arg.encode()
+            elif kind is int:
+                arg = b"%d" % arg
+            elif kind is not bytes:  # floats, bools (refused), memoryviews: redis-py's way
+                return cast(list[bytes], connection.pack_commands(commands))
+            if len(arg) > 6000:  # a large value goes out as it is, not copied
+                pieces.append(b"$%d\r\n" % len(arg))
+                chunks += (b"".join(pieces), arg)
+                pieces = [b"\r\n"]
+            else:
+                pieces.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    chunks.append(b"".join(pieces))
+    return chunks
+
+
 def _sync_call(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
     """The replies of ``commands`` sent together on one of ``client``'s pooled connections:
     values, or ``ResponseError`` objects for error replies. A connection that fails midway
@@ -2062,10 +2104,7 @@ def _sync_call(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any
     pool = client.connection_pool
     connection = pool.get_connection()
     try:
-        if len(commands) == 1:
-            connection.send_packed_command(connection.pack_command(*commands[0]))
-        else:
-            connection.send_packed_command(connection.pack_commands(commands))
+        connection.send_packed_command(_packed(connection, commands))
         callbacks = client.response_callbacks
         replies = []
         for command in commands:
@@ -2277,16 +2316,23 @@ class _Line:
         # else the reader is connecting: it sends the queue once connected
 
     def _send(self) -> None:
-        calls = [call for call in self.queue if not call.future.done()]
-        self.queue = []
-        if not calls:
+        calls, self.queue = self.queue, []
+        connection, chunks, sent = self.connection, [], []
+        for call in calls:
+            if call.future.done():  # cancelled before it went out
+                continue
+            try:
+                chunks += _packed(connection, call.commands)
+            except Exception as error:  # an argument redis-py cannot encode: this call's
+                call.future.set_exception(error)
+                continue
+            sent.append(call)
+        if not sent:
             return
-        connection = self.connection
-        commands = [command for call in calls for command in call.commands]
-        connection._writer.writelines(connection.pack_commands(commands))
+        connection._writer.writelines(chunks)
         if not self.sent:
             self.progress = self.loop.time()
-        self.sent.extend(calls)
+        self.sent.extend(sent)
         if self.watchdog is None and self.timeout:
             self.watchdog = self.loop.call_at(self.progress + self.timeout, self._check)
 

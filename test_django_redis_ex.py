@@ -3582,3 +3582,26 @@ def test_async_to_sync_churn_leaves_no_connection_or_thread_behind(
     assert threading.active_count() <= threads_before
     clients_after = int(admin.info("clients")["connected_clients"])
     assert clients_after <= clients_before + 1, (clients_before, clients_after)
+
+
+def test_the_fast_packer_writes_what_redis_py_writes() -> None:
+    """The drivers pack commands themselves; byte for byte what redis-py would send."""
+    connection = redis.Connection()
+    commands: list[tuple[Any, ...]] = [
+        ("GET", ":1:k"),
+        ("SET", ":1:ключ", b"\x80\x05value", "EX", 300),
+        ("MGET", *[f":1:many:{i}" for i in range(100)]),
+        ("DEL", *[f":1:ü{i}" for i in range(20)]),  # many keys, not ASCII
+        ("MSET", *[x for i in range(10) for x in (f":1:k{i}", b"v" * i)]),
+        ("SET", ":1:big", b"x" * 100_000),
+        ("INCRBY", ":1:n", -42),
+        ("EVALSHA", "0" * 40, 1, ":1:k", 0, b""),
+        ("EXPIRE", ":1:k", 1.5),  # a float: redis-py's own packing
+    ]
+    for command in commands:
+        ours = b"".join(django_redis_ex._packed(connection, [command]))
+        assert ours == b"".join(connection.pack_commands([command])), command[:3]
+    ours = b"".join(django_redis_ex._packed(connection, commands))
+    assert ours == b"".join(connection.pack_commands(commands))
+    with pytest.raises(redis.DataError):
+        django_redis_ex._packed(connection, [("SET", "k", True)])
