@@ -1046,6 +1046,10 @@ class _PoolRegistry:
         self._loops = weakref.WeakSet()
 
 
+def _forget_generator(generator: AsyncGenerator[None, None]) -> None:
+    """The finalizer of a watcher collected with its loop: nothing left to close."""
+
+
 class _LoopClients:
     """The clients of one event loop, and the async generator that closes them at shutdown."""
 
@@ -1056,8 +1060,16 @@ class _LoopClients:
         # Event loops close every live async generator at shutdown (shutdown_asyncgens),
         # while they can still run coroutines: the one hook that asyncio offers.
         self._watcher = self._close_at_shutdown(registry, loop)
-        with contextlib.suppress(StopIteration):  # it stops at its yield, registered
-            self._watcher.asend(None).send(None)
+        # Registered with the loop (firstiter), but with no finalizer: a loop dropped without
+        # shutdown is collected with its pools, and asyncio's finalizer would schedule an
+        # aclose() on that dying loop which nothing ever awaits.
+        hooks = sys.get_asyncgen_hooks()
+        sys.set_asyncgen_hooks(hooks.firstiter, _forget_generator)
+        try:
+            with contextlib.suppress(StopIteration):  # it stops at its yield, registered
+                self._watcher.asend(None).send(None)
+        finally:
+            sys.set_asyncgen_hooks(*hooks)
 
     async def _close_at_shutdown(
         self, registry: _PoolRegistry, loop: asyncio.AbstractEventLoop
@@ -1078,8 +1090,13 @@ class _LoopClients:
     def abandon(self) -> None:
         """Finish the watcher without awaiting, for a loop that closed without shutdown."""
         self.shutdowns.clear()
-        with contextlib.suppress(StopIteration, RuntimeError):
-            self._watcher.aclose().send(None)
+        closing = self._watcher.aclose()
+        try:
+            closing.send(None)
+        except (StopIteration, RuntimeError):
+            pass
+        finally:
+            closing.close()  # never left unawaited, even if it could not start
 
 
 _registry = _PoolRegistry()
@@ -2424,14 +2441,25 @@ class _Line:
             error = redis.ConnectionError("The event loop closed with this call in flight.")
         for call in failed:
             if not call.future.done():
-                call.future.set_exception(error)
+                call.future.set_exception(_own_copy(error))
         if connecting or closing:
             queued, self.queue = self.queue, []
             for call in queued:
                 if not call.future.done():
-                    call.future.set_exception(error)
+                    call.future.set_exception(_own_copy(error))
         elif self.queue and not self.loop.is_closed():
             self._flush()
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """``error`` for one of several callers: one exception raised in many tasks would
+    gather all their tracebacks."""
+    try:
+        copy = type(error)(*error.args)
+    except Exception:  # an exception class with a signature of its own
+        return error
+    copy.__cause__ = error.__cause__
+    return copy
 
 
 class _AsyncDriver(_Driver):
