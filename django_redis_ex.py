@@ -670,7 +670,7 @@ class _WaitForConnection(_SyncPool):
                         return super().get_connection(*args, **kwargs)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise redis.ConnectionError(_pool_exhausted(self))
+                    raise _PoolExhausted(_pool_exhausted(self))
                 turn.wait(remaining)
         finally:
             with self._queue_lock:
@@ -716,7 +716,7 @@ class _AsyncWaitForConnection(_AsyncPool):
                         return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
-                    raise redis.ConnectionError(_pool_exhausted(self))
+                    raise _PoolExhausted(_pool_exhausted(self))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(turn.wait(), remaining)
         finally:
@@ -772,6 +772,10 @@ class _AsyncWaitingSentinelPool(
     _AsyncWaitForConnection, redis.asyncio.sentinel.SentinelConnectionPool
 ):
     """The asyncio pool of a Sentinel-managed master or replica."""
+
+
+class _PoolExhausted(redis.ConnectionError):
+    """No free connection within the pool's ``timeout``: waiting again would only double it."""
 
 
 def _pool_exhausted(pool: Any) -> str:
@@ -1728,7 +1732,7 @@ def _resendable(command: Command, error: redis.RedisError) -> bool:
     return (
         bool(commands)
         and isinstance(error, redis.ConnectionError)
-        and not isinstance(error, redis.AuthenticationError)
+        and not isinstance(error, (redis.AuthenticationError, _PoolExhausted))
         and all(c[0] in _IDEMPOTENT and "NX" not in c and "XX" not in c for c in commands)
     )
 
@@ -1782,6 +1786,8 @@ class _Store:
         self.max_bytes: int = settings["max_bytes"]
         self.interval: float = settings["heartbeat_interval"]
         self.refused = False  # the server refused tracking: off for this process
+        options = topology.config.sync_options
+        self.encoding: str = options.get("encoding", "utf-8")  # how keys go to Redis
         self._fresh_start()
 
     def _fresh_start(self) -> None:
@@ -1866,18 +1872,16 @@ class _Store:
                     self._put(key, value, started + pttl / 1000 if pttl > 0 else 0.0)
 
     def _put(self, key: str, data: bytes, expires: float) -> None:
-        size = len(data) + len(key) + 100
-        if size > self.max_bytes // 8:
-            return
         try:
             value = self.codec.loads(data)
         except Exception:  # not ours to read: the caller's own read reports it
             return
-        entry = (
-            (value, False, expires, size)
-            if type(value) in _IMMUTABLE
-            else (data, True, expires, size)
-        )
+        kept = type(value) in _IMMUTABLE  # kept decoded (a decompressed size), else as stored
+        held = len(value) if kept and type(value) in (str, bytes) else 16 if kept else len(data)
+        size = held + len(key) + 100
+        if size > self.max_bytes // 8:
+            return
+        entry = (value, False, expires, size) if kept else (data, True, expires, size)
         old = self.entries.pop(key, None)
         if old is not None:
             self.bytes -= old[3]
@@ -1898,7 +1902,7 @@ class _Store:
     def drop(self, keys: Iterable[Any]) -> None:
         with self.lock:
             for each in keys:
-                key = each.decode("utf-8", "surrogateescape") if type(each) is bytes else each
+                key = each.decode(self.encoding, "surrogateescape") if type(each) is bytes else each
                 entry = self.entries.pop(key, None)
                 if entry is not None:
                     self.bytes -= entry[3]
@@ -1944,7 +1948,19 @@ class _Store:
     def _track(self) -> None:
         connection = None
         try:
-            connection = self._open()
+            try:
+                connection = self._open()
+            except redis.ResponseError as error:
+                if str(error).startswith(_BUSY_REPLIES):  # the server is busy, not refusing
+                    raise redis.ConnectionError(str(error)) from error
+                self.refused = True
+                logger.warning(
+                    "OPTIONS 'client_cache' is off for %s: the server refused CLIENT TRACKING "
+                    "(%s). The cache works on without its local store.",
+                    ", ".join(_redact(url) for url in self.topology.servers),
+                    error,
+                )
+                return
             self.connected = True
             while True:
                 sent = time.monotonic()
@@ -1959,14 +1975,6 @@ class _Store:
                         # Let invalidations gather for a millisecond: a thread woken per
                         # write would take the GIL from the cache's callers at every one.
                         time.sleep(0.001)
-        except redis.ResponseError as error:
-            self.refused = True
-            logger.warning(
-                "OPTIONS 'client_cache' is off for %s: the server refused CLIENT TRACKING "
-                "(%s). The cache works on without its local store.",
-                ", ".join(_redact(url) for url in self.topology.servers),
-                error,
-            )
         except Exception as error:
             if self.connected:
                 logger.warning(
@@ -2010,6 +2018,7 @@ class _Store:
 
 
 _PUSHED = object()  # what the tracking connection's read returns for an invalidation
+_BUSY_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN")  # error replies that pass
 _stores: dict[Hashable, _Store] = {}
 _stores_lock = threading.Lock()
 
@@ -2081,14 +2090,15 @@ class _Driver:
 def _packed(connection: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
     """The wire form of ``commands``, as redis-py packs it but several times faster for what
     operations send (str, bytes and int arguments: 40 us instead of 280 us for an MGET of 100
-    keys); anything else, or an encoding other than strict UTF-8, is left to redis-py."""
+    keys); anything else is left to redis-py. Strings are encoded as OPTIONS ``encoding``
+    says on both paths (redis-py's hiredis packer, on the sync path, writes UTF-8 anyway)."""
     encoder = connection.encoder
-    if encoder.encoding != "utf-8" or encoder.encoding_errors != "strict":
-        return cast(list[bytes], connection.pack_commands(commands))
+    encoding, errors = encoder.encoding, encoder.encoding_errors
+    utf8 = encoding.lower().replace("_", "-") in ("utf-8", "utf8") and errors == "strict"
     chunks: list[bytes] = []
     pieces: list[bytes] = []
     for command in commands:
-        if len(command) > 8:  # many keys (MGET, DEL): as one string, if they are ASCII
+        if utf8 and len(command) > 8:  # many keys (MGET, DEL): as one string, if ASCII
             with contextlib.suppress(TypeError):
                 text = "".join(command)  # a TypeError if any is not a str
                 if text.isascii():
@@ -2099,7 +2109,7 @@ def _packed(connection: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
         for arg in command:
             kind = type(arg)
             if kind is str:
-                arg = arg.encode()
+                arg = arg.encode() if utf8 else arg.encode(encoding, errors)
             elif kind is int:
                 arg = b"%d" % arg
             elif kind is not bytes:  # floats, bools (refused), memoryviews: redis-py's way
@@ -2310,6 +2320,7 @@ class _Line:
         self.progress = 0.0  # loop time of the last reply, or of a send after none in flight
         self.watchdog: asyncio.TimerHandle | None = None
         self.timed_out = False
+        self.yielding = False  # the pool has waiters: the connection goes back to it
 
     async def call(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies of ``commands``, in order: values or ``ResponseError`` objects."""
@@ -2328,9 +2339,10 @@ class _Line:
         elif self.wake is not None:  # idle: the reader checks the connection, then sends
             if not self.wake.done():
                 self.wake.set_result(None)
-        elif self.connection is not None and self.connection.is_connected:
-            self._send()
-        # else the reader is connecting: it sends the queue once connected
+        elif self.connection is not None and self.connection.is_connected and not self.yielding:
+            with contextlib.suppress(redis.ConnectionError):  # its reader sees the close
+                self._send()
+        # else the reader is connecting (or handing the connection over): it sends the queue
 
     def _send(self) -> None:
         calls, self.queue = self.queue, []
@@ -2339,14 +2351,26 @@ class _Line:
             if call.future.done():  # cancelled before it went out
                 continue
             try:
-                chunks += _packed(connection, call.commands)
+                packed = _packed(connection, call.commands)
             except Exception as error:  # an argument redis-py cannot encode: this call's
                 call.future.set_exception(error)
                 continue
+            if any(len(chunk) > _LARGE_VALUE for chunk in packed):
+                # Not behind or before others: a value the server may refuse (it then
+                # closes the connection) or that takes long to send goes on its own.
+                call.future.set_exception(_Unshared())
+                continue
+            chunks += packed
             sent.append(call)
         if not sent:
             return
-        connection._writer.writelines(chunks)
+        try:
+            connection._writer.writelines(chunks)
+        except Exception as error:  # a transport closed under the line (3.13 raises here)
+            failure = redis.ConnectionError(f"Error while writing to Redis: {error!r}")
+            for call in sent:
+                call.future.set_exception(_own_copy(failure))
+            raise failure from error
         if not self.sent:
             self.progress = self.loop.time()
         self.sent.extend(sent)
@@ -2365,11 +2389,22 @@ class _Line:
             self.watchdog = self.loop.call_at(self.progress + self.timeout, self._check)
 
     async def _ready(self) -> None:
-        """A connection to send on: the pool checks one it hands out."""
+        """A connection to send on: the pool checks one it hands out. Bytes arriving on
+        it count as progress for the timer: a large reply is slow, not frozen."""
         if self.connection is None:
             self.connection = await self.pool.get_connection()
         elif not self.connection.is_connected:
             await self.connection.connect()
+        stream = self.connection._reader
+        if stream is not None and not getattr(stream, "_django_redis_ex_watched", False):
+            feed = stream.feed_data
+
+            def fed(data: bytes) -> None:
+                self.progress = self.loop.time()
+                feed(data)
+
+            stream.feed_data = fed
+            stream._django_redis_ex_watched = True
 
     async def _read(self) -> None:
         error: BaseException | None = None  # None: the loop is shutting down
@@ -2377,7 +2412,13 @@ class _Line:
         try:
             while True:
                 if not self.sent:
-                    if not self.queue and self.connection is not None:
+                    if self.connection is not None and getattr(self.pool, "_queue", None):
+                        # Others wait for a connection (a raw client, a lock): this one
+                        # goes back, and the line waits its turn for one like them.
+                        connection, self.connection = self.connection, None
+                        await self.pool.release(connection)
+                        self.yielding = False
+                    elif not self.queue and self.connection is not None:
                         await asyncio.sleep(0)  # whoever was just answered may call again
                         if not self.queue and not self.sent:  # idle: the pool has it back
                             connection, self.connection = self.connection, None
@@ -2407,6 +2448,8 @@ class _Line:
                 self.progress = self.loop.time()
                 if not call.future.done():
                     call.future.set_result(replies)
+                if getattr(self.pool, "_queue", None):
+                    self.yielding = True  # nothing more goes out on this connection
         except asyncio.CancelledError:
             if not self.timed_out:
                 raise
@@ -2425,7 +2468,7 @@ class _Line:
         """After the reader: fail the calls in flight, and give the connection back (closed,
         unless it ends idle with the loop). The calls not yet sent fail too if Redis could
         not be reached or the loop ends; otherwise a new reader sends them."""
-        self.reader, self.timed_out = None, False
+        self.reader, self.timed_out, self.yielding = None, False, False
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
@@ -2449,6 +2492,10 @@ class _Line:
                     call.future.set_exception(_own_copy(error))
         elif self.queue and not self.loop.is_closed():
             self._flush()
+
+
+class _Unshared(Exception):
+    """A call the line will not multiplex: the driver sends it on a connection of its own."""
 
 
 def _own_copy(error: BaseException) -> BaseException:
@@ -2571,16 +2618,18 @@ class _AsyncDriver(_Driver):
         if type(command) is tuple:
             client = self._client_at(self._index(command))
             try:
-                if not self._config.multiplex:
-                    return await client.execute_command(*command)
-                return _first_error_raised(await self._line(client).call([command]))[0]
+                if self._config.multiplex:
+                    with contextlib.suppress(_Unshared):
+                        return _first_error_raised(await self._line(client).call([command]))[0]
+                return await client.execute_command(*command)
             except redis.exceptions.NoScriptError:
                 source = _SCRIPTS[command[1]]
                 return await self._send_once(("EVAL", source, *command[2:]))
         if type(command) is list:
             client = self._client_at(self._index(*command))
             if self._config.multiplex:
-                return _first_error_raised(await self._line(client).call(command))
+                with contextlib.suppress(_Unshared):
+                    return _first_error_raised(await self._line(client).call(command))
             pipeline = client.pipeline(transaction=False)
             for args in command:
                 pipeline.execute_command(*args)
