@@ -2320,7 +2320,6 @@ class _Line:
         self.progress = 0.0  # loop time of the last reply, or of a send after none in flight
         self.watchdog: asyncio.TimerHandle | None = None
         self.timed_out = False
-        self.yielding = False  # the pool has waiters: the connection goes back to it
 
     async def call(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies of ``commands``, in order: values or ``ResponseError`` objects."""
@@ -2339,7 +2338,11 @@ class _Line:
         elif self.wake is not None:  # idle: the reader checks the connection, then sends
             if not self.wake.done():
                 self.wake.set_result(None)
-        elif self.connection is not None and self.connection.is_connected and not self.yielding:
+        elif (
+            self.connection is not None
+            and self.connection.is_connected
+            and not getattr(self.pool, "_queue", None)  # others wait: the reader hands it over
+        ):
             with contextlib.suppress(redis.ConnectionError):  # its reader sees the close
                 self._send()
         # else the reader is connecting (or handing the connection over): it sends the queue
@@ -2355,7 +2358,7 @@ class _Line:
             except Exception as error:  # an argument redis-py cannot encode: this call's
                 call.future.set_exception(error)
                 continue
-            if any(len(chunk) > _LARGE_VALUE for chunk in packed):
+            if len(packed) > 1 and any(len(chunk) > _LARGE_VALUE for chunk in packed):
                 # Not behind or before others: a value the server may refuse (it then
                 # closes the connection) or that takes long to send goes on its own.
                 call.future.set_exception(_Unshared())
@@ -2417,7 +2420,6 @@ class _Line:
                         # goes back, and the line waits its turn for one like them.
                         connection, self.connection = self.connection, None
                         await self.pool.release(connection)
-                        self.yielding = False
                     elif not self.queue and self.connection is not None:
                         await asyncio.sleep(0)  # whoever was just answered may call again
                         if not self.queue and not self.sent:  # idle: the pool has it back
@@ -2448,8 +2450,6 @@ class _Line:
                 self.progress = self.loop.time()
                 if not call.future.done():
                     call.future.set_result(replies)
-                if getattr(self.pool, "_queue", None):
-                    self.yielding = True  # nothing more goes out on this connection
         except asyncio.CancelledError:
             if not self.timed_out:
                 raise
@@ -2468,7 +2468,7 @@ class _Line:
         """After the reader: fail the calls in flight, and give the connection back (closed,
         unless it ends idle with the loop). The calls not yet sent fail too if Redis could
         not be reached or the loop ends; otherwise a new reader sends them."""
-        self.reader, self.timed_out, self.yielding = None, False, False
+        self.reader, self.timed_out = None, False
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
