@@ -1357,6 +1357,16 @@ class _Sleep:
         self.seconds = seconds
 
 
+class _Compute:
+    """A call of the user's default (``get_or_set``): its reply is the value. The asyncio
+    driver awaits what a coroutine function returns; the sync one refuses it."""
+
+    __slots__ = ("default",)
+
+    def __init__(self, default: Callable[[], Any]) -> None:
+        self.default = default
+
+
 class _Found:
     """Results of an iteration so far, handed to the caller before the next command."""
 
@@ -1366,7 +1376,7 @@ class _Found:
         self.items = items
 
 
-Command = Union[tuple[Any, ...], list[tuple[Any, ...]], _Sleep, _Found]  # noqa: UP007 (3.10)
+Command = Union[tuple[Any, ...], list[tuple[Any, ...]], _Sleep, _Found, _Compute]  # noqa: UP007
 Operation = Generator[Command, Any, _T]
 
 
@@ -1552,7 +1562,7 @@ def _op_get_or_set(
     if data is not None:
         return codec.loads(data)
     if timeout == 0 or lock_timeout is None or not callable(default):
-        computed.append(default() if callable(default) else default)
+        computed.append((yield _Compute(default)) if callable(default) else default)
         return (yield from _op_store_missing(codec, key, computed[0], timeout))
     lock, token = key + "\x00lock", os.urandom(8).hex()
     release = _RELEASE_LOCK([lock], [token])
@@ -1567,7 +1577,7 @@ def _op_get_or_set(
             yield release
         return codec.loads(data)
     if locked:
-        computed.append(default())
+        computed.append((yield _Compute(default)))
         value = yield from _op_store_missing(codec, key, computed[0], timeout)
         undo.clear()
         yield release
@@ -1580,7 +1590,7 @@ def _op_get_or_set(
         if data is not None:
             return codec.loads(data)
         if not locked or now >= deadline:  # the holder failed, or is too slow: compute here
-            computed.append(default())
+            computed.append((yield _Compute(default)))
             return (yield from _op_store_missing(codec, key, computed[0], timeout))
         pause = min(pause * 2, 0.1)
 
@@ -2161,6 +2171,12 @@ def _first_error_raised(replies: list[Any]) -> list[Any]:
     return replies
 
 
+_AWAITABLE_DEFAULT = (
+    "get_or_set() got a default that returns an awaitable (a coroutine function?): call "
+    "aget_or_set() to have it awaited; nothing was stored."
+)
+
+
 class _SyncDriver(_Driver):
     """Runs plans on ``redis.Redis`` clients from the process-wide registry."""
 
@@ -2196,7 +2212,12 @@ class _SyncDriver(_Driver):
             return result
         except _UNAVAILABLE as error:
             self._undo(plan)
-            return self._unavailable(plan, error)
+            fallback = self._unavailable(plan, error)
+            if inspect.isawaitable(fallback):  # a coroutine function's, on the sync path
+                if inspect.iscoroutine(fallback):
+                    fallback.close()
+                raise TypeError(_AWAITABLE_DEFAULT) from error
+            return fallback
         except BaseException:
             self._undo(plan)
             raise
@@ -2243,6 +2264,13 @@ class _SyncDriver(_Driver):
 
     def _exchange(self, command: Command) -> Any:
         """``command``'s reply, through the client-side store if there is one."""
+        if type(command) is _Compute:
+            value = command.default()
+            if inspect.isawaitable(value):
+                if inspect.iscoroutine(value):
+                    value.close()
+                raise TypeError(_AWAITABLE_DEFAULT)
+            return value
         store = self._store
         if store is None:
             return self._send_once(command)
@@ -2549,7 +2577,8 @@ class _AsyncDriver(_Driver):
             return result
         except _UNAVAILABLE as error:
             await self._undo(plan)
-            return self._unavailable(plan, error)
+            fallback = self._unavailable(plan, error)
+            return (await fallback) if inspect.isawaitable(fallback) else fallback
         except BaseException:  # cancelled or timed out too: a lock this call holds goes
             await self._undo(plan)
             raise
@@ -2596,6 +2625,9 @@ class _AsyncDriver(_Driver):
 
     async def _exchange(self, command: Command) -> Any:
         """``command``'s reply, through the client-side store if there is one."""
+        if type(command) is _Compute:
+            value = command.default()
+            return (await value) if inspect.isawaitable(value) else value
         store = self._store
         if store is None:
             return await self._send_once(command)

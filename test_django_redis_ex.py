@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -3784,3 +3785,79 @@ def test_a_busy_server_does_not_turn_the_client_cache_off(
     assert cache.client_cache_info()["enabled"]
     assert not [r for r in caplog.records if "refused" in r.getMessage()]
     serving(cache)
+
+
+# ---------------------------------------------------------------------------
+# Async callables where users pass callables (issue 11, part 2)
+# ---------------------------------------------------------------------------
+
+
+def test_aget_or_set_awaits_a_coroutine_function_with_stampede_protection(
+    server: RedisServer, backend: str
+) -> None:
+    """100 concurrent aget_or_set with an async default on a miss: one computes (awaited,
+    never stored as a coroutine), the others get its value."""
+    cache = make_cache(backend, server.url, KEY_PREFIX="async-default")
+    cache.delete("k")
+    computed = 0
+
+    async def compute() -> dict[str, int]:
+        nonlocal computed
+        computed += 1
+        await asyncio.sleep(0.05)
+        return {"n": 42}
+
+    async def main() -> list[Any]:
+        return list(await asyncio.gather(*(cache.aget_or_set("k", compute) for _ in range(100))))
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == [{"n": 42}] * 100
+    assert computed == 1
+    assert cache.get("k") == {"n": 42}
+    assert asyncio.run(cache.aget_or_set("k", compute)) == {"n": 42} and computed == 1
+
+
+def test_aget_or_set_awaits_an_async_default_without_stampede_protection_and_timeout_0(
+    server: RedisServer, backend: str
+) -> None:
+    cache = make_cache(
+        backend, server.url, KEY_PREFIX="async-default", OPTIONS={"stampede_protection": False}
+    )
+    cache.delete_many(["a", "b"])
+
+    async def value() -> str:
+        await asyncio.sleep(0)
+        return "v"
+
+    assert asyncio.run(cache.aget_or_set("a", value)) == "v"
+    assert cache.get("a") == "v"
+    assert asyncio.run(cache.aget_or_set("b", value, timeout=0)) == "v"
+    assert cache.get("b") is None
+
+
+def test_get_or_set_refuses_a_coroutine_function_clearly(server: RedisServer, backend: str) -> None:
+    cache = make_cache(backend, server.url, KEY_PREFIX="async-default")
+    cache.delete("k")
+
+    async def compute() -> int:
+        return 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "coroutine was never awaited" either
+        with pytest.raises(TypeError, match="aget_or_set"):
+            cache.get_or_set("k", compute)
+    assert cache.get("k") is None
+    assert server.client().exists(cache.make_key("k") + "\x00lock") == 0  # the lock: released
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_async_default_is_the_fallback_when_redis_is_down(path: str) -> None:
+    cache = offline_cache(ignore_exceptions=True, log_ignored_exceptions=False)
+
+    async def compute() -> str:
+        return "computed"
+
+    if path == "async":
+        assert scripted(path, cache, "get_or_set", "k", compute, script=RedisDown()) == "computed"
+    else:
+        with pytest.raises(TypeError, match="aget_or_set"):
+            scripted(path, cache, "get_or_set", "k", compute, script=RedisDown())
