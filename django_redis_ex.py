@@ -1845,6 +1845,25 @@ class _Store:
 
     # Filled and emptied by the drivers -------------------------------------
 
+    def before(self, command: Command) -> tuple[Command, Any]:
+        """What goes to Redis for ``command`` (a read the store would keep asks each key's
+        PTTL too, in the same round trip), and what ``after`` needs to know."""
+        keys = self.reads(command)
+        if keys is None:
+            return command, None
+        read = cast(tuple[Any, ...], command)
+        return [read, *(("PTTL", key) for key in keys)], (keys, self.begin(keys))
+
+    def after(self, command: Command, state: Any, reply: Any) -> Any:
+        """``command``'s reply from what came back (None: the exchange failed): a read is
+        kept if nothing changed meanwhile, a write drops what it may have changed."""
+        if state is None:
+            self.written(command)
+            return reply
+        keys, ticket = state
+        self.end(ticket, keys, reply)
+        return None if reply is None else reply[0]
+
     def reads(self, command: Command) -> list[Any] | None:
         """The keys whose values ``command`` reads, if the store would keep them."""
         if type(command) is not tuple or command[0] not in ("GET", "MGET"):
@@ -2274,20 +2293,13 @@ class _SyncDriver(_Driver):
         store = self._store
         if store is None:
             return self._send_once(command)
-        keys = store.reads(command)
-        if keys is None:
-            try:
-                return self._send_once(command)
-            finally:
-                store.written(command)
-        ticket, replies = store.begin(keys), None
+        wire, state = store.before(command)
         try:
-            replies = self._send_once(
-                [cast(tuple[Any, ...], command), *(("PTTL", k) for k in keys)]
-            )
-        finally:
-            store.end(ticket, keys, replies)
-        return replies[0]
+            reply = self._send_once(wire)
+        except BaseException:
+            store.after(command, state, None)
+            raise
+        return store.after(command, state, reply)
 
     def _send_once(self, command: Command) -> Any:
         if type(command) is tuple:
@@ -2631,20 +2643,13 @@ class _AsyncDriver(_Driver):
         store = self._store
         if store is None:
             return await self._send_once(command)
-        keys = store.reads(command)
-        if keys is None:
-            try:
-                return await self._send_once(command)
-            finally:
-                store.written(command)
-        ticket, replies = store.begin(keys), None
+        wire, state = store.before(command)
         try:
-            replies = await self._send_once(
-                [cast(tuple[Any, ...], command), *(("PTTL", k) for k in keys)]
-            )
-        finally:
-            store.end(ticket, keys, replies)
-        return replies[0]
+            reply = await self._send_once(wire)
+        except BaseException:
+            store.after(command, state, None)
+            raise
+        return store.after(command, state, reply)
 
     async def _send_once(self, command: Command) -> Any:
         if type(command) is tuple:
