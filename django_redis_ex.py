@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import builtins
 import bz2
 import collections
 import contextlib
 import datetime
+import fnmatch
 import functools
 import gzip
 import hashlib
@@ -72,13 +74,20 @@ import redis.cluster
 import redis.connection
 import redis.retry
 import redis.sentinel
+from django.core.cache import caches
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, default_key_func
 from django.core.exceptions import ImproperlyConfigured
 from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.functional import cached_property
 from django.utils.module_loading import import_string
 
-__all__ = ["AsyncRedisEXCache", "RedisEXCache", "RedisSerializer"]
+__all__ = [
+    "AsyncRedisEXCache",
+    "RedisEXCache",
+    "RedisSerializer",
+    "aget_redis_connection",
+    "get_redis_connection",
+]
 __version__ = "2.0.0"
 
 logger = logging.getLogger("django_redis_ex")
@@ -1671,12 +1680,159 @@ def _op_clear_prefix(pattern: str, count: int) -> Operation[bool]:
     return True
 
 
+# Sets, hashes and sorted sets (django-redis's data-structure methods). Members and hash
+# values go through the codec like cache values; fields, scores and counts do not. Replies
+# come in RESP2 or RESP3 shapes (OPTIONS "protocol"), which these operations both take.
+
+
+def _op_apply(convert: Callable[[Any], _T], *command: Any) -> Operation[_T]:
+    """One command, its reply made the result by ``convert``."""
+    return convert((yield command))
+
+
+def _members(codec: _Codec, reply: Any) -> list[Any]:
+    loads = codec.loads
+    return [loads(member) for member in reply or ()]
+
+
+def _member_set(codec: _Codec, reply: Any) -> set[Any]:
+    loads = codec.loads
+    return {loads(member) for member in reply or ()}
+
+
+def _optional_member(codec: _Codec, reply: Any) -> Any:
+    return None if reply is None else codec.loads(reply)
+
+
+def _pairs(reply: Any) -> Iterable[Any]:
+    """A reply of pairs as pairs: RESP3 nests them (or maps them), RESP2 lays them flat."""
+    if isinstance(reply, dict):
+        return reply.items()
+    if not reply:
+        return ()
+    if isinstance(reply[0], (list, tuple)):
+        return cast(Iterable[Any], reply)
+    flat = iter(reply)
+    return zip(flat, flat, strict=False)
+
+
+def _score(reply: Any) -> float | None:
+    """A score: RESP3 sends a double, RESP2 a bulk string."""
+    return None if reply is None else float(reply)
+
+
+def _scored(
+    codec: _Codec, withscores: bool, score_cast_func: Callable[[float], Any], reply: Any
+) -> list[Any]:
+    """Members, or with scores (``score_cast_func`` of each, as a float) (member, score)."""
+    if not withscores:
+        return _members(codec, reply)
+    loads = codec.loads
+    return [(loads(member), score_cast_func(float(score))) for member, score in _pairs(reply)]
+
+
+def _popped(codec: _Codec, count: int | None, reply: Any) -> Any:
+    """ZPOPMAX/ZPOPMIN: a (member, score) pair, or None; a list of pairs with ``count``."""
+    popped = _scored(codec, True, float, reply)
+    if count is not None:
+        return popped
+    return popped[0] if popped else None
+
+
+def _hash(codec: _Codec, reply: Any) -> dict[str, Any]:
+    loads = codec.loads
+    return {_text(field): loads(value) for field, value in _pairs(reply)}
+
+
+def _fields(reply: Any) -> list[str]:
+    return [_text(field) for field in reply or ()]
+
+
+def _optional_members(codec: _Codec, reply: Any) -> list[Any]:
+    loads = codec.loads
+    return [None if value is None else loads(value) for value in reply]
+
+
+def _bools(reply: Any) -> list[bool]:
+    return [bool(each) for each in reply]
+
+
+def _optional_int(reply: Any) -> int | None:
+    return None if reply is None else int(reply)
+
+
+def _ranked(reply: Any) -> list[Any] | None:
+    """ZRANK ... WITHSCORE: [rank, score], or None."""
+    return None if reply is None else [int(reply[0]), float(reply[1])]
+
+
+def _op_sscan(codec: _Codec, key: str, count: int, match: str | None) -> Operation[None]:
+    """An iteration over a set's members, one SSCAN page per round trip. ``match`` is a glob
+    on the decoded members (str members only): Redis would match it against their pickles."""
+    cursor = 0
+    while True:
+        cursor, members = yield ("SSCAN", key, cursor, "COUNT", count)
+        found = _members(codec, members)
+        if match is not None:
+            found = [m for m in found if isinstance(m, str) and fnmatch.fnmatchcase(m, match)]
+        if found:
+            yield _Found(found)
+        if int(cursor) == 0:
+            return
+
+
+def _op_gathered(iteration: Operation[None]) -> Operation[set[Any]]:
+    """Everything an iteration finds, as a set, when it is done."""
+    reply, gathered = None, set[Any]()
+    while True:
+        try:
+            command = iteration.send(reply)
+        except StopIteration:
+            return gathered
+        if type(command) is _Found:
+            gathered.update(command.items)
+            reply = None
+        else:
+            reply = yield command
+
+
 # ---------------------------------------------------------------------------
 # Drivers: plans run on redis-py's sync and asyncio clients; all I/O policy lives here
 # ---------------------------------------------------------------------------
 
 # Commands that may go to a replica; everything else goes to the first server.
-_READ_COMMANDS = frozenset({"GET", "MGET", "EXISTS", "TTL", "PTTL"})
+_READ_COMMANDS = frozenset(
+    {
+        "GET",
+        "MGET",
+        "EXISTS",
+        "TTL",
+        "PTTL",
+        "SCARD",
+        "SDIFF",
+        "SINTER",
+        "SISMEMBER",
+        "SMISMEMBER",
+        "SMEMBERS",
+        "SRANDMEMBER",
+        "SSCAN",
+        "SUNION",
+        "HLEN",
+        "HKEYS",
+        "HEXISTS",
+        "HGET",
+        "HGETALL",
+        "HMGET",
+        "ZCARD",
+        "ZCOUNT",
+        "ZRANGE",
+        "ZRANGEBYSCORE",
+        "ZRANK",
+        "ZREVRANGE",
+        "ZREVRANGEBYSCORE",
+        "ZSCORE",
+    }
+)
 
 # Redis is down, unreachable or too slow: what ignore_exceptions covers. Wrong credentials
 # are a configuration error and always raise.
@@ -1730,7 +1886,9 @@ def _refuse_oversized(command: Command, limit_reply: Any, error: Exception) -> N
 
 # Commands that may be sent once more when their connection turns out to have been closed
 # by the server: they read, or write the same whatever is stored (not NX/XX, INCR, scripts).
-_IDEMPOTENT = frozenset({"GET", "MGET", "EXISTS", "TTL", "PTTL", "SCAN", "SET", "MSET"})
+# Sent again after a dead connection: reads, and writes whose second run changes nothing
+# (a resent SADD, HSET or ZADD would report 0 added when the first one was applied).
+_IDEMPOTENT = _READ_COMMANDS | {"SCAN", "SET", "MSET"}
 
 
 def _resendable(command: Command, error: redis.RedisError) -> bool:
@@ -1769,6 +1927,8 @@ def _keys_written(command: tuple[Any, ...]) -> list[Any] | None:
         return list(command[1::2])
     if name in ("DEL", "UNLINK", "RENAME"):
         return list(command[1:])
+    if name == "SMOVE":
+        return list(command[1:3])
     return list(command[1:2])
 
 
@@ -3208,6 +3368,509 @@ class _RedisEXBase(BaseCache):
 
     delete_pattern, adelete_pattern = _twins(_plan_delete_pattern)
 
+    # Sets, hashes and sorted sets (django-redis 7's names, arguments and results) ----------
+    # Members and hash values are stored as cache values are (serialized, maybe compressed;
+    # ints raw); hash fields, scores and counts as they are. Keys are cache keys.
+
+    def _one(
+        self,
+        method: str,
+        convert: Callable[[Any], _T],
+        fallback: Callable[[], _T],
+        key: Any,
+        version: int | None,
+        *arguments: Any,
+    ) -> Plan[_T]:
+        """A plan of one command on one key: ``method`` upper-cased, the key, ``arguments``."""
+        redis_key = self.make_and_validate_key(key, version)
+        return Plan(method, _op_apply(convert, method.upper(), redis_key, *arguments), fallback)
+
+    def _together(self, method: str, keys: list[Any], redis_keys: list[str]) -> list[str]:
+        """``redis_keys``, the keys of one command; on Cluster, they must share a slot."""
+        if isinstance(self._topology, _Cluster):
+            slots = [redis.crc.key_slot(key.encode()) for key in redis_keys]
+            for user_key, slot in zip(keys, slots, strict=True):
+                if slot != slots[0]:
+                    raise redis.exceptions.RedisClusterException(
+                        f"{method}(): the keys {keys[0]!r} and {user_key!r} lie in different "
+                        "Redis Cluster slots, and a command on several keys needs them in one. "
+                        "Give them the same hash tag: '{user:1}:cart', '{user:1}:saved'."
+                    )
+        return redis_keys
+
+    def _dumped(self, values: Iterable[Any]) -> list[Any]:
+        dumps = self._codec.dumps
+        return [dumps(value) for value in values]
+
+    def _plan_sadd(self, key: Any, *values: Any, version: int | None = None) -> Plan[int]:
+        """Add members to a set; how many were not there."""
+        return self._one("sadd", int, _zero, key, version, *self._dumped(values))
+
+    sadd, asadd = _twins(_plan_sadd)
+
+    def _plan_scard(self, key: Any, version: int | None = None) -> Plan[int]:
+        """How many members a set has."""
+        return self._one("scard", int, _zero, key, version)
+
+    scard, ascard = _twins(_plan_scard)
+
+    def _set_algebra(
+        self, method: str, keys: tuple[Any, ...], version: int | None
+    ) -> Plan[builtins.set[Any]]:
+        redis_keys = self._together(method, list(keys), self._keys(keys, version))
+        convert = functools.partial(_member_set, self._codec)
+        return Plan(method, _op_apply(convert, method.upper(), *redis_keys), set)
+
+    def _plan_sdiff(self, *keys: Any, version: int | None = None) -> Plan[builtins.set[Any]]:
+        """The members of the first set that are in none of the others."""
+        return self._set_algebra("sdiff", keys, version)
+
+    sdiff, asdiff = _twins(_plan_sdiff)
+
+    def _plan_sinter(self, *keys: Any, version: int | None = None) -> Plan[builtins.set[Any]]:
+        """The members in every one of the sets."""
+        return self._set_algebra("sinter", keys, version)
+
+    sinter, asinter = _twins(_plan_sinter)
+
+    def _plan_sunion(self, *keys: Any, version: int | None = None) -> Plan[builtins.set[Any]]:
+        """The members in any of the sets."""
+        return self._set_algebra("sunion", keys, version)
+
+    sunion, asunion = _twins(_plan_sunion)
+
+    def _stored(
+        self,
+        method: str,
+        dest: Any,
+        keys: tuple[Any, ...],
+        version_dest: int | None,
+        version_keys: int | None,
+    ) -> Plan[int]:
+        redis_keys = [
+            self.make_and_validate_key(dest, version_dest),
+            *self._keys(keys, version_keys),
+        ]
+        command = (method.upper(), *self._together(method, [dest, *keys], redis_keys))
+        return Plan(method, _op_apply(int, *command), _zero)
+
+    def _plan_sdiffstore(
+        self,
+        dest: Any,
+        *keys: Any,
+        version_dest: int | None = None,
+        version_keys: int | None = None,
+    ) -> Plan[int]:
+        """Store ``sdiff(*keys)`` in the set ``dest``; its size."""
+        return self._stored("sdiffstore", dest, keys, version_dest, version_keys)
+
+    sdiffstore, asdiffstore = _twins(_plan_sdiffstore)
+
+    def _plan_sinterstore(self, dest: Any, *keys: Any, version: int | None = None) -> Plan[int]:
+        """Store ``sinter(*keys)`` in the set ``dest``; its size."""
+        return self._stored("sinterstore", dest, keys, version, version)
+
+    sinterstore, asinterstore = _twins(_plan_sinterstore)
+
+    def _plan_sunionstore(
+        self, destination: Any, *keys: Any, version: int | None = None
+    ) -> Plan[int]:
+        """Store ``sunion(*keys)`` in the set ``destination``; its size."""
+        return self._stored("sunionstore", destination, keys, version, version)
+
+    sunionstore, asunionstore = _twins(_plan_sunionstore)
+
+    def _plan_sismember(self, key: Any, member: Any, version: int | None = None) -> Plan[bool]:
+        """Whether ``member`` is in the set."""
+        return self._one("sismember", bool, _false, key, version, self._codec.dumps(member))
+
+    sismember, asismember = _twins(_plan_sismember)
+
+    def _plan_smismember(
+        self, key: Any, *members: Any, version: int | None = None
+    ) -> Plan[list[bool]]:
+        """Whether each of ``members`` is in the set."""
+        fallback = lambda: [False] * len(members)  # noqa: E731
+        return self._one("smismember", _bools, fallback, key, version, *self._dumped(members))
+
+    smismember, asmismember = _twins(_plan_smismember)
+
+    def _plan_smembers(self, key: Any, version: int | None = None) -> Plan[builtins.set[Any]]:
+        """The members of the set."""
+        return self._one("smembers", functools.partial(_member_set, self._codec), set, key, version)
+
+    smembers, asmembers = _twins(_plan_smembers)
+
+    def _plan_smove(
+        self, source: Any, destination: Any, member: Any, version: int | None = None
+    ) -> Plan[bool]:
+        """Move ``member`` from one set to another; whether it was in ``source``."""
+        keys = [source, destination]
+        redis_keys = self._together("smove", keys, self._keys(keys, version))
+        operation = _op_apply(bool, "SMOVE", *redis_keys, self._codec.dumps(member))
+        return Plan("smove", operation, _false)
+
+    smove, asmove = _twins(_plan_smove)
+
+    def _plan_spop(
+        self, key: Any, count: int | None = None, version: int | None = None
+    ) -> Plan[Any]:
+        """Remove and return a random member (None if the set is empty), or with ``count``
+        a set of up to ``count`` of them."""
+        if count is None:
+            return self._one(
+                "spop", functools.partial(_optional_member, self._codec), _none, key, version
+            )
+        convert = functools.partial(_member_set, self._codec)
+        return self._one("spop", convert, set, key, version, count)
+
+    spop, aspop = _twins(_plan_spop)
+
+    def _plan_srandmember(
+        self, key: Any, count: int | None = None, version: int | None = None
+    ) -> Plan[Any]:
+        """A random member (None if the set is empty), or with ``count`` a list of them
+        (distinct if ``count`` is positive, maybe repeated if negative)."""
+        if count is None:
+            convert: Callable[[Any], Any] = functools.partial(_optional_member, self._codec)
+            return self._one("srandmember", convert, _none, key, version)
+        convert = functools.partial(_members, self._codec)
+        return self._one("srandmember", convert, list, key, version, count)
+
+    srandmember, asrandmember = _twins(_plan_srandmember)
+
+    def _plan_srem(self, key: Any, *members: Any, version: int | None = None) -> Plan[int]:
+        """Remove members from the set; how many were there."""
+        return self._one("srem", int, _zero, key, version, *self._dumped(members))
+
+    srem, asrem = _twins(_plan_srem)
+
+    def _plan_sscan(
+        self,
+        key: Any,
+        match: str | None = None,
+        count: int | None = 10,
+        version: int | None = None,
+    ) -> Plan[builtins.set[Any]]:
+        """The members of the set (matching the glob ``match``, if given: a str member
+        matches as in Redis; other members never do), ``count`` per SSCAN round trip."""
+        iteration = self._sscan(key, match, count, version)
+        return Plan("sscan", _op_gathered(iteration), set)
+
+    sscan, asscan = _twins(_plan_sscan)
+
+    def _plan_sscan_iter(
+        self,
+        key: Any,
+        match: str | None = None,
+        count: int | None = 10,
+        version: int | None = None,
+    ) -> Plan[None]:
+        """``sscan`` as a lazy iterator: one SSCAN round trip per ``count`` members."""
+        return Plan("sscan_iter", self._sscan(key, match, count, version), _none)
+
+    sscan_iter, asscan_iter = _iteration_twins(_plan_sscan_iter)
+
+    def _sscan(
+        self, key: Any, match: str | None, count: int | None, version: int | None
+    ) -> Operation[None]:
+        redis_key = self.make_and_validate_key(key, version)
+        return _op_sscan(self._codec, redis_key, count or self._config.scan_count, match)
+
+    def _plan_hset(
+        self,
+        key: Any,
+        field: Any = None,
+        value: Any = None,
+        mapping: Mapping[Any, Any] | None = None,
+        version: int | None = None,
+    ) -> Plan[int]:
+        """Set ``field`` to ``value`` in the hash, and each field of ``mapping``; how many
+        fields were new. Fields are str (or bytes, int, float), stored as they are."""
+        items = [] if field is None else [field, self._codec.dumps(value)]
+        for each, item in (mapping or {}).items():
+            items += (each, self._codec.dumps(item))
+        if not items:
+            raise ValueError("hset() takes a field and its value, or a mapping, or both.")
+        return self._one("hset", int, _zero, key, version, *items)
+
+    hset, ahset = _twins(_plan_hset)
+
+    def _plan_hdel(self, key: Any, field: Any, version: int | None = None) -> Plan[int]:
+        """Remove ``field`` from the hash; 1 if it was there, else 0."""
+        return self._one("hdel", int, _zero, key, version, field)
+
+    hdel, ahdel = _twins(_plan_hdel)
+
+    def _plan_hlen(self, key: Any, version: int | None = None) -> Plan[int]:
+        """How many fields the hash has."""
+        return self._one("hlen", int, _zero, key, version)
+
+    hlen, ahlen = _twins(_plan_hlen)
+
+    def _plan_hkeys(self, key: Any, version: int | None = None) -> Plan[list[str]]:
+        """The fields of the hash, as str."""
+        return self._one("hkeys", _fields, list, key, version)
+
+    hkeys, ahkeys = _twins(_plan_hkeys)
+
+    def _plan_hexists(self, key: Any, field: Any, version: int | None = None) -> Plan[bool]:
+        """Whether the hash has ``field``."""
+        return self._one("hexists", bool, _false, key, version, field)
+
+    hexists, ahexists = _twins(_plan_hexists)
+
+    def _plan_hget(self, key: Any, field: Any, version: int | None = None) -> Plan[Any]:
+        """The value of ``field`` in the hash; None if there is none."""
+        convert = functools.partial(_optional_member, self._codec)
+        return self._one("hget", convert, _none, key, version, field)
+
+    hget, ahget = _twins(_plan_hget)
+
+    def _plan_hgetall(self, key: Any, version: int | None = None) -> Plan[dict[str, Any]]:
+        """The whole hash: {field (str): value}."""
+        return self._one("hgetall", functools.partial(_hash, self._codec), dict, key, version)
+
+    hgetall, ahgetall = _twins(_plan_hgetall)
+
+    def _plan_hmget(
+        self, key: Any, fields: Any, *more_fields: Any, version: int | None = None
+    ) -> Plan[list[Any]]:
+        """The values of ``fields`` (one field, or an iterable of them, then ``more_fields``)
+        in order, None for each missing one: redis-py's ``hmget``."""
+        wanted = [fields] if isinstance(fields, (str, bytes)) else list(fields)
+        wanted += more_fields
+        convert = functools.partial(_optional_members, self._codec)
+        return self._one("hmget", convert, lambda: [None] * len(wanted), key, version, *wanted)
+
+    hmget, ahmget = _twins(_plan_hmget)
+
+    def _plan_hincrby(
+        self, key: Any, field: Any, amount: int = 1, version: int | None = None
+    ) -> Plan[int]:
+        """Add ``amount`` to the integer in ``field`` (0 if missing); the new value."""
+        fallback = lambda: amount  # noqa: E731  (Redis unavailable: as on a missing field)
+        return self._one("hincrby", int, fallback, key, version, field, amount)
+
+    hincrby, ahincrby = _twins(_plan_hincrby)
+
+    def _plan_zadd(
+        self,
+        key: Any,
+        mapping: Mapping[Any, float],
+        nx: bool = False,
+        xx: bool = False,
+        ch: bool = False,
+        incr: bool = False,
+        gt: bool = False,
+        lt: bool = False,
+        version: int | None = None,
+    ) -> Plan[Any]:
+        """Add members with their scores ({member: score}); how many were added (changed,
+        with ``ch``), or with ``incr`` the member's new score (None if a flag stopped it)."""
+        if nx and (xx or gt or lt):
+            raise ValueError("zadd() takes nx=True without xx, gt or lt.")
+        if gt and lt:
+            raise ValueError("zadd() takes gt=True or lt=True, not both.")
+        if incr and len(mapping) != 1:
+            raise ValueError("zadd(incr=True) takes a mapping of exactly one member.")
+        flags = [f for f, on in (("NX", nx), ("XX", xx), ("GT", gt), ("LT", lt), ("CH", ch)) if on]
+        dumps = self._codec.dumps
+        items = [part for member, score in mapping.items() for part in (score, dumps(member))]
+        if incr:
+            return self._one("zadd", _score, _none, key, version, *flags, "INCR", *items)
+        return self._one("zadd", int, _zero, key, version, *flags, *items)
+
+    zadd, azadd = _twins(_plan_zadd)
+
+    def _plan_zcard(self, key: Any, version: int | None = None) -> Plan[int]:
+        """How many members the sorted set has."""
+        return self._one("zcard", int, _zero, key, version)
+
+    zcard, azcard = _twins(_plan_zcard)
+
+    def _plan_zcount(
+        self, key: Any, min: float | str, max: float | str, version: int | None = None
+    ) -> Plan[int]:
+        """How many members score between ``min`` and ``max`` ("(1" excludes 1, "-inf")."""
+        return self._one("zcount", int, _zero, key, version, min, max)
+
+    zcount, azcount = _twins(_plan_zcount)
+
+    def _plan_zincrby(
+        self, key: Any, amount: float, value: Any, version: int | None = None
+    ) -> Plan[float]:
+        """Add ``amount`` to the score of member ``value`` (from 0); its new score."""
+        operation = _op_apply(
+            float,
+            "ZINCRBY",
+            self.make_and_validate_key(key, version),
+            amount,
+            self._codec.dumps(value),
+        )
+        return Plan("zincrby", operation, lambda: float(amount))  # unavailable: as if new
+
+    zincrby, azincrby = _twins(_plan_zincrby)
+
+    def _popped_plan(
+        self, method: str, key: Any, count: int | None, version: int | None
+    ) -> Plan[Any]:
+        convert = functools.partial(_popped, self._codec, count)
+        arguments = () if count is None else (count,)
+        return self._one(
+            method, convert, _none if count is None else list, key, version, *arguments
+        )
+
+    def _plan_zpopmax(
+        self, key: Any, count: int | None = None, version: int | None = None
+    ) -> Plan[Any]:
+        """Remove and return the (member, score) that scores highest, None if the set is
+        empty; with ``count``, a list of up to ``count`` of them, highest first."""
+        return self._popped_plan("zpopmax", key, count, version)
+
+    zpopmax, azpopmax = _twins(_plan_zpopmax)
+
+    def _plan_zpopmin(
+        self, key: Any, count: int | None = None, version: int | None = None
+    ) -> Plan[Any]:
+        """``zpopmax`` for the lowest scores."""
+        return self._popped_plan("zpopmin", key, count, version)
+
+    zpopmin, azpopmin = _twins(_plan_zpopmin)
+
+    def _ranged(
+        self,
+        method: str,
+        key: Any,
+        version: int | None,
+        withscores: bool,
+        score_cast_func: Callable[[float], Any],
+        command: tuple[Any, ...],
+    ) -> Plan[list[Any]]:
+        """ZRANGE and its kin: ``command`` is the name and the arguments after the key."""
+        convert = functools.partial(_scored, self._codec, withscores, score_cast_func)
+        name, *arguments = (*command, "WITHSCORES") if withscores else command
+        redis_key = self.make_and_validate_key(key, version)
+        return Plan(method, _op_apply(convert, name, redis_key, *arguments), list)
+
+    def _plan_zrange(
+        self,
+        key: Any,
+        start: int,
+        end: int,
+        desc: bool = False,
+        withscores: bool = False,
+        score_cast_func: Callable[[float], Any] = float,
+        version: int | None = None,
+    ) -> Plan[list[Any]]:
+        """Members by rank, from ``start`` to ``end`` inclusive (-1 is the last), lowest
+        score first (highest with ``desc``); with ``withscores``, (member, score) pairs."""
+        command = ("ZREVRANGE" if desc else "ZRANGE", start, end)
+        return self._ranged("zrange", key, version, withscores, score_cast_func, command)
+
+    zrange, azrange = _twins(_plan_zrange)
+
+    def _plan_zrevrange(
+        self,
+        key: Any,
+        start: int,
+        end: int,
+        withscores: bool = False,
+        score_cast_func: Callable[[float], Any] = float,
+        version: int | None = None,
+    ) -> Plan[list[Any]]:
+        """``zrange(..., desc=True)``."""
+        command = ("ZREVRANGE", start, end)
+        return self._ranged("zrevrange", key, version, withscores, score_cast_func, command)
+
+    zrevrange, azrevrange = _twins(_plan_zrevrange)
+
+    def _by_score(
+        self,
+        method: str,
+        key: Any,
+        low_high: tuple[Any, Any],
+        start: int | None,
+        num: int | None,
+        withscores: bool,
+        score_cast_func: Callable[[float], Any],
+        version: int | None,
+    ) -> Plan[list[Any]]:
+        if (start is None) != (num is None):
+            raise ValueError(f"{method}() takes start and num together, or neither.")
+        limit = () if start is None else ("LIMIT", start, num)
+        command = (method.upper(), *low_high, *limit)
+        return self._ranged(method, key, version, withscores, score_cast_func, command)
+
+    def _plan_zrangebyscore(
+        self,
+        key: Any,
+        min: float | str,
+        max: float | str,
+        start: int | None = None,
+        num: int | None = None,
+        withscores: bool = False,
+        score_cast_func: Callable[[float], Any] = float,
+        version: int | None = None,
+    ) -> Plan[list[Any]]:
+        """Members scoring between ``min`` and ``max``, lowest first; ``start`` and ``num``
+        page through them; with ``withscores``, (member, score) pairs."""
+        return self._by_score(
+            "zrangebyscore", key, (min, max), start, num, withscores, score_cast_func, version
+        )
+
+    zrangebyscore, azrangebyscore = _twins(_plan_zrangebyscore)
+
+    def _plan_zrevrangebyscore(
+        self,
+        key: Any,
+        max: float | str,
+        min: float | str,
+        start: int | None = None,
+        num: int | None = None,
+        withscores: bool = False,
+        score_cast_func: Callable[[float], Any] = float,
+        version: int | None = None,
+    ) -> Plan[list[Any]]:
+        """``zrangebyscore`` highest first (note: ``max`` comes before ``min``)."""
+        return self._by_score(
+            "zrevrangebyscore", key, (max, min), start, num, withscores, score_cast_func, version
+        )
+
+    zrevrangebyscore, azrevrangebyscore = _twins(_plan_zrevrangebyscore)
+
+    def _plan_zrank(
+        self, key: Any, value: Any, withscore: bool = False, version: int | None = None
+    ) -> Plan[Any]:
+        """The rank of member ``value`` (0 scores lowest), None if absent; with
+        ``withscore`` (Redis 7.2+), [rank, score]."""
+        member = self._codec.dumps(value)
+        if withscore:
+            return self._one("zrank", _ranked, _none, key, version, member, "WITHSCORE")
+        return self._one("zrank", _optional_int, _none, key, version, member)
+
+    zrank, azrank = _twins(_plan_zrank)
+
+    def _plan_zrem(self, key: Any, *values: Any, version: int | None = None) -> Plan[int]:
+        """Remove members from the sorted set; how many were there."""
+        return self._one("zrem", int, _zero, key, version, *self._dumped(values))
+
+    zrem, azrem = _twins(_plan_zrem)
+
+    def _plan_zremrangebyscore(
+        self, key: Any, min: float | str, max: float | str, version: int | None = None
+    ) -> Plan[int]:
+        """Remove the members scoring between ``min`` and ``max``; how many."""
+        return self._one("zremrangebyscore", int, _zero, key, version, min, max)
+
+    zremrangebyscore, azremrangebyscore = _twins(_plan_zremrangebyscore)
+
+    def _plan_zscore(self, key: Any, value: Any, version: int | None = None) -> Plan[float | None]:
+        """The score of member ``value``; None if it is not in the sorted set."""
+        return self._one("zscore", _score, _none, key, version, self._codec.dumps(value))
+
+    zscore, azscore = _twins(_plan_zscore)
+
 
 class RedisEXCache(_RedisEXBase):
     """Sync-first Redis cache (WSGI, sessions); ``_cache`` is Django's sync client interface."""
@@ -3219,6 +3882,28 @@ class AsyncRedisEXCache(_RedisEXBase):
     """Asyncio-first Redis cache (ASGI); ``_cache.get_client()`` is a ``redis.asyncio.Redis``."""
 
     _client_kind = "async"
+
+
+def get_redis_connection(alias: str = "default", write: bool = True) -> redis.Redis:
+    """django-redis's ``get_redis_connection``: a ``redis.Redis`` on the shared pool of the
+    cache ``alias``, on the server that takes writes (or, with ``write=False``, a reader)."""
+    return _redis_ex_cache(alias).get_client(write=write)
+
+
+async def aget_redis_connection(alias: str = "default", write: bool = True) -> redis.asyncio.Redis:
+    """``get_redis_connection`` for asyncio: a ``redis.asyncio.Redis`` on the running loop's
+    shared pool."""
+    return _redis_ex_cache(alias).get_async_client(write=write)
+
+
+def _redis_ex_cache(alias: str) -> _RedisEXBase:
+    cache = caches[alias]
+    if not isinstance(cache, _RedisEXBase):
+        raise NotImplementedError(
+            f"The cache {alias!r} is a {type(cache).__name__}, not a django_redis_ex cache: "
+            "get_redis_connection() gives the connections of RedisEXCache and AsyncRedisEXCache."
+        )
+    return cache
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import enum
 import gc
+import inspect
 import os
 import pickle
 import random
@@ -53,7 +54,7 @@ import redis.cluster
 import redis.sentinel
 from asgiref.sync import async_to_sync
 from django.core.cache import caches
-from django.core.cache.backends.base import BaseCache
+from django.core.cache.backends.base import BaseCache, CacheKeyWarning
 from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpRequest, HttpResponse
@@ -3861,3 +3862,303 @@ def test_an_async_default_is_the_fallback_when_redis_is_down(path: str) -> None:
     else:
         with pytest.raises(TypeError, match="aget_or_set"):
             scripted(path, cache, "get_or_set", "k", compute, script=RedisDown())
+
+
+# ---------------------------------------------------------------------------
+# django-redis 7's data-structure methods: sets, hashes, sorted sets (issue 11, part 1)
+# ---------------------------------------------------------------------------
+
+# Every one of them, by django-redis 7.0's name (django_redis/cache.py), and the reads added.
+DJANGO_REDIS_STRUCTURES = [
+    "sadd",
+    "scard",
+    "sdiff",
+    "sdiffstore",
+    "sinter",
+    "sinterstore",
+    "sismember",
+    "smembers",
+    "smove",
+    "spop",
+    "srandmember",
+    "srem",
+    "sscan",
+    "sscan_iter",
+    "smismember",
+    "sunion",
+    "sunionstore",
+    "hset",
+    "hdel",
+    "hlen",
+    "hkeys",
+    "hexists",
+    "zadd",
+    "zcard",
+    "zcount",
+    "zincrby",
+    "zpopmax",
+    "zpopmin",
+    "zrange",
+    "zrangebyscore",
+    "zrank",
+    "zrem",
+    "zremrangebyscore",
+    "zrevrange",
+    "zrevrangebyscore",
+    "zscore",
+    "hget",
+    "hgetall",
+    "hmget",
+    "hincrby",
+]
+
+
+def iterated(api: Api, name: str, *args: Any, **kwargs: Any) -> list[Any]:
+    """What the iteration ``name`` yields, on the api's path."""
+    if api.path == "sync":
+        return list(getattr(api.cache, name)(*args, **kwargs))
+    return api.loop.run_until_complete(all_of(getattr(api.cache, "a" + name)(*args, **kwargs)))
+
+
+@pytest.mark.parametrize("cls", [RedisEXCache, AsyncRedisEXCache])
+def test_every_django_redis_structure_method_has_a_native_async_twin(cls: type) -> None:
+    for name in DJANGO_REDIS_STRUCTURES:
+        method, twin = getattr(cls, name), getattr(cls, "a" + name)
+        assert method.__name__ == name and twin.__name__ == "a" + name
+        params = list(inspect.signature(method).parameters)
+        assert params == list(inspect.signature(twin).parameters), name
+        assert "version" in params or "version_dest" in params, name
+        if name == "sscan_iter":
+            assert inspect.isasyncgenfunction(twin) or not inspect.iscoroutinefunction(twin)
+        else:
+            assert inspect.iscoroutinefunction(twin), name
+
+
+def test_sets(api: Api, raw_redis: Any) -> None:
+    members = {1, "two", 3.5, ("four", 4), b"five", None}
+    assert api.sadd("{s}a", *members) == 6
+    assert api.sadd("{s}a", 1, "six") == 1
+    assert api.scard("{s}a") == 7 and api.scard("{s}missing") == 0
+    assert api.smembers("{s}a") == members | {"six"}
+    assert api.smembers("{s}missing") == set()
+    assert api.sismember("{s}a", ("four", 4)) is True
+    assert api.sismember("{s}a", "four") is False
+    assert api.smismember("{s}a", 1, 2, None) == [True, False, True]
+    assert b"1" in raw_redis.smembers(api.cache.make_key("{s}a"))  # raw ints, as values are
+    assert api.srem("{s}a", "six", "seven") == 1
+    api.sadd("{s}b", 1, "two", "other")
+    assert api.sdiff("{s}a", "{s}b") == members - {1, "two"}
+    assert api.sinter("{s}a", "{s}b") == {1, "two"}
+    assert api.sunion("{s}a", "{s}b") == members | {"other"}
+    assert api.sinterstore("{s}c", "{s}a", "{s}b") == 2 and api.smembers("{s}c") == {1, "two"}
+    assert api.sunionstore("{s}d", "{s}a", "{s}b") == 7
+    assert api.sdiffstore("{s}e", "{s}b", "{s}a") == 1 and api.smembers("{s}e") == {"other"}
+    assert api.smove("{s}a", "{s}e", 3.5) is True and api.smove("{s}a", "{s}e", 3.5) is False
+    assert api.smembers("{s}e") == {"other", 3.5}
+    assert api.srandmember("{s}e") in {"other", 3.5}
+    assert sorted(map(str, api.srandmember("{s}e", 5))) == ["3.5", "other"]
+    assert len(api.srandmember("{s}e", -5)) == 5
+    assert api.srandmember("{s}missing") is None and api.srandmember("{s}missing", 2) == []
+    popped = api.spop("{s}e")
+    assert popped in {"other", 3.5} and api.scard("{s}e") == 1
+    assert api.spop("{s}e", 5) == {"other", 3.5} - {popped}
+    assert api.spop("{s}e") is None and api.spop("{s}e", 2) == set()
+    api.sadd("{s}f", *(f"item{i}" for i in range(300)), "apple", "apricot", 7)
+    assert api.sscan("{s}f") == {f"item{i}" for i in range(300)} | {"apple", "apricot", 7}
+    assert api.sscan("{s}f", match="ap*") == {"apple", "apricot"}
+    assert api.sscan("{s}f", match="item1?", count=5) == {f"item{i}" for i in range(10, 20)}
+    assert sorted(iterated(api, "sscan_iter", "{s}f", match="a*")) == ["apple", "apricot"]
+    assert len(iterated(api, "sscan_iter", "{s}f", count=20)) == 303
+
+
+def test_hashes(api: Api, raw_redis: Any) -> None:
+    assert api.hset("h", "name", {"first": "Ada"}) == 1
+    assert api.hset("h", mapping={"n": 1, "tags": ["a", "b"], "none": None}) == 3
+    assert api.hset("h", "n", 2, mapping={"extra": 3.5}) == 1
+    assert api.hlen("h") == 5 and api.hlen("missing") == 0
+    assert sorted(api.hkeys("h")) == ["extra", "n", "name", "none", "tags"]
+    assert api.hexists("h", "name") is True and api.hexists("h", "nope") is False
+    assert api.hget("h", "name") == {"first": "Ada"} and api.hget("h", "nope") is None
+    assert api.hget("h", "none") is None and api.hexists("h", "none")
+    assert api.hgetall("h") == {
+        "name": {"first": "Ada"},
+        "n": 2,
+        "tags": ["a", "b"],
+        "none": None,
+        "extra": 3.5,
+    }
+    assert api.hgetall("missing") == {}
+    assert api.hmget("h", ["n", "nope", "tags"]) == [2, None, ["a", "b"]]
+    assert api.hmget("h", "n", "extra") == [2, 3.5]
+    assert api.hincrby("h", "n", 5) == 7 and api.hincrby("h", "counter") == 1
+    assert raw_redis.hget(api.cache.make_key("h"), "n") == b"7"  # a raw int, INCR-able
+    with pytest.raises(redis.ResponseError, match="not an integer"):
+        api.hincrby("h", "name")
+    assert api.hdel("h", "name") == 1 and api.hdel("h", "name") == 0
+    with pytest.raises(ValueError, match="field and its value, or a mapping"):
+        api.hset("h")
+
+
+def test_sorted_sets(api: Api, raw_redis: Any) -> None:
+    assert api.zadd("z", {"a": 1, "b": 2, ("c",): 3.5, 4: -1}) == 4
+    assert api.zadd("z", {"a": 10}, nx=True) == 0 and api.zscore("z", "a") == 1.0
+    assert api.zadd("z", {"a": 0, "new": 0}, xx=True, ch=True) == 1
+    assert api.zadd("z", {"a": 5}, gt=True, ch=True) == 1
+    assert api.zadd("z", {"a": 4}, gt=True, ch=True) == 0
+    assert api.zadd("z", {"b": 0.5}, incr=True) == 2.5
+    assert api.zadd("z", {"b": 1}, incr=True, nx=True) is None  # stopped by NX
+    assert api.zcard("z") == 4 and api.zcard("missing") == 0
+    assert api.zcount("z", 0, 3) == 1 and api.zcount("z", "-inf", "+inf") == 4
+    assert api.zcount("z", "(2.5", 5) == 2
+    assert api.zincrby("z", 1.5, 4) == 0.5
+    assert api.zscore("z", ("c",)) == 3.5 and api.zscore("z", "nope") is None
+    assert api.zrange("z", 0, -1) == [4, "b", ("c",), "a"]
+    assert api.zrange("z", 0, 1, desc=True) == ["a", ("c",)]
+    assert api.zrange("z", 0, -1, withscores=True) == [
+        (4, 0.5),
+        ("b", 2.5),
+        (("c",), 3.5),
+        ("a", 5.0),
+    ]
+    assert api.zrange("z", 0, 0, withscores=True, score_cast_func=int) == [(4, 0)]
+    assert api.zrevrange("z", 0, 1, withscores=True) == [("a", 5.0), (("c",), 3.5)]
+    assert api.zrangebyscore("z", 1, "+inf") == ["b", ("c",), "a"]
+    assert api.zrangebyscore("z", "-inf", "+inf", start=1, num=2, withscores=True) == [
+        ("b", 2.5),
+        (("c",), 3.5),
+    ]
+    assert api.zrevrangebyscore("z", "+inf", 3) == ["a", ("c",)]
+    assert api.zrevrangebyscore("z", 10, 0, start=0, num=1) == ["a"]
+    assert api.zrank("z", "a") == 3 and api.zrank("z", "nope") is None
+    assert api.zrem("z", "a", "nope") == 1
+    assert api.zremrangebyscore("z", 0, 1) == 1
+    assert api.zrange("z", 0, -1) == ["b", ("c",)]
+    assert api.zpopmax("z") == (("c",), 3.5)
+    assert api.zpopmin("z", 5) == [("b", 2.5)]
+    assert api.zpopmax("z") is None and api.zpopmin("z", 2) == []
+    assert raw_redis.exists(api.cache.make_key("z")) == 0
+    with pytest.raises(ValueError, match="exactly one"):
+        api.zadd("z", {"a": 1, "b": 2}, incr=True)
+    with pytest.raises(ValueError, match="start and num together"):
+        api.zrangebyscore("z", 0, 1, start=1)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize("path", PATHS)
+def test_structure_replies_read_the_same_in_resp2_and_resp3(
+    server: RedisServer, path: str, protocol: int, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Scores, pairs and maps come in other shapes in RESP2 and RESP3, and through redis-py's
+    own command path (retry options on) as through ours."""
+    for options in ({"protocol": protocol}, {"protocol": protocol, "retry_on_timeout": True}):
+        cache = make_cache(BACKENDS["RedisEXCache"], server.url, KEY_PREFIX="resp", OPTIONS=options)
+        api = Api(cache, path, loop)
+        api.delete_many(["z", "h", "s"])
+        api.zadd("z", {"a": 1.5, "b": 2})
+        assert api.zrange("z", 0, -1, withscores=True) == [("a", 1.5), ("b", 2.0)]
+        assert api.zrevrangebyscore("z", 5, 0, withscores=True) == [("b", 2.0), ("a", 1.5)]
+        assert api.zscore("z", "a") == 1.5 and api.zincrby("z", 1, "a") == 2.5
+        assert api.zadd("z", {"c": 1}, incr=True) == 1.0
+        assert api.zpopmin("z") == ("c", 1.0) and api.zpopmax("z", 1) == [("a", 2.5)]
+        api.hset("h", mapping={"x": [1], "y": 2})
+        assert api.hgetall("h") == {"x": [1], "y": 2} and api.hkeys("h") in (["x", "y"], ["y", "x"])
+        api.sadd("s", "m", 1)
+        assert api.smembers("s") == {"m", 1} and api.sscan("s") == {"m", 1}
+
+
+def test_structure_keys_follow_versions_prefixes_and_key_functions(server: RedisServer) -> None:
+    cache = make_cache(BACKENDS["RedisEXCache"], server.url, KEY_PREFIX="p", VERSION=3)
+    raw = server.client()
+    raw.flushdb()
+    cache.sadd("s", "x", version=7)
+    cache.sadd("s", "y")
+    assert sorted(raw.keys()) == [b"p:3:s", b"p:7:s"]
+    cache.sadd("t", "y", version=5)
+    assert cache.sdiffstore("d", "s", "t", version_dest=9, version_keys=7) == 1
+    assert cache.smembers("d", version=9) == {"x"}
+    assert cache.sinterstore("i", "s", "t") == 0 and cache.smove("s", "t", "y") is True
+    assert cache.smembers("t") == {"y"} and cache.smembers("t", version=5) == {"y"}
+    with pytest.warns(CacheKeyWarning, match="bad key"):
+        cache.sadd("bad key", 1)
+
+
+def test_structures_on_cluster_refuse_keys_in_different_slots_naming_hash_tags(
+    cluster_setup: ClusterSetup,
+) -> None:
+    location, options = cluster_setup.location()
+    cache = make_cache(BACKENDS["AsyncRedisEXCache"], location, KEY_PREFIX="c", OPTIONS=options)
+    cache.sadd("{u1}a", 1)
+    cache.sadd("{u1}b", 2)
+    assert cache.sunion("{u1}a", "{u1}b") == {1, 2}
+    for call in (
+        lambda: cache.sunion("apples", "pears"),
+        lambda: cache.sdiffstore("{u1}a", "pears"),
+        lambda: asyncio.run(cache.asmove("apples", "pears", 1)),
+    ):
+        with pytest.raises(redis.exceptions.RedisClusterException, match="hash tag"):
+            call()
+    assert cache.smembers("{u1}a") == {1}  # nothing was sent or changed
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_structures_return_empty_results_when_redis_is_down_with_ignore_exceptions(
+    path: str,
+) -> None:
+    cache = offline_cache(ignore_exceptions=True, log_ignored_exceptions=False)
+    down = RedisDown
+    assert scripted(path, cache, "sadd", "s", 1, script=down()) == 0
+    assert scripted(path, cache, "smembers", "s", script=down()) == set()
+    assert scripted(path, cache, "smismember", "s", 1, 2, script=down()) == [False, False]
+    assert scripted(path, cache, "spop", "s", script=down()) is None
+    assert scripted(path, cache, "spop", "s", 3, script=down()) == set()
+    assert scripted(path, cache, "sscan", "s", script=down()) == set()
+    assert scripted(path, cache, "hgetall", "h", script=down()) == {}
+    assert scripted(path, cache, "hmget", "h", ["a", "b"], script=down()) == [None, None]
+    assert scripted(path, cache, "hincrby", "h", "f", 4, script=down()) == 4
+    assert scripted(path, cache, "zpopmax", "z", script=down()) is None
+    assert scripted(path, cache, "zpopmax", "z", 2, script=down()) == []
+    assert scripted(path, cache, "zrange", "z", 0, -1, script=down()) == []
+    assert scripted(path, cache, "zscore", "z", "m", script=down()) is None
+    strict = offline_cache()
+    with pytest.raises(redis.ConnectionError):
+        scripted(path, strict, "scard", "s", script=down())
+
+
+def test_structure_reads_go_to_replicas_and_writes_to_the_primary(
+    sentinel_setup: SentinelSetup, loop: asyncio.AbstractEventLoop
+) -> None:
+    options = {"sentinels": sentinel_setup.addresses, "sentinel_replica_reads": True}
+    cache = make_cache(BACKENDS["RedisEXCache"], "redis://mymaster/5", OPTIONS=options)
+    counts = ServerCounts([sentinel_setup.master])
+    cache.sadd("s", 1)
+    cache.zadd("z", {"m": 1})
+    assert wait_until(lambda: cache.smembers("s") == {1}, 10, "the replica to catch up")
+    assert wait_until(lambda: cache.zscore("z", "m") == 1, 10, "the replica to catch up")
+    for api in (Api(cache, "sync", loop), Api(cache, "async", loop)):
+        ran = counts.commands(lambda: (api.smembers("s"), api.zrange("z", 0, -1)))  # noqa: B023
+        assert "smembers" not in ran and "zrange" not in ran
+        ran = counts.commands(lambda: api.sadd("s", 2))  # noqa: B023
+        assert ran.get("sadd") == 1
+
+
+def test_get_redis_connection_as_django_redis_spells_it(server: RedisServer, backend: str) -> None:
+    config = {
+        "default": {"BACKEND": backend, "LOCATION": server.url, "KEY_PREFIX": "conn"},
+        "local": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    }
+    with override_settings(CACHES=config):
+        client = django_redis_ex.get_redis_connection("default")
+        assert isinstance(client, redis.Redis) and client.ping()
+        assert (
+            client.connection_pool is make_cache(backend, server.url).get_client().connection_pool
+        )
+        assert django_redis_ex.get_redis_connection(write=False).ping()
+
+        async def main() -> Any:
+            aclient = await django_redis_ex.aget_redis_connection("default", write=True)
+            assert isinstance(aclient, redis.asyncio.Redis)
+            return await aclient.ping()
+
+        assert asyncio.run(main())
+        with pytest.raises(NotImplementedError, match="LocMemCache"):
+            django_redis_ex.get_redis_connection("local")
