@@ -4162,3 +4162,24 @@ def test_get_redis_connection_as_django_redis_spells_it(server: RedisServer, bac
         assert asyncio.run(main())
         with pytest.raises(NotImplementedError, match="LocMemCache"):
             django_redis_ex.get_redis_connection("local")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_structure_read_goes_once_more_on_a_new_connection_but_a_write_never(path: str) -> None:
+    """As for get and incr: SMEMBERS, HGETALL and ZRANGE are sent again after a dead
+    connection; SADD, HINCRBY and ZPOPMAX, which may have been applied, are not."""
+    member = pickle.dumps("m", pickle.HIGHEST_PROTOCOL)
+    for method, args, command, reply, result in (
+        ("smembers", ("s",), ("SMEMBERS", "t:1:s"), [member], {"m"}),
+        ("hgetall", ("h",), ("HGETALL", "t:1:h"), {b"f": b"1"}, {"f": 1}),
+        ("zrange", ("z", 0, -1), ("ZRANGE", "t:1:z", 0, -1), [member], ["m"]),
+    ):
+        script = Script((command, DOWN), (command, reply))
+        assert scripted(path, offline_cache(), method, *args, script=script) == result
+    for method, args, command in (
+        ("sadd", ("s", 1), ("SADD", "t:1:s", 1)),
+        ("hincrby", ("h", "f"), ("HINCRBY", "t:1:h", "f", 1)),
+        ("zpopmax", ("z",), ("ZPOPMAX", "t:1:z")),
+    ):
+        with pytest.raises(redis.ConnectionError):
+            scripted(path, offline_cache(), method, *args, script=Script((command, DOWN)))
