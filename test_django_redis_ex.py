@@ -4176,10 +4176,108 @@ def test_a_structure_read_goes_once_more_on_a_new_connection_but_a_write_never(p
     ):
         script = Script((command, DOWN), (command, reply))
         assert scripted(path, offline_cache(), method, *args, script=script) == result
-    for method, args, command in (
+    writes: list[tuple[str, tuple[Any, ...], tuple[Any, ...]]] = [
         ("sadd", ("s", 1), ("SADD", "t:1:s", 1)),
         ("hincrby", ("h", "f"), ("HINCRBY", "t:1:h", "f", 1)),
         ("zpopmax", ("z",), ("ZPOPMAX", "t:1:z")),
-    ):
+    ]
+    for name, arguments, sent in writes:
         with pytest.raises(redis.ConnectionError):
-            scripted(path, offline_cache(), method, *args, script=Script((command, DOWN)))
+            scripted(path, offline_cache(), name, *arguments, script=Script((sent, DOWN)))
+
+
+# ---------------------------------------------------------------------------
+# Visible in the tools people use: stats(), debug-toolbar, Sentry, OpenTelemetry (part 3)
+# ---------------------------------------------------------------------------
+
+
+def counts(cache: ExCache, method: str) -> dict[str, int]:
+    return cache.stats().get(method, dict.fromkeys(django_redis_ex._STAT_NAMES, 0))
+
+
+def test_stats_count_calls_hits_and_misses_per_method_on_both_paths(
+    server: RedisServer, backend: str
+) -> None:
+    prefix = f"stats-{backend[-20:]}"
+    cache = make_cache(backend, server.url, KEY_PREFIX=prefix)
+    cache.clear()
+    cache.set("a", 1)
+    cache.set("b", None)  # a stored None is a hit, though it reads like the default
+    assert cache.get("a") == 1 and cache.get("b") is None and cache.get("nope") is None
+    assert asyncio.run(cache.aget("a")) == 1
+    cache.get_many(["a", "b", "nope"])
+    asyncio.run(cache.aget_many(["nope", "nope2"]))
+    cache.get_or_set("a", 2)
+    asyncio.run(cache.aget_or_set("new", lambda: 3))
+    cache.has_key("a")
+    asyncio.run(cache.ahas_key("nope"))
+    list(cache.iter_keys("*"))
+    expected = {
+        "get": [4, 3, 1],
+        "get_many": [2, 2, 3],
+        "get_or_set": [2, 1, 1],
+        "has_key": [2, 1, 1],
+        "set": [2, 0, 0],
+        "iter_keys": [1, 0, 0],
+    }
+    for method, (calls, hits, misses) in expected.items():
+        row = counts(cache, method)
+        assert (row["calls"], row["hits"], row["misses"], row["errors"]) == (calls, hits, misses, 0)
+    # Per alias: another object of the same settings (a thread's, a request's) adds to them;
+    # another prefix (another alias) has counts of its own.
+    again = make_cache(backend, server.url, KEY_PREFIX=prefix)
+    again.get("a")
+    assert counts(cache, "get")["calls"] == 5
+    other = make_cache(backend, server.url, KEY_PREFIX=prefix + "-other")
+    assert counts(other, "get")["calls"] == 0
+
+
+def test_stats_count_errors_and_ignored_errors(backend: str) -> None:
+    server = RedisServer()
+    try:
+        strict = make_cache(backend, server.url, KEY_PREFIX="errs")
+        lenient = make_cache(
+            backend,
+            server.url,
+            KEY_PREFIX="errs",
+            OPTIONS={"ignore_exceptions": True, "log_ignored_exceptions": False},
+        )
+        strict.set("text", "not a number")
+        with pytest.raises(redis.ResponseError):
+            strict.hincrby("text", "f")  # WRONGTYPE: an error, not an unavailable Redis
+        assert counts(strict, "hincrby")["errors"] == 1
+        server.stop()
+        with pytest.raises(redis.ConnectionError):
+            strict.get("k")
+        with pytest.raises(redis.ConnectionError):
+            asyncio.run(strict.aget("k"))
+        assert lenient.get("k", "fallback") == "fallback"
+        assert asyncio.run(lenient.aset("k", 1)) is None
+        assert counts(strict, "get")["errors"] == 2 and counts(strict, "get")["ignored"] == 0
+        assert counts(lenient, "get")["ignored"] == 1 and counts(lenient, "set")["ignored"] == 1
+        assert counts(lenient, "get")["errors"] == 0
+    finally:
+        server.stop()
+
+
+def test_stats_count_client_side_hits_and_exactly_from_many_threads(
+    server: RedisServer, backend: str
+) -> None:
+    cache = cached_cache(backend, server.url, "stats-cc")
+    serving(cache)
+    cache.set("k", "v")
+    before = counts(cache, "get")
+
+    def work() -> None:
+        for _ in range(500):
+            assert cache.get("k") == "v"
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    after = counts(cache, "get")
+    assert after["calls"] - before["calls"] == 4000
+    assert after["hits"] - before["hits"] == 4000
+    assert cache.client_cache_info()["hits"] > 3000  # most were served from memory
