@@ -81,6 +81,12 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.functional import cached_property
 from django.utils.module_loading import import_string
 
+_otel: Any
+try:  # OpenTelemetry's API, if installed: each call that goes to Redis is then a span
+    from opentelemetry import trace as _otel
+except ImportError:  # not installed: nothing is traced
+    _otel = None
+
 __all__ = [
     "AsyncRedisEXCache",
     "RedisEXCache",
@@ -2264,6 +2270,103 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_stores_after_fork_in_child)
 
 
+# OpenTelemetry: a span per call that goes to Redis, in its database client conventions ------
+
+_TRACER = None if _otel is None else _otel.get_tracer("django_redis_ex", __version__)
+
+
+def _tracing() -> bool:
+    """Whether spans would be recorded: a tracer provider (an SDK) is set. Without one, a
+    span would cost a microsecond a call for nothing."""
+    return _otel is not None and not isinstance(
+        _otel.get_tracer_provider(), _otel.ProxyTracerProvider
+    )
+
+
+def _span(topology: _Topology, method: str, command: Command) -> Any:
+    """A started CLIENT span for a cache call whose first command is ``command``, or None if
+    it is not recorded (sampled out). Never a value, never a password: the command's name,
+    the number of keys, the method, where the server is."""
+    commands = _commands_of(command)
+    names = {each[0] for each in commands}
+    operation = commands[0][0] if len(commands) == 1 else "PIPELINE"
+    if len(commands) > 1 and len(names) == 1:
+        operation += " " + commands[0][0]
+    url = urlsplit(topology.servers[0])
+    attributes: dict[str, Any] = {
+        "db.system.name": "redis",
+        "db.operation.name": operation,
+        "db.namespace": str(topology.config.sync_options.get("db") or url.path[1:] or 0),
+        "server.address": url.hostname or url.path,
+        "server.port": url.port or 6379,
+        "django_redis_ex.method": method,
+        "django_redis_ex.keys": sum(map(_keys_named, commands)),
+    }
+    if len(commands) > 1:
+        attributes["db.operation.batch.size"] = len(commands)
+    span = cast(Any, _TRACER).start_span(
+        operation, kind=_otel.SpanKind.CLIENT, attributes=attributes
+    )
+    return span if span.is_recording() else None
+
+
+def _keys_named(command: tuple[Any, ...]) -> int:
+    """How many keys ``command`` names."""
+    name = command[0]
+    if name in _MANY_KEYS:
+        return len(command) - 1
+    if name == "MSET":
+        return (len(command) - 1) // 2
+    if name in ("EVALSHA", "EVAL"):
+        return int(command[2])
+    if name == "SMOVE":
+        return 2
+    return 0 if name in ("SCAN", "FLUSHDB", "PING") else 1
+
+
+_MANY_KEYS = frozenset(
+    {"MGET", "DEL", "UNLINK", "EXISTS", "SDIFF", "SINTER", "SUNION"}
+    | {"SDIFFSTORE", "SINTERSTORE", "SUNIONSTORE"}
+)
+
+
+def _span_failed(span: Any, error: BaseException) -> None:
+    code = getattr(error, "status_code", None) or type(error).__qualname__
+    span.set_attribute("error.type", code)
+    span.set_status(_otel.Status(_otel.StatusCode.ERROR, str(error)))
+
+
+def _peeked(plan: Plan[Any]) -> Command | None:
+    """The first command of ``plan``, its operation rewound to send it; None if it has none."""
+    operation = plan.operation
+    try:
+        first = next(operation)
+    except StopIteration as done:
+        plan.operation = _op_result(done.value)
+        return None
+    plan.operation = _op_resumed(first, operation)
+    return first
+
+
+def _op_result(value: _T) -> Operation[_T]:
+    yield from ()
+    return value
+
+
+def _op_resumed(first: Command, operation: Operation[_T]) -> Operation[_T]:
+    """``operation``, whose first command ``first`` was taken from it already."""
+    try:
+        reply = yield first
+        while True:
+            try:
+                command = operation.send(reply)
+            except StopIteration as done:
+                return cast(_T, done.value)
+            reply = yield command
+    finally:
+        operation.close()
+
+
 class _Stats:
     """``cache.stats()``: counts of calls, hits, misses, errors and ignored errors per method
     (``get`` counts ``aget`` too), for one cache configuration in this process, shared by
@@ -2453,7 +2556,9 @@ class _SyncDriver(_Driver):
             client = self._clients[index] = self._topology.sync_client(index)
         return client
 
-    def run(self, plan: Plan[_T]) -> _T:
+    def run(self, plan: Plan[_T], traced: bool = False) -> _T:
+        if _otel is not None and not traced and _tracing():
+            return self._traced(plan)
         operation = plan.operation
         row = self._stats.row(plan.method)
         row[_CALLS] += 1
@@ -2481,6 +2586,19 @@ class _SyncDriver(_Driver):
             if isinstance(error, redis.RedisError):
                 row[_ERRORS] += 1
             raise
+
+    def _traced(self, plan: Plan[_T]) -> _T:
+        """``run``, in an OpenTelemetry span."""
+        first = _peeked(plan)
+        span = None if first is None else _span(self._topology, plan.method, first)
+        if span is None:
+            return self.run(plan, traced=True)
+        with _otel.use_span(span, end_on_exit=True, set_status_on_exception=False):
+            try:
+                return self.run(plan, traced=True)
+            except Exception as error:
+                _span_failed(span, error)
+                raise
 
     def iterate(self, plan: Plan[None]) -> Iterator[Any]:
         """The results an iteration finds, lazily: its next command waits for the caller."""
@@ -2821,7 +2939,9 @@ class _AsyncDriver(_Driver):
         # share this object, and a client kept here would keep its loop alive.
         return _registry.async_client(self._topology, index)
 
-    async def run(self, plan: Plan[_T]) -> _T:
+    async def run(self, plan: Plan[_T], traced: bool = False) -> _T:
+        if _otel is not None and not traced and _tracing():
+            return await self._traced(plan)
         operation = plan.operation
         row = self._stats.row(plan.method)
         row[_CALLS] += 1
@@ -2845,6 +2965,19 @@ class _AsyncDriver(_Driver):
             if isinstance(error, redis.RedisError):
                 row[_ERRORS] += 1
             raise
+
+    async def _traced(self, plan: Plan[_T]) -> _T:
+        """``run``, in an OpenTelemetry span."""
+        first = _peeked(plan)
+        span = None if first is None else _span(self._topology, "a" + plan.method, first)
+        if span is None:
+            return await self.run(plan, traced=True)
+        with _otel.use_span(span, end_on_exit=True, set_status_on_exception=False):
+            try:
+                return await self.run(plan, traced=True)
+            except Exception as error:
+                _span_failed(span, error)
+                raise
 
     async def iterate(self, plan: Plan[None]) -> AsyncIterator[Any]:
         """The results an iteration finds, lazily: its next command waits for the caller."""
@@ -2979,17 +3112,21 @@ def _twins(
     """A cache method and its native async twin, both made from the method that plans them:
     ``get, aget = _twins(_plan_get)``. Type checkers see the plan's signature on both.
     ``local``, for a read, answers from the client-side store first, if there is one, and
-    returns ``_MISSING`` when Redis must answer."""
+    returns ``_MISSING`` when Redis must answer. An async call whose sync twin a tool wrapped
+    on this cache object (debug-toolbar, Sentry) reports to that tool (``_observed``)."""
+    name = plan.__name__.removeprefix("_plan_")
     if local is None:
 
         def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
             return self._sync_driver.run(plan(self, *args, **kwargs))
 
         async def amethod(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-            return await self._async_driver.run(plan(self, *args, **kwargs))
+            work = self._async_driver.run(plan(self, *args, **kwargs))
+            if name in self.__dict__:
+                return await _observed(self, name, work, args, kwargs)
+            return await work
 
     else:
-        name = plan.__name__.removeprefix("_plan_")
 
         def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
             if self._store is not None:
@@ -3004,10 +3141,126 @@ def _twins(
                 found = local(self, *args, **kwargs)
                 if found is not _MISSING:
                     self._stats.served(name, found)
+                    if name in self.__dict__:
+                        return await _observed(self, name, _value(found), args, kwargs)
                     return cast(_T, found)
-            return await self._async_driver.run(plan(self, *args, **kwargs))
+            work = self._async_driver.run(plan(self, *args, **kwargs))
+            if name in self.__dict__:
+                return await _observed(self, name, work, args, kwargs)
+            return await work
 
     return _like(method, plan, ""), _like(amethod, plan, "a")
+
+
+async def _value(value: Any) -> Any:
+    return value
+
+
+# Tools that watch cache objects: django-debug-toolbar's cache panel and Sentry's Django
+# integration wrap sync methods on each cache object they watch. Django's own backends reach
+# those wrappers from their async methods through sync_to_async; ours never call the sync
+# method, so an async call whose sync twin is wrapped reports to the tool itself, with its
+# real duration. Neither tool is imported here unless it has wrapped the object.
+
+
+async def _observed(
+    cache: Any, name: str, work: Coroutine[Any, Any, _T], args: Any, kwargs: Any
+) -> _T:
+    state = cache.__dict__
+    if state.get("_sentry_patched") and _sentry_watches(name):
+        work = _sentry_span(cache, name, work, args, kwargs)
+    panel = state.get("_djdt_panel")
+    if panel is None or not _toolbar_watches(name):
+        return await work
+    started = time.perf_counter()
+    value = await work  # a call that raises is not recorded, as the toolbar does for sync
+    _toolbar_record(cache, panel, name, time.perf_counter() - started, value, args, kwargs)
+    return value
+
+
+def _toolbar_watches(name: str) -> bool:
+    from debug_toolbar.panels.cache import WRAPPED_CACHE_METHODS
+
+    return name in WRAPPED_CACHE_METHODS
+
+
+def _toolbar_record(
+    cache: Any, panel: Any, name: str, elapsed: float, value: Any, args: Any, kwargs: Any
+) -> None:
+    """What the toolbar's sync wrapper records, through the panel's recorder (unchanged from
+    debug-toolbar 4.2 to 8.0); the stack trace ends at the caller's await."""
+    from debug_toolbar import utils
+
+    toolbar = cast(Any, utils)  # untyped
+    alias = next((a for each, a in panel.initialized_caches() if each is cache), "?")
+    try:
+        panel._store_call_info(
+            name=name,
+            time_taken=elapsed,
+            return_value=value,
+            args=args,
+            kwargs=kwargs,
+            trace=toolbar.get_stack_trace(skip=3),  # this function, _observed, the a-method
+            template_info=toolbar.get_template_info(),
+            backend=f"{alias} ({type(cache).__name__})",
+        )
+    except (AttributeError, TypeError) as error:  # a toolbar whose recorder changed
+        logger.debug("debug-toolbar did not take the call of a%s: %s", name, error)
+
+
+def _sentry_watches(name: str) -> bool:
+    import sentry_sdk
+    from sentry_sdk.integrations.django import DjangoIntegration
+    from sentry_sdk.integrations.django.caching import METHODS_TO_INSTRUMENT
+
+    client = sentry_sdk.get_client()
+    return name in METHODS_TO_INSTRUMENT and client.get_integration(DjangoIntegration) is not None
+
+
+async def _sentry_span(
+    cache: Any, name: str, work: Coroutine[Any, Any, _T], args: Any, kwargs: Any
+) -> _T:
+    """The span Sentry's wrapper makes for the sync twin, field for field, around ``work``."""
+    import sentry_sdk
+    from sentry_sdk.consts import OP, SPANDATA
+    from sentry_sdk.integrations.django import DjangoIntegration
+    from sentry_sdk.tracing_utils import has_span_streaming_enabled
+
+    op = OP.CACHE_PUT if name.startswith("set") else OP.CACHE_GET
+    first = args[0] if args else kwargs.get("key", kwargs.get("keys", kwargs.get("data")))
+    keys = tuple(first) if isinstance(first, (dict, list, tuple)) else (first,)
+    description = ", ".join(k.decode() if isinstance(k, bytes) else str(k) for k in keys)
+    span: Any
+    if has_span_streaming_enabled(sentry_sdk.get_client().options):
+        if sentry_sdk.traces.get_current_span() is None:
+            return await work
+        attributes: dict[str, Any] = {"sentry.op": op, "sentry.origin": DjangoIntegration.origin}
+        span = sentry_sdk.traces.start_span(name=description, attributes=attributes)
+        put = span.set_attribute
+    else:
+        span = sentry_sdk.start_span(op=op, name=description, origin=DjangoIntegration.origin)
+        put = span.set_data
+    with span:
+        value = await work
+        url = urlsplit(cache._servers[0])
+        put(SPANDATA.NETWORK_PEER_ADDRESS, f"{url.scheme}://{url.hostname or ''}{url.path}")
+        if url.port is not None:
+            put(SPANDATA.NETWORK_PEER_PORT, url.port)
+        put(SPANDATA.CACHE_KEY, keys)
+        size = None
+        if name in ("get", "get_many"):
+            default = {} if name == "get_many" else _default_of(args, kwargs)
+            put(SPANDATA.CACHE_HIT, value != default)
+            size = len(str(value)) if value != default else None
+        elif args:  # set: the value's size; set_many: the mapping's
+            size = len(str(args[1] if len(args) >= 2 else args[0]))
+        if size is not None:
+            put(SPANDATA.CACHE_ITEM_SIZE, size)
+        return value
+
+
+def _default_of(args: Any, kwargs: Any) -> Any:
+    return args[1] if len(args) >= 2 else kwargs.get("default")
 
 
 def _iteration_twins(

@@ -15,6 +15,7 @@ import contextlib
 import enum
 import gc
 import inspect
+import json
 import os
 import pickle
 import random
@@ -4281,3 +4282,255 @@ def test_stats_count_client_side_hits_and_exactly_from_many_threads(
     assert after["calls"] - before["calls"] == 4000
     assert after["hits"] - before["hits"] == 4000
     assert cache.client_cache_info()["hits"] > 3000  # most were served from memory
+
+
+# Each tool patches Django for the whole process (debug-toolbar's app, sentry_sdk.init, a
+# tracer provider set once): each runs in a child process of its own, and prints what the
+# tool saw, as JSON, for the assertions here.
+TOOL_SETUP = """
+import asyncio, json, os, re, sys
+import django
+from django.conf import settings
+settings.configure(
+    DEBUG=True, SECRET_KEY="tools", ROOT_URLCONF=__name__, STATIC_URL="/static/",
+    INSTALLED_APPS=["django.contrib.staticfiles", "debug_toolbar"],
+    TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}],
+    CACHES={"default": {"BACKEND": os.environ["BACKEND"], "LOCATION": os.environ["LOCATION"],
+                        "KEY_PREFIX": "tools"}},
+)
+django.setup()
+urlpatterns = []
+from django.core.cache import caches
+
+def calls(cache, prefix):
+    async def run(name, *args):
+        return await getattr(cache, prefix + name)(*args)
+    def sync(name, *args):
+        return getattr(cache, name)(*args)
+    call = sync if prefix == "" else lambda name, *args: asyncio.run(run(name, *args))
+    return call
+"""
+
+
+def tool_report(server: RedisServer, backend: str, script: str) -> Any:
+    """What the child process running ``TOOL_SETUP + script`` prints, as JSON."""
+    env = {**os.environ, "BACKEND": backend, "LOCATION": server.url}
+    done = subprocess.run(
+        [sys.executable, "-c", TOOL_SETUP + script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_debug_toolbar_shows_native_async_calls_as_it_shows_sync_ones(
+    server: RedisServer, backend: str
+) -> None:
+    pytest.importorskip("debug_toolbar")
+    script = """
+from django.http import HttpResponse
+from django.test import AsyncRequestFactory, RequestFactory
+from debug_toolbar.toolbar import DebugToolbar
+
+def seen(path):
+    factory = AsyncRequestFactory() if path == "async" else RequestFactory()
+    toolbar = DebugToolbar(factory.get("/"), lambda request: HttpResponse())
+    panel = toolbar.get_panel_by_id("CachePanel")
+
+    async def view(cache, prefix):
+        async def one(name, *args):
+            method = getattr(cache, prefix + name)
+            value = method(*args)
+            return (await value) if prefix else value
+        await one("set", "k", "v")
+        await one("get", "k")
+        await one("get", "missing")
+        await one("get_many", ["k", "missing"])
+        await one("delete", "k")
+
+    async def request():
+        panel.enable_instrumentation()
+        try:
+            await view(caches["default"], "a" if path == "async" else "")
+        finally:
+            panel.disable_instrumentation()
+    asyncio.run(request())
+    frames = [re.findall(r'djdt-func">([^<]*)', c["trace"]) for c in panel.calls]
+    return {
+        "calls": [[c["name"], list(c["args"]), c["kwargs"]] for c in panel.calls],
+        "hits": panel.hits, "misses": panel.misses,
+        "times": [c["time"] for c in panel.calls],
+        "last_frames": [f[-1] if f else None for f in frames],
+        "backend": sorted({c["backend"] for c in panel.calls}),
+    }
+
+print(json.dumps({"sync": seen("sync"), "async": seen("async")}))
+"""
+    report = tool_report(server, backend, script)
+    sync, native = report["sync"], report["async"]
+    assert [c[0] for c in sync["calls"]] == ["set", "get", "get", "get_many", "delete"]
+    assert native["calls"] == sync["calls"]  # names, arguments, values: alike
+    assert (native["hits"], native["misses"]) == (sync["hits"], sync["misses"]) == (2, 2)
+    assert all(ms > 0.005 for ms in native["times"])  # a round trip's time, not a replay's
+    assert set(native["last_frames"]) == {"one"}  # the trace ends at the caller
+    assert native["backend"] == [f"default ({backend.rpartition('.')[2]})"]
+
+
+def test_sentry_shows_native_async_calls_as_cache_spans_like_sync_ones(
+    server: RedisServer, backend: str
+) -> None:
+    pytest.importorskip("sentry_sdk")
+    script = """
+import sentry_sdk
+from sentry_sdk.transport import Transport
+from sentry_sdk.integrations.django import DjangoIntegration
+
+class Capture(Transport):
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.envelopes = []
+    def capture_envelope(self, envelope):
+        self.envelopes.append(envelope)
+
+transport = Capture()
+sentry_sdk.init(dsn="https://public@example.invalid/1", transport=transport,
+                traces_sample_rate=1.0, default_integrations=False,
+                integrations=[DjangoIntegration(cache_spans=True)])
+cache = caches["default"]  # made after init: Sentry wraps its methods
+
+async def native():
+    with sentry_sdk.start_transaction(name="async", op="test"):
+        await cache.aset("k", "v")
+        await cache.aget("k")
+        await cache.aget("missing")
+        await cache.aget_many(["k", "missing"])
+        await cache.aadd("x", 1)  # Sentry traces no add, sync or async
+
+with sentry_sdk.start_transaction(name="sync", op="test"):
+    cache.set("k", "v"); cache.get("k"); cache.get("missing"); cache.get_many(["k", "missing"])
+    cache.add("x", 1)
+asyncio.run(native())
+sentry_sdk.flush()
+out = {}
+for envelope in transport.envelopes:
+    for item in envelope.items:
+        if item.type == "transaction":
+            tx = item.payload.json
+            out[tx["transaction"]] = [
+                [s["op"], s["description"], s["data"].get("cache.hit"), s["data"].get("cache.key"),
+                 s["data"].get("cache.item_size"), s["data"].get("network.peer.port"), s["origin"],
+                 s["timestamp"] > s["start_timestamp"]]
+                for s in tx["spans"]
+            ]
+print(json.dumps(out))
+"""
+    report = tool_report(server, backend, script)
+    assert [s[:4] for s in report["sync"]] == [
+        ["cache.put", "k", None, ["k"]],
+        ["cache.get", "k", True, ["k"]],
+        ["cache.get", "missing", False, ["missing"]],
+        ["cache.get", "k, missing", True, ["k", "missing"]],
+    ]
+    assert report["async"] == report["sync"]  # field for field, with a real duration
+    assert report["async"][1][5] == server.port
+
+
+OTEL_SETUP = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+tracer = trace.get_tracer("app")
+cache = caches["default"]
+
+def spans():
+    return [
+        {"name": s.name, "kind": s.kind.name, "attributes": dict(s.attributes),
+         "status": s.status.status_code.name, "parent": s.parent and s.parent.span_id,
+         "scope": s.instrumentation_scope.name}
+        for s in exporter.get_finished_spans() if s.name != "request"
+    ]
+"""
+
+
+def test_opentelemetry_spans_follow_the_database_client_conventions(
+    server: RedisServer, backend: str
+) -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    script = (
+        OTEL_SETUP
+        + """
+secret = "s3cret-value"
+with tracer.start_as_current_span("request") as root:
+    cache.set("k", secret)
+    cache.get_many(["k", "a", "b"])
+    asyncio.run(cache.aget("k"))
+    cache.set_many({"x": 1, "y": 2}, timeout=30)
+    cache.set("text", "abc")
+    try:
+        cache.incr("text")
+    except Exception:
+        pass
+print(json.dumps({"spans": spans(), "root": root.get_span_context().span_id, "secret": secret}))
+"""
+    )
+    report = tool_report(server, backend, script)
+    spans = report["spans"]
+    assert [s["name"] for s in spans] == ["SET", "MGET", "GET", "PIPELINE SET", "SET", "EVALSHA"]
+    assert all(s["kind"] == "CLIENT" and s["scope"] == "django_redis_ex" for s in spans)
+    assert all(s["parent"] == report["root"] for s in spans)  # in the caller's trace, both paths
+    first, many, native, pipeline = spans[:4]
+    assert first["attributes"] == {
+        "db.system.name": "redis",
+        "db.operation.name": "SET",
+        "db.namespace": "0",
+        "server.address": "127.0.0.1",
+        "server.port": server.port,
+        "django_redis_ex.method": "set",
+        "django_redis_ex.keys": 1,
+    }
+    assert many["attributes"]["django_redis_ex.keys"] == 3
+    assert native["attributes"]["django_redis_ex.method"] == "aget"
+    assert pipeline["attributes"]["db.operation.batch.size"] == 2
+    failed = spans[-1]
+    assert failed["status"] == "ERROR" and failed["attributes"]["error.type"]
+    assert report["secret"] not in json.dumps(spans)  # never a value
+    assert "password" not in json.dumps(spans)
+
+
+def test_without_the_tools_nothing_of_theirs_is_imported(server: RedisServer, backend: str) -> None:
+    """With OpenTelemetry absent (its import blocked), the module works and imports nothing of
+    it; nor of debug-toolbar or Sentry, which are installed but not in use."""
+    code = """
+import asyncio, json, os, sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name == "opentelemetry" or name.startswith("opentelemetry."):
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Blocked())
+import django
+from django.conf import settings
+settings.configure(CACHES={"default": {"BACKEND": os.environ["BACKEND"],
+                                       "LOCATION": os.environ["LOCATION"]}})
+django.setup()
+from django.core.cache import caches
+cache = caches["default"]
+cache.set("k", 1)
+assert asyncio.run(cache.aget("k")) == 1 and cache.get("k") == 1
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {
+    "opentelemetry", "sentry_sdk", "debug_toolbar"})))
+"""
+    env = {**os.environ, "BACKEND": backend, "LOCATION": server.url}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == []
