@@ -428,6 +428,7 @@ class _Config:
     """
 
     def __init__(self, options: dict[str, Any]) -> None:
+        self.options = _freeze(options)  # all of them, for what is kept per configuration
         own = {**_OWN_OPTIONS, **{k: v for k, v in options.items() if k in _OWN_OPTIONS}}
         self.codec = _Codec(
             self._serializer(own),
@@ -2398,9 +2399,9 @@ class _Stats:
 _stats: dict[Hashable, _Stats] = {}
 
 
-def _stats_for(servers: list[str], params: dict[str, Any]) -> _Stats:
-    """The counts of the cache configured by ``servers`` and ``params`` (an alias)."""
-    key = (tuple(servers), _freeze(params))
+def _stats_for(topology: _Topology, key_prefix: str, version: int) -> _Stats:
+    """The counts of the cache of this configuration: of an alias, in practice."""
+    key = (tuple(topology.servers), topology.config.options, key_prefix, version)
     found = _stats.get(key)
     return _stats.setdefault(key, _Stats()) if found is None else found
 
@@ -3324,7 +3325,7 @@ class _RedisEXBase(BaseCache):
         # The store tracks the keys of this prefix, if keys are Django's (else every key).
         prefix = f"{self.key_prefix}:" if self._default_keys else None
         self._store = _store_for(self._topology, prefix)
-        self._stats = _stats_for(self._servers, params)
+        self._stats = _stats_for(self._topology, self.key_prefix, self.version)
 
     def __repr__(self) -> str:
         servers = ", ".join(_redact(s) for s in self._servers)
