@@ -4534,3 +4534,143 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout) == []
+
+
+# ---------------------------------------------------------------------------
+# The wheel installs a typed package (PEP 561): a user's mypy checks calls against our types
+# ---------------------------------------------------------------------------
+
+USER_CODE_CORRECT = """\
+from django_redis_ex import AsyncRedisEXCache, RedisEXCache
+from django_redis_ex.async_cache import AsyncRedisEXCache as Legacy
+
+
+def remaining(cache: RedisEXCache, key: str) -> int | None:
+    return cache.ttl(key, version=2)
+
+
+async def aremaining(cache: AsyncRedisEXCache, key: str) -> int | None:
+    return await cache.attl(key, version=2)
+
+
+cache = RedisEXCache(["redis://127.0.0.1:6379/0"], {"OPTIONS": {}})
+legacy: AsyncRedisEXCache = Legacy("redis://127.0.0.1:6379/0", {})
+"""
+
+USER_CODE_WRONG = """\
+from django_redis_ex import RedisEXCache
+
+
+def remaining(cache: RedisEXCache, key: str) -> int | None:
+    return cache.ttl(key, version="2")
+
+
+cache = RedisEXCache(6379, {})
+"""
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="the dev extra's django-stubs (6.1) needs Python 3.11+"
+)
+@pytest.mark.timeout(900)
+def test_the_wheel_installs_a_typed_package_that_mypy_checks_in_a_user_project(
+    tmp_path: Any,
+) -> None:
+    """Build the wheel, install it with mypy and django-stubs (the dev extra's pins) in a fresh
+    venv, and run ``mypy --strict`` in a small project outside this checkout: it reports the
+    wrong argument types against our signatures, passes the correct code, and the legacy
+    dotted paths import. (A module-only wheel gives mypy no types: import-untyped.)"""
+    import zipfile
+
+    repo = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(repo, "pyproject.toml"), encoding="utf-8") as f:
+        pyproject = f.read()
+    backend = re.search(r'^requires = \["([^"]+)"\]', pyproject, re.MULTILINE)
+    pins = re.findall(r'"((?:mypy|django-stubs)==[^"]+)"', pyproject)
+    assert backend and len(pins) == 2, "pyproject.toml: the build requirement and dev pins"
+    hidden = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "MYPYPATH"}
+    env = {name: value for name, value in os.environ.items() if name not in hidden}
+    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    project = tmp_path / "project"  # the user's: outside the checkout, so nothing shadows
+    project.mkdir()
+
+    def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=project,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+
+    dist = tmp_path / "dist"
+    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dist), repo], 240)
+    if built.returncode != 0:
+        probe = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(tmp_path)]
+        fetched = run([*probe, backend.group(1)], 120)
+        if fetched.returncode != 0:
+            why = (fetched.stderr.strip().splitlines() or ["pip download failed"])[-1]
+            pytest.skip(f"the build backend {backend.group(1)} cannot be installed here: {why}")
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    (wheel,) = dist.glob("django_redis_ex-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        installed = {name for name in names if ".dist-info/" not in name}
+        legacy = {"django_redis_ex/cache.pyi", "django_redis_ex/async_cache.pyi"}
+        assert installed == {"django_redis_ex/__init__.py", "django_redis_ex/py.typed", *legacy}
+        with open(os.path.join(repo, "django_redis_ex.py"), "rb") as source:
+            assert archive.read("django_redis_ex/__init__.py") == source.read()
+        assert archive.read("django_redis_ex/py.typed") == b""
+        (metadata,) = (name for name in names if name.endswith(".dist-info/METADATA"))
+        meta = archive.read(metadata).decode()
+        assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+    for line in ["Name: django-redis-ex", f"Version: {django_redis_ex.__version__}"]:
+        assert line in meta.splitlines()
+    for line in ["License-Expression: BSD-3-Clause", "Requires-Dist: django>=5.2"]:
+        assert line in meta.splitlines()
+    assert "Requires-Dist: redis>=8.0" in meta and "Provides-Extra: hiredis" in meta
+    with open(os.path.join(repo, "README.md"), encoding="utf-8") as f:
+        assert meta.split("\n\n", 1)[1] == f.read()  # the README, as the long description
+
+    venv = tmp_path / "venv"
+    made = run([sys.executable, "-m", "venv", str(venv)], 120)
+    assert made.returncode == 0, made.stderr[-3000:]
+    python = str(venv / ("Scripts" if os.name == "nt" else "bin") / "python")
+    install = run([python, "-m", "pip", "install", str(wheel), *pins], 420)
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+
+    script = (
+        "import json, os, django_redis_ex, django_redis_ex.cache, django_redis_ex.async_cache\n"
+        "from django.utils.module_loading import import_string as get\n"
+        "m = django_redis_ex\n"
+        "print(json.dumps([m.__file__, sorted(os.listdir(os.path.dirname(m.__file__))),\n"
+        "    get('django_redis_ex.cache.RedisEXCache') is m.RedisEXCache,\n"
+        "    get('django_redis_ex.async_cache.AsyncRedisEXCache') is m.AsyncRedisEXCache]))\n"
+    )
+    imported = run([python, "-c", script], 60)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    file, listing, sync_alias, async_alias = json.loads(imported.stdout)
+    package = os.path.join("django_redis_ex", "__init__.py")
+    assert file.startswith(str(venv)) and file.endswith(package), file
+    assert {"__init__.py", "py.typed"} <= set(listing) and sync_alias and async_alias
+
+    (project / "pyproject.toml").write_text("[tool.mypy]\nstrict = true\n")
+    (project / "correct.py").write_text(USER_CODE_CORRECT)
+    (project / "wrong.py").write_text(USER_CODE_WRONG)
+    correct = run([python, "-m", "mypy", "correct.py"], 180)
+    assert correct.returncode == 0, correct.stdout + correct.stderr
+    assert "Success: no issues found in 1 source file" in correct.stdout
+    wrong = run([python, "-m", "mypy", "wrong.py"], 180)
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    errors = [line for line in wrong.stdout.splitlines() if ": error: " in line]
+    lines = USER_CODE_WRONG.splitlines()
+    ttl = lines.index('    return cache.ttl(key, version="2")') + 1
+    init = lines.index("cache = RedisEXCache(6379, {})") + 1
+    assert len(errors) == 2, wrong.stdout
+    assert errors[0].startswith(f"wrong.py:{ttl}: error: Argument "), errors
+    assert '"version"' in errors[0] and 'type "str"; expected "int | None"' in errors[0]
+    assert errors[1].startswith(f"wrong.py:{init}: error: Argument 1 to "), errors
+    assert '"RedisEXCache"' in errors[1] and 'expected "str | list[str]"' in errors[1]
+    assert all(error.endswith("[arg-type]") for error in errors), errors
