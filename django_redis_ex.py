@@ -2278,10 +2278,16 @@ _TRACER = None if _otel is None else _otel.get_tracer("django_redis_ex", __versi
 
 def _tracing() -> bool:
     """Whether spans would be recorded: a tracer provider (an SDK) is set. Without one, a
-    span would cost a microsecond a call for nothing."""
-    return _otel is not None and not isinstance(
-        _otel.get_tracer_provider(), _otel.ProxyTracerProvider
-    )
+    span would cost a microsecond a call for nothing. The API's public way to ask costs 0.8 us
+    (it reads the environment each time); the global it reads first costs nothing."""
+    if _otel is None:
+        return False
+    if _OTEL_GLOBAL:
+        return _otel._TRACER_PROVIDER is not None
+    return not isinstance(_otel.get_tracer_provider(), _otel.ProxyTracerProvider)
+
+
+_OTEL_GLOBAL = _otel is not None and hasattr(_otel, "_TRACER_PROVIDER")
 
 
 def _span(topology: _Topology, method: str, command: Command) -> Any:
