@@ -1999,7 +1999,10 @@ class _Store:
             collections.OrderedDict()
         )  # key: (value, whether it is the stored bytes, expiry or 0, size)
         self.bytes = 0
-        self.reading: dict[str, list[int]] = {}  # key: [reads in flight, changed since]
+        # key: [reads in flight, the change count at its last change while reads were]
+        self.reading: dict[str, list[int]] = {}
+        self.changes = 0  # changes of keys read meanwhile, counted: a read keeps what it
+        # found only if its key did not change after it began (not: while any read was on)
         self.epoch = 0  # bumped by every flush: reads begun before it store nothing
         self.valid_until = 0.0  # time.monotonic() past which nothing is served
         self.tracker: threading.Thread | None = None
@@ -2062,7 +2065,7 @@ class _Store:
             return None
         return list(command[1:]) if time.monotonic() < self.valid_until else None
 
-    def begin(self, keys: list[Any]) -> tuple[int, float]:
+    def begin(self, keys: list[Any]) -> tuple[int, float, int]:
         with self.lock:
             for key in keys:
                 mark = self.reading.get(key)
@@ -2070,11 +2073,13 @@ class _Store:
                     self.reading[key] = [1, 0]
                 else:
                     mark[0] += 1
-            return self.epoch, time.monotonic()
+            return self.epoch, time.monotonic(), self.changes
 
-    def end(self, ticket: tuple[int, float], keys: list[Any], replies: list[Any] | None) -> None:
+    def end(
+        self, ticket: tuple[int, float, int], keys: list[Any], replies: list[Any] | None
+    ) -> None:
         """After the read of ``keys``: keep what it found, unless anything changed."""
-        epoch, started = ticket
+        epoch, started, changes = ticket
         values: list[Any] = [None] * len(keys)
         pttls: list[Any] = values
         if replies is not None:
@@ -2083,9 +2088,9 @@ class _Store:
         with self.lock:
             fresh = epoch == self.epoch and time.monotonic() < self.valid_until
             for key, value, pttl in zip(keys, values, pttls, strict=True):
-                mark = self.reading.get(key) or [1, 1]  # none: a fork came between
+                mark = self.reading.get(key) or [1, changes + 1]  # none: a fork came between
                 mark[0] -= 1
-                changed = mark[1]
+                changed = mark[1] > changes
                 if not mark[0]:
                     self.reading.pop(key, None)
                 keep = fresh and not changed and type(value) is bytes and type(pttl) is int
@@ -2129,7 +2134,8 @@ class _Store:
                     self.bytes -= entry[3]
                 mark = self.reading.get(key)
                 if mark is not None:
-                    mark[1] = 1
+                    self.changes += 1
+                    mark[1] = self.changes
 
     def flush(self) -> None:
         with self.lock:
@@ -2730,6 +2736,7 @@ class _Line:
         self.progress = 0.0  # loop time of the last reply, or of a send after none in flight
         self.watchdog: asyncio.TimerHandle | None = None
         self.timed_out = False
+        self.looked = False  # the timer, when due, looked once more for bytes
 
     async def call(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies of ``commands``, in order: values or ``ResponseError`` objects."""
@@ -2795,11 +2802,19 @@ class _Line:
         self.watchdog = None
         if not self.sent or self.reader is None or not self.timeout:
             return
-        if self.loop.time() - self.progress >= self.timeout:
+        now = self.loop.time()
+        if now - self.progress < self.timeout:
+            self.looked = False
+            self.watchdog = self.loop.call_at(self.progress + self.timeout, self._check)
+        elif not self.looked:
+            # Bytes may be waiting unread: the loop was held up, or the stream was paused
+            # (flow control) and resumes in this iteration. A timer due now runs after the
+            # next poll's reads (call_soon would run before them): one more look then.
+            self.looked = True
+            self.watchdog = self.loop.call_at(now, self._check)
+        else:
             self.timed_out = True
             self.reader.cancel()
-        else:
-            self.watchdog = self.loop.call_at(self.progress + self.timeout, self._check)
 
     async def _ready(self) -> None:
         """A connection to send on: the pool checks one it hands out. Bytes arriving on
@@ -2878,7 +2893,7 @@ class _Line:
         """After the reader: fail the calls in flight, and give the connection back (closed,
         unless it ends idle with the loop). The calls not yet sent fail too if Redis could
         not be reached or the loop ends; otherwise a new reader sends them."""
-        self.reader, self.timed_out = None, False
+        self.reader, self.timed_out, self.looked = None, False, False
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
