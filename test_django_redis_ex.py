@@ -69,7 +69,21 @@ from redis.retry import Retry
 import django_redis_ex
 from django_redis_ex import AsyncRedisEXCache, RedisEXCache
 
-REDIS_SERVER = shutil.which("redis-server")
+
+def server_binary() -> str | None:
+    """The server the harness starts: ``$DRX_REDIS_SERVER`` if set (a path, or a name on the
+    PATH: any server that takes redis-server's arguments, such as a valkey-server), else
+    ``redis-server`` on the PATH. Set but not executable is an error, not a skip."""
+    chosen = os.environ.get("DRX_REDIS_SERVER", "")
+    if not chosen:
+        return shutil.which("redis-server")
+    found = shutil.which(chosen)
+    if found is None:
+        raise RuntimeError(f"DRX_REDIS_SERVER={chosen!r} is not an executable file")
+    return found
+
+
+REDIS_SERVER = server_binary()
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 BACKENDS = {
@@ -197,7 +211,7 @@ class RedisServer:
     def start(self) -> None:
         """Start it on its port; return once it answers PING (within 10 s)."""
         if REDIS_SERVER is None:
-            raise RuntimeError("redis-server is not on the PATH: apt-get install redis-server")
+            raise RuntimeError("redis-server is not on the PATH (apt-get install redis-server)")
         if self.sentinel:  # sentinels rewrite their config file: one each
             config = os.path.join(self.dir, f"sentinel-{self.port}.conf")
             with open(config, "w") as file:
@@ -220,7 +234,7 @@ class RedisServer:
                     pass
                 time.sleep(0.02)
         self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        raise RuntimeError(f"{REDIS_SERVER} did not start on port {self.port}")
 
     def stop(self) -> None:
         """Kill it by its PID; ``start()`` brings it back on the same port."""
@@ -325,33 +339,52 @@ class SentinelSetup:
 
 
 class ClusterSetup:
-    """Three primaries, each with a replica, made by ``redis-cli --cluster create``."""
+    """Three primaries, each with a replica: the first three nodes take a third of the slots
+    each, meet, and the last three replicate them (what ``redis-cli --cluster create`` does,
+    done here so that no cli binary is needed)."""
 
     def __init__(self) -> None:
-        cli = shutil.which("redis-cli")
-        if cli is None:
-            raise RuntimeError("redis-cli is not on the PATH: apt-get install redis-server")
         self.dir = CLEANUP.directory()
         self.nodes: list[RedisServer] = []
         with stopped_on_failure(self):
+            bus_ports = []
             for i in range(6):
                 # The bus port defaults to port + 10000, which may be taken or too high.
+                bus_ports.append(free_port())
                 options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"]
                 options += [
                     "--cluster-port",
-                    str(free_port()),
+                    str(bus_ports[-1]),
                     "--cluster-config-file",
                     f"{i}.conf",
                 ]
                 self.nodes.append(RedisServer(*options, directory=self.dir))
-            argv = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
-            argv += ["--cluster-replicas", "1", "--cluster-yes"]
-            create = subprocess.run(
-                argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
-            )
-            if create.returncode != 0:
-                raise RuntimeError(f"redis-cli --cluster create: {create.stdout[-500:]}")
+            self._create(bus_ports)
             wait_until(self._ok, 30, "cluster_state:ok and synced replicas on every node")
+
+    def _create(self, bus_ports: list[int]) -> None:
+        primaries, replicas = self.nodes[:3], self.nodes[3:]
+        ids = [str(node.client().cluster("myid"), "ascii") for node in self.nodes]
+        for i, primary in enumerate(primaries):
+            first, last = i * 16384 // 3, (i + 1) * 16384 // 3 - 1
+            primary.client().execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+        for epoch, node in enumerate(self.nodes, start=1):  # distinct, as redis-cli sets them
+            node.client().execute_command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
+        introducer = self.nodes[0].client()
+        for node, bus_port in zip(self.nodes[1:], bus_ports[1:], strict=True):
+            introducer.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, bus_port)
+
+        def all_met() -> bool:
+            for node in self.nodes:
+                lines = str(node.client().execute_command("CLUSTER", "NODES"), "utf-8")
+                known = [line.split() for line in lines.splitlines() if line.strip()]
+                if len(known) != 6 or any("handshake" in fields[2] for fields in known):
+                    return False
+            return True
+
+        wait_until(all_met, 30, "the six nodes to meet")
+        for replica, primary_id in zip(replicas, ids[:3], strict=True):
+            replica.client().execute_command("CLUSTER", "REPLICATE", primary_id)
 
     @property
     def urls(self) -> list[str]:
@@ -493,14 +526,8 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
     setup.stop()
 
 
-def skip_without_redis_cli() -> None:
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is not installed: it creates the test cluster")
-
-
 @pytest.fixture(scope="session")
 def cluster_setup() -> Iterator[ClusterSetup]:
-    skip_without_redis_cli()
     setup = ClusterSetup()
     yield setup
     setup.stop()
@@ -1904,6 +1931,14 @@ def test_sentinel_replica_reads_use_the_replica_pool(
     assert sentinel_setup.replica.client(db=5).get(":1:k") is not None
 
 
+def test_the_servers_are_the_chosen_binary(server: RedisServer) -> None:
+    """``DRX_REDIS_SERVER`` (CI: valkey-server) is what runs, not a redis-server found first."""
+    info = server.client().info("server")
+    assert os.path.realpath(info["executable"]) == os.path.realpath(str(REDIS_SERVER))
+    version = info.get("valkey_version", info["redis_version"])
+    print(f"server under test: {info.get('server_name', 'redis')} {version}")
+
+
 def test_sentinel_rejects_a_location_list(sentinel_setup: SentinelSetup, backend: str) -> None:
     with pytest.raises(ImproperlyConfigured, match="one URL naming the service"):
         make_cache(backend, ["redis://a", "redis://b"], OPTIONS={"sentinels": ["127.0.0.1:1"]})
@@ -1953,7 +1988,6 @@ def test_sentinel_failover_is_found_by_itself(backend: str) -> None:
 
 
 def test_cluster_failover_is_found_by_itself(backend: str) -> None:
-    skip_without_redis_cli()
     setup = ClusterSetup()
     loop = asyncio.new_event_loop()
     try:
@@ -4674,3 +4708,22 @@ def test_the_wheel_installs_a_typed_package_that_mypy_checks_in_a_user_project(
     assert errors[1].startswith(f"wrong.py:{init}: error: Argument 1 to "), errors
     assert '"RedisEXCache"' in errors[1] and 'expected "str | list[str]"' in errors[1]
     assert all(error.endswith("[arg-type]") for error in errors), errors
+
+
+def test_a_change_spoils_only_the_reads_begun_before_it(server: RedisServer, backend: str) -> None:
+    """A read in flight when its key changes keeps nothing; one begun after the change keeps
+    its value, even while the first is still in flight (a hot key read by many threads at
+    once was never cached again)."""
+    cache = cached_cache(backend, server.url, "spoil")
+    serving(cache)
+    store = cache._store
+    assert store is not None
+    key = cache.make_key("k")
+    value = pickle.dumps("v", pickle.HIGHEST_PROTOCOL)
+    first = store.begin([key])
+    store.drop([key])  # a write or an invalidation while the first read is in flight
+    second = store.begin([key])
+    store.end(first, [key], [value, -1])
+    assert not store.holds(key)
+    store.end(second, [key], [value, -1])
+    assert store.holds(key)

@@ -513,7 +513,7 @@ class SentinelTopology(Topology):
 
 
 class ClusterTopology(Topology):
-    """Three primaries with a replica each, made by ``redis-cli --cluster create``."""
+    """Three primaries with a replica each, made by the test harness's ``ClusterSetup``."""
 
     name = "cluster"
     multi_get = "mget_nonatomic"
