@@ -2387,7 +2387,8 @@ class _Stats:
     no thread switch splits under the GIL: no lock (a test counts from 8 threads)."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, list[int]] = {}
+        # The reads that count hits take their row with a plain subscript: made here.
+        self.rows: dict[str, list[int]] = {m: [0, 0, 0, 0, 0] for m in _TALLIED}
 
     def row(self, method: str) -> list[int]:
         row = self.rows.get(method)
@@ -2405,9 +2406,11 @@ class _Stats:
         return {
             method: dict(zip(_STAT_NAMES, row, strict=True))
             for method, row in sorted(list(self.rows.items()))
+            if any(row)  # a method never called has no counts to show
         }
 
 
+_TALLIED = ("get", "get_many", "get_or_set", "has_key")
 _stats: dict[Hashable, _Stats] = {}
 
 
@@ -3491,7 +3494,7 @@ class _RedisEXBase(BaseCache):
 
     def _plan_get(self, key: Any, default: Any = None, version: int | None = None) -> Plan[Any]:
         redis_key = self.make_and_validate_key(key, version)
-        operation = _op_get(self._codec, redis_key, default, self._stats.row("get"))
+        operation = _op_get(self._codec, redis_key, default, self._stats.rows["get"])
         return Plan("get", operation, lambda: default)
 
     def _local_get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
@@ -3538,7 +3541,7 @@ class _RedisEXBase(BaseCache):
     ) -> Plan[dict[Any, Any]]:
         keys = list(keys)
         key_map = dict(zip(self._keys(keys, version), keys, strict=True))
-        tally = self._stats.row("get_many")
+        tally = self._stats.rows["get_many"]
         return Plan("get_many", _op_get_many(self._codec, key_map, tally), dict)
 
     def _local_get_many(self, keys: Iterable[Any], version: int | None = None) -> Any:
@@ -3569,7 +3572,7 @@ class _RedisEXBase(BaseCache):
             lock_timeout,
             undo,
             computed,
-            self._stats.row("get_or_set"),
+            self._stats.rows["get_or_set"],
         )
 
         def fallback() -> Any:
@@ -3592,7 +3595,7 @@ class _RedisEXBase(BaseCache):
 
     def _plan_has_key(self, key: Any, version: int | None = None) -> Plan[bool]:
         redis_key = self.make_and_validate_key(key, version)
-        return Plan("has_key", _op_exists(redis_key, self._stats.row("has_key")), _false)
+        return Plan("has_key", _op_exists(redis_key, self._stats.rows["has_key"]), _false)
 
     def _local_has_key(self, key: Any, version: int | None = None) -> Any:
         held = cast(_Store, self._store).holds(self.make_and_validate_key(key, version))
