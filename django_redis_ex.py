@@ -2343,10 +2343,18 @@ _MANY_KEYS = frozenset(
 )
 
 
-def _span_failed(span: Any, error: BaseException) -> None:
-    code = getattr(error, "status_code", None) or type(error).__qualname__
-    span.set_attribute("error.type", code)
-    span.set_status(_otel.Status(_otel.StatusCode.ERROR, str(error)))
+@contextlib.contextmanager
+def _in_span(span: Any) -> Iterator[None]:
+    """``span`` made current and ended after, with ``error.type`` and an error status if
+    what it covers raises (OpenTelemetry's own ``use_span`` sets no ``error.type``)."""
+    with _otel.use_span(span, end_on_exit=True, set_status_on_exception=False):
+        try:
+            yield
+        except Exception as error:
+            code = getattr(error, "status_code", None) or type(error).__qualname__
+            span.set_attribute("error.type", code)
+            span.set_status(_otel.Status(_otel.StatusCode.ERROR, str(error)))
+            raise
 
 
 def _peeked(plan: Plan[Any]) -> Command | None:
@@ -2609,12 +2617,16 @@ class _SyncDriver(_Driver):
         span = None if first is None else _span(self._topology, plan.method, first)
         if span is None:
             return self.run(plan, traced=True)
-        with _otel.use_span(span, end_on_exit=True, set_status_on_exception=False):
-            try:
-                return self.run(plan, traced=True)
-            except Exception as error:
-                _span_failed(span, error)
-                raise
+        with _in_span(span):
+            return self.run(plan, traced=True)
+
+    def _traced_send(self, plan: Plan[Any], command: Command) -> Any:
+        """``_send`` of one round trip of an iteration, in an OpenTelemetry span."""
+        span = _span(self._topology, plan.method, command)
+        if span is None:
+            return self._send(command)
+        with _in_span(span):
+            return self._send(command)
 
     def iterate(self, plan: Plan[None]) -> Iterator[Any]:
         """The results an iteration finds, lazily: its next command waits for the caller."""
@@ -2623,7 +2635,12 @@ class _SyncDriver(_Driver):
         while True:
             try:
                 command = operation.send(reply)
-                reply = None if type(command) is _Found else self._send(command)
+                if type(command) is _Found:
+                    reply = None
+                elif _otel is not None and _tracing():  # a span per round trip
+                    reply = self._traced_send(plan, command)
+                else:
+                    reply = self._send(command)
             except StopIteration:
                 return
             except _UNAVAILABLE as error:
@@ -2997,12 +3014,16 @@ class _AsyncDriver(_Driver):
         span = None if first is None else _span(self._topology, "a" + plan.method, first)
         if span is None:
             return await self.run(plan, traced=True)
-        with _otel.use_span(span, end_on_exit=True, set_status_on_exception=False):
-            try:
-                return await self.run(plan, traced=True)
-            except Exception as error:
-                _span_failed(span, error)
-                raise
+        with _in_span(span):
+            return await self.run(plan, traced=True)
+
+    async def _traced_send(self, plan: Plan[Any], command: Command) -> Any:
+        """``_send`` of one round trip of an iteration, in an OpenTelemetry span."""
+        span = _span(self._topology, "a" + plan.method, command)
+        if span is None:
+            return await self._send(command)
+        with _in_span(span):
+            return await self._send(command)
 
     async def iterate(self, plan: Plan[None]) -> AsyncIterator[Any]:
         """The results an iteration finds, lazily: its next command waits for the caller."""
@@ -3011,7 +3032,12 @@ class _AsyncDriver(_Driver):
         while True:
             try:
                 command = operation.send(reply)
-                reply = None if type(command) is _Found else await self._send(command)
+                if type(command) is _Found:
+                    reply = None
+                elif _otel is not None and _tracing():  # a span per round trip
+                    reply = await self._traced_send(plan, command)
+                else:
+                    reply = await self._send(command)
             except StopIteration:
                 return
             except _UNAVAILABLE as error:

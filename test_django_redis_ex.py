@@ -4503,6 +4503,10 @@ def test_opentelemetry_spans_follow_the_database_client_conventions(
         OTEL_SETUP
         + """
 secret = "s3cret-value"
+
+async def compute():
+    return 6
+
 with tracer.start_as_current_span("request") as root:
     cache.set("k", secret)
     cache.get_many(["k", "a", "b"])
@@ -4513,12 +4517,19 @@ with tracer.start_as_current_span("request") as root:
         cache.incr("text")
     except Exception:
         pass
-print(json.dumps({"spans": spans(), "root": root.get_span_context().span_id, "secret": secret}))
+    results = [cache.get_or_set("g", lambda: 5), asyncio.run(cache.aget_or_set("g2", compute))]
+    results += [sorted(cache.keys("g*")), cache.get_many([]), sorted(cache.smembers("nothing"))]
+print(json.dumps({"spans": spans(), "root": root.get_span_context().span_id, "secret": secret,
+                  "results": results}))
 """
     )
     report = tool_report(server, backend, script)
     spans = report["spans"]
-    assert [s["name"] for s in spans] == ["SET", "MGET", "GET", "PIPELINE SET", "SET", "EVALSHA"]
+    assert report["results"] == [5, 6, ["g", "g2"], {}, []]  # traced calls work as untraced
+    names = [s["name"] for s in spans]
+    assert names[:6] == ["SET", "MGET", "GET", "PIPELINE SET", "SET", "EVALSHA"]
+    assert names[6:] == ["GET", "GET", "SCAN", "SMEMBERS"]  # get_many([]) sends nothing
+    spans = spans[:6]
     assert all(s["kind"] == "CLIENT" and s["scope"] == "django_redis_ex" for s in spans)
     assert all(s["parent"] == report["root"] for s in spans)  # in the caller's trace, both paths
     first, many, native, pipeline = spans[:4]
