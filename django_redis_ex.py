@@ -2301,6 +2301,8 @@ def _span(topology: _Topology, method: str, command: Command) -> Any:
     it is not recorded (sampled out). Never a value, never a password: the command's name,
     the number of keys, the method, where the server is."""
     commands = _commands_of(command)
+    if not commands:  # a pause or a computation: no database call
+        return None
     names = {each[0] for each in commands}
     operation = commands[0][0] if len(commands) == 1 else "PIPELINE"
     if len(commands) > 1 and len(names) == 1:
