@@ -295,6 +295,7 @@ _OWN_OPTIONS: dict[str, Any] = {
     "cluster": False,
     "multiplex": True,
     "client_cache": False,
+    "circuit_breaker": True,  # with ignore_exceptions only
 }
 
 # OPTIONS "client_cache" settings: the local store's bounds, and the heartbeat of its
@@ -308,6 +309,14 @@ _CLIENT_CACHE_KINDS: dict[str, tuple[type, float]] = {
     "max_entries": (int, 1),
     "max_bytes": (int, 1024),
     "heartbeat_interval": (float, 0.01),
+}
+
+# OPTIONS "circuit_breaker" settings: after ``failures`` unavailability errors in a row, calls
+# skip Redis for ``cool_down`` seconds, then one call tries it.
+_CIRCUIT_BREAKER_DEFAULTS: dict[str, Any] = {"failures": 3, "cool_down": 5.0}
+_CIRCUIT_BREAKER_KINDS: dict[str, tuple[type, float]] = {
+    "failures": (int, 1),
+    "cool_down": (float, 0.01),
 }
 
 # Defaults that differ from redis-py's: past 100 connections, wait for a free one instead
@@ -461,6 +470,19 @@ class _Config:
         self.direct = not cluster and not retries
         self.multiplex: bool = _checked(own, "multiplex", bool) and self.direct
         self.client_cache = self._client_cache(own["client_cache"], cluster)
+        self.circuit_breaker = self._settings(
+            "circuit_breaker",
+            own["circuit_breaker"],
+            _CIRCUIT_BREAKER_DEFAULTS,
+            _CIRCUIT_BREAKER_KINDS,
+        )
+        if not self.ignore_exceptions:
+            if self.circuit_breaker is not None and "circuit_breaker" in options:
+                raise ImproperlyConfigured(
+                    "OPTIONS 'circuit_breaker' works with 'ignore_exceptions': True only (it "
+                    "makes calls return their ignored-error results at once)."
+                )
+            self.circuit_breaker = None
         self.codec_key = _freeze((own["serializer"], own["compressor"], own["compress_min_length"]))
         pool_class = _import(own, "pool_class")
         if self.sentinels and (cluster or pool_class is not None):
@@ -498,36 +520,46 @@ class _Config:
         # The pool key holds what the user set, so equal settings share a pool.
         self.frozen = _freeze((redis_options, parser_class, pool_class))
 
-    @staticmethod
-    def _client_cache(value: Any, cluster: bool) -> dict[str, Any] | None:
+    @classmethod
+    def _client_cache(cls, value: Any, cluster: bool) -> dict[str, Any] | None:
         """The client-side cache's settings, or None when it is off."""
+        settings = cls._settings("client_cache", value, _CLIENT_CACHE_DEFAULTS, _CLIENT_CACHE_KINDS)
+        if settings is not None and cluster:
+            raise ImproperlyConfigured(
+                "OPTIONS 'client_cache' does not work with 'cluster': a Redis Cluster would "
+                "need a tracking connection per primary, kept in step with resharding. Turn "
+                "one of them off."
+            )
+        return settings
+
+    @staticmethod
+    def _settings(
+        option: str,
+        value: Any,
+        defaults: dict[str, Any],
+        kinds: dict[str, tuple[type, float]],
+    ) -> dict[str, Any] | None:
+        """An option that is True, False or a dict of settings: its settings, or None."""
         if value is False or value is None:
             return None
         if value is True:
             value = {}
         if not isinstance(value, dict):
             raise ImproperlyConfigured(
-                f"OPTIONS 'client_cache' must be True, False or a dict of "
-                f"{', '.join(_CLIENT_CACHE_DEFAULTS)}, not {value!r}."
+                f"OPTIONS {option!r} must be True, False or a dict of "
+                f"{', '.join(defaults)}, not {value!r}."
             )
-        unknown = sorted(set(value) - set(_CLIENT_CACHE_DEFAULTS))
+        unknown = sorted(set(value) - set(defaults))
         if unknown:
             raise ImproperlyConfigured(
-                f"OPTIONS 'client_cache' has no setting {unknown[0]!r}; it takes "
-                f"{', '.join(_CLIENT_CACHE_DEFAULTS)}."
+                f"OPTIONS {option!r} has no setting {unknown[0]!r}; it takes {', '.join(defaults)}."
             )
-        if cluster:
-            raise ImproperlyConfigured(
-                "OPTIONS 'client_cache' does not work with 'cluster': a Redis Cluster would "
-                "need a tracking connection per primary, kept in step with resharding. Turn "
-                "one of them off."
-            )
-        settings = {**_CLIENT_CACHE_DEFAULTS, **value}
-        for name, (kind, minimum) in _CLIENT_CACHE_KINDS.items():
+        settings = {**defaults, **value}
+        for name, (kind, minimum) in kinds.items():
             try:
                 settings[name] = _checked(settings, name, kind, minimum=minimum)
             except ImproperlyConfigured as error:
-                message = str(error).replace("OPTIONS", "OPTIONS 'client_cache' setting", 1)
+                message = str(error).replace("OPTIONS", f"OPTIONS {option!r} setting", 1)
                 raise ImproperlyConfigured(message) from None
         return settings
 
@@ -2420,6 +2452,95 @@ class _Stats:
         }
 
 
+class _CircuitOpen(redis.ConnectionError):
+    """A call not sent: the circuit breaker is open (Redis failed the calls before it)."""
+
+
+class _Breaker:
+    """OPTIONS ``circuit_breaker`` (with ``ignore_exceptions``), one per configuration in
+    this process, for both paths: after ``failures`` unavailability errors in a row, calls
+    skip Redis and return their ignored-error results at once for ``cool_down`` seconds; then
+    one call (the probe) goes to Redis, and its outcome closes the circuit or opens it again.
+    A closed circuit costs a call two attribute reads."""
+
+    def __init__(self, settings: dict[str, Any], where: str) -> None:
+        self.threshold, self.cool_down = settings["failures"], settings["cool_down"]
+        self.where = where
+        self.lock = threading.Lock()
+        self.failures = 0  # unavailability errors in a row
+        self.open_until = 0.0  # time.monotonic() until which calls skip Redis; 0.0: closed
+        self.probing = False  # a probe is out
+        self.opened = 0  # times the circuit opened (from closed)
+
+    def admit(self) -> bool:
+        """Whether a call goes to Redis while the circuit is open: the probe, once cooled."""
+        with self.lock:
+            if not self.open_until:
+                return True
+            if self.probing or time.monotonic() < self.open_until:
+                return False
+            self.probing = True
+            return True
+
+    def succeeded(self) -> None:
+        """Redis answered a call."""
+        with self.lock:
+            self.failures = 0
+            if self.open_until:
+                self.open_until, self.probing = 0.0, False
+                logger.warning("Redis at %s answers again: circuit breaker closed.", self.where)
+
+    def failed(self) -> None:
+        """A call found Redis unavailable."""
+        with self.lock:
+            self.failures += 1
+            if self.probing:  # still down: open for another cool-down
+                self.probing = False
+                self.open_until = time.monotonic() + self.cool_down
+                logger.debug("Redis at %s still unavailable: circuit breaker open.", self.where)
+            elif not self.open_until and self.failures >= self.threshold:
+                self.open_until = time.monotonic() + self.cool_down
+                self.opened += 1
+                logger.warning(
+                    "Redis at %s failed %d calls in a row: circuit breaker open; calls skip "
+                    "Redis for %s s, then one tries it.",
+                    self.where,
+                    self.failures,
+                    self.cool_down,
+                )
+
+    def ended(self, error: BaseException) -> None:
+        """A call that went to Redis (or was refused here) ended with ``error``."""
+        if type(error) is _CircuitOpen:
+            return
+        if isinstance(error, _UNAVAILABLE):
+            self.failed()
+        elif isinstance(error, redis.RedisError):  # an error reply: Redis answered
+            self.succeeded()
+        elif self.probing:  # cancelled, or the caller's own error: a probe leaves its place
+            with self.lock:
+                self.probing = False
+
+    def state(self) -> dict[str, Any]:
+        state = "closed" if not self.open_until else "half-open" if self.probing else "open"
+        return {"state": state, "failures_in_a_row": self.failures, "opened": self.opened}
+
+
+_breakers: dict[Hashable, _Breaker] = {}
+
+
+def _breaker_for(topology: _Topology) -> _Breaker | None:
+    """The configuration's circuit breaker, if it has one."""
+    settings = topology.config.circuit_breaker
+    if settings is None:
+        return None
+    key = (tuple(topology.servers), topology.config.options)
+    found = _breakers.get(key)
+    if found is None:
+        found = _breakers.setdefault(key, _Breaker(settings, _redact(topology.servers[0])))
+    return found
+
+
 _TALLIED = ("get", "get_many", "get_or_set", "has_key")
 _stats: dict[Hashable, _Stats] = {}
 
@@ -2444,6 +2565,7 @@ class _Driver:
         self._config = topology.config
         self._store = store
         self._stats = _Stats() if stats is None else stats
+        self._breaker = _breaker_for(topology)
         # No server to choose; with a store, reads go where its tracking connection is.
         self._one_client = topology.readers == 0 or store is not None
         # Django's RedisCacheClient names, which Django's own test suite reads.
@@ -2474,7 +2596,7 @@ class _Driver:
             raise error
         self._stats.row(plan.method)[_IGNORED] += 1
         plan.operation.close()
-        if self._config.log_ignored_exceptions:
+        if self._config.log_ignored_exceptions and type(error) is not _CircuitOpen:
             method = self.path_prefix + plan.method
             logger.warning("Redis unavailable in %s, ignored: %s", method, error)
         return plan.fallback()
@@ -2588,7 +2710,10 @@ class _SyncDriver(_Driver):
         operation = plan.operation
         row = self._stats.rows.get(plan.method) or self._stats.row(plan.method)
         row[_CALLS] += 1
+        breaker = self._breaker
         try:
+            if breaker is not None and breaker.open_until and not breaker.admit():
+                raise _CircuitOpen(f"circuit breaker open for Redis at {breaker.where}")
             command = next(operation)
             while True:
                 try:
@@ -2597,10 +2722,14 @@ class _SyncDriver(_Driver):
                     reply = self._after(error, command)
                 command = operation.send(reply)
         except StopIteration as done:
+            if breaker is not None and (breaker.failures or breaker.open_until):
+                breaker.succeeded()
             result: _T = done.value
             return result
         except _UNAVAILABLE as error:
             self._undo(plan)
+            if breaker is not None:
+                breaker.ended(error)
             fallback = self._failed(plan, error)
             if inspect.isawaitable(fallback):  # a coroutine function's, on the sync path
                 if inspect.iscoroutine(fallback):
@@ -2611,6 +2740,8 @@ class _SyncDriver(_Driver):
             self._undo(plan)
             if isinstance(error, redis.RedisError):
                 row[_ERRORS] += 1
+            if breaker is not None:
+                breaker.ended(error)
             raise
 
     def _traced(self, plan: Plan[_T]) -> _T:
@@ -2989,7 +3120,10 @@ class _AsyncDriver(_Driver):
         operation = plan.operation
         row = self._stats.rows.get(plan.method) or self._stats.row(plan.method)
         row[_CALLS] += 1
+        breaker = self._breaker
         try:
+            if breaker is not None and breaker.open_until and not breaker.admit():
+                raise _CircuitOpen(f"circuit breaker open for Redis at {breaker.where}")
             command = next(operation)
             while True:
                 try:
@@ -2998,16 +3132,22 @@ class _AsyncDriver(_Driver):
                     reply = await self._after(error, command)
                 command = operation.send(reply)
         except StopIteration as done:
+            if breaker is not None and (breaker.failures or breaker.open_until):
+                breaker.succeeded()
             result: _T = done.value
             return result
         except _UNAVAILABLE as error:
             await self._undo(plan)
+            if breaker is not None:
+                breaker.ended(error)
             fallback = self._failed(plan, error)
             return (await fallback) if inspect.isawaitable(fallback) else fallback
         except BaseException as error:  # cancelled or timed out too: a lock this call holds goes
             await self._undo(plan)
             if isinstance(error, redis.RedisError):
                 row[_ERRORS] += 1
+            if breaker is not None:
+                breaker.ended(error)
             raise
 
     async def _traced(self, plan: Plan[_T]) -> _T:
@@ -3391,11 +3531,16 @@ class _RedisEXBase(BaseCache):
     def _async_driver(self) -> _AsyncDriver:
         return _AsyncDriver(self._topology, self._store, self._stats)
 
-    def stats(self) -> dict[str, dict[str, int]]:
+    def stats(self) -> dict[str, dict[str, Any]]:
         """This cache's counts in this process, per method called (``get`` counts ``aget``
         too): ``calls``; ``hits`` and ``misses`` (keys found or not, by get, get_many,
-        get_or_set and has_key); ``errors`` raised; ``ignored`` (with ignore_exceptions)."""
-        return self._stats.report()
+        get_or_set and has_key); ``errors`` raised; ``ignored`` (with ignore_exceptions).
+        With a circuit breaker, its state under ``"circuit_breaker"``."""
+        report: dict[str, dict[str, Any]] = dict(self._stats.report())
+        breaker = self._sync_driver._breaker
+        if breaker is not None:
+            report["circuit_breaker"] = breaker.state()
+        return report
 
     @property
     def _cache(self) -> _SyncDriver | _AsyncDriver:

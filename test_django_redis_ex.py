@@ -16,6 +16,7 @@ import enum
 import gc
 import inspect
 import json
+import logging
 import os
 import pickle
 import random
@@ -30,7 +31,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import django
@@ -4738,3 +4739,107 @@ def test_a_change_spoils_only_the_reads_begun_before_it(server: RedisServer, bac
     assert not store.holds(key)
     store.end(second, [key], [value, -1])
     assert store.holds(key)
+
+
+# ---------------------------------------------------------------------------
+# Failing fast when Redis is down: the circuit breaker (issue 12, part 2)
+# ---------------------------------------------------------------------------
+
+BREAKER_OPTIONS = {
+    "ignore_exceptions": True,
+    "log_ignored_exceptions": False,
+    "socket_timeout": 0.5,
+    "socket_connect_timeout": 0.5,
+    "circuit_breaker": {"failures": 3, "cool_down": 1.0},
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_the_circuit_breaker_fails_fast_while_redis_is_frozen_and_closes_when_it_returns(
+    backend: str, path: str, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer()
+    pid = cast(Any, server.process).pid
+    try:
+        cache = make_cache(backend, server.url, KEY_PREFIX=f"cb-{path}", OPTIONS=BREAKER_OPTIONS)
+        api = Api(cache, path, loop)
+        api.set("k", "v")
+        assert api.get("k") == "v"
+        caplog.set_level(logging.WARNING, logger="django_redis_ex")
+        os.kill(pid, signal.SIGSTOP)  # frozen: every call waits for its timeout
+        started = time.monotonic()
+        for _ in range(3):
+            assert api.get("k", "fallback") == "fallback"
+        assert time.monotonic() - started >= 3 * 0.5 * 0.9  # each waited socket_timeout
+        assert cache.stats()["circuit_breaker"]["state"] == "open"
+        started = time.monotonic()
+        for _ in range(1000):
+            assert api.get("k", "fallback") == "fallback"
+            assert api.set("k", "other") is None
+        assert time.monotonic() - started < 0.5  # 2,000 calls: less than one connect timeout
+        assert counts(cache, "get")["ignored"] >= 1003 and counts(cache, "set")["ignored"] >= 1000
+        os.kill(pid, signal.SIGCONT)
+        back = time.monotonic()
+        assert wait_until(lambda: api.get("k") == "v", 1.0 + 1.0, "calls to succeed again")
+        assert time.monotonic() - back < 1.0 + 0.6  # within one cool-down (and the probe)
+        assert cache.stats()["circuit_breaker"]["state"] == "closed"
+        messages = [r.getMessage() for r in caplog.records if "circuit breaker" in r.getMessage()]
+        assert len(messages) == 2, messages  # each state change logged once
+        assert "open" in messages[0] and "closed" in messages[1]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        server.stop()
+
+
+def test_the_circuit_breaker_sends_one_probe_and_stays_open_while_redis_is_down() -> None:
+    server = RedisServer()
+    try:
+        options = {**BREAKER_OPTIONS, "circuit_breaker": {"failures": 2, "cool_down": 0.3}}
+        cache = make_cache(
+            BACKENDS["RedisEXCache"], server.url, KEY_PREFIX="probe", OPTIONS=options
+        )
+        server.stop()  # refused at once
+        for _ in range(2):
+            cache.get("k")
+        breaker = cache._sync_driver._breaker
+        assert breaker is not None and breaker.state()["state"] == "open"
+        time.sleep(0.35)
+        probes_before = counts(cache, "get")["ignored"]
+
+        async def many() -> list[Any]:  # 50 at once after the cool-down: one probe goes out
+            return await asyncio.gather(*(cache.aget("k", "fb") for _ in range(50)))
+
+        assert asyncio.run(many()) == ["fb"] * 50
+        assert breaker.state()["state"] == "open" and breaker.opened == 1  # reopened quietly
+        assert counts(cache, "get")["ignored"] - probes_before == 50
+        server.start()
+        time.sleep(0.35)
+        cache.set("k", "v")  # the probe: Redis answers, the circuit closes
+        assert breaker.state()["state"] == "closed" and cache.get("k") == "v"
+    finally:
+        server.stop()
+
+
+def test_the_circuit_breaker_is_off_without_ignore_exceptions_and_checked() -> None:
+    cache = make_cache(BACKENDS["RedisEXCache"], NOWHERE)
+    assert cache._sync_driver._breaker is None and "circuit_breaker" not in cache.stats()
+    off = make_cache(
+        BACKENDS["RedisEXCache"],
+        NOWHERE,
+        OPTIONS={"ignore_exceptions": True, "circuit_breaker": False},
+    )
+    assert off._sync_driver._breaker is None
+    with pytest.raises(ImproperlyConfigured, match="ignore_exceptions"):
+        make_cache(BACKENDS["RedisEXCache"], NOWHERE, OPTIONS={"circuit_breaker": True})
+    with pytest.raises(ImproperlyConfigured, match="'circuit_breaker' has no setting 'failure'"):
+        make_cache(
+            BACKENDS["RedisEXCache"],
+            NOWHERE,
+            OPTIONS={"ignore_exceptions": True, "circuit_breaker": {"failure": 3}},
+        )
+    with pytest.raises(ImproperlyConfigured, match="cool_down"):
+        make_cache(
+            BACKENDS["RedisEXCache"],
+            NOWHERE,
+            OPTIONS={"ignore_exceptions": True, "circuit_breaker": {"cool_down": 0}},
+        )
