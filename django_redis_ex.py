@@ -296,6 +296,7 @@ _OWN_OPTIONS: dict[str, Any] = {
     "multiplex": True,
     "client_cache": False,
     "circuit_breaker": True,  # with ignore_exceptions only
+    "credentials_over_plain_tcp": False,  # a credential_provider's secrets, without TLS
 }
 
 # OPTIONS "client_cache" settings: the local store's bounds, and the heartbeat of its
@@ -498,6 +499,10 @@ class _Config:
         parser_class = _import(own, "parser_class")
         redis_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
         self._check_keys(redis_options)
+        self.credential_provider = self._credential_provider(redis_options)
+        self.plain_tcp_credentials = _checked(own, "credentials_over_plain_tcp", bool)
+        if self.credential_provider is not None:
+            redis_options["credential_provider"] = self.credential_provider
         defaults = {**_DEFAULT_POOL_OPTIONS, "driver_info": _driver_info()}
         if not self.topology.pools_wait:  # the client keeps redis-py's own connection limit
             defaults.pop("max_connections")
@@ -519,6 +524,54 @@ class _Config:
                 self.sync_options["protocol"] = self.async_options["protocol"] = 2
         # The pool key holds what the user set, so equal settings share a pool.
         self.frozen = _freeze((redis_options, parser_class, pool_class))
+
+    @staticmethod
+    def _credential_provider(redis_options: dict[str, Any]) -> Any:
+        """OPTIONS ``credential_provider``: a redis-py ``CredentialProvider``, or the dotted
+        path of one (an instance, or a class made with no arguments); None if not set."""
+        provider = redis_options.get("credential_provider")
+        if provider is None:
+            return None
+        if isinstance(provider, str):
+            try:
+                provider = import_string(provider)
+            except ImportError as error:
+                raise ImproperlyConfigured(
+                    f"OPTIONS 'credential_provider' {provider!r} cannot be imported: {error}"
+                ) from None
+            if isinstance(provider, type):
+                provider = provider()
+        if not callable(getattr(provider, "get_credentials", None)):
+            raise ImproperlyConfigured(
+                "OPTIONS 'credential_provider' must be a redis.credentials.CredentialProvider "
+                f"(with get_credentials()), or its dotted path, not {provider!r}."
+            )
+        if "username" in redis_options or "password" in redis_options:
+            raise ImproperlyConfigured(
+                "OPTIONS 'credential_provider' gives the credentials: drop OPTIONS "
+                "'username' and 'password'."
+            )
+        return provider
+
+    def check_credentials(self, servers: list[str]) -> None:
+        """A credential provider's secrets (tokens are bearer secrets) go over TLS or a Unix
+        socket only, unless OPTIONS ``credentials_over_plain_tcp`` allows plain TCP."""
+        if self.credential_provider is None:
+            return
+        for url in servers:
+            parts = urlsplit(url)
+            if parts.username or parts.password:
+                raise ImproperlyConfigured(
+                    "OPTIONS 'credential_provider' gives the credentials: drop the user and "
+                    f"password from LOCATION {_redact(url)!r}."
+                )
+            tls = parts.scheme == "rediss" or bool(self.sync_options.get("ssl"))
+            if not (tls or parts.scheme == "unix" or self.plain_tcp_credentials):
+                raise ImproperlyConfigured(
+                    f"OPTIONS 'credential_provider' would send its credentials to {_redact(url)} "
+                    "over plain TCP: use rediss:// (TLS) or a unix:// socket, or set OPTIONS "
+                    "'credentials_over_plain_tcp': True on a network you trust."
+                )
 
     @classmethod
     def _client_cache(cls, value: Any, cluster: bool) -> dict[str, Any] | None:
@@ -1379,6 +1432,7 @@ def _topology_for(servers: list[str], options: dict[str, Any]) -> _Topology:
         if len(_topologies) >= 64:  # settings that come and go (tests): start afresh
             _topologies.clear()
         config = _Config(options)
+        config.check_credentials(servers)
         entry = _topologies[key] = (options, config.topology(servers, config))
     return entry[1]
 

@@ -53,6 +53,7 @@ if not settings.configured:  # the benchmark configures Django before importing 
 import redis
 import redis.asyncio
 import redis.cluster
+import redis.credentials
 import redis.sentinel
 from asgiref.sync import async_to_sync
 from django.core.cache import caches
@@ -4842,4 +4843,133 @@ def test_the_circuit_breaker_is_off_without_ignore_exceptions_and_checked() -> N
             BACKENDS["RedisEXCache"],
             NOWHERE,
             OPTIONS={"ignore_exceptions": True, "circuit_breaker": {"cool_down": 0}},
+        )
+
+
+# ---------------------------------------------------------------------------
+# Credentials that rotate: OPTIONS credential_provider (issue 12, part 3)
+# ---------------------------------------------------------------------------
+
+
+class RotatingCredentials(redis.credentials.CredentialProvider):
+    """A password that changes, as an IAM token or a Vault lease does; counts its uses."""
+
+    def __init__(self, password: str = "first") -> None:
+        self.password, self.asked = password, 0
+
+    def get_credentials(self) -> tuple[str, str]:
+        self.asked += 1
+        return ("app", self.password)
+
+    async def get_credentials_async(self) -> tuple[str, str]:
+        return self.get_credentials()
+
+
+def allow_app(client: redis.Redis, password: str, reset: bool = False) -> None:
+    client.acl_setuser(
+        "app",
+        enabled=True,
+        reset_passwords=reset,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all"],
+    )
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_rotated_password_is_used_by_new_connections_while_old_ones_keep_working(
+    own_server: RedisServer, backend: str, path: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    admin = own_server.client()
+    allow_app(admin, "first")
+    provider = RotatingCredentials("first")
+    options = {
+        "credential_provider": provider,
+        "credentials_over_plain_tcp": True,
+        "multiplex": False,  # one call, one pooled connection: the test holds one
+    }
+    cache = make_cache(backend, own_server.url, KEY_PREFIX="rot", OPTIONS=options)
+    api = Api(cache, path, loop)
+    api.set("k", "v")  # a connection that logged in as app with the first password
+    assert provider.asked == 1
+    allow_app(admin, "second", reset=True)  # the password rotates on the server
+    assert api.get("k") == "v"  # the connection that logged in before keeps working
+    if path == "sync":
+        pool: Any = cache.get_client().connection_pool
+        held = pool.get_connection()
+    else:
+        pool = loop.run_until_complete(_async_pool(cache))
+        held = loop.run_until_complete(pool.get_connection())
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            api.get("k")  # a new connection, and the provider still has the old password
+        provider.password = "second"
+        assert api.get("k") == "v"  # a new connection, with the new password
+        assert provider.asked >= 3
+    finally:
+        if path == "sync":
+            pool.release(held)
+        else:
+            loop.run_until_complete(pool.release(held))
+    users = {client["user"] for client in admin.client_list() if client["name"] != "admin"}
+    assert "app" in users
+
+
+async def _async_pool(cache: ExCache) -> Any:
+    return cache.get_async_client().connection_pool
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_the_credential_provider_logs_in_on_sentinel_and_cluster(
+    topology: str, request: pytest.FixtureRequest, backend: str
+) -> None:
+    if topology == "sentinel":
+        setup: Any = request.getfixturevalue("sentinel_setup")
+        location, options = setup.location(3)
+        servers = [setup.master]
+    else:
+        setup = request.getfixturevalue("cluster_setup")
+        location, options = setup.location()
+        servers = setup.nodes
+    for server in servers:
+        allow_app(server.client(), "tok-1")
+    provider = RotatingCredentials("tok-1")
+    options = {**options, "credential_provider": provider, "credentials_over_plain_tcp": True}
+    cache = make_cache(backend, location, KEY_PREFIX=f"cred-{topology}", OPTIONS=options)
+    cache.set("k", "v")
+    assert asyncio.run(cache.aget("k")) == "v" and cache.get("k") == "v"
+    assert provider.asked >= 2  # both paths logged in through it
+    logged_in = [c["user"] for s in servers for c in s.client().client_list()]
+    assert "app" in logged_in
+
+
+def test_a_credential_provider_is_refused_over_plain_tcp_and_checked() -> None:
+    provider = RotatingCredentials()
+    with pytest.raises(ImproperlyConfigured, match=r"over plain TCP: use rediss://"):
+        make_cache(BACKENDS["RedisEXCache"], NOWHERE, OPTIONS={"credential_provider": provider})
+    for location in ("rediss://127.0.0.1:9", "unix:///tmp/no-such.sock"):
+        make_cache(BACKENDS["RedisEXCache"], location, OPTIONS={"credential_provider": provider})
+    path = f"{__name__}.RotatingCredentials"  # a dotted path to a class: made with no arguments
+    cache = make_cache(
+        BACKENDS["RedisEXCache"],
+        "rediss://127.0.0.1:9",
+        OPTIONS={"credential_provider": path},
+    )
+    assert isinstance(cache._config.credential_provider, RotatingCredentials)
+    with pytest.raises(ImproperlyConfigured, match="drop the user and password"):
+        make_cache(
+            BACKENDS["RedisEXCache"],
+            "rediss://u:secret@127.0.0.1:9",
+            OPTIONS={"credential_provider": provider},
+        )
+    with pytest.raises(ImproperlyConfigured, match="get_credentials"):
+        make_cache(
+            BACKENDS["RedisEXCache"], "rediss://127.0.0.1:9", OPTIONS={"credential_provider": 42}
+        )
+    with pytest.raises(ImproperlyConfigured, match="cannot be imported"):
+        make_cache(
+            BACKENDS["RedisEXCache"],
+            "rediss://127.0.0.1:9",
+            OPTIONS={"credential_provider": "no.such.Provider"},
         )
