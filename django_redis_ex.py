@@ -22,6 +22,7 @@ import fnmatch
 import functools
 import gzip
 import hashlib
+import hmac
 import inspect
 import json
 import logging
@@ -239,20 +240,85 @@ class _Codec:
             for data in values
         ]
 
-    def loads(self, data: bytes) -> Any:
+    def _decode(self, data: bytes) -> Any:
         first = data[:1]
         if first == b"\x80":  # a pickle, the usual case (or msgpack's empty map)
             return self._loads(data)
         if first == b"\x00" and data[:3] == _COMPRESSED:
             if data[3:4] == _SERIALIZED[3:]:
                 return self._loads(data[4:])
-            return self.loads(_decompressor(data[3:4])(data[4:]))
+            return self._decode(_decompressor(data[3:4])(data[4:]))
         if first and first in _INT_FIRST_BYTES:
             try:
                 return int(data)
             except ValueError:
                 pass
         return self._loads(data)
+
+    loads = _decode
+    signed = False
+    forged = 0  # values refused for their signature (a signed codec's count)
+
+
+class _SignedCodec(_Codec):
+    """OPTIONS ``sign_values``: every value but a raw int is stored behind an HMAC-SHA256 of
+    its bytes, keyed as Django's ``salted_hmac`` keys it from ``SECRET_KEY`` (read with
+    ``SECRET_KEY_FALLBACKS`` too, so keys can rotate). A value without a valid signature is
+    never deserialized: ``loads`` gives ``_MISSING``, which reads as a miss."""
+
+    signed = True
+
+    def __init__(self, serializer: Any, compressor: str | None, min_length: int) -> None:
+        super().__init__(serializer, compressor, min_length)
+        from django.conf import settings
+
+        secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ())]
+        if not secrets[0]:
+            raise ImproperlyConfigured("OPTIONS 'sign_values' needs Django's SECRET_KEY.")
+        # salted_hmac's key: sha256(salt + secret), made once instead of once a value.
+        self.keys = [hashlib.sha256(_SIGNING_SALT + _bytes(s)).digest() for s in secrets]
+        self.forged = 0
+
+    def dumps(self, obj: Any) -> Any:
+        data = super().dumps(obj)
+        if type(data) is int:  # INCR needs it raw; an int runs no code when read
+            return data
+        return _SIGNED + hmac.digest(self.keys[0], data, "sha256") + data
+
+    def loads(self, data: bytes) -> Any:
+        if data[:3] == _SIGNED:
+            mac, payload = data[3:35], data[35:]
+            for key in self.keys:
+                if hmac.compare_digest(mac, hmac.digest(key, payload, "sha256")):
+                    return self._decode(payload)
+        elif data[:1] in _INT_FIRST_BYTES and data[:1] and _reads_as_int(data):
+            return int(data)
+        self.forged += 1
+        return _MISSING
+
+    def loads_many(self, values: list[bytes | None]) -> list[Any]:
+        loads = self.loads
+        return [_MISSING if data is None else loads(data) for data in values]
+
+
+_SIGNED = b"\x00rs"  # then 32 bytes of HMAC-SHA256, then what the codec stores unsigned
+_SIGNING_SALT = b"django_redis_ex.sign_values"
+_forged_keys: set[str] = set()
+
+
+def _bytes(secret: str | bytes) -> bytes:
+    return secret if isinstance(secret, bytes) else secret.encode()
+
+
+def _forged(key: Any) -> None:
+    """Log, once per key (up to 10,000 keys), a value refused for its signature."""
+    if key not in _forged_keys and len(_forged_keys) < 10_000:
+        _forged_keys.add(key)
+        logger.warning(
+            "The value of %r has no valid signature (OPTIONS sign_values): read as a miss, "
+            "not deserialized.",
+            key,
+        )
 
 
 _INT_FIRST_BYTES = b"-0123456789"
@@ -297,6 +363,7 @@ _OWN_OPTIONS: dict[str, Any] = {
     "client_cache": False,
     "circuit_breaker": True,  # with ignore_exceptions only
     "credentials_over_plain_tcp": False,  # a credential_provider's secrets, without TLS
+    "sign_values": False,
 }
 
 # OPTIONS "client_cache" settings: the local store's bounds, and the heartbeat of its
@@ -440,7 +507,8 @@ class _Config:
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = _freeze(options)  # all of them, for what is kept per configuration
         own = {**_OWN_OPTIONS, **{k: v for k, v in options.items() if k in _OWN_OPTIONS}}
-        self.codec = _Codec(
+        codec_class = _SignedCodec if _checked(own, "sign_values", bool) else _Codec
+        self.codec = codec_class(
             self._serializer(own),
             self._compressor(own["compressor"]),
             _checked(own, "compress_min_length", int, minimum=0),
@@ -484,7 +552,9 @@ class _Config:
                     "makes calls return their ignored-error results at once)."
                 )
             self.circuit_breaker = None
-        self.codec_key = _freeze((own["serializer"], own["compressor"], own["compress_min_length"]))
+        self.codec_key = _freeze(
+            (own["serializer"], own["compressor"], own["compress_min_length"], own["sign_values"])
+        )
         pool_class = _import(own, "pool_class")
         if self.sentinels and (cluster or pool_class is not None):
             raise ImproperlyConfigured(
@@ -1584,11 +1654,24 @@ def _op_add(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operati
 
 def _op_get(codec: _Codec, key: str, default: Any, tally: list[int]) -> Operation[Any]:
     data = yield ("GET", key)
+    if data is not None:
+        value = codec.loads(data)
+        if value is not _MISSING:
+            tally[_HITS] += 1
+            return value
+        _forged(key)
+    tally[_MISSES] += 1
+    return default
+
+
+def _found(codec: _Codec, key: str, data: bytes | None) -> Any:
+    """The value of ``data`` read at ``key``; ``_MISSING`` if none, or if it is not signed."""
     if data is None:
-        tally[_MISSES] += 1
-        return default
-    tally[_HITS] += 1
-    return codec.loads(data)
+        return _MISSING
+    value = codec.loads(data)
+    if value is _MISSING:
+        _forged(key)
+    return value
 
 
 def _op_set(
@@ -1630,12 +1713,17 @@ def _op_get_many(
 ) -> Operation[dict[Any, Any]]:
     if not key_map:
         return {}
-    values = codec.loads_many((yield ("MGET", *key_map)))
+    replies = yield ("MGET", *key_map)
+    values = codec.loads_many(replies)
     found = {
         user_key: value
         for user_key, value in zip(key_map.values(), values, strict=True)
         if value is not _MISSING
     }
+    if codec.signed:
+        for key, data, value in zip(key_map, replies, values, strict=True):
+            if data is not None and value is _MISSING:
+                _forged(key)
     tally[_HITS] += len(found)
     tally[_MISSES] += len(key_map) - len(found)
     return found
@@ -1683,10 +1771,10 @@ def _op_get_or_set(
     caller computes under a short lock while the others wait for its value (bounded by the
     lock's timeout) and compute it themselves if it does not come. The lock's release waits
     in ``undo`` while it is held; a computed value is kept in ``computed``."""
-    data = yield ("GET", key)
-    if data is not None:
+    value = _found(codec, key, (yield ("GET", key)))
+    if value is not _MISSING:
         tally[_HITS] += 1
-        return codec.loads(data)
+        return value
     tally[_MISSES] += 1  # whoever computes the value: this call did not find it
     if timeout == 0 or lock_timeout is None or not callable(default):
         computed.append((yield _Compute(default)) if callable(default) else default)
@@ -1698,11 +1786,12 @@ def _op_get_or_set(
     locked, data = yield [("SET", lock, token, "PX", int(lock_timeout * 1000), "NX"), ("GET", key)]
     if not locked:
         undo.clear()
-    if data is not None:
+    value = _found(codec, key, data)
+    if value is not _MISSING:
         if locked:
             undo.clear()
             yield release
-        return codec.loads(data)
+        return value
     if locked:
         computed.append((yield _Compute(default)))
         value = yield from _op_store_missing(codec, key, computed[0], timeout)
@@ -1714,8 +1803,9 @@ def _op_get_or_set(
         now = yield _Sleep(pause)
         deadline = now - pause + lock_timeout if deadline is None else deadline
         data, locked = yield [("GET", key), ("EXISTS", lock)]
-        if data is not None:
-            return codec.loads(data)
+        value = _found(codec, key, data)
+        if value is not _MISSING:
+            return value
         if not locked or now >= deadline:  # the holder failed, or is too slow: compute here
             computed.append((yield _Compute(default)))
             return (yield from _op_store_missing(codec, key, computed[0], timeout))
@@ -1725,9 +1815,13 @@ def _op_get_or_set(
 def _op_store_missing(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operation[Any]:
     if timeout == 0:
         return value
-    current = yield _GET_OR_STORE([key], [codec.dumps(value), timeout or 0])
+    data = codec.dumps(value)
+    current = yield _GET_OR_STORE([key], [data, timeout or 0])
     # Another caller may have stored a value since the GET: theirs wins, as with add().
-    return value if current is None else codec.loads(current)
+    found = _found(codec, key, current)
+    if found is _MISSING and current is not None:  # not signed: ours replaces it
+        yield _set_command(key, data, timeout)
+    return value if found is _MISSING else found
 
 
 def _op_move(old_key: str, new_key: str, user_key: Any, atomic: bool) -> Operation[None]:
@@ -1810,16 +1904,20 @@ def _op_apply(convert: Callable[[Any], _T], *command: Any) -> Operation[_T]:
 
 def _members(codec: _Codec, reply: Any) -> list[Any]:
     loads = codec.loads
-    return [loads(member) for member in reply or ()]
+    members = [loads(member) for member in reply or ()]
+    return [m for m in members if m is not _MISSING] if codec.signed else members
 
 
 def _member_set(codec: _Codec, reply: Any) -> set[Any]:
     loads = codec.loads
-    return {loads(member) for member in reply or ()}
+    members = {loads(member) for member in reply or ()}
+    members.discard(_MISSING)  # a member without a valid signature (OPTIONS sign_values)
+    return members
 
 
 def _optional_member(codec: _Codec, reply: Any) -> Any:
-    return None if reply is None else codec.loads(reply)
+    value = None if reply is None else codec.loads(reply)
+    return None if value is _MISSING else value
 
 
 def _pairs(reply: Any) -> Iterable[Any]:
@@ -1846,7 +1944,8 @@ def _scored(
     if not withscores:
         return _members(codec, reply)
     loads = codec.loads
-    return [(loads(member), score_cast_func(float(score))) for member, score in _pairs(reply)]
+    scored = [(loads(member), score_cast_func(float(score))) for member, score in _pairs(reply)]
+    return [pair for pair in scored if pair[0] is not _MISSING] if codec.signed else scored
 
 
 def _popped(codec: _Codec, count: int | None, reply: Any) -> Any:
@@ -1859,7 +1958,8 @@ def _popped(codec: _Codec, count: int | None, reply: Any) -> Any:
 
 def _hash(codec: _Codec, reply: Any) -> dict[str, Any]:
     loads = codec.loads
-    return {_text(field): loads(value) for field, value in _pairs(reply)}
+    fields = {_text(field): loads(value) for field, value in _pairs(reply)}
+    return {f: v for f, v in fields.items() if v is not _MISSING} if codec.signed else fields
 
 
 def _fields(reply: Any) -> list[str]:
@@ -1867,8 +1967,7 @@ def _fields(reply: Any) -> list[str]:
 
 
 def _optional_members(codec: _Codec, reply: Any) -> list[Any]:
-    loads = codec.loads
-    return [None if value is None else loads(value) for value in reply]
+    return [_optional_member(codec, value) for value in reply]
 
 
 def _bools(reply: Any) -> list[bool]:
@@ -1890,7 +1989,10 @@ def _op_sscan(codec: _Codec, key: str, count: int, match: str | None) -> Operati
     cursor = 0
     while True:
         cursor, members = yield ("SSCAN", key, cursor, "COUNT", count)
+        forged = codec.forged
         found = _members(codec, members)
+        if codec.forged != forged:
+            _forged(key)
         if match is not None:
             found = [m for m in found if isinstance(m, str) and fnmatch.fnmatchcase(m, match)]
         if found:
@@ -2187,6 +2289,8 @@ class _Store:
         try:
             value = self.codec.loads(data)
         except Exception:  # not ours to read: the caller's own read reports it
+            return
+        if value is _MISSING:  # not signed (OPTIONS sign_values): never kept
             return
         kept = type(value) in _IMMUTABLE  # kept decoded (a decompressed size), else as stored
         held = len(value) if kept and type(value) in (str, bytes) else 16 if kept else len(data)
@@ -4003,7 +4107,23 @@ class _RedisEXBase(BaseCache):
     ) -> Plan[_T]:
         """A plan of one command on one key: ``method`` upper-cased, the key, ``arguments``."""
         redis_key = self.make_and_validate_key(key, version)
+        convert = self._decoding(convert, redis_key)
         return Plan(method, _op_apply(convert, method.upper(), redis_key, *arguments), fallback)
+
+    def _decoding(self, convert: Callable[[Any], _T], key: str) -> Callable[[Any], _T]:
+        """``convert``, logging ``key`` when a member it decodes has no valid signature."""
+        codec = self._codec
+        if not codec.signed:
+            return convert
+
+        def checked(reply: Any) -> _T:
+            forged = codec.forged
+            result = convert(reply)
+            if codec.forged != forged:
+                _forged(key)
+            return result
+
+        return checked
 
     def _together(self, method: str, keys: list[Any], redis_keys: list[str]) -> list[str]:
         """``redis_keys``, the keys of one command; on Cluster, they must share a slot."""
@@ -4038,7 +4158,7 @@ class _RedisEXBase(BaseCache):
         self, method: str, keys: tuple[Any, ...], version: int | None
     ) -> Plan[builtins.set[Any]]:
         redis_keys = self._together(method, list(keys), self._keys(keys, version))
-        convert = functools.partial(_member_set, self._codec)
+        convert = self._decoding(functools.partial(_member_set, self._codec), redis_keys[0])
         return Plan(method, _op_apply(convert, method.upper(), *redis_keys), set)
 
     def _plan_sdiff(self, *keys: Any, version: int | None = None) -> Plan[builtins.set[Any]]:
@@ -4368,9 +4488,10 @@ class _RedisEXBase(BaseCache):
         command: tuple[Any, ...],
     ) -> Plan[list[Any]]:
         """ZRANGE and its kin: ``command`` is the name and the arguments after the key."""
-        convert = functools.partial(_scored, self._codec, withscores, score_cast_func)
         name, *arguments = (*command, "WITHSCORES") if withscores else command
         redis_key = self.make_and_validate_key(key, version)
+        scored = functools.partial(_scored, self._codec, withscores, score_cast_func)
+        convert = self._decoding(scored, redis_key)
         return Plan(method, _op_apply(convert, name, redis_key, *arguments), list)
 
     def _plan_zrange(

@@ -63,6 +63,7 @@ from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpRequest, HttpResponse
 from django.test.utils import override_settings
 from django.urls import path
+from django.utils.crypto import salted_hmac
 from django.utils.module_loading import import_string
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -4973,3 +4974,125 @@ def test_a_credential_provider_is_refused_over_plain_tcp_and_checked() -> None:
             "rediss://127.0.0.1:9",
             OPTIONS={"credential_provider": "no.such.Provider"},
         )
+
+
+# ---------------------------------------------------------------------------
+# Signed values: OPTIONS sign_values (issue 12, part 1)
+# ---------------------------------------------------------------------------
+
+UNPICKLED: list[str] = []
+
+
+def _unpickled(marker: str) -> str:
+    """What a hostile pickle would run: recorded, so a test can say it never ran."""
+    UNPICKLED.append(marker)
+    return marker
+
+
+class Hostile:
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (_unpickled, ("ran",))
+
+
+def signed_options(**more: Any) -> dict[str, Any]:
+    return {"sign_values": True, **more}
+
+
+def test_signed_values_round_trip_on_every_topology_and_path(api: Api, target: Target) -> None:
+    backend = f"django_redis_ex.{type(api.cache).__name__}"
+    cache = target.make(backend, KEY_PREFIX="sig", OPTIONS=signed_options())
+    signed = Api(cache, api.path, api.loop)
+    values = {"text": "é" * 50, "dict": {"a": [1, 2.5, None]}, "n": 7, "big": "x" * 3000}
+    for key, value in values.items():
+        signed.set(key, value)
+        assert signed.get(key) == value
+    assert signed.get_many(list(values)) == values
+    assert target.raw.get("sig:1:n") == b"7" and signed.incr("n") == 8  # ints stay raw
+    stored = cast(bytes, target.raw.get("sig:1:text"))
+    assert stored.startswith(django_redis_ex._SIGNED)
+    expected = salted_hmac(
+        django_redis_ex._SIGNING_SALT.decode(), stored[35:], algorithm="sha256"
+    ).digest()
+    assert stored[3:35] == expected  # Django's salted_hmac, keyed from SECRET_KEY
+    assert signed.sadd("{s}set", "m", 1) == 2 and signed.smembers("{s}set") == {"m", 1}
+    signed.hset("{s}h", "f", [1])
+    assert signed.hgetall("{s}h") == {"f": [1]}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_value_without_a_valid_signature_reads_as_a_miss_and_never_runs(
+    server: RedisServer,
+    path: str,
+    loop: asyncio.AbstractEventLoop,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = make_cache(
+        BACKENDS["RedisEXCache"],
+        server.url,
+        KEY_PREFIX=f"forged-{path}",
+        OPTIONS=signed_options(compressor="zlib"),
+    )
+    api, raw = Api(cache, path, loop), server.client()
+    hostile = pickle.dumps(Hostile(), pickle.HIGHEST_PROTOCOL)
+    caplog.set_level(logging.WARNING, logger="django_redis_ex")
+    UNPICKLED.clear()
+    raw.set(cache.make_key("k"), hostile)  # written by whoever reached the Redis
+    api.set("good", "v")
+    good = cast(bytes, raw.get(cache.make_key("good")))
+    tampered = good[:-1] + bytes([good[-1] ^ 1])
+    raw.set(cache.make_key("tampered"), tampered)
+    raw.set(cache.make_key("moved"), good)  # a valid signature, on another key's value...
+    for _ in range(3):
+        assert api.get("k", "miss") == "miss" and api.get("tampered") is None
+    assert api.get_many(["k", "good", "tampered"]) == {"good": "v"}
+    assert api.get("moved") == "v"  # ...is still a value this app wrote: it reads
+    assert api.get_or_set("k", lambda: "computed") == "computed"
+    assert api.get("k") == "computed"  # the unsigned value was replaced
+    raw.sadd(cache.make_key("s"), hostile)
+    api.sadd("s", "ok")
+    assert api.smembers("s") == {"ok"} and api.hget("none", "f") is None
+    raw.set(cache.make_key("text"), hostile)
+    with pytest.raises(redis.ResponseError, match="not an integer"):
+        api.incr("text")  # as on any value that is not an integer
+    assert UNPICKLED == []
+    forged = [r.getMessage() for r in caplog.records if "valid signature" in r.getMessage()]
+    keys = [m.split("'")[1] for m in forged]
+    assert sorted(keys) == sorted({cache.make_key(k) for k in ("k", "tampered", "s")}), forged
+    assert all("ran" not in m and "\\x" not in m for m in forged)  # never the value
+
+
+def test_signed_values_survive_a_secret_key_rotation_and_refuse_unsigned_data(
+    server: RedisServer,
+) -> None:
+    backend = BACKENDS["RedisEXCache"]
+    plain = make_cache(backend, server.url, KEY_PREFIX="rot-sig")
+    plain.set("old", "unsigned")
+    with override_settings(SECRET_KEY="first-secret"):
+        first = make_cache(backend, server.url, KEY_PREFIX="rot-sig", OPTIONS=signed_options())
+        assert first.get("old") is None  # turning signing on: old entries read as misses
+        first.set("k", "v")
+    with override_settings(SECRET_KEY="second-secret", SECRET_KEY_FALLBACKS=["first-secret"]):
+        second = make_cache(backend, server.url, KEY_PREFIX="rot-sig", OPTIONS=signed_options())
+        assert second.get("k") == "v"  # signed with a fallback key: read
+        second.set("k2", "v2")
+    with override_settings(SECRET_KEY="second-secret"):
+        third = make_cache(backend, server.url, KEY_PREFIX="rot-sig", OPTIONS=signed_options())
+        assert third.get("k") is None and third.get("k2") == "v2"  # the old key retired
+
+
+def test_signed_values_and_the_client_side_cache(server: RedisServer, backend: str) -> None:
+    cache = cached_cache(backend, server.url, "sig-cc")
+    signed = make_cache(
+        backend,
+        server.url,
+        KEY_PREFIX="sig-cc2",
+        OPTIONS={"sign_values": True, "client_cache": {"heartbeat_interval": HEARTBEAT}},
+    )
+    serving(signed)
+    signed.set("k", {"v": 1})
+    assert signed.get("k") == {"v": 1} and signed.get("k") == {"v": 1}
+    assert signed._store is not None and signed._store.holds(signed.make_key("k"))
+    server.client().set(signed.make_key("bad"), pickle.dumps({"v": 2}))
+    assert signed.get("bad") is None and signed.get("bad") is None
+    assert not signed._store.holds(signed.make_key("bad"))
+    assert cache._store is not signed._store  # signing is part of what a store is for
