@@ -18,6 +18,9 @@ paired by repetition. The main table's columns have short headings, listed above
 - ``AEX-mux``: AsyncRedisEXCache with ``{"multiplex": False}`` (concurrent async calls of one
   loop no longer share connections); only the scenarios that multiplexing may change (threads,
   async, the ASGI async view).
+- ``EX+sig``: RedisEXCache with OPTIONS ``{"sign_values": True}`` (an HMAC-SHA256 stored with
+  every value and checked before any value is deserialized); get and set only. The codec
+  section measures it on its 2 KB value too (``signed``).
 - ``vcache``, ``vcache+csc``: django-vcache (``django_vcache.backend.ValkeyCache``, a Rust
   driver with one multiplexed connection; Python 3.12+) with its defaults, and with OPTIONS
   ``{"CLIENT_SIDE_CACHE": {"ENABLED": True}}`` (its defaults: MAX_SIZE 10,000, TTL 300 s). It
@@ -197,6 +200,7 @@ CODECS: dict[str, tuple[dict[str, Any], str | None]] = {  # OPTIONS, module it n
     "zlib": ({"compressor": "zlib"}, None),
     "zstd": ({"compressor": "zstd"}, "zstandard"),
     "lz4": ({"compressor": "lz4"}, "lz4.frame"),
+    "signed": ({"sign_values": True}, None),  # HMAC-SHA256 of every value (2 KB here)
 }
 CODEC_SCENARIOS: tuple[str, ...] = ("sync.get_hit", "sync.set", "sync.get_many")
 CODEC_SCENARIOS += ("sync.set_many", "async.get", "async.set")
@@ -313,6 +317,15 @@ ROWS = [
         "AEX-mux",
         {"multiplex": False},
         only=("threads.", "async.", "asgi.async_view"),  # what multiplexing may change
+        optional=True,
+    ),
+    Row(
+        f"{EX}+sign_values",
+        EX,
+        "RedisEXCache +sign_values",
+        "EX+sig",
+        {"sign_values": True},
+        only=("sync.get_hit", "sync.set", "async.get", "async.set"),  # get/set, 100 bytes
         optional=True,
     ),
     Row(VCACHE, VCACHE, "django-vcache", "vcache", {}, module="django_vcache"),
