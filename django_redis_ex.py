@@ -275,21 +275,24 @@ class _SignedCodec(_Codec):
         secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ())]
         if not secrets[0]:
             raise ImproperlyConfigured("OPTIONS 'sign_values' needs Django's SECRET_KEY.")
-        # salted_hmac's key: sha256(salt + secret), made once instead of once a value.
+        # salted_hmac's key, sha256(salt + secret), and HMAC's two padded hashes of it, made
+        # once: hmac.digest() would cost 1.6 us a value (OpenSSL fetches SHA-256 each time),
+        # copies of the padded hashes cost 0.7 us.
         self.keys = [hashlib.sha256(_SIGNING_SALT + _bytes(s)).digest() for s in secrets]
+        self.pads = [_hmac_pads(key) for key in self.keys]
         self.forged = 0
 
     def dumps(self, obj: Any) -> Any:
         data = super().dumps(obj)
         if type(data) is int:  # INCR needs it raw; an int runs no code when read
             return data
-        return _SIGNED + hmac.digest(self.keys[0], data, "sha256") + data
+        return _SIGNED + _hmac_sha256(self.pads[0], data) + data
 
     def loads(self, data: bytes) -> Any:
         if data[:3] == _SIGNED:
             mac, payload = data[3:35], data[35:]
-            for key in self.keys:
-                if hmac.compare_digest(mac, hmac.digest(key, payload, "sha256")):
+            for pads in self.pads:
+                if hmac.compare_digest(mac, _hmac_sha256(pads, payload)):
                     return self._decode(payload)
         elif data[:1] in _INT_FIRST_BYTES and data[:1] and _reads_as_int(data):
             return int(data)
@@ -304,6 +307,21 @@ class _SignedCodec(_Codec):
 _SIGNED = b"\x00rs"  # then 32 bytes of HMAC-SHA256, then what the codec stores unsigned
 _SIGNING_SALT = b"django_redis_ex.sign_values"
 _forged_keys: set[str] = set()
+
+
+def _hmac_pads(key: bytes) -> tuple[Any, Any]:
+    """HMAC-SHA256's inner and outer hashes of ``key`` (RFC 2104), to be copied per message."""
+    block = key.ljust(64, b"\x00")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+    return inner, outer
+
+
+def _hmac_sha256(pads: tuple[Any, Any], message: bytes) -> bytes:
+    inner, outer = pads[0].copy(), pads[1].copy()
+    inner.update(message)
+    outer.update(inner.digest())
+    return cast(bytes, outer.digest())
 
 
 def _bytes(secret: str | bytes) -> bytes:
