@@ -1634,7 +1634,8 @@ def test_compression_shrinks_large_values_only(api: Api, target: Target) -> None
 def test_ignore_exceptions_returns_misses_and_logs_each_failure(
     backend: str, path_: str, loop: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    options = {"ignore_exceptions": True, "socket_connect_timeout": 0.5}
+    # Without the circuit breaker, which would skip Redis (and the log) after 3 failures.
+    options = {"ignore_exceptions": True, "socket_connect_timeout": 0.5, "circuit_breaker": False}
     api = Api(
         make_cache(backend, f"redis://127.0.0.1:{free_port()}/0", OPTIONS=options), path_, loop
     )
@@ -2177,7 +2178,10 @@ NOWHERE = "redis://127.0.0.1:9"  # never connected to: every reply comes from a 
 
 
 def offline_cache(**options: Any) -> Any:
-    """A cache whose plans are run by scripted drivers only (KEY_PREFIX 't')."""
+    """A cache whose plans are run by scripted drivers only (KEY_PREFIX 't'). The circuit
+    breaker is off unless asked for: its state is the process's, shared by these tests."""
+    if options.get("ignore_exceptions"):
+        options.setdefault("circuit_breaker", False)
     return make_cache(BACKENDS["RedisEXCache"], NOWHERE, KEY_PREFIX="t", OPTIONS=options)
 
 
@@ -5096,3 +5100,23 @@ def test_signed_values_and_the_client_side_cache(server: RedisServer, backend: s
     assert signed.get("bad") is None and signed.get("bad") is None
     assert not signed._store.holds(signed.make_key("bad"))
     assert cache._store is not signed._store  # signing is part of what a store is for
+
+
+@pytest.mark.parametrize("serializer", SERIALIZERS)
+@pytest.mark.parametrize("compressor", [None, "zlib", "lzma", "zstd", "lz4"])
+def test_signed_values_with_every_serializer_and_compressor(
+    server: RedisServer, serializer: str, compressor: str | None
+) -> None:
+    options = {**codec_options(serializer, compressor), "sign_values": True}
+    prefix = f"sig-{serializer}-{compressor}"
+    cache = make_cache(BACKENDS["RedisEXCache"], server.url, KEY_PREFIX=prefix, OPTIONS=options)
+    raw = server.client()
+    for i, value in enumerate(CODEC_VALUES):
+        cache.set(f"k{i}", value)
+        assert cache.get(f"k{i}") == value
+        stored = cast(bytes, raw.get(cache.make_key(f"k{i}")))
+        assert stored.startswith(django_redis_ex._SIGNED) or type(value) is int
+        if type(value) is not int:  # one bit of the value flipped: a miss, never a decode
+            raw.set(cache.make_key(f"k{i}"), stored[:-1] + bytes([stored[-1] ^ 1]))
+            assert cache.get(f"k{i}", "miss") == "miss"
+    assert asyncio.run(cache.aget_many(["k0", "k2", "k4"])) == {"k0": 0, "k2": -12}
