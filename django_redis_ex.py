@@ -56,6 +56,7 @@ from typing import (
     Any,
     Concatenate,
     Generic,
+    NamedTuple,
     NoReturn,
     ParamSpec,
     TypeVar,
@@ -83,10 +84,12 @@ from django.utils.functional import cached_property
 from django.utils.module_loading import import_string
 
 _otel: Any
+_otel_context: Any
 try:  # OpenTelemetry's API, if installed: each call that goes to Redis is then a span
+    from opentelemetry import context as _otel_context
     from opentelemetry import trace as _otel
 except ImportError:  # not installed: nothing is traced
-    _otel = None
+    _otel = _otel_context = None
 
 __all__ = [
     "AsyncRedisEXCache",
@@ -985,13 +988,11 @@ class _SharedAsyncRedis(redis.asyncio.Redis):
         await super().aclose(close_connection_pool=False)
 
 
-# command: (RedisCluster method that splits it by slot, its arguments from the command's)
-_CLUSTER_SPLIT: dict[str, tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {
-    "MGET": ("mget_nonatomic", lambda args: (list(args),)),
-    "MSET": ("mset_nonatomic", lambda args: (dict(zip(args[::2], args[1::2], strict=True)),)),
-    "DEL": ("delete", lambda args: args),
-    "UNLINK": ("unlink", lambda args: args),
-    "EXISTS": ("exists", lambda args: args),
+# How the RedisCluster method that splits a command by slot (the command table's ``split``)
+# takes the command's arguments, where it takes them otherwise than as they are.
+_CLUSTER_ARGUMENTS: dict[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]] = {
+    "mget_nonatomic": lambda args: (list(args),),
+    "mset_nonatomic": lambda args: (dict(zip(args[::2], args[1::2], strict=True)),),
 }
 
 
@@ -1002,13 +1003,14 @@ class _ClusterCommands:
     @classmethod
     def split(cls, client: Any, args: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]] | None:
         """The splitting method and its arguments, if ``args`` spans slots."""
-        how = _CLUSTER_SPLIT.get(args[0])
-        if how is None:
+        method = _COMMANDS.get(args[0], _UNKNOWN).split
+        if method is None:
             return None
-        keys = args[1::2] if args[0] == "MSET" else args[1:]
+        keys = _keys_of(args) or ()
         if len({client.keyslot(key) for key in keys}) < 2:
             return None
-        return how[0], how[1](args[1:])
+        arguments = _CLUSTER_ARGUMENTS.get(method)
+        return method, args[1:] if arguments is None else arguments(args[1:])
 
     @staticmethod
     def scan_target(client: Any, cursor: int) -> tuple[Any, int, int]:
@@ -1526,6 +1528,99 @@ def _topology_for(servers: list[str], options: dict[str, Any]) -> _Topology:
 
 
 # ---------------------------------------------------------------------------
+# The command table: what the module knows of each Redis command it sends
+# ---------------------------------------------------------------------------
+
+
+class _Command(NamedTuple):
+    """One Redis command as the policy sees it. Its keys sit where Redis's ``COMMAND INFO``
+    puts them: from ``first`` to ``last`` (counted from the end when negative) by ``step``."""
+
+    writes: bool  # it may change keys: the client-side store drops those it names
+    replica: bool  # a read that a replica may answer
+    resend: bool  # it may go out once more after a dead connection: the same effect twice
+    first: int = 1  # where its first key is; 0: it names none; -1: it may change any key
+    last: int = 1
+    step: int = 1
+    numkeys: int = 0  # where the number of its keys is given (EVAL, EVALSHA)
+    split: str | None = None  # the RedisCluster method that splits it by slot
+
+
+_READ = _Command(writes=False, replica=True, resend=True)
+_READ_MANY = _Command(writes=False, replica=True, resend=True, last=-1)
+_WRITE = _Command(writes=True, replica=False, resend=False)
+_WRITE_MANY = _Command(writes=True, replica=False, resend=False, last=-1)
+_NO_KEY = _Command(writes=False, replica=False, resend=False, first=0)
+
+# Every command the module sends (a test checks that). A command not here takes the safe side
+# everywhere: the first server, never sent twice, and it drops every key the store holds.
+_COMMANDS: dict[str, _Command] = {
+    **dict.fromkeys(
+        ("GET", "TTL", "PTTL", "SCARD", "SISMEMBER", "SMISMEMBER", "SMEMBERS", "SRANDMEMBER"),
+        _READ,
+    ),
+    **dict.fromkeys(("SSCAN", "HLEN", "HKEYS", "HEXISTS", "HGET", "HGETALL", "HMGET"), _READ),
+    **dict.fromkeys(("ZCARD", "ZCOUNT", "ZRANGE", "ZRANGEBYSCORE", "ZRANK", "ZSCORE"), _READ),
+    **dict.fromkeys(("ZREVRANGE", "ZREVRANGEBYSCORE"), _READ),
+    **dict.fromkeys(("SDIFF", "SINTER", "SUNION"), _READ_MANY),
+    "MGET": _READ_MANY._replace(split="mget_nonatomic"),
+    "EXISTS": _READ_MANY._replace(split="exists"),
+    "SCAN": _NO_KEY._replace(resend=True),
+    # Writes whose second run changes nothing (unless NX or XX make them conditional).
+    "SET": _WRITE._replace(resend=True),
+    "MSET": _WRITE_MANY._replace(resend=True, step=2, split="mset_nonatomic"),
+    **dict.fromkeys(("EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT", "PERSIST", "INCRBY"), _WRITE),
+    **dict.fromkeys(("SADD", "SREM", "SPOP", "HSET", "HDEL", "HINCRBY"), _WRITE),
+    **dict.fromkeys(("ZADD", "ZINCRBY", "ZPOPMAX", "ZPOPMIN", "ZREM", "ZREMRANGEBYSCORE"), _WRITE),
+    **dict.fromkeys(("SDIFFSTORE", "SINTERSTORE", "SUNIONSTORE"), _WRITE_MANY),
+    "SMOVE": _WRITE._replace(last=2),
+    "DEL": _WRITE_MANY._replace(split="delete"),
+    "UNLINK": _WRITE_MANY._replace(split="unlink"),
+    **dict.fromkeys(("EVALSHA", "EVAL"), _WRITE._replace(first=3, numkeys=2)),
+    "FLUSHDB": _WRITE._replace(first=-1),
+    **dict.fromkeys(("CONFIG", "PING", "CLIENT"), _NO_KEY),
+}
+_UNKNOWN = _Command(writes=True, replica=False, resend=False, first=-1)
+
+
+def _keys_of(command: tuple[Any, ...]) -> list[Any] | None:
+    """The keys ``command`` names, where its row places them; None: it may touch any key."""
+    row = _COMMANDS.get(command[0], _UNKNOWN)
+    first = row.first
+    if first <= 0:
+        return None if first < 0 else []
+    if row.numkeys:
+        return list(command[first : first + int(command[row.numkeys])])
+    last = len(command) + row.last if row.last < 0 else row.last
+    return list(command[first : last + 1 : row.step])
+
+
+def _keys_written(command: tuple[Any, ...]) -> list[Any] | None:
+    """The keys ``command`` may change: none for a read; None for every key."""
+    return _keys_of(command) if _COMMANDS.get(command[0], _UNKNOWN).writes else []
+
+
+def _replica_safe(commands: list[tuple[Any, ...]]) -> bool:
+    return all(_COMMANDS.get(command[0], _UNKNOWN).replica for command in commands)
+
+
+def _resendable(commands: list[tuple[Any, ...]], error: BaseException) -> bool:
+    """Whether ``commands`` may go out once more on a new connection after ``error``: the
+    connection they took may have died idle (a restart, the server's idle ``timeout``); a
+    server that is down fails the second attempt at once too. Never after a timeout (a
+    frozen server), wrong credentials or a wait for a free connection that ran out."""
+    return (
+        isinstance(error, redis.ConnectionError)
+        and not isinstance(error, (_PoolExhausted, _CircuitOpen))
+        and not _wrong_credentials(error)
+        and all(
+            _COMMANDS.get(c[0], _UNKNOWN).resend and "NX" not in c and "XX" not in c
+            for c in commands
+        )
+    )
+
+
+# ---------------------------------------------------------------------------
 # Operations: what each cache method sends to Redis and how the reply becomes a result
 # ---------------------------------------------------------------------------
 # An operation is a generator that does no I/O. It yields a command (a tuple of arguments), a
@@ -1571,11 +1666,14 @@ Operation = Generator[Command, Any, _T]
 
 
 class Plan(Generic[_T]):
-    """A call of a cache method, ready for a driver: the public method's name (for the log),
-    the operation, and its fallback: what the call returns (or raises) when Redis is
+    """A call of a cache method, ready for the policy: the public method's name (for the
+    log), the operation, and its fallback: what the call returns (or raises) when Redis is
     unavailable and OPTIONS ``ignore_exceptions`` is on."""
 
-    __slots__ = ("fallback", "method", "operation", "undo")
+    __slots__ = ("fallback", "iterating", "method", "operation", "trace", "undo")
+    primary = False  # whether reads go to the server that takes writes too (_OnPrimary)
+    iterating: bool  # set for an iteration: a span per round trip
+    trace: Any  # set while the call is traced: its span and context
 
     def __init__(
         self,
@@ -1590,6 +1688,13 @@ class Plan(Generic[_T]):
         # Commands the operation puts here while it holds something (a lock) and takes back
         # when it lets go: sent, best effort, if the call fails, is cancelled or times out.
         self.undo = _NOTHING_TO_UNDO if undo is None else undo
+
+
+class _OnPrimary(Plan[_T]):
+    """A plan whose reads go to the server that takes writes too (read-your-writes)."""
+
+    __slots__ = ()
+    primary = True
 
 
 _NOTHING_TO_UNDO: list[tuple[Any, ...]] = []  # never appended to: shared by plans
@@ -2035,52 +2140,66 @@ def _op_gathered(iteration: Operation[None]) -> Operation[set[Any]]:
 
 
 # ---------------------------------------------------------------------------
-# Drivers: plans run on redis-py's sync and asyncio clients; all I/O policy lives here
+# The policy: one runner of a plan, with no I/O; the shells below perform what it asks
 # ---------------------------------------------------------------------------
 
-# Commands that may go to a replica; everything else goes to the first server.
-_READ_COMMANDS = frozenset(
-    {
-        "GET",
-        "MGET",
-        "EXISTS",
-        "TTL",
-        "PTTL",
-        "SCARD",
-        "SDIFF",
-        "SINTER",
-        "SISMEMBER",
-        "SMISMEMBER",
-        "SMEMBERS",
-        "SRANDMEMBER",
-        "SSCAN",
-        "SUNION",
-        "HLEN",
-        "HKEYS",
-        "HEXISTS",
-        "HGET",
-        "HGETALL",
-        "HMGET",
-        "ZCARD",
-        "ZCOUNT",
-        "ZRANGE",
-        "ZRANGEBYSCORE",
-        "ZRANK",
-        "ZREVRANGE",
-        "ZREVRANGEBYSCORE",
-        "ZSCORE",
-    }
-)
+
+# What the policy asks of a shell: a pause, a computation, an iteration's results, or a
+# send: ``(index, commands)``, the commands to send together on the client at ``index`` (0
+# takes writes). A send's reply is their replies in order, an error reply as its
+# ``ResponseError`` object; the shell raises only when the exchange itself failed.
+_Send = tuple[int, list[tuple[Any, ...]]]
+Request = Union[_Send, _Sleep, _Compute, _Found]  # noqa: UP007
+
+
+class _Trip:
+    """One round trip as the optional features see it: where it goes, what goes out, and
+    each feature's note on it."""
+
+    __slots__ = ("again", "commands", "index", "plan", "probe", "span", "ticket", "wire")
+
+    def __init__(self, plan: Plan[Any], index: int, commands: list[tuple[Any, ...]]) -> None:
+        self.plan, self.index, self.commands, self.wire = plan, index, commands, commands
+        self.ticket: Any = None  # the client-side store's read in flight
+        self.probe: Any = None  # the circuit breaker this trip probes
+        self.span: Any = None  # an iteration's span for this round trip
+        self.again = False  # it failed, and goes out once more at once
+
+
+class _Feature:
+    """An optional feature (the client-side store, the circuit breaker, stats, tracing),
+    built once per configuration. The policy shows it a call as it begins and ends, and each
+    round trip before it goes out, with its replies, or with the error that ended it."""
+
+    trips = True  # whether it sees round trips, or only calls
+
+    def begin(self, plan: Plan[Any]) -> None:
+        """A call begins."""
+
+    def sending(self, trip: _Trip) -> None:
+        """A round trip is about to go out: the feature may send it elsewhere (``index``),
+        send more (``wire``), or refuse it by raising."""
+
+    def replied(self, trip: _Trip, replies: list[Any]) -> list[Any]:
+        """The replies came: what the operation receives."""
+        return replies
+
+    def failed(self, trip: _Trip, error: BaseException) -> None:
+        """The round trip failed, or was cancelled, with ``error``."""
+
+    def end(self, plan: Plan[Any], error: BaseException | None, ignored: bool) -> None:
+        """The call ended: with ``error`` (None if it succeeded), which was ``ignored``."""
+
+
+_ResponseError = redis.ResponseError
 
 # Redis is down, unreachable or too slow: what ignore_exceptions covers. Wrong credentials
 # are a configuration error and always raise.
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
-
-
 _MASTER_NOT_FOUND = (redis.sentinel.MasterNotFoundError, redis.asyncio.sentinel.MasterNotFoundError)
 
 
-def _wrong_credentials(error: Exception) -> bool:
+def _wrong_credentials(error: BaseException) -> bool:
     """Whether ``error`` says the credentials are wrong: a configuration error, never ignored.
     redis-py's Sentinel reports them as MasterNotFoundError, with each sentinel's error in
     its text."""
@@ -2094,26 +2213,19 @@ _LARGE_VALUE = 1 << 20
 _BULK_LIMIT = ("CONFIG", "GET", "proto-max-bulk-len")
 
 
-def _commands_of(command: Command) -> list[tuple[Any, ...]]:
-    """The Redis commands in ``command``: itself, those of a pipeline, or none (a pause)."""
-    return [command] if type(command) is tuple else command if type(command) is list else []
+def _largest_value(commands: list[tuple[Any, ...]]) -> int:
+    return max((len(a) for c in commands for a in c if isinstance(a, bytes)), default=0)
 
 
-def _largest_value(command: Command) -> int:
-    return max(
-        (len(a) for c in _commands_of(command) for a in c if isinstance(a, bytes)), default=0
-    )
-
-
-def _refuse_oversized(command: Command, limit_reply: Any, error: Exception) -> None:
-    """Raise a ValueError if ``command`` carries a value over the server's size limit: Redis
+def _refuse_oversized(commands: list[tuple[Any, ...]], limit_reply: Any, error: Any) -> None:
+    """Raise a ValueError if ``commands`` carry a value over the server's size limit: Redis
     answers "invalid bulk length" and closes the connection, which would otherwise read as
     Redis being unavailable."""
     reply = dict(limit_reply) if isinstance(limit_reply, dict) else {}
     if isinstance(limit_reply, list):
         reply = dict(zip(limit_reply[::2], limit_reply[1::2], strict=False))
     limit = int(next(iter(reply.values()), 0) or 0)
-    size = _largest_value(command)
+    size = _largest_value(commands)
     if (limit and size > limit) or "invalid bulk length" in str(error):
         raise ValueError(
             f"A value of {size} bytes is larger than this Redis server accepts "
@@ -2122,55 +2234,146 @@ def _refuse_oversized(command: Command, limit_reply: Any, error: Exception) -> N
         ) from error
 
 
-# Commands that may be sent once more when their connection turns out to have been closed
-# by the server: they read, or write the same whatever is stored (not NX/XX, INCR, scripts).
-# Sent again after a dead connection: reads, and writes whose second run changes nothing
-# (a resent SADD, HSET or ZADD would report 0 added when the first one was applied).
-_IDEMPOTENT = _READ_COMMANDS | {"SCAN", "SET", "MSET"}
+class _Policy:
+    """Runs plans, for one cache configuration and one path, without doing I/O: routing by
+    the command table, a second attempt after a dead connection, the check for values too
+    large, the undo of what a failed call holds, the fallback with ``ignore_exceptions``,
+    and the optional features' hooks. It yields only requests (a send, ``_Sleep``,
+    ``_Compute``, and an iteration's ``_Found``) that a shell performs and answers; a failed
+    request is thrown back into it, so its bookkeeping ends in ``finally``, cancelled or not.
+    """
 
+    def __init__(self, topology: _Topology, features: tuple[_Feature, ...], prefix: str) -> None:
+        self.config = topology.config
+        # With a client-side store, reads go where its tracking connection is.
+        store = any(isinstance(feature, _Store) for feature in features)
+        self.readers = 0 if store else topology.readers
+        self.features = features
+        self.begins = tuple(f for f in features if type(f).begin is not _Feature.begin)
+        self.trip_hooks = tuple(feature for feature in features if feature.trips)
+        self.prefix = prefix  # what the methods of this path start with: "a" for asyncio
 
-def _resendable(command: Command, error: redis.RedisError) -> bool:
-    """Whether ``command`` may go out once more on a new connection after ``error``: the
-    connection it took may have died idle (a restart, the server's idle ``timeout``); a
-    server that is down fails the second attempt at once too. Never a timeout (a frozen
-    server) and never wrong credentials."""
-    commands = _commands_of(command)
-    return (
-        bool(commands)
-        and isinstance(error, redis.ConnectionError)
-        and not isinstance(error, (redis.AuthenticationError, _PoolExhausted))
-        and all(c[0] in _IDEMPOTENT and "NX" not in c and "XX" not in c for c in commands)
-    )
+    def run(self, plan: Plan[_T]) -> Generator[Request, Any, _T]:
+        """The plan's result, or its fallback when Redis is unavailable and errors ignored."""
+        ignored = False
+        error: BaseException | None = None
+        for feature in self.begins:
+            feature.begin(plan)
+        operation, reply = plan.operation, None
+        try:
+            while True:
+                try:
+                    command = operation.send(reply)
+                except StopIteration as done:
+                    result: _T = done.value
+                    return result
+                if type(command) is tuple:
+                    reply = (yield from self._trip(plan, [command]))[0]
+                elif type(command) is list:
+                    reply = yield from self._trip(plan, command)
+                else:  # a pause, a computation, an iteration's results
+                    reply = yield cast(Request, command)
+        except GeneratorExit:  # the shell dropped the call: nothing more can go out
+            raise
+        except BaseException as failure:  # cancelled or timed out too: what it holds goes
+            error = failure
+            yield from self._undo(plan)
+            ignored = self._ignores(plan, failure)
+            return cast(_T, (yield _Compute(plan.fallback)))
+        finally:
+            for feature in self.features:
+                feature.end(plan, error, ignored)
+
+    def _trip(
+        self, plan: Plan[Any], commands: list[tuple[Any, ...]], attempt: int = 1
+    ) -> Generator[Request, Any, list[Any]]:
+        """The replies of one round trip, sent again once after a dead connection if the
+        table allows (a read that failed on a replica, to the first server); an error reply
+        is raised, as redis-py raises it."""
+        index = 0
+        if self.readers and attempt == 1 and not plan.primary and _replica_safe(commands):
+            index = random.randint(1, self.readers)
+        trip = self._sending(plan, index, commands) if self.trip_hooks else None
+        try:
+            replies = yield (index, commands) if trip is None else (trip.index, trip.wire)
+        except BaseException as error:
+            again = attempt == 1 and _resendable(commands, error)
+            if trip is not None:  # a replica's failure counts: the read goes elsewhere
+                self._failed(trip, error, again and not trip.index)
+            if isinstance(error, redis.RedisError):
+                yield from self._refuse_if_oversized(plan, commands, error)
+            if not again:
+                raise
+            return (yield from self._trip(plan, commands, 2))
+        if trip is not None:
+            for hook in self.trip_hooks:
+                replies = hook.replied(trip, replies)
+        for reply in replies:
+            if isinstance(reply, _ResponseError):
+                return (yield from self._error_reply(plan, commands, reply))
+        return replies  # type: ignore[no-any-return]
+
+    def _sending(self, plan: Plan[Any], index: int, commands: list[tuple[Any, ...]]) -> _Trip:
+        trip = _Trip(plan, index, commands)
+        for hook in self.trip_hooks:
+            hook.sending(trip)
+        return trip
+
+    def _failed(self, trip: _Trip, error: BaseException, again: bool) -> None:
+        trip.again = again
+        for hook in self.trip_hooks:
+            hook.failed(trip, error)
+
+    def _error_reply(
+        self, plan: Plan[Any], commands: list[tuple[Any, ...]], error: redis.ResponseError
+    ) -> Generator[Request, Any, list[Any]]:
+        """A script the server does not hold goes again in full; other errors are raised."""
+        if isinstance(error, redis.exceptions.NoScriptError) and len(commands) == 1:
+            sha, *rest = commands[0][1:]
+            return (yield from self._trip(plan, [("EVAL", _SCRIPTS[sha], *rest)]))
+        yield from self._refuse_if_oversized(plan, commands, error)
+        raise error
+
+    def _refuse_if_oversized(
+        self, plan: Plan[Any], commands: list[tuple[Any, ...]], error: redis.RedisError
+    ) -> Generator[Request, Any, None]:
+        if _largest_value(commands) > _LARGE_VALUE:
+            _refuse_oversized(commands, (yield from self._try(plan, _BULK_LIMIT)), error)
+
+    def _try(self, plan: Plan[Any], command: tuple[Any, ...]) -> Generator[Request, Any, Any]:
+        """``command``'s reply, or None if it fails: for what is done on the way out."""
+        try:
+            return (yield from self._trip(plan, [command]))[0]
+        except redis.RedisError:
+            return None
+
+    def _undo(self, plan: Plan[Any]) -> Generator[Request, Any, None]:
+        """Send, best effort, what the operation holds (a lock) and would have let go."""
+        while plan.undo:
+            yield from self._try(plan, plan.undo.pop())
+
+    def _ignores(self, plan: Plan[Any], error: BaseException) -> bool:
+        """True, logged, if ``error`` is Redis being unavailable and errors are ignored; else
+        ``error`` is raised."""
+        config = self.config
+        if not (isinstance(error, _UNAVAILABLE) and config.ignore_exceptions):
+            raise error
+        if _wrong_credentials(error):
+            raise error
+        if config.log_ignored_exceptions and type(error) is not _CircuitOpen:
+            logger.warning("Redis unavailable in %s, ignored: %s", self.prefix + plan.method, error)
+        plan.operation.close()
+        return True
 
 
 # ---------------------------------------------------------------------------
-# The client-side store (OPTIONS "client_cache")
+# Optional feature: the client-side store (OPTIONS "client_cache")
 # ---------------------------------------------------------------------------
 
-# Commands that change no key; every other command drops the keys it names from the store.
-_CHANGES_NOTHING = _READ_COMMANDS | {"SCAN", "CONFIG", "PING", "SCRIPT", "CLIENT", "INFO"}
 _IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
 
 
-def _keys_written(command: tuple[Any, ...]) -> list[Any] | None:
-    """The keys ``command`` may change; None for every key (FLUSHDB)."""
-    name = command[0]
-    if name in _CHANGES_NOTHING:
-        return []
-    if name in ("FLUSHDB", "FLUSHALL"):
-        return None
-    if name in ("EVALSHA", "EVAL"):
-        return list(command[3 : 3 + int(command[2])])
-    if name == "MSET":
-        return list(command[1::2])
-    if name in ("DEL", "UNLINK", "RENAME"):
-        return list(command[1:])
-    if name == "SMOVE":
-        return list(command[1:3])
-    return list(command[1:2])
-
-
-class _Store:
+class _Store(_Feature):
     """The client-side cache of one configuration in this process, shared by threads, event
     loops, both classes and both paths.
 
@@ -2244,34 +2447,33 @@ class _Store:
         entry = self.entries.get(key) if now < self.valid_until else None
         return entry is not None and not (entry[2] and now >= entry[2])
 
-    # Filled and emptied by the drivers -------------------------------------
+    # Seen by the policy (the _Feature hooks) ---------------------------------
 
-    def before(self, command: Command) -> tuple[Command, Any]:
-        """What goes to Redis for ``command`` (a read the store would keep asks each key's
-        PTTL too, in the same round trip), and what ``after`` needs to know."""
-        keys = self.reads(command)
-        if keys is None:
-            return command, None
-        read = cast(tuple[Any, ...], command)
-        return [read, *(("PTTL", key) for key in keys)], (keys, self.begin(keys))
+    def sending(self, trip: _Trip) -> None:
+        """A read the store would keep asks each key's PTTL too, in the same round trip."""
+        commands = trip.commands
+        reads = len(commands) == 1 and commands[0][0] in ("GET", "MGET")
+        if reads and time.monotonic() < self.valid_until:
+            keys = list(commands[0][1:])
+            trip.wire = [commands[0], *(("PTTL", key) for key in keys)]
+            trip.ticket = (keys, self.start_read(keys))
 
-    def after(self, command: Command, state: Any, reply: Any) -> Any:
-        """``command``'s reply from what came back (None: the exchange failed): a read is
-        kept if nothing changed meanwhile, a write drops what it may have changed."""
-        if state is None:
-            self.written(command)
-            return reply
-        keys, ticket = state
-        self.end(ticket, keys, reply)
-        return None if reply is None else reply[0]
+    def replied(self, trip: _Trip, replies: list[Any]) -> list[Any]:
+        """A read is kept if nothing changed meanwhile; a write drops what it may change."""
+        if trip.ticket is None:
+            self.written(trip.commands)
+            return replies
+        keys, ticket = trip.ticket
+        self.finish_read(ticket, keys, replies)
+        return replies[:1]
 
-    def reads(self, command: Command) -> list[Any] | None:
-        """The keys whose values ``command`` reads, if the store would keep them."""
-        if type(command) is not tuple or command[0] not in ("GET", "MGET"):
-            return None
-        return list(command[1:]) if time.monotonic() < self.valid_until else None
+    def failed(self, trip: _Trip, error: BaseException) -> None:
+        if trip.ticket is None:
+            self.written(trip.commands)
+        else:
+            self.finish_read(trip.ticket[1], trip.ticket[0], None)
 
-    def begin(self, keys: list[Any]) -> tuple[int, float, int]:
+    def start_read(self, keys: list[Any]) -> tuple[int, float, int]:
         with self.lock:
             for key in keys:
                 mark = self.reading.get(key)
@@ -2281,7 +2483,7 @@ class _Store:
                     mark[0] += 1
             return self.epoch, time.monotonic(), self.changes
 
-    def end(
+    def finish_read(
         self, ticket: tuple[int, float, int], keys: list[Any], replies: list[Any] | None
     ) -> None:
         """After the read of ``keys``: keep what it found, unless anything changed."""
@@ -2324,9 +2526,9 @@ class _Store:
         while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
             self.bytes -= self.entries.popitem(last=False)[1][3]
 
-    def written(self, command: Command) -> None:
-        """Drop what ``command`` (sent by this process) may have changed."""
-        for each in _commands_of(command):
+    def written(self, commands: list[tuple[Any, ...]]) -> None:
+        """Drop what ``commands`` (sent by this process) may have changed."""
+        for each in commands:
             keys = _keys_written(each)
             if keys is None:
                 self.flush()
@@ -2485,7 +2687,219 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_stores_after_fork_in_child)
 
 
-# OpenTelemetry: a span per call that goes to Redis, in its database client conventions ------
+# ---------------------------------------------------------------------------
+# Optional feature: the circuit breaker (OPTIONS "circuit_breaker", with ignore_exceptions)
+# ---------------------------------------------------------------------------
+
+
+class _CircuitOpen(redis.ConnectionError):
+    """A call not sent: the circuit breaker is open (Redis failed the calls before it)."""
+
+
+class _Breaker:
+    """The circuit of one server, for one configuration in this process, on both paths:
+    after ``failures`` outages in a row (the server refused, dropped or did not answer),
+    calls skip it and return their ignored-error results at once; after a cool-down one call
+    (the probe) goes, and its outcome closes the circuit or opens it again. The cool-down
+    starts at a quarter of a second and doubles after each failed probe, up to
+    ``cool_down``, so a blip costs about its own length. A closed circuit costs a round trip
+    one attribute read."""
+
+    def __init__(self, settings: dict[str, Any], where: str) -> None:
+        self.threshold, self.longest = settings["failures"], settings["cool_down"]
+        self.shortest = min(_FIRST_COOL_DOWN, self.longest)
+        self.cool_down = self.shortest
+        self.where = where
+        self.lock = threading.Lock()
+        self.failures = 0  # outages in a row
+        self.open_until = 0.0  # self.clock() until which calls skip it; 0.0: closed
+        self.probing = False  # a probe is out
+        self.opened = 0  # times the circuit opened (from closed)
+        self.clock: Callable[[], float] = time.monotonic  # a test's scripted clock
+
+    def admit(self) -> bool:
+        """Whether a round trip goes out while the circuit is open: the probe, once cooled."""
+        with self.lock:
+            if not self.open_until:
+                return True
+            if self.probing or self.clock() < self.open_until:
+                return False
+            self.probing = True
+            return True
+
+    def succeeded(self) -> None:
+        """The server answered."""
+        with self.lock:
+            self.failures = 0
+            self.cool_down = self.shortest
+            if self.open_until:
+                self.open_until, self.probing = 0.0, False
+                logger.warning("Redis at %s answers again: circuit breaker closed.", self.where)
+
+    def failed(self) -> None:
+        """The server was unavailable."""
+        with self.lock:
+            self.failures += 1
+            if self.probing:  # still down: open for a longer cool-down
+                self.probing = False
+                self.cool_down = min(self.cool_down * 2, self.longest)
+                self.open_until = self.clock() + self.cool_down
+                logger.debug("Redis at %s still unavailable: circuit breaker open.", self.where)
+            elif not self.open_until and self.failures >= self.threshold:
+                self.open_until = self.clock() + self.cool_down
+                self.opened += 1
+                logger.warning(
+                    "Redis at %s failed %d calls in a row: circuit breaker open; calls skip "
+                    "it for %s s (longer while it stays down, up to %s s), then one tries it.",
+                    self.where,
+                    self.failures,
+                    self.cool_down,
+                    self.longest,
+                )
+
+    def released(self) -> None:
+        """The probe ended without an answer either way (cancelled, the caller's error):
+        the next call probes."""
+        with self.lock:
+            self.probing = False
+
+    def state(self) -> dict[str, Any]:
+        state = "closed" if not self.open_until else "half-open" if self.probing else "open"
+        return {"state": state, "failures_in_a_row": self.failures, "opened": self.opened}
+
+
+_FIRST_COOL_DOWN = 0.25
+
+
+def _outage(error: BaseException) -> bool:
+    """Whether ``error`` says the server is unavailable: not a wait for a free connection of
+    our own pool that ran out, not wrong credentials, not the breaker's own refusal."""
+    return (
+        isinstance(error, _UNAVAILABLE)
+        and not isinstance(error, (_PoolExhausted, _CircuitOpen))
+        and not _wrong_credentials(error)
+    )
+
+
+class _Breakers(_Feature):
+    """The circuit breaker as the policy sees it: one circuit per server of the
+    configuration. A read bound for a replica whose circuit is open goes to the first
+    server; anything else bound for an open circuit is refused with ``_CircuitOpen``."""
+
+    def __init__(self, circuits: list[_Breaker]) -> None:
+        self.circuits = circuits
+
+    def sending(self, trip: _Trip) -> None:
+        circuit = self.circuits[trip.index]
+        if not circuit.open_until:
+            return
+        if circuit.admit():
+            trip.probe = circuit
+        elif trip.index:  # a replica: the first server answers the read
+            trip.index = 0
+            self.sending(trip)
+        else:
+            raise _CircuitOpen(f"circuit breaker open for Redis at {circuit.where}")
+
+    def replied(self, trip: _Trip, replies: list[Any]) -> list[Any]:
+        circuit = self.circuits[trip.index]
+        if circuit.failures or circuit.open_until:
+            circuit.succeeded()
+        return replies
+
+    def failed(self, trip: _Trip, error: BaseException) -> None:
+        if _outage(error) and not trip.again:  # a dead idle connection: one more try first
+            self.circuits[trip.index].failed()
+        elif trip.probe is not None:
+            trip.probe.released()
+
+    def report(self) -> dict[str, Any]:
+        """The first server's circuit; with replicas, theirs under ``"replicas"``."""
+        state = self.circuits[0].state()
+        if len(self.circuits) > 1:
+            state["replicas"] = [circuit.state() for circuit in self.circuits[1:]]
+        return state
+
+
+_breakers: dict[Hashable, _Breaker] = {}
+
+
+def _breakers_for(topology: _Topology) -> _Breakers | None:
+    """The configuration's circuits, one per server, if it has a circuit breaker."""
+    settings = topology.config.circuit_breaker
+    if settings is None:
+        return None
+    circuits = []
+    for index in range(topology.readers + 1):
+        key = topology.pool_key("sync", index)
+        circuit = _breakers.get(key)
+        if circuit is None:
+            where = _redact(topology.servers[min(index, len(topology.servers) - 1)])
+            circuit = _breakers.setdefault(key, _Breaker(settings, where))
+        circuits.append(circuit)
+    return _Breakers(circuits)
+
+
+# ---------------------------------------------------------------------------
+# Optional feature: counts per method (cache.stats())
+# ---------------------------------------------------------------------------
+
+
+class _Stats(_Feature):
+    """``cache.stats()``: counts of calls, hits, misses, errors and ignored errors per method
+    (``get`` counts ``aget`` too), for one cache configuration in this process, shared by
+    its cache objects, threads and loops. A count is bumped with ``+=`` on a list item, which
+    no thread switch splits under the GIL: no lock (a test counts from 8 threads)."""
+
+    trips = False
+
+    def __init__(self) -> None:
+        # The reads that count hits take their row with a plain subscript: made here.
+        self.rows: dict[str, list[int]] = {m: [0, 0, 0, 0, 0] for m in _TALLIED}
+
+    def row(self, method: str) -> list[int]:
+        row = self.rows.get(method)
+        if row is None:  # setdefault: one row for threads that race to make it
+            row = self.rows.setdefault(method, [0, 0, 0, 0, 0])
+        return row
+
+    def end(self, plan: Plan[Any], error: BaseException | None, ignored: bool) -> None:
+        row = self.rows.get(plan.method) or self.row(plan.method)
+        row[_CALLS] += 1
+        if error is not None:
+            if ignored:
+                row[_IGNORED] += 1
+            elif isinstance(error, redis.RedisError):
+                row[_ERRORS] += 1
+
+    def served(self, method: str, found: Any) -> None:
+        """A call answered by the client-side store: a hit for each key it found."""
+        row = self.row(method)
+        row[_CALLS] += 1
+        row[_HITS] += len(found) if type(found) is dict else 1
+
+    def report(self) -> dict[str, dict[str, int]]:
+        return {
+            method: dict(zip(_STAT_NAMES, row, strict=True))
+            for method, row in sorted(list(self.rows.items()))
+            if any(row)  # a method never called has no counts to show
+        }
+
+
+_TALLIED = ("get", "get_many", "get_or_set", "has_key")
+_stats: dict[Hashable, _Stats] = {}
+
+
+def _stats_for(topology: _Topology, key_prefix: str, version: int) -> _Stats:
+    """The counts of the cache of this configuration: of an alias, in practice."""
+    key = (tuple(topology.servers), topology.config.options, key_prefix, version)
+    found = _stats.get(key)
+    return _stats.setdefault(key, _Stats()) if found is None else found
+
+
+# ---------------------------------------------------------------------------
+# Optional feature: OpenTelemetry spans, in its database client conventions
+# ---------------------------------------------------------------------------
 
 _TRACER = None if _otel is None else _otel.get_tracer("django_redis_ex", __version__)
 
@@ -2504,13 +2918,46 @@ def _tracing() -> bool:
 _OTEL_GLOBAL = _otel is not None and hasattr(_otel, "_TRACER_PROVIDER")
 
 
-def _span(topology: _Topology, method: str, command: Command) -> Any:
-    """A started CLIENT span for a cache call whose first command is ``command``, or None if
-    it is not recorded (sampled out). Never a value, never a password: the command's name,
-    the number of keys, the method, where the server is."""
-    commands = _commands_of(command)
-    if not commands:  # a pause or a computation: no database call
-        return None
+class _Tracing(_Feature):
+    """A CLIENT span per call that goes to Redis (per round trip for an iteration), named
+    after its first round trip's command, current while the call runs; installed only
+    where OpenTelemetry's API is. Never a value, never a password."""
+
+    def __init__(self, topology: _Topology, prefix: str) -> None:
+        self.topology, self.prefix = topology, prefix
+
+    def sending(self, trip: _Trip) -> None:
+        plan = trip.plan
+        if getattr(plan, "trace", None) is not None or not _tracing():
+            return
+        span = _span(self.topology, self.prefix + plan.method, trip.commands)
+        if span is None:
+            return
+        token = _otel_context.attach(_otel.set_span_in_context(span))
+        if getattr(plan, "iterating", False):
+            trip.span = (span, token)
+        else:
+            plan.trace = (span, token)
+
+    def replied(self, trip: _Trip, replies: list[Any]) -> list[Any]:
+        if trip.span is not None:
+            _span_ended(trip.span, None)
+        return replies
+
+    def failed(self, trip: _Trip, error: BaseException) -> None:
+        if trip.span is not None:
+            _span_ended(trip.span, error)
+
+    def end(self, plan: Plan[Any], error: BaseException | None, ignored: bool) -> None:
+        traced = getattr(plan, "trace", None)
+        if traced is not None:
+            _span_ended(traced, None if ignored else error)
+
+
+def _span(topology: _Topology, method: str, commands: list[tuple[Any, ...]]) -> Any:
+    """A started CLIENT span for a call whose first round trip sends ``commands``, or None
+    if it is not recorded (sampled out): the command's name, the number of keys, the
+    method, where the server is."""
     names = {each[0] for each in commands}
     operation = commands[0][0] if len(commands) == 1 else "PIPELINE"
     if len(commands) > 1 and len(names) == 1:
@@ -2523,7 +2970,7 @@ def _span(topology: _Topology, method: str, command: Command) -> Any:
         "server.address": url.hostname or url.path,
         "server.port": url.port or 6379,
         "django_redis_ex.method": method,
-        "django_redis_ex.keys": sum(map(_keys_named, commands)),
+        "django_redis_ex.keys": sum(len(_keys_of(each) or ()) for each in commands),
     }
     if len(commands) > 1:
         attributes["db.operation.batch.size"] = len(commands)
@@ -2533,217 +2980,42 @@ def _span(topology: _Topology, method: str, command: Command) -> Any:
     return span if span.is_recording() else None
 
 
-def _keys_named(command: tuple[Any, ...]) -> int:
-    """How many keys ``command`` names."""
-    name = command[0]
-    if name in _MANY_KEYS:
-        return len(command) - 1
-    if name == "MSET":
-        return (len(command) - 1) // 2
-    if name in ("EVALSHA", "EVAL"):
-        return int(command[2])
-    if name == "SMOVE":
-        return 2
-    return 0 if name in ("SCAN", "FLUSHDB", "PING") else 1
+def _span_ended(traced: tuple[Any, Any], error: BaseException | None) -> None:
+    """End a span, with ``error.type`` and an error status if ``error`` ended its work
+    (OpenTelemetry's own ``use_span`` sets no ``error.type``), and no longer current."""
+    span, token = traced
+    if isinstance(error, Exception):
+        code = getattr(error, "status_code", None) or type(error).__qualname__
+        span.set_attribute("error.type", code)
+        span.set_status(_otel.Status(_otel.StatusCode.ERROR, str(error)))
+    span.end()
+    with contextlib.suppress(ValueError):  # detached in another context: a dropped call
+        _otel_context.detach(token)
 
 
-_MANY_KEYS = frozenset(
-    {"MGET", "DEL", "UNLINK", "EXISTS", "SDIFF", "SINTER", "SUNION"}
-    | {"SDIFFSTORE", "SINTERSTORE", "SUNIONSTORE"}
-)
+def _features_for(
+    topology: _Topology, store: _Store | None, stats: _Stats, prefix: str
+) -> tuple[_Feature, ...]:
+    """The optional features of a configuration on one path, in the order they see a
+    round trip go out: the breaker may send it elsewhere before the store adds to it."""
+    tracing = _Tracing(topology, prefix) if _tracing() else None  # set up before the call
+    found = (stats, _breakers_for(topology), store, tracing)
+    return tuple(feature for feature in found if feature is not None)
 
 
-@contextlib.contextmanager
-def _in_span(span: Any) -> Iterator[None]:
-    """``span`` made current and ended after, with ``error.type`` and an error status if
-    what it covers raises (OpenTelemetry's own ``use_span`` sets no ``error.type``)."""
-    with _otel.use_span(span, end_on_exit=True, set_status_on_exception=False):
-        try:
-            yield
-        except Exception as error:
-            code = getattr(error, "status_code", None) or type(error).__qualname__
-            span.set_attribute("error.type", code)
-            span.set_status(_otel.Status(_otel.StatusCode.ERROR, str(error)))
-            raise
+# ---------------------------------------------------------------------------
+# The shells: they perform what the policy asks, on redis-py's sync and asyncio clients
+# ---------------------------------------------------------------------------
 
 
-def _peeked(plan: Plan[Any]) -> Command | None:
-    """The first command of ``plan``, its operation rewound to send it; None if it has none."""
-    operation = plan.operation
-    try:
-        first = next(operation)
-    except StopIteration as done:
-        plan.operation = _op_result(done.value)
-        return None
-    plan.operation = _op_resumed(first, operation)
-    return first
-
-
-def _op_result(value: _T) -> Operation[_T]:
-    yield from ()
-    return value
-
-
-def _op_resumed(first: Command, operation: Operation[_T]) -> Operation[_T]:
-    """``operation``, whose first command ``first`` was taken from it already."""
-    try:
-        reply = yield first
-        while True:
-            try:
-                command = operation.send(reply)
-            except StopIteration as done:
-                return cast(_T, done.value)
-            reply = yield command
-    finally:
-        operation.close()
-
-
-class _Stats:
-    """``cache.stats()``: counts of calls, hits, misses, errors and ignored errors per method
-    (``get`` counts ``aget`` too), for one cache configuration in this process, shared by
-    its cache objects, threads and loops. A count is bumped with ``+=`` on a list item, which
-    no thread switch splits under the GIL: no lock (a test counts from 8 threads)."""
-
-    def __init__(self) -> None:
-        # The reads that count hits take their row with a plain subscript: made here.
-        self.rows: dict[str, list[int]] = {m: [0, 0, 0, 0, 0] for m in _TALLIED}
-
-    def row(self, method: str) -> list[int]:
-        row = self.rows.get(method)
-        if row is None:  # setdefault: one row for threads that race to make it
-            row = self.rows.setdefault(method, [0, 0, 0, 0, 0])
-        return row
-
-    def served(self, method: str, found: Any) -> None:
-        """A call answered by the client-side store: a hit for each key it found."""
-        row = self.row(method)
-        row[_CALLS] += 1
-        row[_HITS] += len(found) if type(found) is dict else 1
-
-    def report(self) -> dict[str, dict[str, int]]:
-        return {
-            method: dict(zip(_STAT_NAMES, row, strict=True))
-            for method, row in sorted(list(self.rows.items()))
-            if any(row)  # a method never called has no counts to show
-        }
-
-
-class _CircuitOpen(redis.ConnectionError):
-    """A call not sent: the circuit breaker is open (Redis failed the calls before it)."""
-
-
-class _Breaker:
-    """OPTIONS ``circuit_breaker`` (with ``ignore_exceptions``), one per configuration in
-    this process, for both paths: after ``failures`` unavailability errors in a row, calls
-    skip Redis and return their ignored-error results at once for ``cool_down`` seconds; then
-    one call (the probe) goes to Redis, and its outcome closes the circuit or opens it again.
-    A closed circuit costs a call two attribute reads."""
-
-    def __init__(self, settings: dict[str, Any], where: str) -> None:
-        self.threshold, self.cool_down = settings["failures"], settings["cool_down"]
-        self.where = where
-        self.lock = threading.Lock()
-        self.failures = 0  # unavailability errors in a row
-        self.open_until = 0.0  # time.monotonic() until which calls skip Redis; 0.0: closed
-        self.probing = False  # a probe is out
-        self.opened = 0  # times the circuit opened (from closed)
-
-    def admit(self) -> bool:
-        """Whether a call goes to Redis while the circuit is open: the probe, once cooled."""
-        with self.lock:
-            if not self.open_until:
-                return True
-            if self.probing or time.monotonic() < self.open_until:
-                return False
-            self.probing = True
-            return True
-
-    def succeeded(self) -> None:
-        """Redis answered a call."""
-        with self.lock:
-            self.failures = 0
-            if self.open_until:
-                self.open_until, self.probing = 0.0, False
-                logger.warning("Redis at %s answers again: circuit breaker closed.", self.where)
-
-    def failed(self) -> None:
-        """A call found Redis unavailable."""
-        with self.lock:
-            self.failures += 1
-            if self.probing:  # still down: open for another cool-down
-                self.probing = False
-                self.open_until = time.monotonic() + self.cool_down
-                logger.debug("Redis at %s still unavailable: circuit breaker open.", self.where)
-            elif not self.open_until and self.failures >= self.threshold:
-                self.open_until = time.monotonic() + self.cool_down
-                self.opened += 1
-                logger.warning(
-                    "Redis at %s failed %d calls in a row: circuit breaker open; calls skip "
-                    "Redis for %s s, then one tries it.",
-                    self.where,
-                    self.failures,
-                    self.cool_down,
-                )
-
-    def ended(self, error: BaseException) -> None:
-        """A call that went to Redis (or was refused here) ended with ``error``."""
-        if type(error) is _CircuitOpen:
-            return
-        if isinstance(error, _UNAVAILABLE):
-            self.failed()
-        elif isinstance(error, redis.RedisError):  # an error reply: Redis answered
-            self.succeeded()
-        elif self.probing:  # cancelled, or the caller's own error: a probe leaves its place
-            with self.lock:
-                self.probing = False
-
-    def state(self) -> dict[str, Any]:
-        state = "closed" if not self.open_until else "half-open" if self.probing else "open"
-        return {"state": state, "failures_in_a_row": self.failures, "opened": self.opened}
-
-
-_breakers: dict[Hashable, _Breaker] = {}
-
-
-def _breaker_for(topology: _Topology) -> _Breaker | None:
-    """The configuration's circuit breaker, if it has one."""
-    settings = topology.config.circuit_breaker
-    if settings is None:
-        return None
-    key = (tuple(topology.servers), topology.config.options)
-    found = _breakers.get(key)
-    if found is None:
-        found = _breakers.setdefault(key, _Breaker(settings, _redact(topology.servers[0])))
-    return found
-
-
-_TALLIED = ("get", "get_many", "get_or_set", "has_key")
-_stats: dict[Hashable, _Stats] = {}
-
-
-def _stats_for(topology: _Topology, key_prefix: str, version: int) -> _Stats:
-    """The counts of the cache of this configuration: of an alias, in practice."""
-    key = (tuple(topology.servers), topology.config.options, key_prefix, version)
-    found = _stats.get(key)
-    return _stats.setdefault(key, _Stats()) if found is None else found
-
-
-class _Driver:
-    """What both drivers share: Django's RedisCacheClient internals, server choice, and a
-    plan's fallback when Redis is unavailable."""
+class _Shell:
+    """What both shells share: Django's RedisCacheClient names, and the policy they serve."""
 
     path_prefix = ""  # what the cache methods of this path start with: "a" for asyncio
 
-    def __init__(
-        self, topology: _Topology, store: _Store | None = None, stats: _Stats | None = None
-    ) -> None:
-        self._topology = topology
-        self._config = topology.config
-        self._store = store
-        self._stats = _Stats() if stats is None else stats
-        self._breaker = _breaker_for(topology)
-        # No server to choose; with a store, reads go where its tracking connection is.
-        self._one_client = topology.readers == 0 or store is not None
+    def __init__(self, topology: _Topology, features: tuple[_Feature, ...] = ()) -> None:
+        self._topology, self._config = topology, topology.config
+        self._policy = _Policy(topology, features, self.path_prefix)
         # Django's RedisCacheClient names, which Django's own test suite reads.
         self._servers = topology.servers
         self._serializer = topology.config.codec
@@ -2752,30 +3024,8 @@ class _Driver:
         # Django's RedisCacheClient name too (its test_get_connection_pool_index).
         return self._topology.index_for(write)
 
-    def _index(self, *commands: tuple[Any, ...]) -> int:
-        """The client for ``commands``: a reader if every one of them only reads."""
-        if self._one_client:
-            return 0
-        return self._topology.index_for(any(c[0] not in _READ_COMMANDS for c in commands))
 
-    def _failed(self, plan: Plan[_T], error: Exception) -> _T:
-        """``_unavailable``, counted: an error that is raised, or one that is ignored."""
-        try:
-            return self._unavailable(plan, error)
-        except BaseException:
-            self._stats.row(plan.method)[_ERRORS] += 1
-            raise
-
-    def _unavailable(self, plan: Plan[_T], error: Exception) -> _T:
-        """Raise ``error``, or with ignore_exceptions log it once and return the fallback."""
-        if not self._config.ignore_exceptions or _wrong_credentials(error):
-            raise error
-        self._stats.row(plan.method)[_IGNORED] += 1
-        plan.operation.close()
-        if self._config.log_ignored_exceptions and type(error) is not _CircuitOpen:
-            method = self.path_prefix + plan.method
-            logger.warning("Redis unavailable in %s, ignored: %s", method, error)
-        return plan.fallback()
+_UTF8 = dict.fromkeys(("utf-8", "utf8", "UTF-8", "UTF8", "utf_8", "UTF_8"), True)
 
 
 def _packed(connection: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
@@ -2785,7 +3035,7 @@ def _packed(connection: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
     says on both paths (redis-py's hiredis packer, on the sync path, writes UTF-8 anyway)."""
     encoder = connection.encoder
     encoding, errors = encoder.encoding, encoder.encoding_errors
-    utf8 = encoding.lower().replace("_", "-") in ("utf-8", "utf8") and errors == "strict"
+    utf8 = _UTF8.get(encoding) is not None and errors == "strict"
     chunks: list[bytes] = []
     pieces: list[bytes] = []
     for command in commands:
@@ -2843,13 +3093,18 @@ def _sync_call(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any
         pool.release(connection)
 
 
-def _first_error_raised(replies: list[Any]) -> list[Any]:
-    """``replies``, unless one is an error reply: then the first error is raised, as redis-py
-    raises it from ``execute_command`` and from a pipeline."""
-    for reply in replies:
-        if isinstance(reply, redis.ResponseError):
-            raise reply
-    return replies
+def _sync_pipelined(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """The replies of ``commands`` through redis-py's own command path (a cluster client,
+    or OPTIONS that ask for redis-py's retries), error replies as objects."""
+    if len(commands) == 1:
+        try:
+            return [client.execute_command(*commands[0])]
+        except redis.ResponseError as error:
+            return [error]
+    pipeline = client.pipeline(transaction=False)
+    for args in commands:
+        pipeline.execute_command(*args)
+    return pipeline.execute(raise_on_error=False)
 
 
 _AWAITABLE_DEFAULT = (
@@ -2858,15 +3113,68 @@ _AWAITABLE_DEFAULT = (
 )
 
 
-class _SyncDriver(_Driver):
-    """Runs plans on ``redis.Redis`` clients from the process-wide registry."""
+class _SyncShell(_Shell):
+    """Performs the policy's requests on ``redis.Redis`` clients of the process-wide registry."""
 
-    def __init__(
-        self, topology: _Topology, store: _Store | None = None, stats: _Stats | None = None
-    ) -> None:
-        super().__init__(topology, store, stats)
+    def __init__(self, topology: _Topology, features: tuple[_Feature, ...] = ()) -> None:
+        super().__init__(topology, features)
         self._pool_options = topology.config.sync_options  # Django's name
         self._clients: list[redis.Redis | None] = [None] * (topology.readers + 1)
+        self._direct = topology.config.direct
+
+    def run(self, plan: Plan[_T]) -> _T:
+        steps = self._policy.run(plan)
+        try:
+            request = next(steps)
+            while True:
+                try:
+                    if type(request) is tuple and self._direct:  # the usual request
+                        client = self._clients[request[0]] or self._client_at(request[0])
+                        reply = _sync_call(client, request[1])
+                    else:
+                        reply = self._perform(request)
+                except BaseException as error:  # the policy decides what follows
+                    request = steps.throw(error)
+                else:
+                    request = steps.send(reply)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+
+    def iterate(self, plan: Plan[None]) -> Iterator[Any]:
+        """The results an iteration finds, lazily: its next command waits for the caller."""
+        plan.iterating = True
+        steps, reply, error = self._policy.run(plan), None, None
+        with contextlib.closing(steps):
+            while True:
+                try:
+                    request = steps.send(reply) if error is None else steps.throw(error)
+                except StopIteration:
+                    return
+                reply = error = None
+                if type(request) is _Found:
+                    yield from request.items
+                    continue
+                try:
+                    reply = self._perform(request)
+                except BaseException as failure:
+                    error = failure
+
+    def _perform(self, request: Request) -> Any:
+        if type(request) is tuple:
+            client = self._client_at(request[0])
+            if self._config.direct:
+                return _sync_call(client, request[1])
+            return _sync_pipelined(client, request[1])
+        if type(request) is _Sleep:
+            time.sleep(request.seconds)
+            return time.monotonic()
+        value = cast(_Compute, request).default()
+        if inspect.isawaitable(value):  # a coroutine function's, on the sync path
+            if inspect.iscoroutine(value):
+                value.close()
+            raise TypeError(_AWAITABLE_DEFAULT)
+        return value
 
     def get_client(self, key: Any = None, *, write: bool = False) -> redis.Redis:
         return self._client_at(self._topology.index_for(write))
@@ -2879,154 +3187,6 @@ class _SyncDriver(_Driver):
         if client is None:
             client = self._clients[index] = self._topology.sync_client(index)
         return client
-
-    def run(self, plan: Plan[_T], traced: bool = False) -> _T:
-        if _otel is not None and not traced and _tracing():  # 20 ns without OpenTelemetry
-            return self._traced(plan)
-        operation = plan.operation
-        row = self._stats.rows.get(plan.method) or self._stats.row(plan.method)
-        row[_CALLS] += 1
-        breaker = self._breaker
-        try:
-            if breaker is not None and breaker.open_until and not breaker.admit():
-                raise _CircuitOpen(f"circuit breaker open for Redis at {breaker.where}")
-            command = next(operation)
-            while True:
-                try:
-                    reply = self._exchange(command)
-                except (redis.ConnectionError, redis.ResponseError) as error:
-                    reply = self._after(error, command)
-                command = operation.send(reply)
-        except StopIteration as done:
-            if breaker is not None and (breaker.failures or breaker.open_until):
-                breaker.succeeded()
-            result: _T = done.value
-            return result
-        except _UNAVAILABLE as error:
-            self._undo(plan)
-            if breaker is not None:
-                breaker.ended(error)
-            fallback = self._failed(plan, error)
-            if inspect.isawaitable(fallback):  # a coroutine function's, on the sync path
-                if inspect.iscoroutine(fallback):
-                    fallback.close()
-                raise TypeError(_AWAITABLE_DEFAULT) from error
-            return fallback
-        except BaseException as error:
-            self._undo(plan)
-            if isinstance(error, redis.RedisError):
-                row[_ERRORS] += 1
-            if breaker is not None:
-                breaker.ended(error)
-            raise
-
-    def _traced(self, plan: Plan[_T]) -> _T:
-        """``run``, in an OpenTelemetry span."""
-        first = _peeked(plan)
-        span = None if first is None else _span(self._topology, plan.method, first)
-        if span is None:
-            return self.run(plan, traced=True)
-        with _in_span(span):
-            return self.run(plan, traced=True)
-
-    def _traced_send(self, plan: Plan[Any], command: Command) -> Any:
-        """``_send`` of one round trip of an iteration, in an OpenTelemetry span."""
-        span = _span(self._topology, plan.method, command)
-        if span is None:
-            return self._send(command)
-        with _in_span(span):
-            return self._send(command)
-
-    def iterate(self, plan: Plan[None]) -> Iterator[Any]:
-        """The results an iteration finds, lazily: its next command waits for the caller."""
-        operation, reply = plan.operation, None
-        self._stats.row(plan.method)[_CALLS] += 1
-        while True:
-            try:
-                command = operation.send(reply)
-                if type(command) is _Found:
-                    reply = None
-                elif _otel is not None and _tracing():  # a span per round trip
-                    reply = self._traced_send(plan, command)
-                else:
-                    reply = self._send(command)
-            except StopIteration:
-                return
-            except _UNAVAILABLE as error:
-                return self._failed(plan, error)
-            except redis.RedisError:
-                self._stats.row(plan.method)[_ERRORS] += 1
-                raise
-            if type(command) is _Found:
-                yield from command.items
-
-    def _undo(self, plan: Plan[Any]) -> None:
-        while plan.undo:
-            self._try(plan.undo.pop())
-
-    def _send(self, command: Command) -> Any:
-        try:
-            return self._exchange(command)
-        except (redis.ConnectionError, redis.ResponseError) as error:
-            return self._after(error, command)
-
-    def _after(self, error: redis.RedisError, command: Command) -> Any:
-        """``command``'s reply when it failed with ``error`` once: a clear error if its value
-        was too large, else the reply of a second attempt if one is safe, else ``error``."""
-        if _largest_value(command) > _LARGE_VALUE:
-            _refuse_oversized(command, self._try(_BULK_LIMIT), error)
-        if not _resendable(command, error):
-            raise error
-        return self._exchange(command)
-
-    def _try(self, command: Command) -> Any:
-        """``command``'s reply, or None if it fails: for what is done on the way out."""
-        try:
-            return self._exchange(command)
-        except redis.RedisError:
-            return None
-
-    def _exchange(self, command: Command) -> Any:
-        """``command``'s reply, through the client-side store if there is one."""
-        if type(command) is _Compute:
-            value = command.default()
-            if inspect.isawaitable(value):
-                if inspect.iscoroutine(value):
-                    value.close()
-                raise TypeError(_AWAITABLE_DEFAULT)
-            return value
-        store = self._store
-        if store is None:
-            return self._send_once(command)
-        wire, state = store.before(command)
-        try:
-            reply = self._send_once(wire)
-        except BaseException:
-            store.after(command, state, None)
-            raise
-        return store.after(command, state, reply)
-
-    def _send_once(self, command: Command) -> Any:
-        if type(command) is tuple:
-            client = self._client_at(self._index(command))
-            try:
-                if self._config.direct:
-                    return _first_error_raised(_sync_call(client, [command]))[0]
-                return client.execute_command(*command)
-            except redis.exceptions.NoScriptError:
-                source = _SCRIPTS[command[1]]
-                return self._send_once(("EVAL", source, *command[2:]))
-        if type(command) is list:
-            client = self._client_at(self._index(*command))
-            if self._config.direct:
-                return _first_error_raised(_sync_call(client, command))
-            pipeline = client.pipeline(transaction=False)
-            for args in command:
-                pipeline.execute_command(*args)
-            return pipeline.execute()
-        assert isinstance(command, _Sleep)
-        time.sleep(command.seconds)
-        return time.monotonic()
 
 
 class _Call:
@@ -3051,10 +3211,11 @@ class _Line:
     are in flight and gives it back when none are (the pool bounds and checks connections).
     """
 
-    def __init__(self, pool: Any, callbacks: Mapping[Any, Any]) -> None:
+    def __init__(self, client: redis.asyncio.Redis) -> None:
         self.loop = asyncio.get_running_loop()
-        self.pool = pool
-        self.callbacks = callbacks
+        self.client = client
+        self.pool = pool = client.connection_pool
+        self.callbacks: Mapping[Any, Any] = client.response_callbacks
         self.timeout: float | None = pool.connection_kwargs.get("socket_timeout")
         self.connection: Any = None
         self.queue: list[_Call] = []
@@ -3074,7 +3235,10 @@ class _Line:
         if not self.flushing:
             self.flushing = True
             self.loop.call_soon(self._flush)
-        return await future
+        try:
+            return await future
+        except _Unshared:  # a large value: on a pooled connection of its own
+            return await _async_pipelined(self.client, commands)
 
     def _flush(self) -> None:
         self.flushing = False
@@ -3249,7 +3413,7 @@ class _Line:
 
 
 class _Unshared(Exception):
-    """A call the line will not multiplex: the driver sends it on a connection of its own."""
+    """A call the line will not multiplex: it goes on a pooled connection of its own."""
 
 
 def _own_copy(error: BaseException) -> BaseException:
@@ -3263,19 +3427,96 @@ def _own_copy(error: BaseException) -> BaseException:
     return copy
 
 
-class _AsyncDriver(_Driver):
-    """Runs plans on ``redis.asyncio.Redis`` clients of the running event loop."""
+async def _async_pipelined(
+    client: redis.asyncio.Redis, commands: list[tuple[Any, ...]]
+) -> list[Any]:
+    """``_sync_pipelined`` for asyncio."""
+    if len(commands) == 1:
+        try:
+            return [await client.execute_command(*commands[0])]
+        except redis.ResponseError as error:
+            return [error]
+    pipeline = client.pipeline(transaction=False)
+    for args in commands:
+        pipeline.execute_command(*args)
+    replies: list[Any] = await pipeline.execute(raise_on_error=False)
+    return replies
+
+
+def _line_of(client: redis.asyncio.Redis) -> _Line:
+    """The multiplexed line of a loop's client (made at first use)."""
+    line: _Line | None = client.line  # type: ignore[attr-defined]
+    if line is None:
+        line = client.line = _Line(client)  # type: ignore[attr-defined]
+    return line
+
+
+class _AsyncShell(_Shell):
+    """Performs the policy's requests on ``redis.asyncio.Redis`` clients of the running
+    event loop, through its multiplexed line unless OPTIONS turn that off."""
 
     path_prefix = "a"
 
-    def __init__(
-        self, topology: _Topology, store: _Store | None = None, stats: _Stats | None = None
-    ) -> None:
-        super().__init__(topology, store, stats)
+    def __init__(self, topology: _Topology, features: tuple[_Feature, ...] = ()) -> None:
+        super().__init__(topology, features)
         self._pool_options = topology.config.async_options  # Django's name
+        self._multiplex = topology.config.multiplex
+
+    async def run(self, plan: Plan[_T]) -> _T:
+        steps = self._policy.run(plan)
+        try:
+            request = next(steps)
+            while True:
+                try:
+                    if type(request) is tuple and self._multiplex:  # the usual request
+                        client = _registry.async_client(self._topology, request[0])
+                        reply = await _line_of(client).call(request[1])
+                    else:
+                        reply = await self._perform(request)
+                except BaseException as error:  # cancelled too: the policy undoes and ends
+                    request = steps.throw(error)
+                else:
+                    request = steps.send(reply)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+
+    async def iterate(self, plan: Plan[None]) -> AsyncIterator[Any]:
+        """The results an iteration finds, lazily: its next command waits for the caller."""
+        plan.iterating = True
+        steps, reply, error = self._policy.run(plan), None, None
+        with contextlib.closing(steps):
+            while True:
+                try:
+                    request = steps.send(reply) if error is None else steps.throw(error)
+                except StopIteration:
+                    return
+                reply = error = None
+                if type(request) is _Found:
+                    for item in request.items:
+                        yield item
+                    continue
+                try:
+                    reply = await self._perform(request)
+                except BaseException as failure:
+                    error = failure
+
+    async def _perform(self, request: Request) -> Any:
+        if type(request) is tuple:
+            # Looked up on every call, never kept here: threads that run loops of their own
+            # may share this object, and a client kept here would keep its loop alive.
+            client = _registry.async_client(self._topology, request[0])
+            if self._config.multiplex:
+                return await _line_of(client).call(request[1])
+            return await _async_pipelined(client, request[1])
+        if type(request) is _Sleep:
+            await asyncio.sleep(request.seconds)
+            return asyncio.get_running_loop().time()
+        value = cast(_Compute, request).default()
+        return (await value) if inspect.isawaitable(value) else value
 
     def get_client(self, key: Any = None, *, write: bool = False) -> redis.asyncio.Redis:
-        return self._client_at(self._topology.index_for(write))
+        return _registry.async_client(self._topology, self._topology.index_for(write))
 
     def _get_connection_pool(self, write: bool) -> redis.asyncio.ConnectionPool:
         index = self._topology.index_for(write)
@@ -3283,162 +3524,7 @@ class _AsyncDriver(_Driver):
             # Django's own test_redis_pool_options inspects the pool outside any loop: a
             # new client's pool, unshared and never connected.
             return self._topology.make_async(index).connection_pool
-        return self._client_at(index).connection_pool
-
-    def _client_at(self, index: int) -> redis.asyncio.Redis:
-        # Looked up on every call, never kept here: threads that run loops of their own may
-        # share this object, and a client kept here would keep its loop alive.
-        return _registry.async_client(self._topology, index)
-
-    async def run(self, plan: Plan[_T], traced: bool = False) -> _T:
-        if _otel is not None and not traced and _tracing():  # 20 ns without OpenTelemetry
-            return await self._traced(plan)
-        operation = plan.operation
-        row = self._stats.rows.get(plan.method) or self._stats.row(plan.method)
-        row[_CALLS] += 1
-        breaker = self._breaker
-        try:
-            if breaker is not None and breaker.open_until and not breaker.admit():
-                raise _CircuitOpen(f"circuit breaker open for Redis at {breaker.where}")
-            command = next(operation)
-            while True:
-                try:
-                    reply = await self._exchange(command)
-                except (redis.ConnectionError, redis.ResponseError) as error:
-                    reply = await self._after(error, command)
-                command = operation.send(reply)
-        except StopIteration as done:
-            if breaker is not None and (breaker.failures or breaker.open_until):
-                breaker.succeeded()
-            result: _T = done.value
-            return result
-        except _UNAVAILABLE as error:
-            await self._undo(plan)
-            if breaker is not None:
-                breaker.ended(error)
-            fallback = self._failed(plan, error)
-            return (await fallback) if inspect.isawaitable(fallback) else fallback
-        except BaseException as error:  # cancelled or timed out too: a lock this call holds goes
-            await self._undo(plan)
-            if isinstance(error, redis.RedisError):
-                row[_ERRORS] += 1
-            if breaker is not None:
-                breaker.ended(error)
-            raise
-
-    async def _traced(self, plan: Plan[_T]) -> _T:
-        """``run``, in an OpenTelemetry span."""
-        first = _peeked(plan)
-        span = None if first is None else _span(self._topology, "a" + plan.method, first)
-        if span is None:
-            return await self.run(plan, traced=True)
-        with _in_span(span):
-            return await self.run(plan, traced=True)
-
-    async def _traced_send(self, plan: Plan[Any], command: Command) -> Any:
-        """``_send`` of one round trip of an iteration, in an OpenTelemetry span."""
-        span = _span(self._topology, "a" + plan.method, command)
-        if span is None:
-            return await self._send(command)
-        with _in_span(span):
-            return await self._send(command)
-
-    async def iterate(self, plan: Plan[None]) -> AsyncIterator[Any]:
-        """The results an iteration finds, lazily: its next command waits for the caller."""
-        operation, reply = plan.operation, None
-        self._stats.row(plan.method)[_CALLS] += 1
-        while True:
-            try:
-                command = operation.send(reply)
-                if type(command) is _Found:
-                    reply = None
-                elif _otel is not None and _tracing():  # a span per round trip
-                    reply = await self._traced_send(plan, command)
-                else:
-                    reply = await self._send(command)
-            except StopIteration:
-                return
-            except _UNAVAILABLE as error:
-                self._failed(plan, error)
-                return
-            except redis.RedisError:
-                self._stats.row(plan.method)[_ERRORS] += 1
-                raise
-            if type(command) is _Found:
-                for item in command.items:
-                    yield item
-
-    async def _undo(self, plan: Plan[Any]) -> None:
-        while plan.undo:
-            await self._try(plan.undo.pop())
-
-    async def _send(self, command: Command) -> Any:
-        try:
-            return await self._exchange(command)
-        except (redis.ConnectionError, redis.ResponseError) as error:
-            return await self._after(error, command)
-
-    async def _after(self, error: redis.RedisError, command: Command) -> Any:
-        if _largest_value(command) > _LARGE_VALUE:
-            _refuse_oversized(command, await self._try(_BULK_LIMIT), error)
-        if not _resendable(command, error):
-            raise error
-        return await self._exchange(command)
-
-    async def _try(self, command: Command) -> Any:
-        """``command``'s reply, or None if it fails: for what is done on the way out."""
-        try:
-            return await self._exchange(command)
-        except redis.RedisError:
-            return None
-
-    async def _exchange(self, command: Command) -> Any:
-        """``command``'s reply, through the client-side store if there is one."""
-        if type(command) is _Compute:
-            value = command.default()
-            return (await value) if inspect.isawaitable(value) else value
-        store = self._store
-        if store is None:
-            return await self._send_once(command)
-        wire, state = store.before(command)
-        try:
-            reply = await self._send_once(wire)
-        except BaseException:
-            store.after(command, state, None)
-            raise
-        return store.after(command, state, reply)
-
-    async def _send_once(self, command: Command) -> Any:
-        if type(command) is tuple:
-            client = self._client_at(self._index(command))
-            try:
-                if self._config.multiplex:
-                    with contextlib.suppress(_Unshared):
-                        return _first_error_raised(await self._line(client).call([command]))[0]
-                return await client.execute_command(*command)
-            except redis.exceptions.NoScriptError:
-                source = _SCRIPTS[command[1]]
-                return await self._send_once(("EVAL", source, *command[2:]))
-        if type(command) is list:
-            client = self._client_at(self._index(*command))
-            if self._config.multiplex:
-                with contextlib.suppress(_Unshared):
-                    return _first_error_raised(await self._line(client).call(command))
-            pipeline = client.pipeline(transaction=False)
-            for args in command:
-                pipeline.execute_command(*args)
-            return await pipeline.execute()
-        assert isinstance(command, _Sleep)
-        await asyncio.sleep(command.seconds)
-        return asyncio.get_running_loop().time()
-
-    @staticmethod
-    def _line(client: redis.asyncio.Redis) -> _Line:
-        shared = cast(_SharedAsyncRedis, client)
-        line = shared.line
-        if line is None:
-            line = shared.line = _Line(client.connection_pool, client.response_callbacks)
-        return line
+        return _registry.async_client(self._topology, index).connection_pool
 
 
 # ---------------------------------------------------------------------------
@@ -3700,12 +3786,15 @@ class _RedisEXBase(BaseCache):
         return f"<{type(self).__name__} {servers}>"
 
     @cached_property
-    def _sync_driver(self) -> _SyncDriver:
-        return _SyncDriver(self._topology, self._store, self._stats)
+    def _sync_driver(self) -> _SyncShell:
+        return _SyncShell(
+            self._topology, _features_for(self._topology, self._store, self._stats, "")
+        )
 
     @cached_property
-    def _async_driver(self) -> _AsyncDriver:
-        return _AsyncDriver(self._topology, self._store, self._stats)
+    def _async_driver(self) -> _AsyncShell:
+        features = _features_for(self._topology, self._store, self._stats, "a")
+        return _AsyncShell(self._topology, features)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """This cache's counts in this process, per method called (``get`` counts ``aget``
@@ -3713,13 +3802,13 @@ class _RedisEXBase(BaseCache):
         get_or_set and has_key); ``errors`` raised; ``ignored`` (with ignore_exceptions).
         With a circuit breaker, its state under ``"circuit_breaker"``."""
         report: dict[str, dict[str, Any]] = dict(self._stats.report())
-        breaker = self._sync_driver._breaker
-        if breaker is not None:
-            report["circuit_breaker"] = breaker.state()
+        breakers = _breakers_for(self._topology)
+        if breakers is not None:
+            report["circuit_breaker"] = breakers.report()
         return report
 
     @property
-    def _cache(self) -> _SyncDriver | _AsyncDriver:
+    def _cache(self) -> _SyncShell | _AsyncShell:
         """Django's client object: sync on RedisEXCache, asyncio on AsyncRedisEXCache."""
         if self._client_kind == "async":
             return self._async_driver
@@ -3755,7 +3844,7 @@ class _RedisEXBase(BaseCache):
     ) -> Any:
         """redis-py's ``Lock`` on a cache key: ``with cache.lock("report"): ...``."""
         return self.get_client().lock(
-            self.make_and_validate_key(key, version),
+            self._key(key, version),
             timeout=timeout,
             sleep=sleep,
             blocking=blocking,
@@ -3766,9 +3855,7 @@ class _RedisEXBase(BaseCache):
     def alock(self, key: Any, version: int | None = None, **lock_arguments: Any) -> Any:
         """The asyncio ``Lock`` of the running loop, with ``lock()``'s other arguments:
         ``async with cache.alock("report"): ...``."""
-        return self.get_async_client().lock(
-            self.make_and_validate_key(key, version), **lock_arguments
-        )
+        return self.get_async_client().lock(self._key(key, version), **lock_arguments)
 
     # Keys and timeouts ------------------------------------------------------
 
@@ -3792,11 +3879,20 @@ class _RedisEXBase(BaseCache):
         """
         return self.key_func is default_key_func and self._default_key_methods
 
+    def _key(self, key: Any, version: int | None) -> str:
+        """``make_and_validate_key``, made here when keys are Django's defaults (three calls
+        fewer: a microsecond on each call of a single-key method)."""
+        if self.key_func is not default_key_func or not self._default_key_methods:
+            return self.make_and_validate_key(key, version=version)
+        redis_key = f"{self.key_prefix}:{self.version if version is None else version}:{key}"
+        self.validate_key(redis_key)  # the common case in one line: see validate_key
+        return redis_key
+
     def _keys(self, keys: Iterable[Any], version: int | None) -> list[str]:
         """``make_and_validate_key`` of each key, in order, validated in one pass: for 100
         keys, 11 µs instead of 32 µs a key at a time (a get_many of 100 takes about 300 µs)."""
         if not self._default_keys:
-            return [self.make_and_validate_key(key, version=version) for key in keys]
+            return [self._key(key, version=version) for key in keys]
         head = f"{self.key_prefix}:{self.version if version is None else version}:"
         redis_keys = [f"{head}{key}" for key in keys]
         joined = "".join(redis_keys)
@@ -3835,19 +3931,19 @@ class _RedisEXBase(BaseCache):
         timeout = self.get_backend_timeout(timeout)
         return Plan(
             "add",
-            _op_add(self._codec, self.make_and_validate_key(key, version), value, timeout),
+            _op_add(self._codec, self._key(key, version), value, timeout),
             _false,
         )
 
     add, aadd = _twins(_plan_add)
 
     def _plan_get(self, key: Any, default: Any = None, version: int | None = None) -> Plan[Any]:
-        redis_key = self.make_and_validate_key(key, version)
+        redis_key = self._key(key, version)
         operation = _op_get(self._codec, redis_key, default, self._stats.rows["get"])
         return Plan("get", operation, lambda: default)
 
     def _local_get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
-        return cast(_Store, self._store).lookup(self.make_and_validate_key(key, version))
+        return cast(_Store, self._store).lookup(self._key(key, version))
 
     get, aget = _twins(_plan_get, _local_get)
 
@@ -3865,9 +3961,7 @@ class _RedisEXBase(BaseCache):
         if nx and xx:
             raise ValueError("set() takes nx=True or xx=True, not both.")
         timeout = self.get_backend_timeout(timeout)
-        operation = _op_set(
-            self._codec, self.make_and_validate_key(key, version), value, timeout, nx, xx
-        )
+        operation = _op_set(self._codec, self._key(key, version), value, timeout, nx, xx)
         return Plan("set", operation, _false if nx or xx else _none)
 
     set, aset = _twins(_plan_set)
@@ -3876,12 +3970,12 @@ class _RedisEXBase(BaseCache):
         self, key: Any, timeout: float | None = DEFAULT_TIMEOUT, version: int | None = None
     ) -> Plan[bool]:
         timeout = self.get_backend_timeout(timeout)
-        return Plan("touch", _op_touch(self.make_and_validate_key(key, version), timeout), _false)
+        return Plan("touch", _op_touch(self._key(key, version), timeout), _false)
 
     touch, atouch = _twins(_plan_touch)
 
     def _plan_delete(self, key: Any, version: int | None = None) -> Plan[bool]:
-        return Plan("delete", _op_bool("DEL", self.make_and_validate_key(key, version)), _false)
+        return Plan("delete", _op_bool("DEL", self._key(key, version)), _false)
 
     delete, adelete = _twins(_plan_delete)
 
@@ -3910,7 +4004,7 @@ class _RedisEXBase(BaseCache):
     ) -> Plan[Any]:
         timeout = self.get_backend_timeout(timeout)
         lock_timeout = self._config.stampede_lock_timeout
-        redis_key = self.make_and_validate_key(key, version)
+        redis_key = self._key(key, version)
         undo: list[tuple[Any, ...]] = []
         computed: list[Any] = []  # with Redis unavailable, a value computed is not lost
         operation = _op_get_or_set(
@@ -3929,7 +4023,9 @@ class _RedisEXBase(BaseCache):
                 return computed[0]
             return default() if callable(default) else default
 
-        return Plan("get_or_set", operation, fallback, undo)
+        # On the first server: a replica that lags would show neither the value another
+        # caller stored nor its lock, and stampede protection would weaken.
+        return _OnPrimary("get_or_set", operation, fallback, undo)
 
     def _local_get_or_set(
         self,
@@ -3943,11 +4039,11 @@ class _RedisEXBase(BaseCache):
     get_or_set, aget_or_set = _twins(_plan_get_or_set, _local_get_or_set)
 
     def _plan_has_key(self, key: Any, version: int | None = None) -> Plan[bool]:
-        redis_key = self.make_and_validate_key(key, version)
+        redis_key = self._key(key, version)
         return Plan("has_key", _op_exists(redis_key, self._stats.rows["has_key"]), _false)
 
     def _local_has_key(self, key: Any, version: int | None = None) -> Any:
-        held = cast(_Store, self._store).holds(self.make_and_validate_key(key, version))
+        held = cast(_Store, self._store).holds(self._key(key, version))
         return True if held else _MISSING
 
     has_key, ahas_key = _twins(_plan_has_key, _local_has_key)
@@ -3971,7 +4067,7 @@ class _RedisEXBase(BaseCache):
     def _counter(
         self, method: str, key: Any, delta: int, version: int | None, create: bool
     ) -> Plan[int]:
-        redis_key = self.make_and_validate_key(key, version)
+        redis_key = self._key(key, version)
         fallback = functools.partial(_key_not_found, redis_key)
         return Plan(method, _op_incr(redis_key, delta, create), fallback)
 
@@ -4007,8 +4103,8 @@ class _RedisEXBase(BaseCache):
     def _move(self, method: str, key: Any, delta: int, version: int | None) -> Plan[int]:
         old = self.version if version is None else version
         old_key, new_key = (
-            self.make_and_validate_key(key, old),
-            self.make_and_validate_key(key, old + delta),
+            self._key(key, old),
+            self._key(key, old + delta),
         )
         atomic = self._topology.atomic_move
         operation = _op_then(_op_move(old_key, new_key, key, atomic), old + delta)
@@ -4034,13 +4130,13 @@ class _RedisEXBase(BaseCache):
 
     def _plan_ttl(self, key: Any, version: int | None = None) -> Plan[int | None]:
         """Seconds left: None if the key never expires, 0 if it does not exist."""
-        return Plan("ttl", _op_ttl("TTL", self.make_and_validate_key(key, version)), _zero)
+        return Plan("ttl", _op_ttl("TTL", self._key(key, version)), _zero)
 
     ttl, attl = _twins(_plan_ttl)
 
     def _plan_pttl(self, key: Any, version: int | None = None) -> Plan[int | None]:
         """Milliseconds left: None if the key never expires, 0 if it does not exist."""
-        return Plan("pttl", _op_ttl("PTTL", self.make_and_validate_key(key, version)), _zero)
+        return Plan("pttl", _op_ttl("PTTL", self._key(key, version)), _zero)
 
     pttl, apttl = _twins(_plan_pttl)
 
@@ -4076,7 +4172,7 @@ class _RedisEXBase(BaseCache):
 
     def _expiry(self, method: str, key: Any, amount: int | None, version: int | None) -> Plan[bool]:
         """EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT or (without an amount) PERSIST."""
-        command = (method.replace("_", "").upper(), self.make_and_validate_key(key, version))
+        command = (method.replace("_", "").upper(), self._key(key, version))
         operation = _op_bool(*command) if amount is None else _op_bool(*command, amount)
         return Plan(method, operation, _false)
 
@@ -4124,7 +4220,7 @@ class _RedisEXBase(BaseCache):
         *arguments: Any,
     ) -> Plan[_T]:
         """A plan of one command on one key: ``method`` upper-cased, the key, ``arguments``."""
-        redis_key = self.make_and_validate_key(key, version)
+        redis_key = self._key(key, version)
         convert = self._decoding(convert, redis_key)
         return Plan(method, _op_apply(convert, method.upper(), redis_key, *arguments), fallback)
 
@@ -4206,7 +4302,7 @@ class _RedisEXBase(BaseCache):
         version_keys: int | None,
     ) -> Plan[int]:
         redis_keys = [
-            self.make_and_validate_key(dest, version_dest),
+            self._key(dest, version_dest),
             *self._keys(keys, version_keys),
         ]
         command = (method.upper(), *self._together(method, [dest, *keys], redis_keys))
@@ -4332,7 +4428,7 @@ class _RedisEXBase(BaseCache):
     def _sscan(
         self, key: Any, match: str | None, count: int | None, version: int | None
     ) -> Operation[None]:
-        redis_key = self.make_and_validate_key(key, version)
+        redis_key = self._key(key, version)
         return _op_sscan(self._codec, redis_key, count or self._config.scan_count, match)
 
     def _plan_hset(
@@ -4462,7 +4558,7 @@ class _RedisEXBase(BaseCache):
         operation = _op_apply(
             float,
             "ZINCRBY",
-            self.make_and_validate_key(key, version),
+            self._key(key, version),
             amount,
             self._codec.dumps(value),
         )
@@ -4507,7 +4603,7 @@ class _RedisEXBase(BaseCache):
     ) -> Plan[list[Any]]:
         """ZRANGE and its kin: ``command`` is the name and the arguments after the key."""
         name, *arguments = (*command, "WITHSCORES") if withscores else command
-        redis_key = self.make_and_validate_key(key, version)
+        redis_key = self._key(key, version)
         scored = functools.partial(_scored, self._codec, withscores, score_cast_func)
         convert = self._decoding(scored, redis_key)
         return Plan(method, _op_apply(convert, name, redis_key, *arguments), list)

@@ -26,6 +26,10 @@ paired by repetition. The main table's columns have short headings, listed above
   ``{"CLIENT_SIDE_CACHE": {"ENABLED": True}}`` (its defaults: MAX_SIZE 10,000, TTL 300 s). It
   stores msgpack, not Django's pickle format, and its incr creates a missing key; like every
   backend it is seeded through itself (the counter exists), so every scenario applies to it.
+- ``main:EX``, ``main:AEX``, ``main:EX+cc``, ...: with ``--baseline PATH``, the rows of our
+  two classes above (same OPTIONS, same scenarios) for another copy of the module, such as
+  the last commit's (``git show HEAD:django_redis_ex.py > /tmp/drx_main.py``), loaded from
+  that file as ``django_redis_ex_baseline``: the module checked out against it, in one run.
 
 A row that cannot be measured here is skipped with the reason under the table and in
 ``--json`` ("skipped"), not counted as an error: django-vcache where it is not installed (or
@@ -58,10 +62,10 @@ async scenarios run there for both classes and the raw clients of that topology 
 Sentinel pool, RedisCluster: ``mget_nonatomic`` and a non-transactional pipeline for the
 many-key calls; the asyncio RedisCluster is initialized before its first burst, which redis-py
 8.1 sometimes fails otherwise); Django's RedisCache (one server only), ``--backend`` classes,
-the variant rows, ``async.get_500`` and the ASGI scenarios (Django's request handling, the
-same on any topology) are left out there. Each topology adds about 2 s of setup and about the
-time of the single run's sync and async scenarios for three backends (half a minute with
---quick, two to three minutes without).
+the variant and ``--baseline`` rows, ``async.get_500`` and the ASGI scenarios (Django's
+request handling, the same on any topology) are left out there. Each topology adds about 2 s
+of setup and about the time of the single run's sync and async scenarios for three backends
+(half a minute with --quick, two to three minutes without).
 
 Without ``--location`` a throwaway ``redis-server`` is started on a free loopback port and
 stopped at the end; ``--location`` applies to the single topology only. The servers, Sentinel
@@ -339,6 +343,7 @@ ROWS = [
     ),
 ]
 OPTIONS_OF = {row.key: row.options for row in ROWS}
+BASELINE = "django_redis_ex_baseline"  # the module name of a --baseline file
 VCACHE_NOTE = [
     "django-vcache: every scenario applies to it. It stores msgpack behind a 1-byte tag, not",
     "  Django's pickle format (the 100-byte value: 103 bytes stored); every backend is seeded",
@@ -702,15 +707,36 @@ def cache_entry(dotted: str, location: Any, key_prefix: str, options: dict[str, 
     }
 
 
+def baseline_rows(path: str) -> list[Row]:
+    """The rows of our two classes in ROWS, for the module file ``path`` (another version of
+    django_redis_ex) loaded as BASELINE: keys and headings "main:EX", "main:EX+cc", ..."""
+    spec = importlib.util.spec_from_file_location(BASELINE, path)
+    if spec is None or spec.loader is None:
+        sys.exit(f"--baseline {path}: not a Python module file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BASELINE] = module
+    spec.loader.exec_module(module)
+    rows = []
+    for row in ROWS:
+        if row.dotted in (EX, AEX):
+            dotted = row.dotted.replace("django_redis_ex", BASELINE)
+            short = f"main:{row.short}"
+            label = f"main {row.label}"
+            rows.append(Row(short, dotted, label, short, row.options, row.only, row.optional))
+            OPTIONS_OF[short] = row.options
+    return rows
+
+
 def main_backends(
-    caches_setting: dict[str, Any], url: str, prefix: str, extra: list[str]
+    caches_setting: dict[str, Any], url: str, prefix: str, extra: list[str], baseline: list[Row]
 ) -> tuple[list[Backend], list[str], dict[Backend, str]]:
-    """One alias per row of the main table (ROWS, then ``extra``): the backends, the failed
-    imports, and the rows skipped because a package they need is missing, with the reason."""
+    """One alias per row of the main table (ROWS, ``baseline``, then ``extra``): the backends,
+    the failed imports, and the rows skipped because a package they need is missing, with the
+    reason."""
     backends = [Backend(RAW, None, short="raw")]
     failed = []
     skipped: dict[Backend, str] = {}
-    rows = ROWS + [Row(dotted, dotted, "", "", {}) for dotted in extra]
+    rows = ROWS + baseline + [Row(dotted, dotted, "", "", {}) for dotted in extra]
     for i, row in enumerate(rows):
         alias = f"b{i}"
         backend = Backend(row.key, alias, row.label, row.short, row.only, row.optional)
@@ -1515,6 +1541,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--backend", action="append", default=[], help="another cache class (dotted path)"
     )
     parser.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="also measure our rows for this copy of django_redis_ex.py (as main:EX, ...)",
+    )
+    parser.add_argument(
         "--scenario", action="append", default=[], help="run only scenarios with this prefix"
     )
     parser.add_argument(
@@ -1608,7 +1639,10 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"{servers[0].url}/0"
             monitor = redis.Redis.from_url(url, socket_timeout=10)
             monitor.ping()
-            backends, failed, missing = main_backends(caches_setting, url, prefix, args.backend)
+            baseline = baseline_rows(args.baseline) if args.baseline else []
+            backends, failed, missing = main_backends(
+                caches_setting, url, prefix, args.backend, baseline
+            )
             variants = codec_backends(caches_setting, url, prefix) if codec_scenarios else []
         install_urlconf()
         settings_in_force.enter_context(
