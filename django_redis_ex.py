@@ -83,6 +83,27 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.functional import cached_property
 from django.utils.module_loading import import_string
 
+# What the module touches inside its dependencies, beyond their documented API; each is
+# asserted by test_the_private_names_the_module_uses_exist, so a release that renames one
+# fails that test, not a user's request.
+# - redis-py, private: Retry._backoff, ._retries, ._supported_errors (an asyncio Retry from a
+#   sync one); redis._parsers' _RESP2Parser, _RESP3Parser, _HiredisParser and their _Async
+#   twins; ConnectionPool._checkpid() and reset() (the waiting pools); asyncio
+#   ConnectionPool._available_connections (parking); asyncio Connection._connect() and
+#   on_connect_check_health() (overridden: a parked socket), ._reader, ._writer, ._parser and
+#   its read_response() (the multiplexed line reads replies, error replies returned, not
+#   raised), ._host_error(); sync Connection._parser.set_invalidation_push_handler().
+# - redis-py, undocumented: asyncio ConnectionPool.ensure_connection() (overridden),
+#   Connection.encoder, .pack_commands(), .send_packed_command(), .read_response(
+#   push_request=), .can_read(timeout=); Redis.response_callbacks; connection.parse_url();
+#   asyncio SentinelConnectionPool.sentinel_manager; RedisCluster(connection_pool_class=).
+# - asyncio: asyncio._get_running_loop(); Task._log_destroy_pending; StreamReader.feed_data,
+#   replaced on one instance (bytes arriving are progress for the line's timer).
+# - OpenTelemetry: opentelemetry.trace._TRACER_PROVIDER (read, if it exists).
+# - debug-toolbar: panels.cache.WRAPPED_CACHE_METHODS, CachePanel._store_call_info(),
+#   .initialized_caches(), utils.get_stack_trace(skip=), .get_template_info(); cache._djdt_panel.
+# - Sentry: integrations.django.caching.METHODS_TO_INSTRUMENT,
+#   tracing_utils.has_span_streaming_enabled(), sentry_sdk.traces; cache._sentry_patched.
 _otel: Any
 _otel_context: Any
 try:  # OpenTelemetry's API, if installed: each call that goes to Redis is then a span
@@ -528,14 +549,32 @@ class _Config:
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = _freeze(options)  # all of them, for what is kept per configuration
         own = {**_OWN_OPTIONS, **{k: v for k, v in options.items() if k in _OWN_OPTIONS}}
+        self._values(own)
+        self._failures(own, "circuit_breaker" in options)
+        pool_class = self._deployment(own)
+        # The shells send commands on pooled connections themselves, without redis-py's
+        # per-command machinery, unless redis-py's own retry policy is asked for (or on a
+        # cluster, whose client routes each command).
+        retries = {"retry", "retry_on_error", "retry_on_timeout"} & set(options)
+        self.direct = self.topology is not _Cluster and not retries
+        self.multiplex: bool = _checked(own, "multiplex", bool) and self.direct
+        self.client_cache = self._client_cache(own["client_cache"], self.topology is _Cluster)
+        redis_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
+        parser_class = self._pools(own, redis_options)
+        # The pool key holds what the user set, so equal settings share a pool.
+        self.frozen = _freeze((redis_options, parser_class, pool_class))
+
+    def _values(self, own: dict[str, Any]) -> None:
+        """How values and keys are stored and found: the codec, scans, stampede locks."""
         codec_class = _SignedCodec if _checked(own, "sign_values", bool) else _Codec
         self.codec = codec_class(
             self._serializer(own),
             self._compressor(own["compressor"]),
             _checked(own, "compress_min_length", int, minimum=0),
         )
-        self.ignore_exceptions: bool = _checked(own, "ignore_exceptions", bool)
-        self.log_ignored_exceptions: bool = _checked(own, "log_ignored_exceptions", bool)
+        self.codec_key = _freeze(
+            (own["serializer"], own["compressor"], own["compress_min_length"], own["sign_values"])
+        )
         self.scan_count: int = _checked(own, "scan_count", int, minimum=1)
         self.clear_by_prefix: bool = _checked(own, "clear_by_prefix", bool)
         reverse = _import(own, "reverse_key_function")
@@ -547,19 +586,11 @@ class _Config:
             self.stampede_lock_timeout = _checked(
                 own, "stampede_lock_timeout", float, minimum=0.001
             )
-        self.sentinels = self._sentinel_addresses(own["sentinels"])
-        self.sentinel_kwargs: dict[str, Any] = own["sentinel_kwargs"] or {}
-        if not isinstance(self.sentinel_kwargs, dict):
-            raise ImproperlyConfigured("OPTIONS 'sentinel_kwargs' must be a dict.")
-        self.sentinel_replica_reads: bool = _checked(own, "sentinel_replica_reads", bool)
-        cluster = _checked(own, "cluster", bool)
-        # The drivers send commands on pooled connections themselves, without redis-py's
-        # per-command machinery, unless redis-py's own retry policy is asked for (or on a
-        # cluster, whose client routes each command).
-        retries = {"retry", "retry_on_error", "retry_on_timeout"} & set(options)
-        self.direct = not cluster and not retries
-        self.multiplex: bool = _checked(own, "multiplex", bool) and self.direct
-        self.client_cache = self._client_cache(own["client_cache"], cluster)
+
+    def _failures(self, own: dict[str, Any], breaker_set: bool) -> None:
+        """What happens when Redis is unavailable: ignore_exceptions and the circuit breaker."""
+        self.ignore_exceptions: bool = _checked(own, "ignore_exceptions", bool)
+        self.log_ignored_exceptions: bool = _checked(own, "log_ignored_exceptions", bool)
         self.circuit_breaker = self._settings(
             "circuit_breaker",
             own["circuit_breaker"],
@@ -567,15 +598,21 @@ class _Config:
             _CIRCUIT_BREAKER_KINDS,
         )
         if not self.ignore_exceptions:
-            if self.circuit_breaker is not None and "circuit_breaker" in options:
+            if self.circuit_breaker is not None and breaker_set:
                 raise ImproperlyConfigured(
                     "OPTIONS 'circuit_breaker' works with 'ignore_exceptions': True only (it "
                     "makes calls return their ignored-error results at once)."
                 )
             self.circuit_breaker = None
-        self.codec_key = _freeze(
-            (own["serializer"], own["compressor"], own["compress_min_length"], own["sign_values"])
-        )
+
+    def _deployment(self, own: dict[str, Any]) -> Any:
+        """Sentinel, Cluster or servers: the topology and its pool classes; the pool_class."""
+        self.sentinels = self._sentinel_addresses(own["sentinels"])
+        self.sentinel_kwargs: dict[str, Any] = own["sentinel_kwargs"] or {}
+        if not isinstance(self.sentinel_kwargs, dict):
+            raise ImproperlyConfigured("OPTIONS 'sentinel_kwargs' must be a dict.")
+        self.sentinel_replica_reads: bool = _checked(own, "sentinel_replica_reads", bool)
+        cluster = _checked(own, "cluster", bool)
         pool_class = _import(own, "pool_class")
         if self.sentinels and (cluster or pool_class is not None):
             raise ImproperlyConfigured(
@@ -586,9 +623,10 @@ class _Config:
             _Sentinel if self.sentinels else _Cluster if cluster else _Servers
         )
         self.sync_pool_class, self.async_pool_class = self.topology.pool_classes(pool_class)
+        return pool_class
 
-        parser_class = _import(own, "parser_class")
-        redis_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
+    def _pools(self, own: dict[str, Any], redis_options: dict[str, Any]) -> Any:
+        """The arguments of redis-py's pools on both paths; the parser_class."""
         self._check_keys(redis_options)
         self.credential_provider = self._credential_provider(redis_options)
         self.plain_tcp_credentials = _checked(own, "credentials_over_plain_tcp", bool)
@@ -607,14 +645,14 @@ class _Config:
                 retry._retries,
                 tuple(e for e in retry._supported_errors if issubclass(e, redis.RedisError)),
             )
+        parser_class = _import(own, "parser_class")
         if parser_class is not None:
             self.sync_options["parser_class"] = self._parser(parser_class, sync=True)
             self.async_options["parser_class"] = self._parser(parser_class, sync=False)
-            if "RESP2" in parser_class.__name__ and "protocol" not in options:
+            if "RESP2" in parser_class.__name__ and "protocol" not in redis_options:
                 # redis-py 8 speaks RESP3 unless told otherwise, which a RESP2 parser can't read.
                 self.sync_options["protocol"] = self.async_options["protocol"] = 2
-        # The pool key holds what the user set, so equal settings share a pool.
-        self.frozen = _freeze((redis_options, parser_class, pool_class))
+        return parser_class
 
     @staticmethod
     def _credential_provider(redis_options: dict[str, Any]) -> Any:
@@ -1624,10 +1662,10 @@ def _resendable(commands: list[tuple[Any, ...]], error: BaseException) -> bool:
 # Operations: what each cache method sends to Redis and how the reply becomes a result
 # ---------------------------------------------------------------------------
 # An operation is a generator that does no I/O. It yields a command (a tuple of arguments), a
-# pipeline (a list of such tuples), a pause (``_Sleep``) or, in an iteration, results found so
-# far (``_Found``); it receives each reply and returns the method's result. The sync and the
-# asyncio driver run the same generators, so the two paths cannot drift apart, and tests run
-# them against scripted replies. Each call of a cache method is one round trip unless said.
+# pipeline (a list of such tuples), a pause (``_Sleep``) or a computation (``_Compute``); it
+# receives each reply and returns the method's result. The policy runs the same generators
+# on both paths, so the two cannot drift apart, and tests run them against scripted replies.
+# Each call of a cache method is one round trip unless said. An iteration is a plan per page.
 
 _T = TypeVar("_T")
 
@@ -1652,17 +1690,9 @@ class _Compute:
         self.default = default
 
 
-class _Found:
-    """Results of an iteration so far, handed to the caller before the next command."""
-
-    __slots__ = ("items",)
-
-    def __init__(self, items: list[Any]) -> None:
-        self.items = items
-
-
-Command = Union[tuple[Any, ...], list[tuple[Any, ...]], _Sleep, _Found, _Compute]  # noqa: UP007
+Command = Union[tuple[Any, ...], list[tuple[Any, ...]], _Sleep, _Compute]  # noqa: UP007
 Operation = Generator[Command, Any, _T]
+_Page = tuple[int, list[Any]]  # an iteration's next cursor (0: done), and what it found
 
 
 class Plan(Generic[_T]):
@@ -1670,9 +1700,8 @@ class Plan(Generic[_T]):
     log), the operation, and its fallback: what the call returns (or raises) when Redis is
     unavailable and OPTIONS ``ignore_exceptions`` is on."""
 
-    __slots__ = ("fallback", "iterating", "method", "operation", "trace", "undo")
+    __slots__ = ("fallback", "method", "operation", "trace", "undo")
     primary = False  # whether reads go to the server that takes writes too (_OnPrimary)
-    iterating: bool  # set for an iteration: a span per round trip
     trace: Any  # set while the call is traced: its span and context
 
     def __init__(
@@ -1707,6 +1736,10 @@ _STAT_NAMES = ("calls", "hits", "misses", "errors", "ignored")
 
 def _false() -> bool:
     return False
+
+
+def _no_page() -> _Page:
+    return 0, []
 
 
 def _none() -> None:
@@ -1979,31 +2012,36 @@ def _op_ttl(command: str, key: str) -> Operation[int | None]:
     return None if remaining == -1 else int(remaining)
 
 
-def _op_scan(pattern: str, count: int, convert: Callable[[Any], Any]) -> Operation[None]:
-    """An iteration over the keys matching ``pattern``, ``convert``-ed, one SCAN page per
-    round trip of ``count`` keys at most; never KEYS, which blocks the server."""
-    cursor = 0
-    while True:
-        cursor, keys = yield ("SCAN", cursor, "MATCH", pattern, "COUNT", count)
-        if keys:
-            yield _Found([convert(key) for key in keys])
-        if int(cursor) == 0:
-            return
+def _op_scan(
+    pattern: str, count: int, convert: Callable[[Any], Any], cursor: int
+) -> Operation[_Page]:
+    """A page of the keys matching ``pattern``, ``convert``-ed: one SCAN of ``count`` keys
+    at most; never KEYS, which blocks the server."""
+    cursor, keys = yield ("SCAN", cursor, "MATCH", pattern, "COUNT", count)
+    return int(cursor), [convert(key) for key in keys]
+
+
+def _op_then_set(operation: Operation[list[Any]]) -> Operation[set[Any]]:
+    return set((yield from operation))
+
+
+def _op_every_page(page: Callable[[int], Operation[_Page]]) -> Operation[list[Any]]:
+    """Everything an iteration finds, page after page (a round trip each)."""
+    cursor, found = -1, []
+    while cursor:
+        cursor, more = yield from page(max(cursor, 0))
+        found += more
+    return found
 
 
 def _op_delete_pattern(pattern: str, count: int) -> Operation[int]:
     """UNLINK the keys matching ``pattern`` page by page (one round trip each); how many."""
-    scan, reply, deleted = _op_scan(pattern, count, _unchanged), None, 0
-    while True:
-        try:
-            command = scan.send(reply)
-        except StopIteration:
-            return deleted
-        if type(command) is _Found:
-            deleted += yield ("UNLINK", *command.items)
-            reply = None
-        else:
-            reply = yield command
+    cursor, deleted = -1, 0
+    while cursor:
+        cursor, keys = yield from _op_scan(pattern, count, _unchanged, max(cursor, 0))
+        if keys:
+            deleted += yield ("UNLINK", *keys)
+    return deleted
 
 
 def _unchanged(key: Any) -> Any:
@@ -2106,37 +2144,19 @@ def _ranked(reply: Any) -> list[Any] | None:
     return None if reply is None else [int(reply[0]), float(reply[1])]
 
 
-def _op_sscan(codec: _Codec, key: str, count: int, match: str | None) -> Operation[None]:
-    """An iteration over a set's members, one SSCAN page per round trip. ``match`` is a glob
-    on the decoded members (str members only): Redis would match it against their pickles."""
-    cursor = 0
-    while True:
-        cursor, members = yield ("SSCAN", key, cursor, "COUNT", count)
-        forged = codec.forged
-        found = _members(codec, members)
-        if codec.forged != forged:
-            _forged(key)
-        if match is not None:
-            found = [m for m in found if isinstance(m, str) and fnmatch.fnmatchcase(m, match)]
-        if found:
-            yield _Found(found)
-        if int(cursor) == 0:
-            return
-
-
-def _op_gathered(iteration: Operation[None]) -> Operation[set[Any]]:
-    """Everything an iteration finds, as a set, when it is done."""
-    reply, gathered = None, set[Any]()
-    while True:
-        try:
-            command = iteration.send(reply)
-        except StopIteration:
-            return gathered
-        if type(command) is _Found:
-            gathered.update(command.items)
-            reply = None
-        else:
-            reply = yield command
+def _op_sscan(
+    codec: _Codec, key: str, count: int, match: str | None, cursor: int
+) -> Operation[_Page]:
+    """A page of a set's members: one SSCAN. ``match`` is a glob on the decoded members
+    (str members only): Redis would match it against their pickles."""
+    cursor, members = yield ("SSCAN", key, cursor, "COUNT", count)
+    forged = codec.forged
+    found = _members(codec, members)
+    if codec.forged != forged:
+        _forged(key)
+    if match is not None:
+        found = [m for m in found if isinstance(m, str) and fnmatch.fnmatchcase(m, match)]
+    return int(cursor), found
 
 
 # ---------------------------------------------------------------------------
@@ -2149,20 +2169,19 @@ def _op_gathered(iteration: Operation[None]) -> Operation[set[Any]]:
 # takes writes). A send's reply is their replies in order, an error reply as its
 # ``ResponseError`` object; the shell raises only when the exchange itself failed.
 _Send = tuple[int, list[tuple[Any, ...]]]
-Request = Union[_Send, _Sleep, _Compute, _Found]  # noqa: UP007
+Request = Union[_Send, _Sleep, _Compute]  # noqa: UP007
 
 
 class _Trip:
     """One round trip as the optional features see it: where it goes, what goes out, and
     each feature's note on it."""
 
-    __slots__ = ("again", "commands", "index", "plan", "probe", "span", "ticket", "wire")
+    __slots__ = ("again", "commands", "index", "plan", "probe", "ticket", "wire")
 
     def __init__(self, plan: Plan[Any], index: int, commands: list[tuple[Any, ...]]) -> None:
         self.plan, self.index, self.commands, self.wire = plan, index, commands, commands
         self.ticket: Any = None  # the client-side store's read in flight
         self.probe: Any = None  # the circuit breaker this trip probes
-        self.span: Any = None  # an iteration's span for this round trip
         self.again = False  # it failed, and goes out once more at once
 
 
@@ -2239,7 +2258,7 @@ class _Policy:
     the command table, a second attempt after a dead connection, the check for values too
     large, the undo of what a failed call holds, the fallback with ``ignore_exceptions``,
     and the optional features' hooks. It yields only requests (a send, ``_Sleep``,
-    ``_Compute``, and an iteration's ``_Found``) that a shell performs and answers; a failed
+    ``_Compute``) that a shell performs and answers; a failed
     request is thrown back into it, so its bookkeeping ends in ``finally``, cancelled or not.
     """
 
@@ -2271,7 +2290,7 @@ class _Policy:
                     reply = (yield from self._trip(plan, [command]))[0]
                 elif type(command) is list:
                     reply = yield from self._trip(plan, command)
-                else:  # a pause, a computation, an iteration's results
+                else:  # a pause, a computation
                     reply = yield cast(Request, command)
         except GeneratorExit:  # the shell dropped the call: nothing more can go out
             raise
@@ -2585,33 +2604,10 @@ class _Store(_Feature):
     def _track(self) -> None:
         connection = None
         try:
-            try:
-                connection = self._open()
-            except redis.ResponseError as error:
-                if str(error).startswith(_BUSY_REPLIES):  # the server is busy, not refusing
-                    raise redis.ConnectionError(str(error)) from error
-                self.refused = True
-                logger.warning(
-                    "OPTIONS 'client_cache' is off for %s: the server refused CLIENT TRACKING "
-                    "(%s). The cache works on without its local store.",
-                    ", ".join(_redact(url) for url in self.topology.servers),
-                    error,
-                )
-                return
-            self.connected = True
-            while True:
-                sent = time.monotonic()
-                connection.send_command("PING")
-                while connection.read_response(push_request=True) is _PUSHED:
-                    pass  # invalidations sent before the answer: handled
-                self.valid_until = sent + 2 * self.interval
-                while (left := sent + self.interval - time.monotonic()) > 0:
-                    if connection.can_read(timeout=left):
-                        while connection.can_read(timeout=0):
-                            connection.read_response(push_request=True)
-                        # Let invalidations gather for a millisecond: a thread woken per
-                        # write would take the GIL from the cache's callers at every one.
-                        time.sleep(0.001)
+            connection = self._open()
+            if connection is not None:
+                self.connected = True
+                self._heartbeats(connection)
         except Exception as error:
             if self.connected:
                 logger.warning(
@@ -2629,7 +2625,40 @@ class _Store(_Feature):
             self.retry_at = time.monotonic() + 2 * self.interval
             self.tracker = None
 
+    def _heartbeats(self, connection: Any) -> NoReturn:
+        """Ping every interval; between pings, take the invalidations as they come."""
+        while True:
+            sent = time.monotonic()
+            connection.send_command("PING")
+            while connection.read_response(push_request=True) is _PUSHED:
+                pass  # invalidations sent before the answer: handled
+            self.valid_until = sent + 2 * self.interval
+            while (left := sent + self.interval - time.monotonic()) > 0:
+                if connection.can_read(timeout=left):
+                    while connection.can_read(timeout=0):
+                        connection.read_response(push_request=True)
+                    # Let invalidations gather for a millisecond: a thread woken per
+                    # write would take the GIL from the cache's callers at every one.
+                    time.sleep(0.001)
+
     def _open(self) -> Any:
+        """The tracking connection; None if the server refuses tracking (logged, and the
+        store is off for this process)."""
+        try:
+            return self._tracking_connection()
+        except redis.ResponseError as error:
+            if str(error).startswith(_BUSY_REPLIES):  # the server is busy, not refusing
+                raise redis.ConnectionError(str(error)) from error
+            self.refused = True
+            logger.warning(
+                "OPTIONS 'client_cache' is off for %s: the server refused CLIENT TRACKING "
+                "(%s). The cache works on without its local store.",
+                ", ".join(_redact(url) for url in self.topology.servers),
+                error,
+            )
+            return None
+
+    def _tracking_connection(self) -> Any:
         """A RESP3 connection to the server that takes writes, tracking the prefix."""
         pool = self.topology.sync_client(0).connection_pool
         options = {**pool.connection_kwargs, "protocol": 3}
@@ -2919,9 +2948,9 @@ _OTEL_GLOBAL = _otel is not None and hasattr(_otel, "_TRACER_PROVIDER")
 
 
 class _Tracing(_Feature):
-    """A CLIENT span per call that goes to Redis (per round trip for an iteration), named
-    after its first round trip's command, current while the call runs; installed only
-    where OpenTelemetry's API is. Never a value, never a password."""
+    """A CLIENT span per call that goes to Redis (an iteration's page is a call), named
+    after its first round trip's command, current while the call runs; installed while a
+    tracer provider is set. Never a value, never a password."""
 
     def __init__(self, topology: _Topology, prefix: str) -> None:
         self.topology, self.prefix = topology, prefix
@@ -2933,20 +2962,7 @@ class _Tracing(_Feature):
         span = _span(self.topology, self.prefix + plan.method, trip.commands)
         if span is None:
             return
-        token = _otel_context.attach(_otel.set_span_in_context(span))
-        if getattr(plan, "iterating", False):
-            trip.span = (span, token)
-        else:
-            plan.trace = (span, token)
-
-    def replied(self, trip: _Trip, replies: list[Any]) -> list[Any]:
-        if trip.span is not None:
-            _span_ended(trip.span, None)
-        return replies
-
-    def failed(self, trip: _Trip, error: BaseException) -> None:
-        if trip.span is not None:
-            _span_ended(trip.span, error)
+        plan.trace = (span, _otel_context.attach(_otel.set_span_in_context(span)))
 
     def end(self, plan: Plan[Any], error: BaseException | None, ignored: bool) -> None:
         traced = getattr(plan, "trace", None)
@@ -2991,6 +3007,119 @@ def _span_ended(traced: tuple[Any, Any], error: BaseException | None) -> None:
     span.end()
     with contextlib.suppress(ValueError):  # detached in another context: a dropped call
         _otel_context.detach(token)
+
+
+# ---------------------------------------------------------------------------
+# Optional feature: what debug-toolbar and Sentry see of async calls
+# ---------------------------------------------------------------------------
+# Tools that watch cache objects: django-debug-toolbar's cache panel and Sentry's Django
+# integration wrap sync methods on each cache object they watch. Django's own backends reach
+# those wrappers from their async methods through sync_to_async; ours never call the sync
+# method, so an async call whose sync twin is wrapped reports to the tool itself, with its
+# real duration. Neither tool is imported here unless it has wrapped the object.
+# They are seen at the method layer, not through the policy's hooks: the tools wrap methods
+# of one cache object (not a configuration), and see answers from the client-side store too,
+# which never reach the policy. The cost where no tool watches: one dict lookup an async call.
+
+
+async def _observed(
+    cache: Any, name: str, work: Coroutine[Any, Any, _T], args: Any, kwargs: Any
+) -> _T:
+    state = cache.__dict__
+    if state.get("_sentry_patched") and _sentry_watches(name):
+        work = _sentry_span(cache, name, work, args, kwargs)
+    panel = state.get("_djdt_panel")
+    if panel is None or not _toolbar_watches(name):
+        return await work
+    started = time.perf_counter()
+    value = await work  # a call that raises is not recorded, as the toolbar does for sync
+    _toolbar_record(cache, panel, name, time.perf_counter() - started, value, args, kwargs)
+    return value
+
+
+def _toolbar_watches(name: str) -> bool:
+    from debug_toolbar.panels.cache import WRAPPED_CACHE_METHODS
+
+    return name in WRAPPED_CACHE_METHODS
+
+
+def _toolbar_record(
+    cache: Any, panel: Any, name: str, elapsed: float, value: Any, args: Any, kwargs: Any
+) -> None:
+    """What the toolbar's sync wrapper records, through the panel's recorder (unchanged from
+    debug-toolbar 4.2 to 8.0); the stack trace ends at the caller's await."""
+    from debug_toolbar import utils
+
+    toolbar = cast(Any, utils)  # untyped
+    alias = next((a for each, a in panel.initialized_caches() if each is cache), "?")
+    try:
+        panel._store_call_info(
+            name=name,
+            time_taken=elapsed,
+            return_value=value,
+            args=args,
+            kwargs=kwargs,
+            trace=toolbar.get_stack_trace(skip=3),  # this function, _observed, the a-method
+            template_info=toolbar.get_template_info(),
+            backend=f"{alias} ({type(cache).__name__})",
+        )
+    except (AttributeError, TypeError) as error:  # a toolbar whose recorder changed
+        logger.debug("debug-toolbar did not take the call of a%s: %s", name, error)
+
+
+def _sentry_watches(name: str) -> bool:
+    import sentry_sdk
+    from sentry_sdk.integrations.django import DjangoIntegration
+    from sentry_sdk.integrations.django.caching import METHODS_TO_INSTRUMENT
+
+    client = sentry_sdk.get_client()
+    return name in METHODS_TO_INSTRUMENT and client.get_integration(DjangoIntegration) is not None
+
+
+async def _sentry_span(
+    cache: Any, name: str, work: Coroutine[Any, Any, _T], args: Any, kwargs: Any
+) -> _T:
+    """The span Sentry's wrapper makes for the sync twin, field for field, around ``work``."""
+    import sentry_sdk
+    from sentry_sdk.consts import OP, SPANDATA
+    from sentry_sdk.integrations.django import DjangoIntegration
+    from sentry_sdk.tracing_utils import has_span_streaming_enabled
+
+    op = OP.CACHE_PUT if name.startswith("set") else OP.CACHE_GET
+    first = args[0] if args else kwargs.get("key", kwargs.get("keys", kwargs.get("data")))
+    keys = tuple(first) if isinstance(first, (dict, list, tuple)) else (first,)
+    description = ", ".join(k.decode() if isinstance(k, bytes) else str(k) for k in keys)
+    span: Any
+    if has_span_streaming_enabled(sentry_sdk.get_client().options):
+        if sentry_sdk.traces.get_current_span() is None:
+            return await work
+        attributes: dict[str, Any] = {"sentry.op": op, "sentry.origin": DjangoIntegration.origin}
+        span = sentry_sdk.traces.start_span(name=description, attributes=attributes)
+        put = span.set_attribute
+    else:
+        span = sentry_sdk.start_span(op=op, name=description, origin=DjangoIntegration.origin)
+        put = span.set_data
+    with span:
+        value = await work
+        url = urlsplit(cache._servers[0])
+        put(SPANDATA.NETWORK_PEER_ADDRESS, f"{url.scheme}://{url.hostname or ''}{url.path}")
+        if url.port is not None:
+            put(SPANDATA.NETWORK_PEER_PORT, url.port)
+        put(SPANDATA.CACHE_KEY, keys)
+        size = None
+        if name in ("get", "get_many"):
+            default = {} if name == "get_many" else _default_of(args, kwargs)
+            put(SPANDATA.CACHE_HIT, value != default)
+            size = len(str(value)) if value != default else None
+        elif args:  # set: the value's size; set_many: the mapping's
+            size = len(str(args[1] if len(args) >= 2 else args[0]))
+        if size is not None:
+            put(SPANDATA.CACHE_ITEM_SIZE, size)
+        return value
+
+
+def _default_of(args: Any, kwargs: Any) -> Any:
+    return args[1] if len(args) >= 2 else kwargs.get("default")
 
 
 def _features_for(
@@ -3141,25 +3270,6 @@ class _SyncShell(_Shell):
             result: _T = done.value
             return result
 
-    def iterate(self, plan: Plan[None]) -> Iterator[Any]:
-        """The results an iteration finds, lazily: its next command waits for the caller."""
-        plan.iterating = True
-        steps, reply, error = self._policy.run(plan), None, None
-        with contextlib.closing(steps):
-            while True:
-                try:
-                    request = steps.send(reply) if error is None else steps.throw(error)
-                except StopIteration:
-                    return
-                reply = error = None
-                if type(request) is _Found:
-                    yield from request.items
-                    continue
-                try:
-                    reply = self._perform(request)
-                except BaseException as failure:
-                    error = failure
-
     def _perform(self, request: Request) -> Any:
         if type(request) is tuple:
             client = self._client_at(request[0])
@@ -3227,6 +3337,7 @@ class _Line:
         self.watchdog: asyncio.TimerHandle | None = None
         self.timed_out = False
         self.looked = False  # the timer, when due, looked once more for bytes
+        self.connecting = False  # the reader is getting a connection
 
     async def call(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies of ``commands``, in order: values or ``ResponseError`` objects."""
@@ -3281,8 +3392,7 @@ class _Line:
             connection._writer.writelines(chunks)
         except Exception as error:  # a transport closed under the line (3.13 raises here)
             failure = redis.ConnectionError(f"Error while writing to Redis: {error!r}")
-            for call in sent:
-                call.future.set_exception(_own_copy(failure))
+            _fail(sent, failure)
             raise failure from error
         if not self.sent:
             self.progress = self.loop.time()
@@ -3329,31 +3439,11 @@ class _Line:
 
     async def _read(self) -> None:
         error: BaseException | None = None  # None: the loop is shutting down
-        connecting = False
+        self.connecting = False
         try:
             while True:
                 if not self.sent:
-                    if self.connection is not None and getattr(self.pool, "_queue", None):
-                        # Others wait for a connection (a raw client, a lock): this one
-                        # goes back, and the line waits its turn for one like them.
-                        connection, self.connection = self.connection, None
-                        await self.pool.release(connection)
-                    elif not self.queue and self.connection is not None:
-                        await asyncio.sleep(0)  # whoever was just answered may call again
-                        if not self.queue and not self.sent:  # idle: the pool has it back
-                            connection, self.connection = self.connection, None
-                            await self.pool.release(connection)
-                    if not self.queue:
-                        self.wake = self.loop.create_future()
-                        try:
-                            await self.wake
-                        finally:
-                            self.wake = None
-                        continue
-                    connecting = True
-                    await self._ready()
-                    connecting = False
-                    self._send()
+                    await self._idle()
                     continue
                 call = self.sent[0]
                 parser = self.connection._parser
@@ -3375,14 +3465,38 @@ class _Line:
                 f"Timeout reading from {self.connection._host_error()}: no reply within "
                 f"socket_timeout ({self.timeout} s)."
             )
-        except OSError as exc:
-            error = redis.ConnectionError(f"Error while reading from Redis: {exc}")
         except Exception as exc:
             error = exc
+            if isinstance(exc, OSError):
+                error = redis.ConnectionError(f"Error while reading from Redis: {exc}")
         finally:
-            await self._end(error, connecting)
+            await self._end(error)
 
-    async def _end(self, error: BaseException | None, connecting: bool) -> None:
+    async def _idle(self) -> None:
+        """No call in flight: the connection goes back to the pool if others wait for one
+        (a raw client, a lock) or if no call comes; then wait for calls, and send them."""
+        if self.connection is not None and getattr(self.pool, "_queue", None):
+            # This one goes back, and the line waits its turn for one like the others.
+            connection, self.connection = self.connection, None
+            await self.pool.release(connection)
+        elif not self.queue and self.connection is not None:
+            await asyncio.sleep(0)  # whoever was just answered may call again
+            if not self.queue and not self.sent:  # idle: the pool has it back
+                connection, self.connection = self.connection, None
+                await self.pool.release(connection)
+        if not self.queue:
+            self.wake = self.loop.create_future()
+            try:
+                await self.wake
+            finally:
+                self.wake = None
+            return
+        self.connecting = True
+        await self._ready()
+        self.connecting = False
+        self._send()
+
+    async def _end(self, error: BaseException | None) -> None:
         """After the reader: fail the calls in flight, and give the connection back (closed,
         unless it ends idle with the loop). The calls not yet sent fail too if Redis could
         not be reached or the loop ends; otherwise a new reader sends them."""
@@ -3400,16 +3514,19 @@ class _Line:
         closing = error is None
         if error is None:
             error = redis.ConnectionError("The event loop closed with this call in flight.")
-        for call in failed:
-            if not call.future.done():
-                call.future.set_exception(_own_copy(error))
-        if connecting or closing:
+        _fail(failed, error)
+        if self.connecting or closing:
             queued, self.queue = self.queue, []
-            for call in queued:
-                if not call.future.done():
-                    call.future.set_exception(_own_copy(error))
+            _fail(queued, error)
         elif self.queue and not self.loop.is_closed():
             self._flush()
+
+
+def _fail(calls: Iterable[_Call], error: BaseException) -> None:
+    """Each call not answered yet fails with its own copy of ``error``."""
+    for call in calls:
+        if not call.future.done():
+            call.future.set_exception(_own_copy(error))
 
 
 class _Unshared(Exception):
@@ -3481,26 +3598,6 @@ class _AsyncShell(_Shell):
             result: _T = done.value
             return result
 
-    async def iterate(self, plan: Plan[None]) -> AsyncIterator[Any]:
-        """The results an iteration finds, lazily: its next command waits for the caller."""
-        plan.iterating = True
-        steps, reply, error = self._policy.run(plan), None, None
-        with contextlib.closing(steps):
-            while True:
-                try:
-                    request = steps.send(reply) if error is None else steps.throw(error)
-                except StopIteration:
-                    return
-                reply = error = None
-                if type(request) is _Found:
-                    for item in request.items:
-                        yield item
-                    continue
-                try:
-                    reply = await self._perform(request)
-                except BaseException as failure:
-                    error = failure
-
     async def _perform(self, request: Request) -> Any:
         if type(request) is tuple:
             # Looked up on every call, never kept here: threads that run loops of their own
@@ -3570,39 +3667,29 @@ def _twins(
     returns ``_MISSING`` when Redis must answer. An async call whose sync twin a tool wrapped
     on this cache object (debug-toolbar, Sentry) reports to that tool (``_observed``)."""
     name = plan.__name__.removeprefix("_plan_")
-    if local is None:
 
-        def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-            return self._sync_driver.run(plan(self, *args, **kwargs))
+    def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if local is not None and self._store is not None:
+            found = local(self, *args, **kwargs)
+            if found is not _MISSING:
+                self._stats.served(name, found)
+                return cast(_T, found)
+        return self._sync_driver.run(plan(self, *args, **kwargs))
 
-        async def amethod(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    async def amethod(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        found = _MISSING
+        if local is not None and self._store is not None:
+            found = local(self, *args, **kwargs)
+        if found is _MISSING:
             work = self._async_driver.run(plan(self, *args, **kwargs))
-            if name in self.__dict__:
-                return await _observed(self, name, work, args, kwargs)
-            return await work
-
-    else:
-
-        def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-            if self._store is not None:
-                found = local(self, *args, **kwargs)
-                if found is not _MISSING:
-                    self._stats.served(name, found)
-                    return cast(_T, found)
-            return self._sync_driver.run(plan(self, *args, **kwargs))
-
-        async def amethod(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-            if self._store is not None:
-                found = local(self, *args, **kwargs)
-                if found is not _MISSING:
-                    self._stats.served(name, found)
-                    if name in self.__dict__:
-                        return await _observed(self, name, _value(found), args, kwargs)
-                    return cast(_T, found)
-            work = self._async_driver.run(plan(self, *args, **kwargs))
-            if name in self.__dict__:
-                return await _observed(self, name, work, args, kwargs)
-            return await work
+        else:
+            self._stats.served(name, found)
+            if name not in self.__dict__:
+                return cast(_T, found)
+            work = _value(found)
+        if name in self.__dict__:
+            return await _observed(self, name, work, args, kwargs)
+        return await work
 
     return _like(method, plan, ""), _like(amethod, plan, "a")
 
@@ -3611,128 +3698,32 @@ async def _value(value: Any) -> Any:
     return value
 
 
-# Tools that watch cache objects: django-debug-toolbar's cache panel and Sentry's Django
-# integration wrap sync methods on each cache object they watch. Django's own backends reach
-# those wrappers from their async methods through sync_to_async; ours never call the sync
-# method, so an async call whose sync twin is wrapped reports to the tool itself, with its
-# real duration. Neither tool is imported here unless it has wrapped the object.
-
-
-async def _observed(
-    cache: Any, name: str, work: Coroutine[Any, Any, _T], args: Any, kwargs: Any
-) -> _T:
-    state = cache.__dict__
-    if state.get("_sentry_patched") and _sentry_watches(name):
-        work = _sentry_span(cache, name, work, args, kwargs)
-    panel = state.get("_djdt_panel")
-    if panel is None or not _toolbar_watches(name):
-        return await work
-    started = time.perf_counter()
-    value = await work  # a call that raises is not recorded, as the toolbar does for sync
-    _toolbar_record(cache, panel, name, time.perf_counter() - started, value, args, kwargs)
-    return value
-
-
-def _toolbar_watches(name: str) -> bool:
-    from debug_toolbar.panels.cache import WRAPPED_CACHE_METHODS
-
-    return name in WRAPPED_CACHE_METHODS
-
-
-def _toolbar_record(
-    cache: Any, panel: Any, name: str, elapsed: float, value: Any, args: Any, kwargs: Any
-) -> None:
-    """What the toolbar's sync wrapper records, through the panel's recorder (unchanged from
-    debug-toolbar 4.2 to 8.0); the stack trace ends at the caller's await."""
-    from debug_toolbar import utils
-
-    toolbar = cast(Any, utils)  # untyped
-    alias = next((a for each, a in panel.initialized_caches() if each is cache), "?")
-    try:
-        panel._store_call_info(
-            name=name,
-            time_taken=elapsed,
-            return_value=value,
-            args=args,
-            kwargs=kwargs,
-            trace=toolbar.get_stack_trace(skip=3),  # this function, _observed, the a-method
-            template_info=toolbar.get_template_info(),
-            backend=f"{alias} ({type(cache).__name__})",
-        )
-    except (AttributeError, TypeError) as error:  # a toolbar whose recorder changed
-        logger.debug("debug-toolbar did not take the call of a%s: %s", name, error)
-
-
-def _sentry_watches(name: str) -> bool:
-    import sentry_sdk
-    from sentry_sdk.integrations.django import DjangoIntegration
-    from sentry_sdk.integrations.django.caching import METHODS_TO_INSTRUMENT
-
-    client = sentry_sdk.get_client()
-    return name in METHODS_TO_INSTRUMENT and client.get_integration(DjangoIntegration) is not None
-
-
-async def _sentry_span(
-    cache: Any, name: str, work: Coroutine[Any, Any, _T], args: Any, kwargs: Any
-) -> _T:
-    """The span Sentry's wrapper makes for the sync twin, field for field, around ``work``."""
-    import sentry_sdk
-    from sentry_sdk.consts import OP, SPANDATA
-    from sentry_sdk.integrations.django import DjangoIntegration
-    from sentry_sdk.tracing_utils import has_span_streaming_enabled
-
-    op = OP.CACHE_PUT if name.startswith("set") else OP.CACHE_GET
-    first = args[0] if args else kwargs.get("key", kwargs.get("keys", kwargs.get("data")))
-    keys = tuple(first) if isinstance(first, (dict, list, tuple)) else (first,)
-    description = ", ".join(k.decode() if isinstance(k, bytes) else str(k) for k in keys)
-    span: Any
-    if has_span_streaming_enabled(sentry_sdk.get_client().options):
-        if sentry_sdk.traces.get_current_span() is None:
-            return await work
-        attributes: dict[str, Any] = {"sentry.op": op, "sentry.origin": DjangoIntegration.origin}
-        span = sentry_sdk.traces.start_span(name=description, attributes=attributes)
-        put = span.set_attribute
-    else:
-        span = sentry_sdk.start_span(op=op, name=description, origin=DjangoIntegration.origin)
-        put = span.set_data
-    with span:
-        value = await work
-        url = urlsplit(cache._servers[0])
-        put(SPANDATA.NETWORK_PEER_ADDRESS, f"{url.scheme}://{url.hostname or ''}{url.path}")
-        if url.port is not None:
-            put(SPANDATA.NETWORK_PEER_PORT, url.port)
-        put(SPANDATA.CACHE_KEY, keys)
-        size = None
-        if name in ("get", "get_many"):
-            default = {} if name == "get_many" else _default_of(args, kwargs)
-            put(SPANDATA.CACHE_HIT, value != default)
-            size = len(str(value)) if value != default else None
-        elif args:  # set: the value's size; set_many: the mapping's
-            size = len(str(args[1] if len(args) >= 2 else args[0]))
-        if size is not None:
-            put(SPANDATA.CACHE_ITEM_SIZE, size)
-        return value
-
-
-def _default_of(args: Any, kwargs: Any) -> Any:
-    return args[1] if len(args) >= 2 else kwargs.get("default")
+_Pages = Callable[[int], Plan[_Page]]  # an iteration: the plan of its page at a cursor
 
 
 def _iteration_twins(
-    plan: Callable[Concatenate[_Cache, _P], Plan[None]],
+    pages: Callable[Concatenate[_Cache, _P], _Pages],
 ) -> tuple[
     Callable[Concatenate[_Cache, _P], Iterator[Any]],
     Callable[Concatenate[_Cache, _P], AsyncIterator[Any]],
 ]:
-    """``_twins`` for an iteration: a lazy iterator and an async one."""
+    """``_twins`` for an iteration: a lazy iterator and an async one, a call (a round trip)
+    per page, each page asked for when the caller wants more."""
 
     def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> Iterator[Any]:
-        return self._sync_driver.iterate(plan(self, *args, **kwargs))
+        page, cursor = pages(self, *args, **kwargs), -1
+        while cursor:
+            cursor, found = self._sync_driver.run(page(max(cursor, 0)))
+            yield from found
 
-    def amethod(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> AsyncIterator[Any]:
-        return self._async_driver.iterate(plan(self, *args, **kwargs))
+    async def amethod(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> AsyncIterator[Any]:
+        page, cursor = pages(self, *args, **kwargs), -1
+        while cursor:
+            cursor, found = await self._async_driver.run(page(max(cursor, 0)))
+            for each in found:
+                yield each
 
-    return _like(method, plan, ""), _like(amethod, plan, "a")
+    return _like(method, pages, ""), _like(amethod, pages, "a")
 
 
 def _like(function: _F, plan: Callable[..., Any], prefix: str) -> _F:
@@ -3743,6 +3734,8 @@ def _like(function: _F, plan: Callable[..., Any], prefix: str) -> _F:
     function.__qualname__ = f"{plan.__qualname__.rpartition('.')[0]}.{name}"
     signature = inspect.signature(plan)
     returns = str(signature.return_annotation)  # "Plan[int]": the method returns an int
+    if returns == "_Pages":  # an iteration
+        returns = "AsyncIterator[Any]" if prefix else "Iterator[Any]"
     function.__signature__ = signature.replace(  # type: ignore[attr-defined]
         return_annotation=returns[5:-1] if returns.startswith("Plan[") else returns
     )
@@ -4180,11 +4173,11 @@ class _RedisEXBase(BaseCache):
 
     def _plan_iter_keys(
         self, search: str, itersize: int | None = None, version: int | None = None
-    ) -> Plan[None]:
+    ) -> _Pages:
         """The user keys matching the glob ``search``, lazily, ``itersize`` per SCAN."""
         count = itersize or self._config.scan_count
-        operation = _op_scan(self._pattern(search, version), count, self._user_key_of(version))
-        return Plan("iter_keys", operation, _none)
+        pattern, convert = self._pattern(search, version), self._user_key_of(version)
+        return lambda cursor: Plan("iter_keys", _op_scan(pattern, count, convert, cursor), _no_page)
 
     iter_keys, aiter_keys = _iteration_twins(_plan_iter_keys)
 
@@ -4206,9 +4199,17 @@ class _RedisEXBase(BaseCache):
 
     delete_pattern, adelete_pattern = _twins(_plan_delete_pattern)
 
-    # Sets, hashes and sorted sets (django-redis 7's names, arguments and results) ----------
-    # Members and hash values are stored as cache values are (serialized, maybe compressed;
-    # ints raw); hash fields, scores and counts as they are. Keys are cache keys.
+
+# ---------------------------------------------------------------------------
+# The data-structure methods: sets, hashes and sorted sets, by django-redis 7's names
+# ---------------------------------------------------------------------------
+
+
+class _DataStructures(_RedisEXBase):
+    """django-redis 7's set, hash and sorted-set methods, with their arguments and results,
+    each with its native ``a`` twin. Members and hash values are stored as cache values are
+    (serialized, maybe compressed; ints raw); hash fields, scores and counts as they are.
+    Keys are cache keys."""
 
     def _one(
         self,
@@ -4408,8 +4409,8 @@ class _RedisEXBase(BaseCache):
     ) -> Plan[builtins.set[Any]]:
         """The members of the set (matching the glob ``match``, if given: a str member
         matches as in Redis; other members never do), ``count`` per SSCAN round trip."""
-        iteration = self._sscan(key, match, count, version)
-        return Plan("sscan", _op_gathered(iteration), set)
+        page = self._sscan(key, match, count, version)
+        return Plan("sscan", _op_then_set(_op_every_page(page)), set)
 
     sscan, asscan = _twins(_plan_sscan)
 
@@ -4419,17 +4420,18 @@ class _RedisEXBase(BaseCache):
         match: str | None = None,
         count: int | None = 10,
         version: int | None = None,
-    ) -> Plan[None]:
+    ) -> _Pages:
         """``sscan`` as a lazy iterator: one SSCAN round trip per ``count`` members."""
-        return Plan("sscan_iter", self._sscan(key, match, count, version), _none)
+        page = self._sscan(key, match, count, version)
+        return lambda cursor: Plan("sscan_iter", page(cursor), _no_page)
 
     sscan_iter, asscan_iter = _iteration_twins(_plan_sscan_iter)
 
     def _sscan(
         self, key: Any, match: str | None, count: int | None, version: int | None
-    ) -> Operation[None]:
-        redis_key = self._key(key, version)
-        return _op_sscan(self._codec, redis_key, count or self._config.scan_count, match)
+    ) -> Callable[[int], Operation[_Page]]:
+        redis_key, count = self._key(key, version), count or self._config.scan_count
+        return functools.partial(_op_sscan, self._codec, redis_key, count, match)
 
     def _plan_hset(
         self,
@@ -4727,13 +4729,18 @@ class _RedisEXBase(BaseCache):
     zscore, azscore = _twins(_plan_zscore)
 
 
-class RedisEXCache(_RedisEXBase):
+# ---------------------------------------------------------------------------
+# The two backends, and django-redis's get_redis_connection
+# ---------------------------------------------------------------------------
+
+
+class RedisEXCache(_DataStructures):
     """Sync-first Redis cache (WSGI, sessions); ``_cache`` is Django's sync client interface."""
 
     _client_kind = "sync"
 
 
-class AsyncRedisEXCache(_RedisEXBase):
+class AsyncRedisEXCache(_DataStructures):
     """Asyncio-first Redis cache (ASGI); ``_cache.get_client()`` is a ``redis.asyncio.Redis``."""
 
     _client_kind = "async"
