@@ -67,6 +67,7 @@ from urllib.parse import urlsplit
 
 import django
 import redis
+import redis._parsers
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.asyncio.connection
@@ -83,27 +84,24 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.functional import cached_property
 from django.utils.module_loading import import_string
 
-# What the module touches inside its dependencies, beyond their documented API; each is
-# asserted by test_the_private_names_the_module_uses_exist, so a release that renames one
-# fails that test, not a user's request.
-# - redis-py, private: Retry._backoff, ._retries, ._supported_errors (an asyncio Retry from a
-#   sync one); redis._parsers' _RESP2Parser, _RESP3Parser, _HiredisParser and their _Async
-#   twins; ConnectionPool._checkpid() and reset() (the waiting pools); asyncio
-#   ConnectionPool._available_connections (parking); asyncio Connection._connect() and
-#   on_connect_check_health() (overridden: a parked socket), ._reader, ._writer, ._parser and
-#   its read_response() (the multiplexed line reads replies, error replies returned, not
-#   raised), ._host_error(); sync Connection._parser.set_invalidation_push_handler().
-# - redis-py, undocumented: asyncio ConnectionPool.ensure_connection() (overridden),
-#   Connection.encoder, .pack_commands(), .send_packed_command(), .read_response(
-#   push_request=), .can_read(timeout=); Redis.response_callbacks; connection.parse_url();
-#   asyncio SentinelConnectionPool.sentinel_manager; RedisCluster(connection_pool_class=).
-# - asyncio: asyncio._get_running_loop(); Task._log_destroy_pending; StreamReader.feed_data,
-#   replaced on one instance (bytes arriving are progress for the line's timer).
-# - OpenTelemetry: opentelemetry.trace._TRACER_PROVIDER (read, if it exists).
-# - debug-toolbar: panels.cache.WRAPPED_CACHE_METHODS, CachePanel._store_call_info(),
-#   .initialized_caches(), utils.get_stack_trace(skip=), .get_template_info(); cache._djdt_panel.
-# - Sentry: integrations.django.caching.METHODS_TO_INSTRUMENT,
-#   tracing_utils.has_span_streaming_enabled(), sentry_sdk.traces; cache._sentry_patched.
+# What the module touches inside its dependencies beyond their documented API; a test
+# (test_the_private_names_the_module_uses_exist) asserts each, so a release that renames one
+# fails that test rather than a user's request.
+# - redis-py: Retry._backoff, ._retries, ._supported_errors; redis._parsers (_RESP2Parser,
+#   _RESP3Parser, _HiredisParser, their _Async twins); ConnectionPool._checkpid(), reset();
+#   asyncio ConnectionPool._available_connections, ensure_connection() (overridden); asyncio
+#   Connection._connect(), on_connect_check_health() (overridden), ._reader, ._writer,
+#   ._parser.read_response() (error replies returned, not raised), ._host_error(); sync
+#   Connection._parser.set_invalidation_push_handler(), .encoder, .pack_commands(),
+#   .send_packed_command(), .read_response(push_request=), .can_read(timeout=);
+#   Redis.response_callbacks; parse_url(); SentinelConnectionPool.sentinel_manager;
+#   RedisCluster(connection_pool_class=).
+# - asyncio: _get_running_loop(); Task._log_destroy_pending; StreamReader.feed_data (wrapped),
+#   ._buffer, ._maybe_resume_transport() (_quick_reply; redis-py's parsers' ._buffer too).
+# - OpenTelemetry: trace._TRACER_PROVIDER. debug-toolbar: WRAPPED_CACHE_METHODS,
+#   CachePanel._store_call_info(), .initialized_caches(), utils.get_stack_trace(),
+#   .get_template_info(), cache._djdt_panel. Sentry: METHODS_TO_INSTRUMENT,
+#   has_span_streaming_enabled(), sentry_sdk.traces, cache._sentry_patched.
 _otel: Any
 _otel_context: Any
 try:  # OpenTelemetry's API, if installed: each call that goes to Redis is then a span
@@ -169,9 +167,8 @@ class MsgPackSerializer:
 
         self._msgpack = msgpack
 
-    def dumps(self, obj: Any) -> bytes:
-        data: bytes = self._msgpack.packb(obj, use_bin_type=True)
-        return data
+    def dumps(self, obj: Any) -> Any:  # bytes (msgpack is untyped)
+        return self._msgpack.packb(obj, use_bin_type=True)
 
     def loads(self, data: bytes) -> Any:
         return self._msgpack.unpackb(data, raw=False)
@@ -215,8 +212,7 @@ def _decompressor(tag: bytes) -> Callable[[bytes], bytes]:
     for name, (known, load) in _COMPRESSORS.items():
         if known == tag:
             try:
-                decompress: Callable[[bytes], bytes] = load()[1]
-                return decompress
+                return cast(Callable[[bytes], bytes], load()[1])
             except ImportError:
                 package = _PACKAGES[name]
                 raise ImproperlyConfigured(
@@ -227,12 +223,8 @@ def _decompressor(tag: bytes) -> Callable[[bytes], bytes]:
 
 class _Codec:
     """Values to Redis and back: ints raw (INCR works), else serialize, then maybe compress.
-
-    Raw ints and compressed values are recognised on read whatever the settings, so changing
-    the serializer's compression, or turning it on, leaves entries already stored readable.
-    Serialized data that would read as a raw int is tagged; pickles (Django's format) never
-    need it.
-    """
+    Raw ints and compressed values are recognised on read whatever the settings (entries stay
+    readable when the compression changes); serialized data that reads as an int is tagged."""
 
     def __init__(self, serializer: Any, compressor: str | None, min_length: int) -> None:
         self.serializer = serializer
@@ -286,9 +278,8 @@ class _Codec:
 
 class _SignedCodec(_Codec):
     """OPTIONS ``sign_values``: every value but a raw int is stored behind an HMAC-SHA256 of
-    its bytes, keyed as Django's ``salted_hmac`` keys it from ``SECRET_KEY`` (read with
-    ``SECRET_KEY_FALLBACKS`` too, so keys can rotate). A value without a valid signature is
-    never deserialized: ``loads`` gives ``_MISSING``, which reads as a miss."""
+    its bytes, keyed as Django's ``salted_hmac`` from ``SECRET_KEY`` (and its fallbacks, so
+    keys can rotate). Without a valid signature it is never deserialized: a miss (``_MISSING``)."""
 
     signed = True
 
@@ -474,8 +465,7 @@ def _freeze(value: Any) -> Hashable:
         hash(value)
     except TypeError:
         return (type(value).__name__, repr(value))
-    hashable: Hashable = value
-    return hashable
+    return cast(Hashable, value)
 
 
 @functools.cache
@@ -541,10 +531,7 @@ def _driver_info() -> Any:
 
 class _Config:
     """A cache's OPTIONS, checked once: this module's own, and those for redis-py's pools.
-
-    ``topology`` is the class of deployment the OPTIONS describe (``sentinels``, ``cluster``
-    or neither); it owns the servers of LOCATION and everything that differs between them.
-    """
+    ``topology``: the kind of deployment they describe (``sentinels``, ``cluster`` or neither)."""
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = _freeze(options)  # all of them, for what is kept per configuration
@@ -591,11 +578,9 @@ class _Config:
         """What happens when Redis is unavailable: ignore_exceptions and the circuit breaker."""
         self.ignore_exceptions: bool = _checked(own, "ignore_exceptions", bool)
         self.log_ignored_exceptions: bool = _checked(own, "log_ignored_exceptions", bool)
+        breaker = own["circuit_breaker"]
         self.circuit_breaker = self._settings(
-            "circuit_breaker",
-            own["circuit_breaker"],
-            _CIRCUIT_BREAKER_DEFAULTS,
-            _CIRCUIT_BREAKER_KINDS,
+            "circuit_breaker", breaker, _CIRCUIT_BREAKER_DEFAULTS, _CIRCUIT_BREAKER_KINDS
         )
         if not self.ignore_exceptions:
             if self.circuit_breaker is not None and breaker_set:
@@ -716,10 +701,7 @@ class _Config:
 
     @staticmethod
     def _settings(
-        option: str,
-        value: Any,
-        defaults: dict[str, Any],
-        kinds: dict[str, tuple[type, float]],
+        option: str, value: Any, defaults: dict[str, Any], kinds: dict[str, tuple[type, float]]
     ) -> dict[str, Any] | None:
         """An option that is True, False or a dict of settings: its settings, or None."""
         if value is False or value is None:
@@ -775,9 +757,7 @@ class _Config:
                 raise ImproperlyConfigured(
                     f"OPTIONS 'serializer' {value.__name__} needs a package: {error}"
                 ) from None
-        if not (
-            callable(getattr(value, "dumps", None)) and callable(getattr(value, "loads", None))
-        ):
+        if not all(callable(getattr(value, name, None)) for name in ("dumps", "loads")):
             raise ImproperlyConfigured(
                 f"OPTIONS 'serializer' must be one of {', '.join(_SERIALIZERS)}, or a class, "
                 f"instance or dotted path of one with dumps() and loads(), not {value!r}."
@@ -814,8 +794,7 @@ class _Config:
     def _parser(parser_class: type, *, sync: bool) -> type:
         import redis._parsers as parsers
 
-        is_async = parser_class.__name__.startswith("_Async")
-        if is_async != sync:
+        if parser_class.__name__.startswith("_Async") != sync:
             return parser_class
         twin = _twin_class(parser_class, parsers, "redis._parsers")
         if twin is None:
@@ -826,13 +805,10 @@ class _Config:
         return twin
 
     def _check_keys(self, redis_options: dict[str, Any]) -> None:
+        names = ("Connection", "SSLConnection", "UnixDomainSocketConnection")
+        modules = (redis.connection, redis.asyncio.connection)
         connection_classes: tuple[type, ...] = (
-            redis.connection.Connection,
-            redis.connection.SSLConnection,
-            redis.connection.UnixDomainSocketConnection,
-            redis.asyncio.connection.Connection,
-            redis.asyncio.connection.SSLConnection,
-            redis.asyncio.connection.UnixDomainSocketConnection,
+            *(getattr(module, name) for module in modules for name in names),
             *self.topology.client_classes,
         )
         custom = redis_options.get("connection_class")
@@ -863,9 +839,8 @@ else:
 
 class _WaitForConnection(_SyncPool):
     """Mixed into redis-py's pools: as fast while a connection is free; when every one is in
-    use, callers queue for one, first come first served, for up to ``timeout`` seconds.
-    (``redis.BlockingConnectionPool`` waits too, but costs a queue round trip on every call.)
-    """
+    use, callers queue for one, first come first served, for up to ``timeout`` seconds
+    (``redis.BlockingConnectionPool`` waits too, but costs a queue round trip every call)."""
 
     def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
         self.timeout = timeout
@@ -961,12 +936,11 @@ class _AsyncWaitForConnection(_AsyncPool):
             self._queue[0].set()
 
     async def ensure_connection(self, connection: Any) -> None:
-        """redis-py's check of an idle connection before use, also where redis-py 8.1 skips
-        it (RESP3, whose maintenance notifications are on by default): a connection with
-        anything to read was closed by the server (a restart, its idle ``timeout``, CLIENT
-        KILL), so it reconnects instead of failing the caller's command. A connection idle for
-        over 50 ms asks its socket too (a select(), about a microsecond), since the loop may
-        not have run to see the close; busy connections skip that."""
+        """redis-py's check of an idle connection before use, also where redis-py 8.1 skips it
+        (RESP3): a connection with anything to read was closed by the server (a restart, its
+        idle ``timeout``, CLIENT KILL), so it reconnects instead of failing the command. One
+        idle for over 50 ms asks its socket too (a select(), about a microsecond), since the
+        loop may not have run to see the close; busy connections skip that."""
         await connection.connect()
         released = getattr(connection, "_django_redis_ex_released", None)
         idle = released is not None and asyncio.get_running_loop().time() - released > 0.05
@@ -1108,15 +1082,11 @@ class _SharedAsyncCluster(redis.asyncio.cluster.RedisCluster):
 
 
 class _ParkingLot:
-    """Sockets of asyncio connections whose event loop shut down, kept for the next loop.
-
-    A loop's connections cannot serve another loop, but their sockets can: parked here at
-    the loop's shutdown (at most ``max_connections`` a pool), they are taken up again by
-    the next loop's pool for the same server and settings, with the server's session as it
-    was: no new TCP connection and no handshake. WSGI projects with async views run each
-    request on a new loop (``async_to_sync``); their connections stay as few as the
-    worker's threads. A forked child closes its copies and never uses them.
-    """
+    """Sockets of asyncio connections parked at their loop's shutdown (up to ``max_connections``
+    a pool), taken up by the next loop's pool for the same server and settings with the
+    server's session as it was (no TCP connection, no handshake): WSGI projects with async
+    views run each request on a new loop (``async_to_sync``), and their connections stay as
+    few as the worker's threads. A forked child closes its copies and never uses them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1185,17 +1155,13 @@ def _resumable_connection(parking_key: Hashable) -> type[_ResumableConnection]:
 
 
 class _PoolRegistry:
-    """Process-wide clients (each on its own pool), keyed by configuration.
-
-    Sync clients: one per key per process (redis-py resets a pool after ``fork()``).
-    Asyncio clients: one per key per event loop, since a connection belongs to the loop that
-    opened it. Each loop holds its own clients (an attribute of the loop), so a loop dropped
-    without ``close()`` is collected with its connections; the registry keeps the loops
-    weakly. A loop's pools are disconnected when the loop shuts down its async generators
-    (``asyncio.run``, ``async_to_sync``, uvicorn), or dropped once the loop is closed. A forked
-    child starts with none: its parent's clients and sockets are never used, nor closed,
-    there. Reads take no lock; creation does.
-    """
+    """Process-wide clients (each on its own pool), keyed by configuration: sync ones, one per
+    key per process (redis-py resets a pool after ``fork()``); asyncio ones, one per key per
+    event loop, held by the loop (an attribute of it; the registry keeps loops weakly), so a
+    loop dropped without ``close()`` is collected with its connections. A loop's pools are
+    disconnected when it shuts down its async generators (``asyncio.run``, ``async_to_sync``,
+    uvicorn), or dropped once it is closed. A forked child starts with none: its parent's
+    clients and sockets are never used, nor closed, there. Reads take no lock; creation does."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1325,9 +1291,8 @@ class _LoopClients:
         self.shutdowns.clear()
         closing = self._watcher.aclose()
         try:
-            closing.send(None)
-        except (StopIteration, RuntimeError):
-            pass
+            with contextlib.suppress(StopIteration, RuntimeError):
+                closing.send(None)
         finally:
             closing.close()  # never left unawaited, even if it could not start
 
@@ -1338,9 +1303,8 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Topology(abc.ABC):
-    """Where a cache's data lives: its servers, and the clients that reach them, by index
-    (0 takes writes, 1 to ``readers`` serve reads), with their pool keys, their factories
-    for both paths and their shutdown. One subclass per kind of deployment."""
+    """Where a cache's data lives (one subclass per kind of deployment): its servers, and the
+    clients that reach them by index (0 takes writes, 1 to ``readers`` serve reads)."""
 
     client_classes: tuple[type, ...] = ()  # whose keyword arguments OPTIONS may hold too
     pools_wait = True  # whether callers wait for a free connection past max_connections
@@ -1367,9 +1331,7 @@ class _Topology(abc.ABC):
 
     def index_for(self, write: bool) -> int:
         """The client to use: writes go to the first, reads to a reader if there is one."""
-        if write or not self.readers:
-            return 0
-        return random.randint(1, self.readers)
+        return random.randint(1, self.readers) if self.readers and not write else 0
 
     def sync_client(self, index: int) -> redis.Redis:
         return _registry.sync_client(self.pool_key("sync", index), lambda: self.make_sync(index))
@@ -1412,8 +1374,7 @@ class _Servers(_Topology):
         return (kind, self.servers[index], self.config.frozen)
 
     def make_sync(self, index: int) -> redis.Redis:
-        config = self.config
-        pool = config.sync_pool_class.from_url(self.servers[index], **config.sync_options)
+        pool = self.config.sync_pool_class.from_url(self.servers[index], **self.config.sync_options)
         return redis.Redis(connection_pool=pool)
 
     def make_async(self, index: int) -> redis.asyncio.Redis:
@@ -1474,23 +1435,20 @@ class _Sentinel(_Topology):
         return (kind, self.servers[0], config.frozen, sentinels, index)
 
     def make_sync(self, index: int) -> redis.Redis:
-        config = self.config
-        manager = redis.sentinel.Sentinel(config.sentinels, sentinel_kwargs=config.sentinel_kwargs)
-        pool = self._pool(config.sync_pool_class, config.sync_options, manager, index)
-        return redis.Redis(connection_pool=pool)
+        return redis.Redis(connection_pool=self._pool(index, sync=True))
 
     def make_async(self, index: int) -> redis.asyncio.Redis:
-        config = self.config
-        manager = redis.asyncio.sentinel.Sentinel(
-            config.sentinels, sentinel_kwargs=config.sentinel_kwargs
-        )
-        pool = self._pool(config.async_pool_class, config.async_options, manager, index)
-        return _SharedAsyncRedis(connection_pool=pool)
+        return _SharedAsyncRedis(connection_pool=self._pool(index, sync=False))
 
-    def _pool(self, pool_class: Any, options: dict[str, Any], manager: Any, index: int) -> Any:
-        return pool_class(
-            self.service, manager, is_master=index == 0, **{**options, **self.connection_options}
-        )
+    def _pool(self, index: int, sync: bool) -> Any:
+        """A new pool of the master (index 0) or of its replicas, with its own Sentinel."""
+        config = self.config
+        sentinel = redis.sentinel.Sentinel if sync else redis.asyncio.sentinel.Sentinel
+        manager = sentinel(config.sentinels, sentinel_kwargs=config.sentinel_kwargs)
+        pool_class = config.sync_pool_class if sync else config.async_pool_class
+        options = config.sync_options if sync else config.async_options
+        options = {**options, **self.connection_options}  # LOCATION's password, db, TLS win
+        return pool_class(self.service, manager, is_master=index == 0, **options)
 
     async def shut_down(self, client: redis.asyncio.Redis) -> None:
         await super().shut_down(client)
@@ -1499,8 +1457,7 @@ class _Sentinel(_Topology):
 
 class _Cluster(_Topology):
     """Redis Cluster: one client routes every command; LOCATION lists its startup nodes.
-    redis-py's asyncio cluster client cannot wait for a connection (redis-py #3135), so
-    ``max_connections`` stays its own per-node limit."""
+    ``max_connections`` stays a per-node limit (its asyncio client cannot wait, redis-py #3135)."""
 
     client_classes = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
     pools_wait = False
@@ -1549,11 +1506,9 @@ _topologies: dict[Hashable, tuple[dict[str, Any], _Topology]] = {}
 
 
 def _topology_for(servers: list[str], options: dict[str, Any]) -> _Topology:
-    """The checked configuration, parsed once per settings dict rather than per request.
-
-    Django builds a cache object per request from the same settings, so the OPTIONS dict is
-    the same object each time; the entry holds it, so its id cannot be reused meanwhile.
-    """
+    """The checked configuration, parsed once per settings dict rather than per request: Django
+    builds a cache object per request from the same OPTIONS dict, which the entry holds, so
+    its id cannot be reused meanwhile."""
     key = (tuple(servers), id(options))
     entry = _topologies.get(key)
     if entry is None or entry[0] is not options:
@@ -1571,8 +1526,7 @@ def _topology_for(servers: list[str], options: dict[str, Any]) -> _Topology:
 
 
 class _Command(NamedTuple):
-    """One Redis command as the policy sees it. Its keys sit where Redis's ``COMMAND INFO``
-    puts them: from ``first`` to ``last`` (counted from the end when negative) by ``step``."""
+    """A Redis command as the policy sees it, its keys where ``COMMAND INFO`` puts them."""
 
     writes: bool  # it may change keys: the client-side store drops those it names
     replica: bool  # a read that a replica may answer
@@ -1593,13 +1547,10 @@ _NO_KEY = _Command(writes=False, replica=False, resend=False, first=0)
 # Every command the module sends (a test checks that). A command not here takes the safe side
 # everywhere: the first server, never sent twice, and it drops every key the store holds.
 _COMMANDS: dict[str, _Command] = {
-    **dict.fromkeys(
-        ("GET", "TTL", "PTTL", "SCARD", "SISMEMBER", "SMISMEMBER", "SMEMBERS", "SRANDMEMBER"),
-        _READ,
-    ),
-    **dict.fromkeys(("SSCAN", "HLEN", "HKEYS", "HEXISTS", "HGET", "HGETALL", "HMGET"), _READ),
-    **dict.fromkeys(("ZCARD", "ZCOUNT", "ZRANGE", "ZRANGEBYSCORE", "ZRANK", "ZSCORE"), _READ),
-    **dict.fromkeys(("ZREVRANGE", "ZREVRANGEBYSCORE"), _READ),
+    **dict.fromkeys(("GET", "TTL", "PTTL", "SCARD", "SISMEMBER", "SMISMEMBER", "SMEMBERS"), _READ),
+    **dict.fromkeys(("SRANDMEMBER", "SSCAN", "HLEN", "HKEYS", "HEXISTS", "HGET", "HGETALL"), _READ),
+    **dict.fromkeys(("HMGET", "ZCARD", "ZCOUNT", "ZRANGE", "ZRANGEBYSCORE", "ZRANK"), _READ),
+    **dict.fromkeys(("ZSCORE", "ZREVRANGE", "ZREVRANGEBYSCORE"), _READ),
     **dict.fromkeys(("SDIFF", "SINTER", "SUNION"), _READ_MANY),
     "MGET": _READ_MANY._replace(split="mget_nonatomic"),
     "EXISTS": _READ_MANY._replace(split="exists"),
@@ -1643,10 +1594,9 @@ def _replica_safe(commands: list[tuple[Any, ...]]) -> bool:
 
 
 def _resendable(commands: list[tuple[Any, ...]], error: BaseException) -> bool:
-    """Whether ``commands`` may go out once more on a new connection after ``error``: the
-    connection they took may have died idle (a restart, the server's idle ``timeout``); a
-    server that is down fails the second attempt at once too. Never after a timeout (a
-    frozen server), wrong credentials or a wait for a free connection that ran out."""
+    """Whether ``commands`` may go out again on a new connection after ``error``: theirs may
+    have died idle (a restart, the idle ``timeout``); a server that is down fails again at
+    once. Never after a timeout (a frozen server), wrong credentials or a pool wait."""
     return (
         isinstance(error, redis.ConnectionError)
         and not isinstance(error, (_PoolExhausted, _CircuitOpen))
@@ -1696,9 +1646,8 @@ _Page = tuple[int, list[Any]]  # an iteration's next cursor (0: done), and what 
 
 
 class Plan(Generic[_T]):
-    """A call of a cache method, ready for the policy: the public method's name (for the
-    log), the operation, and its fallback: what the call returns (or raises) when Redis is
-    unavailable and OPTIONS ``ignore_exceptions`` is on."""
+    """A call of a cache method, ready for the policy: the method's name (for the log), the
+    operation, and its fallback: what it returns (or raises) if ignore_exceptions ignores."""
 
     __slots__ = ("fallback", "method", "operation", "trace", "undo")
     primary = False  # whether reads go to the server that takes writes too (_OnPrimary)
@@ -1843,12 +1792,6 @@ def _op_set(
     flags = ("NX",) if nx else ("XX",) if xx else ()
     written = yield _set_command(key, data, timeout, *flags)
     return bool(written) if flags else None
-
-
-def _op_touch(key: str, timeout: int | None) -> Operation[bool]:
-    if timeout is None:
-        return bool((yield ("PERSIST", key)))
-    return bool((yield ("EXPIRE", key, timeout)))
 
 
 def _op_bool(*command: Any) -> Operation[bool]:
@@ -2000,10 +1943,6 @@ def _op_then(operation: Operation[Any], result: _T) -> Operation[_T]:
     return result
 
 
-def _op_clear() -> Operation[bool]:
-    return bool((yield ("FLUSHDB",)))
-
-
 def _op_ttl(command: str, key: str) -> Operation[int | None]:
     """django-redis's convention: 0 for a missing key, None for one that never expires."""
     remaining = yield (command, key)
@@ -2015,8 +1954,7 @@ def _op_ttl(command: str, key: str) -> Operation[int | None]:
 def _op_scan(
     pattern: str, count: int, convert: Callable[[Any], Any], cursor: int
 ) -> Operation[_Page]:
-    """A page of the keys matching ``pattern``, ``convert``-ed: one SCAN of ``count`` keys
-    at most; never KEYS, which blocks the server."""
+    """A page of the keys matching ``pattern``, ``convert``-ed: one SCAN (never KEYS)."""
     cursor, keys = yield ("SCAN", cursor, "MATCH", pattern, "COUNT", count)
     return int(cursor), [convert(key) for key in keys]
 
@@ -2046,11 +1984,6 @@ def _op_delete_pattern(pattern: str, count: int) -> Operation[int]:
 
 def _unchanged(key: Any) -> Any:
     return key
-
-
-def _op_clear_prefix(pattern: str, count: int) -> Operation[bool]:
-    yield from _op_delete_pattern(pattern, count)
-    return True
 
 
 # Sets, hashes and sorted sets (django-redis's data-structure methods). Members and hash
@@ -2164,17 +2097,15 @@ def _op_sscan(
 # ---------------------------------------------------------------------------
 
 
-# What the policy asks of a shell: a pause, a computation, an iteration's results, or a
-# send: ``(index, commands)``, the commands to send together on the client at ``index`` (0
-# takes writes). A send's reply is their replies in order, an error reply as its
-# ``ResponseError`` object; the shell raises only when the exchange itself failed.
+# What the policy asks of a shell: a pause, a computation, or a send ``(index, commands)`` of
+# commands together on the client at ``index`` (0 takes writes), whose reply is their replies
+# in order (an error reply as its object); the shell raises only when the exchange failed.
 _Send = tuple[int, list[tuple[Any, ...]]]
 Request = Union[_Send, _Sleep, _Compute]  # noqa: UP007
 
 
 class _Trip:
-    """One round trip as the optional features see it: where it goes, what goes out, and
-    each feature's note on it."""
+    """A round trip as the features see it: where it goes, what goes out, their notes."""
 
     __slots__ = ("again", "commands", "index", "plan", "probe", "ticket", "wire")
 
@@ -2186,9 +2117,8 @@ class _Trip:
 
 
 class _Feature:
-    """An optional feature (the client-side store, the circuit breaker, stats, tracing),
-    built once per configuration. The policy shows it a call as it begins and ends, and each
-    round trip before it goes out, with its replies, or with the error that ended it."""
+    """An optional feature, built once per configuration: the policy shows it a call as it
+    begins and ends, and each round trip as it goes out, and its replies or its error."""
 
     trips = True  # whether it sees round trips, or only calls
 
@@ -2196,8 +2126,7 @@ class _Feature:
         """A call begins."""
 
     def sending(self, trip: _Trip) -> None:
-        """A round trip is about to go out: the feature may send it elsewhere (``index``),
-        send more (``wire``), or refuse it by raising."""
+        """A round trip goes out: send it elsewhere (``index``), more (``wire``), or raise."""
 
     def replied(self, trip: _Trip, replies: list[Any]) -> list[Any]:
         """The replies came: what the operation receives."""
@@ -2220,8 +2149,7 @@ _MASTER_NOT_FOUND = (redis.sentinel.MasterNotFoundError, redis.asyncio.sentinel.
 
 def _wrong_credentials(error: BaseException) -> bool:
     """Whether ``error`` says the credentials are wrong: a configuration error, never ignored.
-    redis-py's Sentinel reports them as MasterNotFoundError, with each sentinel's error in
-    its text."""
+    (redis-py's Sentinel raises MasterNotFoundError, with each sentinel's error in its text.)"""
     if isinstance(error, _MASTER_NOT_FOUND):
         return "AuthenticationError" in str(error)
     return isinstance(error, redis.AuthenticationError)
@@ -2237,9 +2165,8 @@ def _largest_value(commands: list[tuple[Any, ...]]) -> int:
 
 
 def _refuse_oversized(commands: list[tuple[Any, ...]], limit_reply: Any, error: Any) -> None:
-    """Raise a ValueError if ``commands`` carry a value over the server's size limit: Redis
-    answers "invalid bulk length" and closes the connection, which would otherwise read as
-    Redis being unavailable."""
+    """Raise a ValueError if ``commands`` carry a value over the server's size limit (Redis
+    answers "invalid bulk length" and closes the connection: it would read as an outage)."""
     reply = dict(limit_reply) if isinstance(limit_reply, dict) else {}
     if isinstance(limit_reply, list):
         reply = dict(zip(limit_reply[::2], limit_reply[1::2], strict=False))
@@ -2254,13 +2181,9 @@ def _refuse_oversized(commands: list[tuple[Any, ...]], limit_reply: Any, error: 
 
 
 class _Policy:
-    """Runs plans, for one cache configuration and one path, without doing I/O: routing by
-    the command table, a second attempt after a dead connection, the check for values too
-    large, the undo of what a failed call holds, the fallback with ``ignore_exceptions``,
-    and the optional features' hooks. It yields only requests (a send, ``_Sleep``,
-    ``_Compute``) that a shell performs and answers; a failed
-    request is thrown back into it, so its bookkeeping ends in ``finally``, cancelled or not.
-    """
+    """Runs plans of one configuration and path, with no I/O: routing, a second attempt after
+    a dead connection, the size check, undo, the ignore_exceptions fallback, the features'
+    hooks. A shell performs each request; a failed one is thrown back in (see ``finally``)."""
 
     def __init__(self, topology: _Topology, features: tuple[_Feature, ...], prefix: str) -> None:
         self.config = topology.config
@@ -2306,9 +2229,8 @@ class _Policy:
     def _trip(
         self, plan: Plan[Any], commands: list[tuple[Any, ...]], attempt: int = 1
     ) -> Generator[Request, Any, list[Any]]:
-        """The replies of one round trip, sent again once after a dead connection if the
-        table allows (a read that failed on a replica, to the first server); an error reply
-        is raised, as redis-py raises it."""
+        """The replies of a round trip, sent again once after a dead connection if the table
+        allows (a replica's read, to the first server); an error reply is raised."""
         index = 0
         if self.readers and attempt == 1 and not plan.primary and _replica_safe(commands):
             index = random.randint(1, self.readers)
@@ -2372,12 +2294,11 @@ class _Policy:
             yield from self._try(plan, plan.undo.pop())
 
     def _ignores(self, plan: Plan[Any], error: BaseException) -> bool:
-        """True, logged, if ``error`` is Redis being unavailable and errors are ignored; else
-        ``error`` is raised."""
+        """True (logged) if ``error`` is an outage and errors are ignored; else raise it."""
         config = self.config
         if not (isinstance(error, _UNAVAILABLE) and config.ignore_exceptions):
             raise error
-        if _wrong_credentials(error):
+        if _wrong_credentials(error):  # a configuration error, never ignored
             raise error
         if config.log_ignored_exceptions and type(error) is not _CircuitOpen:
             logger.warning("Redis unavailable in %s, ignored: %s", self.prefix + plan.method, error)
@@ -2394,19 +2315,14 @@ _IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
 
 class _Store(_Feature):
     """The client-side cache of one configuration in this process, shared by threads, event
-    loops, both classes and both paths.
-
-    A read of a key this process read before is answered from memory while the server is
-    known to keep the store honest: a dedicated connection (a thread) runs ``CLIENT TRACKING
-    ON BCAST PREFIX <key prefix>``, drops the entries the server says changed, and pings every
-    ``heartbeat_interval``; entries are served only until two intervals after the send of the
-    last answered ping, and the whole store is flushed whenever that connection is lost.
-
-    A read that misses fetches the value and its PTTL in one round trip and stores them only
-    if no write or invalidation of the key (and no flush) came while it was in flight; every
-    write this process sends drops the keys it names when it is answered. Values of immutable
-    types are kept as they are; others as the stored bytes, decoded afresh for each caller.
-    """
+    loops, both classes and both paths. A dedicated connection (a thread) runs ``CLIENT
+    TRACKING ON BCAST PREFIX <key prefix>``, drops the entries the server says changed and
+    pings every ``heartbeat_interval``; entries are served until two intervals after the send
+    of the last answered ping, and flushed whenever that connection is lost. A read that
+    misses fetches the value and its PTTL in one round trip and keeps them only if no write,
+    invalidation or flush of the key came meanwhile; every write this process sends drops the
+    keys it names when answered. Immutable values are kept as they are; others as the stored
+    bytes, decoded afresh for each caller."""
 
     def __init__(self, topology: _Topology, prefix: str | None, settings: dict[str, Any]) -> None:
         self.topology = topology
@@ -2574,19 +2490,13 @@ class _Store(_Feature):
             self.flushes += 1
 
     def info(self) -> dict[str, Any]:
-        return {
-            "enabled": not self.refused,
-            "connected": self.connected and time.monotonic() < self.valid_until,
-            "entries": len(self.entries),
-            "bytes": self.bytes,
-            "hits": self.hits,
-            "misses": self.misses,
-            "invalidations": self.invalidations,
-            "flushes": self.flushes,
-            "max_entries": self.max_entries,
-            "max_bytes": self.max_bytes,
-            "heartbeat_interval": self.interval,
-        }
+        connected = self.connected and time.monotonic() < self.valid_until
+        info: dict[str, Any] = {"enabled": not self.refused, "connected": connected}
+        info["entries"] = len(self.entries)
+        names = ("bytes", "hits", "misses", "invalidations", "flushes", "max_entries", "max_bytes")
+        info.update((name, getattr(self, name)) for name in names)
+        info["heartbeat_interval"] = self.interval
+        return info
 
     # The tracking connection ------------------------------------------------
 
@@ -2642,8 +2552,7 @@ class _Store(_Feature):
                     time.sleep(0.001)
 
     def _open(self) -> Any:
-        """The tracking connection; None if the server refuses tracking (logged, and the
-        store is off for this process)."""
+        """The tracking connection; None if the server refuses tracking (logged, store off)."""
         try:
             return self._tracking_connection()
         except redis.ResponseError as error:
@@ -2726,13 +2635,9 @@ class _CircuitOpen(redis.ConnectionError):
 
 
 class _Breaker:
-    """The circuit of one server, for one configuration in this process, on both paths:
-    after ``failures`` outages in a row (the server refused, dropped or did not answer),
-    calls skip it and return their ignored-error results at once; after a cool-down one call
-    (the probe) goes, and its outcome closes the circuit or opens it again. The cool-down
-    starts at a quarter of a second and doubles after each failed probe, up to
-    ``cool_down``, so a blip costs about its own length. A closed circuit costs a round trip
-    one attribute read."""
+    """One server's circuit (per configuration and process, both paths): after ``failures``
+    outages in a row, calls skip it with their ignored-error results; after a cool-down (0.25
+    s, doubled after each failed probe up to ``cool_down``) a probe closes or reopens it."""
 
     def __init__(self, settings: dict[str, Any], where: str) -> None:
         self.threshold, self.longest = settings["failures"], settings["cool_down"]
@@ -2787,8 +2692,7 @@ class _Breaker:
                 )
 
     def released(self) -> None:
-        """The probe ended without an answer either way (cancelled, the caller's error):
-        the next call probes."""
+        """The probe ended without an answer (cancelled, the caller's error): next call probes."""
         with self.lock:
             self.probing = False
 
@@ -2801,8 +2705,7 @@ _FIRST_COOL_DOWN = 0.25
 
 
 def _outage(error: BaseException) -> bool:
-    """Whether ``error`` says the server is unavailable: not a wait for a free connection of
-    our own pool that ran out, not wrong credentials, not the breaker's own refusal."""
+    """Whether ``error`` is an outage: not our pool's wait, wrong credentials or the breaker."""
     return (
         isinstance(error, _UNAVAILABLE)
         and not isinstance(error, (_PoolExhausted, _CircuitOpen))
@@ -2811,9 +2714,8 @@ def _outage(error: BaseException) -> bool:
 
 
 class _Breakers(_Feature):
-    """The circuit breaker as the policy sees it: one circuit per server of the
-    configuration. A read bound for a replica whose circuit is open goes to the first
-    server; anything else bound for an open circuit is refused with ``_CircuitOpen``."""
+    """A circuit per server: a read bound for a replica whose circuit is open goes to the
+    first server; anything else bound for an open circuit is refused (``_CircuitOpen``)."""
 
     def __init__(self, circuits: list[_Breaker]) -> None:
         self.circuits = circuits
@@ -2875,10 +2777,9 @@ def _breakers_for(topology: _Topology) -> _Breakers | None:
 
 
 class _Stats(_Feature):
-    """``cache.stats()``: counts of calls, hits, misses, errors and ignored errors per method
-    (``get`` counts ``aget`` too), for one cache configuration in this process, shared by
-    its cache objects, threads and loops. A count is bumped with ``+=`` on a list item, which
-    no thread switch splits under the GIL: no lock (a test counts from 8 threads)."""
+    """``cache.stats()``: calls, hits, misses, errors and ignored errors per method (``get``
+    counts ``aget``), per configuration in this process. ``+=`` on a list item, which no
+    thread switch splits under the GIL: no lock (a test counts from 8 threads)."""
 
     trips = False
 
@@ -2934,9 +2835,8 @@ _TRACER = None if _otel is None else _otel.get_tracer("django_redis_ex", __versi
 
 
 def _tracing() -> bool:
-    """Whether spans would be recorded: a tracer provider (an SDK) is set. Without one, a
-    span would cost a microsecond a call for nothing. The API's public way to ask costs 0.8 us
-    (it reads the environment each time); the global it reads first costs nothing."""
+    """Whether spans would be recorded: a tracer provider (an SDK) is set (else a span costs
+    1 us a call for nothing). Asking the API costs 0.8 us; the global it reads, nothing."""
     if _otel is None:
         return False
     if _OTEL_GLOBAL:
@@ -2948,9 +2848,8 @@ _OTEL_GLOBAL = _otel is not None and hasattr(_otel, "_TRACER_PROVIDER")
 
 
 class _Tracing(_Feature):
-    """A CLIENT span per call that goes to Redis (an iteration's page is a call), named
-    after its first round trip's command, current while the call runs; installed while a
-    tracer provider is set. Never a value, never a password."""
+    """A CLIENT span per call that goes to Redis (a page of an iteration is a call), current
+    while it runs; installed while a tracer provider is set. Never a value nor a password."""
 
     def __init__(self, topology: _Topology, prefix: str) -> None:
         self.topology, self.prefix = topology, prefix
@@ -2971,9 +2870,8 @@ class _Tracing(_Feature):
 
 
 def _span(topology: _Topology, method: str, commands: list[tuple[Any, ...]]) -> Any:
-    """A started CLIENT span for a call whose first round trip sends ``commands``, or None
-    if it is not recorded (sampled out): the command's name, the number of keys, the
-    method, where the server is."""
+    """A started span named after the call's first ``commands``, None if sampled out: the
+    command, the number of keys, the method, where the server is."""
     names = {each[0] for each in commands}
     operation = commands[0][0] if len(commands) == 1 else "PIPELINE"
     if len(commands) > 1 and len(names) == 1:
@@ -2997,8 +2895,7 @@ def _span(topology: _Topology, method: str, commands: list[tuple[Any, ...]]) -> 
 
 
 def _span_ended(traced: tuple[Any, Any], error: BaseException | None) -> None:
-    """End a span, with ``error.type`` and an error status if ``error`` ended its work
-    (OpenTelemetry's own ``use_span`` sets no ``error.type``), and no longer current."""
+    """End a span, no longer current, with ``error.type`` and an error status for ``error``."""
     span, token = traced
     if isinstance(error, Exception):
         code = getattr(error, "status_code", None) or type(error).__qualname__
@@ -3012,14 +2909,12 @@ def _span_ended(traced: tuple[Any, Any], error: BaseException | None) -> None:
 # ---------------------------------------------------------------------------
 # Optional feature: what debug-toolbar and Sentry see of async calls
 # ---------------------------------------------------------------------------
-# Tools that watch cache objects: django-debug-toolbar's cache panel and Sentry's Django
-# integration wrap sync methods on each cache object they watch. Django's own backends reach
-# those wrappers from their async methods through sync_to_async; ours never call the sync
-# method, so an async call whose sync twin is wrapped reports to the tool itself, with its
-# real duration. Neither tool is imported here unless it has wrapped the object.
-# They are seen at the method layer, not through the policy's hooks: the tools wrap methods
-# of one cache object (not a configuration), and see answers from the client-side store too,
-# which never reach the policy. The cost where no tool watches: one dict lookup an async call.
+# debug-toolbar's cache panel and Sentry wrap the sync methods of the cache objects they
+# watch; Django's backends reach the wrappers from async methods through sync_to_async, ours
+# never call the sync twin, so an async call reports to the tool itself, with its real
+# duration. At the method layer, not the policy's hooks: tools wrap one cache object's methods
+# and see the client-side store's answers, which never reach the policy. Where no tool
+# watches, an async call pays one dict lookup; neither tool is imported unless it wrapped one.
 
 
 async def _observed(
@@ -3106,15 +3001,13 @@ async def _sentry_span(
         if url.port is not None:
             put(SPANDATA.NETWORK_PEER_PORT, url.port)
         put(SPANDATA.CACHE_KEY, keys)
-        size = None
         if name in ("get", "get_many"):
             default = {} if name == "get_many" else _default_of(args, kwargs)
             put(SPANDATA.CACHE_HIT, value != default)
-            size = len(str(value)) if value != default else None
+            if value != default:
+                put(SPANDATA.CACHE_ITEM_SIZE, len(str(value)))
         elif args:  # set: the value's size; set_many: the mapping's
-            size = len(str(args[1] if len(args) >= 2 else args[0]))
-        if size is not None:
-            put(SPANDATA.CACHE_ITEM_SIZE, size)
+            put(SPANDATA.CACHE_ITEM_SIZE, len(str(args[1] if len(args) >= 2 else args[0])))
         return value
 
 
@@ -3125,8 +3018,7 @@ def _default_of(args: Any, kwargs: Any) -> Any:
 def _features_for(
     topology: _Topology, store: _Store | None, stats: _Stats, prefix: str
 ) -> tuple[_Feature, ...]:
-    """The optional features of a configuration on one path, in the order they see a
-    round trip go out: the breaker may send it elsewhere before the store adds to it."""
+    """A configuration's features on one path; the breaker reroutes before the store adds."""
     tracing = _Tracing(topology, prefix) if _tracing() else None  # set up before the call
     found = (stats, _breakers_for(topology), store, tracing)
     return tuple(feature for feature in found if feature is not None)
@@ -3310,21 +3202,21 @@ class _Call:
 
 
 class _Line:
-    """One connection that the concurrent calls of an event loop share (multiplexing).
-
-    Calls queue their commands; once per loop iteration the queue goes out in one write,
-    pipelined behind whatever is still in flight, and one reader task hands each call its own
-    replies in order (an error reply is the reply of its call alone). A call cancelled while
-    in flight has its replies read and dropped, so no other call's reply shifts. One timer
-    bounds the wait for the next reply (``socket_timeout``), instead of redis-py's
-    ``wait_for`` around every read. The line takes a connection from the pool while calls
-    are in flight and gives it back when none are (the pool bounds and checks connections).
-    """
+    """One connection that the concurrent calls of an event loop share (multiplexing). Calls
+    queue their commands; once per loop iteration the queue goes out in one write, pipelined
+    behind whatever is in flight, and one reader task hands each call its own replies in
+    order (an error reply is its call's alone). A call cancelled in flight has its replies
+    read and dropped, so no other call's reply shifts. One timer bounds the wait for the next
+    reply (``socket_timeout``), not redis-py's ``wait_for`` around every read. The line holds
+    a pooled connection while calls are in flight (the pool bounds and checks connections)."""
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.loop = asyncio.get_running_loop()
         self.client = client
         self.pool = pool = client.connection_pool
+        # Parsers whose replies _quick_reply may take first (none if replies are decoded).
+        quick = not pool.connection_kwargs.get("decode_responses")
+        self.quick = (redis._parsers._AsyncRESP3Parser, redis._parsers._AsyncRESP2Parser) * quick
         self.callbacks: Mapping[Any, Any] = client.response_callbacks
         self.timeout: float | None = pool.connection_kwargs.get("socket_timeout")
         self.connection: Any = None
@@ -3370,26 +3262,17 @@ class _Line:
 
     def _send(self) -> None:
         calls, self.queue = self.queue, []
-        connection, chunks, sent = self.connection, [], []
-        for call in calls:
-            if call.future.done():  # cancelled before it went out
-                continue
-            try:
-                packed = _packed(connection, call.commands)
-            except Exception as error:  # an argument redis-py cannot encode: this call's
-                call.future.set_exception(error)
-                continue
-            if len(packed) > 1 and any(len(chunk) > _LARGE_VALUE for chunk in packed):
-                # Not behind or before others: a value the server may refuse (it then
-                # closes the connection) or that takes long to send goes on its own.
-                call.future.set_exception(_Unshared())
-                continue
-            chunks += packed
-            sent.append(call)
+        sent = [call for call in calls if not call.future.done()]  # not if cancelled already
+        try:  # usually every call packs at once into one piece
+            chunks = _packed(self.connection, [each for call in sent for each in call.commands])
+        except Exception:
+            chunks = []
+        if len(chunks) != 1:
+            chunks, sent = self._packed_each(sent)
         if not sent:
             return
         try:
-            connection._writer.writelines(chunks)
+            self.connection._writer.writelines(chunks)
         except Exception as error:  # a transport closed under the line (3.13 raises here)
             failure = redis.ConnectionError(f"Error while writing to Redis: {error!r}")
             _fail(sent, failure)
@@ -3399,6 +3282,24 @@ class _Line:
         self.sent.extend(sent)
         if self.watchdog is None and self.timeout:
             self.watchdog = self.loop.call_at(self.progress + self.timeout, self._check)
+
+    def _packed_each(self, calls: list[_Call]) -> tuple[list[bytes], list[_Call]]:
+        """Call by call: one whose arguments cannot be encoded fails alone, and one with a
+        value the server may refuse (it then closes the connection) or slow to send goes on
+        a connection of its own, not behind or before others."""
+        chunks, sent = [], []
+        for call in calls:
+            try:
+                packed = _packed(self.connection, call.commands)
+            except Exception as error:  # an argument redis-py cannot encode: this call's
+                call.future.set_exception(error)
+                continue
+            if len(packed) > 1 and any(len(chunk) > _LARGE_VALUE for chunk in packed):
+                call.future.set_exception(_Unshared())
+                continue
+            chunks += packed
+            sent.append(call)
+        return chunks, sent
 
     def _check(self) -> None:
         """The timer: no reply for ``socket_timeout`` with calls in flight ends the reader."""
@@ -3445,19 +3346,7 @@ class _Line:
                 if not self.sent:
                     await self._idle()
                     continue
-                call = self.sent[0]
-                parser = self.connection._parser
-                replies = []
-                for command in call.commands:
-                    reply = await parser.read_response()
-                    callback = self.callbacks.get(command[0])
-                    if callback is not None and not isinstance(reply, redis.ResponseError):
-                        reply = callback(reply)
-                    replies.append(reply)
-                self.sent.popleft()
-                self.progress = self.loop.time()
-                if not call.future.done():
-                    call.future.set_result(replies)
+                await self._answer(self.sent[0])
         except asyncio.CancelledError:
             if not self.timed_out:
                 raise
@@ -3472,9 +3361,28 @@ class _Line:
         finally:
             await self._end(error)
 
+    async def _answer(self, call: _Call) -> None:
+        """Read the replies of the call first in line, and hand them to it."""
+        parser, stream = self.connection._parser, self.connection._reader
+        quick = type(parser) in self.quick and not parser._buffer
+        replies = []
+        for command in call.commands:
+            reply = _quick_reply(stream) if quick else _MISSING
+            if reply is _MISSING:
+                reply = await parser.read_response()
+                quick = False
+            callback = self.callbacks.get(command[0])
+            if callback is not None and not isinstance(reply, _ResponseError):
+                reply = callback(reply)
+            replies.append(reply)
+        self.sent.popleft()
+        self.progress = self.loop.time()
+        if not call.future.done():
+            call.future.set_result(replies)
+
     async def _idle(self) -> None:
-        """No call in flight: the connection goes back to the pool if others wait for one
-        (a raw client, a lock) or if no call comes; then wait for calls, and send them."""
+        """No call in flight: give the connection back if others wait for one (a raw client,
+        a lock) or no call comes; wait for calls; send them."""
         if self.connection is not None and getattr(self.pool, "_queue", None):
             # This one goes back, and the line waits its turn for one like the others.
             connection, self.connection = self.connection, None
@@ -3520,6 +3428,34 @@ class _Line:
             _fail(queued, error)
         elif self.queue and not self.loop.is_closed():
             self._flush()
+
+
+def _quick_reply(stream: Any) -> Any:
+    """A status, integer, bulk string or null reply whole in ``stream``'s buffer, taken from
+    it as redis-py's Python parsers read it (undecoded), without their four coroutines a
+    reply; ``_MISSING`` for anything else, which the parser reads."""
+    buffer = stream._buffer
+    end = buffer.find(b"\r\n")
+    if end < 1:
+        return _MISSING
+    kind, used = buffer[0], end + 2
+    if kind == 43:  # +
+        reply: Any = bytes(buffer[1:end])
+    elif kind == 58:  # :
+        reply = int(buffer[1:end])
+    elif kind == 36:  # $, or $-1 (RESP2's null)
+        size = int(buffer[1:end])
+        reply = None if size < 0 else bytes(buffer[used : used + size])
+        used += size + 2 if size >= 0 else 0
+        if len(buffer) < used:
+            return _MISSING
+    elif kind == 95:  # _ (RESP3's null)
+        reply = None
+    else:
+        return _MISSING
+    del buffer[:used]
+    stream._maybe_resume_transport()  # as StreamReader.read does: flow control
+    return reply
 
 
 def _fail(calls: Iterable[_Call], error: BaseException) -> None:
@@ -3661,11 +3597,11 @@ def _twins(
     Callable[Concatenate[_Cache, _P], _T],
     Callable[Concatenate[_Cache, _P], Coroutine[Any, Any, _T]],
 ]:
-    """A cache method and its native async twin, both made from the method that plans them:
-    ``get, aget = _twins(_plan_get)``. Type checkers see the plan's signature on both.
-    ``local``, for a read, answers from the client-side store first, if there is one, and
-    returns ``_MISSING`` when Redis must answer. An async call whose sync twin a tool wrapped
-    on this cache object (debug-toolbar, Sentry) reports to that tool (``_observed``)."""
+    """A cache method and its native async twin, made from the method that plans them:
+    ``get, aget = _twins(_plan_get)``; type checkers see the plan's signature on both. A
+    read's ``local`` answers from the client-side store first, if any (``_MISSING``: ask
+    Redis). An async call whose sync twin a tool wrapped (debug-toolbar, Sentry) reports to
+    that tool (``_observed``)."""
     name = plan.__name__.removeprefix("_plan_")
 
     def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
@@ -3707,8 +3643,7 @@ def _iteration_twins(
     Callable[Concatenate[_Cache, _P], Iterator[Any]],
     Callable[Concatenate[_Cache, _P], AsyncIterator[Any]],
 ]:
-    """``_twins`` for an iteration: a lazy iterator and an async one, a call (a round trip)
-    per page, each page asked for when the caller wants more."""
+    """``_twins`` for an iteration: lazy iterators, a call (a round trip) per page."""
 
     def method(self: _Cache, /, *args: _P.args, **kwargs: _P.kwargs) -> Iterator[Any]:
         page, cursor = pages(self, *args, **kwargs), -1
@@ -3743,12 +3678,9 @@ def _like(function: _F, plan: Callable[..., Any], prefix: str) -> _F:
 
 
 class _RedisEXBase(BaseCache):
-    """Django's cache API and django-redis's extras, each in a sync and a native async form.
-
-    Each method is planned once, in ``_plan_<method>``: keys, versions and timeouts become
-    an operation with its fallback. ``_twins`` makes the sync method and its ``a`` twin from
-    the plan; they differ only in the driver that runs it.
-    """
+    """Django's cache API and django-redis's extras, sync and native async: each method is
+    planned once, in ``_plan_<method>`` (an operation and its fallback), and ``_twins`` makes
+    the sync method and its ``a`` twin from the plan, which differ only in their driver."""
 
     _client_kind: str
 
@@ -3780,9 +3712,8 @@ class _RedisEXBase(BaseCache):
 
     @cached_property
     def _sync_driver(self) -> _SyncShell:
-        return _SyncShell(
-            self._topology, _features_for(self._topology, self._store, self._stats, "")
-        )
+        features = _features_for(self._topology, self._store, self._stats, "")
+        return _SyncShell(self._topology, features)
 
     @cached_property
     def _async_driver(self) -> _AsyncShell:
@@ -3790,10 +3721,9 @@ class _RedisEXBase(BaseCache):
         return _AsyncShell(self._topology, features)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """This cache's counts in this process, per method called (``get`` counts ``aget``
-        too): ``calls``; ``hits`` and ``misses`` (keys found or not, by get, get_many,
-        get_or_set and has_key); ``errors`` raised; ``ignored`` (with ignore_exceptions).
-        With a circuit breaker, its state under ``"circuit_breaker"``."""
+        """This cache's counts in this process, per method (``get`` counts ``aget`` too):
+        ``calls``; ``hits`` and ``misses`` (keys found or not, by get, get_many, get_or_set and
+        has_key); ``errors``; ``ignored``. A circuit breaker's state: ``"circuit_breaker"``."""
         report: dict[str, dict[str, Any]] = dict(self._stats.report())
         breakers = _breakers_for(self._topology)
         if breakers is not None:
@@ -3803,9 +3733,7 @@ class _RedisEXBase(BaseCache):
     @property
     def _cache(self) -> _SyncShell | _AsyncShell:
         """Django's client object: sync on RedisEXCache, asyncio on AsyncRedisEXCache."""
-        if self._client_kind == "async":
-            return self._async_driver
-        return self._sync_driver
+        return self._async_driver if self._client_kind == "async" else self._sync_driver
 
     def client_cache_info(self) -> dict[str, Any]:
         """The client-side cache (OPTIONS ``client_cache``) of this cache's configuration in
@@ -3867,14 +3795,11 @@ class _RedisEXBase(BaseCache):
     @property
     def _default_keys(self) -> bool:
         """Whether keys are Django's defaults, so ``_keys`` may make them without the calls.
-
-        Read on every call: tests (Django's own among them) swap ``key_func`` on the fly.
-        """
+        Read on every call: tests (Django's own among them) swap ``key_func`` on the fly."""
         return self.key_func is default_key_func and self._default_key_methods
 
     def _key(self, key: Any, version: int | None) -> str:
-        """``make_and_validate_key``, made here when keys are Django's defaults (three calls
-        fewer: a microsecond on each call of a single-key method)."""
+        """``make_and_validate_key``, made here for Django's default keys (three calls fewer)."""
         if self.key_func is not default_key_func or not self._default_key_methods:
             return self.make_and_validate_key(key, version=version)
         redis_key = f"{self.key_prefix}:{self.version if version is None else version}:{key}"
@@ -3922,11 +3847,7 @@ class _RedisEXBase(BaseCache):
         version: int | None = None,
     ) -> Plan[bool]:
         timeout = self.get_backend_timeout(timeout)
-        return Plan(
-            "add",
-            _op_add(self._codec, self._key(key, version), value, timeout),
-            _false,
-        )
+        return Plan("add", _op_add(self._codec, self._key(key, version), value, timeout), _false)
 
     add, aadd = _twins(_plan_add)
 
@@ -3963,7 +3884,9 @@ class _RedisEXBase(BaseCache):
         self, key: Any, timeout: float | None = DEFAULT_TIMEOUT, version: int | None = None
     ) -> Plan[bool]:
         timeout = self.get_backend_timeout(timeout)
-        return Plan("touch", _op_touch(self._key(key, version), timeout), _false)
+        redis_key = self._key(key, version)
+        command = ("PERSIST", redis_key) if timeout is None else ("EXPIRE", redis_key, timeout)
+        return Plan("touch", _op_bool(*command), _false)
 
     touch, atouch = _twins(_plan_touch)
 
@@ -4000,15 +3923,9 @@ class _RedisEXBase(BaseCache):
         redis_key = self._key(key, version)
         undo: list[tuple[Any, ...]] = []
         computed: list[Any] = []  # with Redis unavailable, a value computed is not lost
+        tally = self._stats.rows["get_or_set"]
         operation = _op_get_or_set(
-            self._codec,
-            redis_key,
-            default,
-            timeout,
-            lock_timeout,
-            undo,
-            computed,
-            self._stats.rows["get_or_set"],
+            self._codec, redis_key, default, timeout, lock_timeout, undo, computed, tally
         )
 
         def fallback() -> Any:
@@ -4095,10 +4012,7 @@ class _RedisEXBase(BaseCache):
 
     def _move(self, method: str, key: Any, delta: int, version: int | None) -> Plan[int]:
         old = self.version if version is None else version
-        old_key, new_key = (
-            self._key(key, old),
-            self._key(key, old + delta),
-        )
+        old_key, new_key = self._key(key, old), self._key(key, old + delta)
         atomic = self._topology.atomic_move
         operation = _op_then(_op_move(old_key, new_key, key, atomic), old + delta)
         return Plan(method, operation, functools.partial(_key_not_found, key))
@@ -4107,9 +4021,10 @@ class _RedisEXBase(BaseCache):
         """FLUSHDB, as Django's; with OPTIONS ``clear_by_prefix``, only this cache's keys.
         Returns True, as Django's own Redis backend does (django-stubs types it None)."""
         if not self._config.clear_by_prefix:
-            return Plan("clear", _op_clear(), _false)
+            return Plan("clear", _op_bool("FLUSHDB"), _false)
         pattern = self._pattern("*", "*")  # every version
-        return Plan("clear", _op_clear_prefix(pattern, self._config.scan_count), _false)
+        operation = _op_then(_op_delete_pattern(pattern, self._config.scan_count), True)
+        return Plan("clear", operation, _false)
 
     clear, aclear = _twins(_plan_clear)  # type: ignore[assignment]
 
@@ -4192,10 +4107,8 @@ class _RedisEXBase(BaseCache):
         self, pattern: str, version: int | None = None, itersize: int | None = None
     ) -> Plan[int]:
         """Delete the keys matching the glob ``pattern``; returns how many were deleted."""
-        count = itersize or self._config.scan_count
-        return Plan(
-            "delete_pattern", _op_delete_pattern(self._pattern(pattern, version), count), _zero
-        )
+        pattern, count = self._pattern(pattern, version), itersize or self._config.scan_count
+        return Plan("delete_pattern", _op_delete_pattern(pattern, count), _zero)
 
     delete_pattern, adelete_pattern = _twins(_plan_delete_pattern)
 
@@ -4206,10 +4119,9 @@ class _RedisEXBase(BaseCache):
 
 
 class _DataStructures(_RedisEXBase):
-    """django-redis 7's set, hash and sorted-set methods, with their arguments and results,
-    each with its native ``a`` twin. Members and hash values are stored as cache values are
-    (serialized, maybe compressed; ints raw); hash fields, scores and counts as they are.
-    Keys are cache keys."""
+    """django-redis 7's set, hash and sorted-set methods and results, each with its ``a`` twin.
+    Members and hash values are stored as cache values are (serialized, maybe compressed; ints
+    raw); hash fields, scores and counts as they are. Keys are cache keys."""
 
     def _one(
         self,
@@ -4254,8 +4166,7 @@ class _DataStructures(_RedisEXBase):
         return redis_keys
 
     def _dumped(self, values: Iterable[Any]) -> list[Any]:
-        dumps = self._codec.dumps
-        return [dumps(value) for value in values]
+        return list(map(self._codec.dumps, values))
 
     def _plan_sadd(self, key: Any, *values: Any, version: int | None = None) -> Plan[int]:
         """Add members to a set; how many were not there."""
@@ -4302,10 +4213,7 @@ class _DataStructures(_RedisEXBase):
         version_dest: int | None,
         version_keys: int | None,
     ) -> Plan[int]:
-        redis_keys = [
-            self._key(dest, version_dest),
-            *self._keys(keys, version_keys),
-        ]
+        redis_keys = [self._key(dest, version_dest), *self._keys(keys, version_keys)]
         command = (method.upper(), *self._together(method, [dest, *keys], redis_keys))
         return Plan(method, _op_apply(int, *command), _zero)
 
@@ -4373,9 +4281,8 @@ class _DataStructures(_RedisEXBase):
         """Remove and return a random member (None if the set is empty), or with ``count``
         a set of up to ``count`` of them."""
         if count is None:
-            return self._one(
-                "spop", functools.partial(_optional_member, self._codec), _none, key, version
-            )
+            convert: Callable[[Any], Any] = functools.partial(_optional_member, self._codec)
+            return self._one("spop", convert, _none, key, version)
         convert = functools.partial(_member_set, self._codec)
         return self._one("spop", convert, set, key, version, count)
 
@@ -4401,11 +4308,7 @@ class _DataStructures(_RedisEXBase):
     srem, asrem = _twins(_plan_srem)
 
     def _plan_sscan(
-        self,
-        key: Any,
-        match: str | None = None,
-        count: int | None = 10,
-        version: int | None = None,
+        self, key: Any, match: str | None = None, count: int | None = 10, version: int | None = None
     ) -> Plan[builtins.set[Any]]:
         """The members of the set (matching the glob ``match``, if given: a str member
         matches as in Redis; other members never do), ``count`` per SSCAN round trip."""
@@ -4415,11 +4318,7 @@ class _DataStructures(_RedisEXBase):
     sscan, asscan = _twins(_plan_sscan)
 
     def _plan_sscan_iter(
-        self,
-        key: Any,
-        match: str | None = None,
-        count: int | None = 10,
-        version: int | None = None,
+        self, key: Any, match: str | None = None, count: int | None = 10, version: int | None = None
     ) -> _Pages:
         """``sscan`` as a lazy iterator: one SSCAN round trip per ``count`` members."""
         page = self._sscan(key, match, count, version)
@@ -4557,14 +4456,8 @@ class _DataStructures(_RedisEXBase):
         self, key: Any, amount: float, value: Any, version: int | None = None
     ) -> Plan[float]:
         """Add ``amount`` to the score of member ``value`` (from 0); its new score."""
-        operation = _op_apply(
-            float,
-            "ZINCRBY",
-            self._key(key, version),
-            amount,
-            self._codec.dumps(value),
-        )
-        return Plan("zincrby", operation, lambda: float(amount))  # unavailable: as if new
+        member = self._codec.dumps(value)  # Redis unavailable: the new score as if from 0
+        return self._one("zincrby", float, lambda: float(amount), key, version, amount, member)
 
     zincrby, azincrby = _twins(_plan_zincrby)
 
@@ -4572,10 +4465,9 @@ class _DataStructures(_RedisEXBase):
         self, method: str, key: Any, count: int | None, version: int | None
     ) -> Plan[Any]:
         convert = functools.partial(_popped, self._codec, count)
-        arguments = () if count is None else (count,)
-        return self._one(
-            method, convert, _none if count is None else list, key, version, *arguments
-        )
+        if count is None:
+            return self._one(method, convert, _none, key, version)
+        return self._one(method, convert, list, key, version, count)
 
     def _plan_zpopmax(
         self, key: Any, count: int | None = None, version: int | None = None
@@ -4602,8 +4494,14 @@ class _DataStructures(_RedisEXBase):
         withscores: bool,
         score_cast_func: Callable[[float], Any],
         command: tuple[Any, ...],
+        limit: tuple[int | None, int | None] = (None, None),
     ) -> Plan[list[Any]]:
-        """ZRANGE and its kin: ``command`` is the name and the arguments after the key."""
+        """ZRANGE and its kin: ``command`` is the name and the arguments after the key;
+        ``limit``, the ``start`` and ``num`` that page through the BYSCORE ones."""
+        start, num = limit
+        if (start is None) != (num is None):
+            raise ValueError(f"{method}() takes start and num together, or neither.")
+        command += () if start is None else ("LIMIT", start, num)
         name, *arguments = (*command, "WITHSCORES") if withscores else command
         redis_key = self._key(key, version)
         scored = functools.partial(_scored, self._codec, withscores, score_cast_func)
@@ -4642,23 +4540,6 @@ class _DataStructures(_RedisEXBase):
 
     zrevrange, azrevrange = _twins(_plan_zrevrange)
 
-    def _by_score(
-        self,
-        method: str,
-        key: Any,
-        low_high: tuple[Any, Any],
-        start: int | None,
-        num: int | None,
-        withscores: bool,
-        score_cast_func: Callable[[float], Any],
-        version: int | None,
-    ) -> Plan[list[Any]]:
-        if (start is None) != (num is None):
-            raise ValueError(f"{method}() takes start and num together, or neither.")
-        limit = () if start is None else ("LIMIT", start, num)
-        command = (method.upper(), *low_high, *limit)
-        return self._ranged(method, key, version, withscores, score_cast_func, command)
-
     def _plan_zrangebyscore(
         self,
         key: Any,
@@ -4672,8 +4553,9 @@ class _DataStructures(_RedisEXBase):
     ) -> Plan[list[Any]]:
         """Members scoring between ``min`` and ``max``, lowest first; ``start`` and ``num``
         page through them; with ``withscores``, (member, score) pairs."""
-        return self._by_score(
-            "zrangebyscore", key, (min, max), start, num, withscores, score_cast_func, version
+        command = ("ZRANGEBYSCORE", min, max)
+        return self._ranged(
+            "zrangebyscore", key, version, withscores, score_cast_func, command, (start, num)
         )
 
     zrangebyscore, azrangebyscore = _twins(_plan_zrangebyscore)
@@ -4690,8 +4572,9 @@ class _DataStructures(_RedisEXBase):
         version: int | None = None,
     ) -> Plan[list[Any]]:
         """``zrangebyscore`` highest first (note: ``max`` comes before ``min``)."""
-        return self._by_score(
-            "zrevrangebyscore", key, (max, min), start, num, withscores, score_cast_func, version
+        command = ("ZREVRANGEBYSCORE", max, min)
+        return self._ranged(
+            "zrevrangebyscore", key, version, withscores, score_cast_func, command, (start, num)
         )
 
     zrevrangebyscore, azrevrangebyscore = _twins(_plan_zrevrangebyscore)
@@ -4753,8 +4636,7 @@ def get_redis_connection(alias: str = "default", write: bool = True) -> redis.Re
 
 
 async def aget_redis_connection(alias: str = "default", write: bool = True) -> redis.asyncio.Redis:
-    """``get_redis_connection`` for asyncio: a ``redis.asyncio.Redis`` on the running loop's
-    shared pool."""
+    """``get_redis_connection`` for asyncio: a ``redis.asyncio.Redis`` on the loop's pool."""
     return _redis_ex_cache(alias).get_async_client(write=write)
 
 
