@@ -856,7 +856,9 @@ class _WaitForConnection(_SyncPool):
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if not self._queue:  # nobody waits: take a free one if there is one
             try:
-                return super().get_connection(*args, **kwargs)
+                if args or kwargs:  # redis-py's deprecated arguments
+                    return super().get_connection(*args, **kwargs)
+                return super().get_connection()
             except redis.exceptions.MaxConnectionsError:
                 pass
         return self._wait_turn(*args, **kwargs)
@@ -3030,19 +3032,17 @@ def _features_for(
 
 
 class _Shell:
-    """What both shells share: Django's RedisCacheClient names, and the policy they serve."""
+    """What both shells share: the policy they serve, and the names of Django's
+    RedisCacheClient that Django's own test suite reads (_servers, _serializer, ...)."""
 
     path_prefix = ""  # what the cache methods of this path start with: "a" for asyncio
 
     def __init__(self, topology: _Topology, features: tuple[_Feature, ...] = ()) -> None:
         self._topology, self._config = topology, topology.config
         self._policy = _Policy(topology, features, self.path_prefix)
-        # Django's RedisCacheClient names, which Django's own test suite reads.
-        self._servers = topology.servers
-        self._serializer = topology.config.codec
+        self._servers, self._serializer = topology.servers, topology.config.codec
 
     def _get_connection_pool_index(self, write: bool) -> int:
-        # Django's RedisCacheClient name too (its test_get_connection_pool_index).
         return self._topology.index_for(write)
 
 
@@ -3505,8 +3505,7 @@ def _line_of(client: redis.asyncio.Redis) -> _Line:
 
 
 class _AsyncShell(_Shell):
-    """Performs the policy's requests on ``redis.asyncio.Redis`` clients of the running
-    event loop, through its multiplexed line unless OPTIONS turn that off."""
+    """Performs the policy's requests on the running loop's clients, on its multiplexed line."""
 
     path_prefix = "a"
 
@@ -3536,8 +3535,7 @@ class _AsyncShell(_Shell):
 
     async def _perform(self, request: Request) -> Any:
         if type(request) is tuple:
-            # Looked up on every call, never kept here: threads that run loops of their own
-            # may share this object, and a client kept here would keep its loop alive.
+            # Looked up each call: a client kept here would keep its loop alive.
             client = _registry.async_client(self._topology, request[0])
             if self._config.multiplex:
                 return await _line_of(client).call(request[1])
@@ -3553,9 +3551,7 @@ class _AsyncShell(_Shell):
 
     def _get_connection_pool(self, write: bool) -> redis.asyncio.ConnectionPool:
         index = self._topology.index_for(write)
-        if asyncio._get_running_loop() is None:
-            # Django's own test_redis_pool_options inspects the pool outside any loop: a
-            # new client's pool, unshared and never connected.
+        if asyncio._get_running_loop() is None:  # Django's test_redis_pool_options: a new pool
             return self._topology.make_async(index).connection_pool
         return _registry.async_client(self._topology, index).connection_pool
 
@@ -3803,7 +3799,10 @@ class _RedisEXBase(BaseCache):
         if self.key_func is not default_key_func or not self._default_key_methods:
             return self.make_and_validate_key(key, version=version)
         redis_key = f"{self.key_prefix}:{self.version if version is None else version}:{key}"
-        self.validate_key(redis_key)  # the common case in one line: see validate_key
+        if len(redis_key) > 250 or " " in redis_key or not redis_key.isascii():
+            self.validate_key(redis_key)  # warns as Django's does
+        elif not redis_key.isprintable():
+            self.validate_key(redis_key)
         return redis_key
 
     def _keys(self, keys: Iterable[Any], version: int | None) -> list[str]:
