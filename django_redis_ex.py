@@ -94,7 +94,7 @@ from django.utils.module_loading import import_string
 #   ._parser.read_response() (error replies returned, not raised), ._host_error(); sync
 #   Connection._parser.set_invalidation_push_handler(), .encoder, .pack_commands(),
 #   .send_packed_command(), .read_response(push_request=), .can_read(timeout=);
-#   Redis.response_callbacks; parse_url(); SentinelConnectionPool.sentinel_manager;
+#   Redis.response_callbacks; parse_url(); SentinelConnectionPool.sentinel_manager, .sentinels;
 #   RedisCluster(connection_pool_class=).
 # - asyncio: _get_running_loop(); Task._log_destroy_pending; StreamReader.feed_data (wrapped),
 #   ._buffer, ._maybe_resume_transport() (_quick_reply; redis-py's parsers' ._buffer too).
@@ -1454,7 +1454,9 @@ class _Sentinel(_Topology):
 
     async def shut_down(self, client: redis.asyncio.Redis) -> None:
         await super().shut_down(client)
-        await client.connection_pool.sentinel_manager.aclose()  # type: ignore[attr-defined]
+        # Each sentinel's client: Sentinel.aclose() is redis-py 8.1+, not the floor's 8.0.
+        for sentinel in client.connection_pool.sentinel_manager.sentinels:  # type: ignore[attr-defined]
+            await sentinel.aclose()
 
 
 class _Cluster(_Topology):

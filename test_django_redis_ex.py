@@ -1144,8 +1144,9 @@ def test_the_private_names_the_module_uses_exist() -> None:
         assert defines(sentinel.SentinelConnectionPool, "sentinel_manager"), (
             f"redis-py: {sentinel.__name__}.SentinelConnectionPool.sentinel_manager"
         )
-    assert inspect.iscoroutinefunction(redis.asyncio.sentinel.Sentinel.aclose), (
-        "redis-py: redis.asyncio.sentinel.Sentinel.aclose"
+    manager = redis.asyncio.sentinel.Sentinel([("127.0.0.1", 9)])
+    assert all(isinstance(each, redis.asyncio.Redis) for each in manager.sentinels), (
+        "redis-py: redis.asyncio.sentinel.Sentinel.sentinels, its sentinels' clients"
     )
     assert "connection_pool_class" in inspect.signature(redis.cluster.NodesManager).parameters, (
         "redis-py: RedisCluster(connection_pool_class=...), taken by NodesManager"
@@ -6035,6 +6036,18 @@ def test_sentinel_replica_reads_use_the_replica_pool(
     assert wait_until(lambda: cache.get("k") == "v", 10, "the replica to catch up")
     assert wait_until(lambda: loop.run_until_complete(cache.aget("k")) == "v", 10, "the replica")
     assert sentinel_setup.replica.client(db=5).get(":1:k") is not None
+
+
+def test_a_loops_sentinel_clients_close_at_its_shutdown(
+    sentinel_setup: SentinelSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At a loop's shutdown the Sentinel manager's own clients close too, on every redis-py
+    the module supports (8.0's asyncio Sentinel has no aclose())."""
+    options = {"sentinels": sentinel_setup.addresses}
+    cache = make_cache(BACKENDS["AsyncRedisEXCache"], "redis://mymaster/0", OPTIONS=options)
+    with caplog.at_level(logging.WARNING, logger="django_redis_ex"):
+        asyncio.run(cache.aset("closing", 1))
+    assert not [r.getMessage() for r in caplog.records if "Could not close" in r.getMessage()]
 
 
 def test_sentinel_rejects_a_location_list(sentinel_setup: SentinelSetup, backend: str) -> None:
