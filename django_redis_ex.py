@@ -33,6 +33,7 @@ import random
 import re
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -2315,6 +2316,9 @@ class _Policy:
 # ---------------------------------------------------------------------------
 
 _IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
+_ABSENT = object()  # the store's entry for a key known not to exist
+_ENTRY_SIZE = 200  # an entry's tuple and its OrderedDict node, in bytes
+_RECHECK = 0.0001  # seconds a reader trusts that no invalidation waits unread
 
 
 class _Store(_Feature):
@@ -2338,6 +2342,10 @@ class _Store(_Feature):
         self.refused = False  # the server refused tracking: off for this process
         options = topology.config.sync_options
         self.encoding: str = options.get("encoding", "utf-8")  # how keys go to Redis
+        self.marker_key = (prefix or "") + _MARKER
+        self.heartbeat: list[bytes] = []  # PING and GET of the marker, packed
+        self.answer = b""  # their replies, as the server sends them
+        self.sock: socket.socket | None = None  # the tracking connection's
         self._fresh_start()
 
     def _fresh_start(self) -> None:
@@ -2356,15 +2364,23 @@ class _Store(_Feature):
         self.tracker: threading.Thread | None = None
         self.retry_at = 0.0
         self.connected = False
+        self.draining = False  # the tracking thread is reading its socket
+        self.recheck_at = 0.0  # time.monotonic() after which a reader looks at that socket
+        self.readable: Callable[[], bool] | None = None  # whether bytes wait on it
+        self.marker: bytes | None = None  # the db's marker value, as the last heartbeat saw it
         self.hits = self.misses = self.invalidations = self.flushes = 0
 
     # Served from memory ---------------------------------------------------
 
     def lookup(self, key: str) -> Any:
-        """The value of ``key``, or ``_MISSING`` if it must be read from Redis."""
+        """The value of ``key``, ``_ABSENT`` if the key is known not to exist, or ``_MISSING``
+        if it must be read from Redis."""
         now = time.monotonic()
         if now >= self.valid_until:
             self._track_again(now)
+            self.misses += 1
+            return _MISSING
+        if self.draining or (now > self.recheck_at and self._pending(now)):
             self.misses += 1
             return _MISSING
         entry = self.entries.get(key)
@@ -2377,14 +2393,38 @@ class _Store(_Feature):
         return self.codec.loads(entry[0]) if entry[1] else entry[0]
 
     def lookup_many(self, keys: list[str]) -> list[Any] | None:
-        """The values of all ``keys``, or None unless every one is here."""
+        """The values of all ``keys`` (``_ABSENT`` for some), or None unless all are known."""
         values = [self.lookup(key) for key in keys]
         return None if any(value is _MISSING for value in values) else values
 
-    def holds(self, key: str) -> bool:
+    def holds(self, key: str) -> bool | None:
+        """Whether ``key`` exists, as far as the store knows; None: ask Redis."""
         now = time.monotonic()
-        entry = self.entries.get(key) if now < self.valid_until else None
-        return entry is not None and not (entry[2] and now >= entry[2])
+        if (
+            now >= self.valid_until
+            or self.draining
+            or (now > self.recheck_at and self._pending(now))
+        ):
+            return None
+        entry = self.entries.get(key)
+        if entry is None or (entry[2] and now >= entry[2]):
+            return None
+        return entry[0] is not _ABSENT
+
+    def _pending(self, now: float) -> bool:
+        """Whether invalidations wait unread on the tracking connection: then nothing is
+        served until the tracking thread took them (a reader goes to Redis). Looked at (one
+        poll, no read) at most every ``_RECHECK`` seconds, so that a value is served at most
+        that long after its invalidation reached this host, however busy the process."""
+        readable = self.readable
+        try:
+            # Draining checked after the poll: bytes it took are not in the socket.
+            if readable is None or (readable() and not self._only_heartbeat()) or self.draining:
+                return True
+        except (OSError, ValueError, RuntimeError):  # closed, or polled by another thread
+            return True
+        self.recheck_at = now + _RECHECK
+        return False
 
     # Seen by the policy (the _Feature hooks) ---------------------------------
 
@@ -2440,9 +2480,15 @@ class _Store(_Feature):
                 changed = mark[1] > changes
                 if not mark[0]:
                     self.reading.pop(key, None)
-                keep = fresh and not changed and type(value) is bytes and type(pttl) is int
-                if keep and pttl != -2 and (self.prefix is None or key.startswith(self.prefix)):
+                if not fresh or changed or type(pttl) is not int:
+                    continue
+                if self.prefix is not None and not key.startswith(self.prefix):
+                    continue
+                # PTTL: -1 no expiry, -2 no key, 0 under a millisecond left (never kept).
+                if type(value) is bytes and (pttl > 0 or pttl == -1):
                     self._put(key, value, started + pttl / 1000 if pttl > 0 else 0.0)
+                elif value is None and pttl == -2:  # absent: its creation invalidates it
+                    self._keep(key, (_ABSENT, False, 0.0, sys.getsizeof(key) + _ENTRY_SIZE))
 
     def _put(self, key: str, data: bytes, expires: float) -> None:
         try:
@@ -2451,12 +2497,16 @@ class _Store(_Feature):
             return
         if value is _MISSING:  # not signed (OPTIONS sign_values): never kept
             return
-        kept = type(value) in _IMMUTABLE  # kept decoded (a decompressed size), else as stored
-        held = len(value) if kept and type(value) in (str, bytes) else 16 if kept else len(data)
-        size = held + len(key) + 100
+        # Immutable values are kept decoded, others as the stored bytes: counted as the
+        # memory they take (a str of emoji takes 4 bytes a character, an int 4 per 9 digits).
+        kept = type(value) in _IMMUTABLE
+        size = sys.getsizeof(value if kept else data) + sys.getsizeof(key) + _ENTRY_SIZE
         if size > self.max_bytes // 8:
             return
-        entry = (value, False, expires, size) if kept else (data, True, expires, size)
+        self._keep(key, (value, False, expires, size) if kept else (data, True, expires, size))
+
+    def _keep(self, key: str, entry: tuple[Any, bool, float, int]) -> None:
+        size = entry[3]
         old = self.entries.pop(key, None)
         if old is not None:
             self.bytes -= old[3]
@@ -2531,6 +2581,7 @@ class _Store(_Feature):
                 )
         finally:
             self.valid_until = 0.0
+            self.readable = self.sock = None
             self.flush()
             self.connected = False
             if connection is not None:
@@ -2539,21 +2590,60 @@ class _Store(_Feature):
             self.retry_at = time.monotonic() + 2 * self.interval
             self.tracker = None
 
+    def _only_heartbeat(self) -> bool:
+        """Whether the bytes waiting are (part of) the heartbeat's replies, no invalidation:
+        a peek, which reads nothing (on TLS, no peek: the store is not served meanwhile)."""
+        sock = self.sock
+        if sock is None or isinstance(sock, ssl.SSLSocket):
+            return False
+        waiting = sock.recv(len(self.answer), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return bool(waiting) and self.answer.startswith(waiting)
+
     def _heartbeats(self, connection: Any) -> NoReturn:
-        """Ping every interval; between pings, take the invalidations as they come."""
+        """Every interval, a ping, and a read of the db's marker (it sees ``SWAPDB``, which
+        sends no invalidation); between, take the invalidations as they come. The socket is
+        waited on with ``poll``, which reads nothing: until this thread takes the bytes,
+        readers see them waiting and go to Redis (``_pending``)."""
+        wait = _waiter(connection._sock)
+        timeout = connection.socket_timeout
+        self.readable = _waiter(connection._sock, 0)
+        self.sock = connection._sock
         while True:
+            marker = self.marker
+            self.answer = b"+PONG\r\n" + (
+                b"$%d\r\n%s\r\n" % (len(marker), marker) if marker else b"_\r\n"
+            )
             sent = time.monotonic()
-            connection.send_command("PING")
-            while connection.read_response(push_request=True) is _PUSHED:
-                pass  # invalidations sent before the answer: handled
+            connection.send_packed_command(self.heartbeat)
+            replies: list[Any] = []
+            while len(replies) < 2:  # invalidations may come before the replies
+                if not wait(timeout * 1000):
+                    raise redis.TimeoutError("No heartbeat reply within socket_timeout.")
+                replies += self._drain(connection)
+            marker = replies[1]
+            if marker != self.marker:  # the db was swapped, flushed or its marker deleted
+                self.flush()
+            self.marker = marker if marker is not None else _marker(connection, self.marker_key)
             self.valid_until = sent + 2 * self.interval
             while (left := sent + self.interval - time.monotonic()) > 0:
-                if connection.can_read(timeout=left):
-                    while connection.can_read(timeout=0):
-                        connection.read_response(push_request=True)
-                    # Let invalidations gather for a millisecond: a thread woken per
-                    # write would take the GIL from the cache's callers at every one.
-                    time.sleep(0.001)
+                if wait(left * 1000):
+                    self._drain(connection)
+
+    def _drain(self, connection: Any) -> list[Any]:
+        """Read what the tracking connection holds (the server sent it in one piece, so
+        this waits only for the rest of a reply); the heartbeat's replies that came."""
+        self.draining = True
+        replies = []
+        try:
+            while True:
+                reply = connection.read_response(push_request=True)
+                if reply is not _PUSHED:
+                    replies.append(reply)
+                if not connection.can_read(timeout=0):
+                    return replies
+        finally:
+            self.draining = False
+            self.recheck_at = 0.0
 
     def _open(self) -> Any:
         """The tracking connection; None if the server refuses tracking (logged, store off)."""
@@ -2584,6 +2674,8 @@ class _Store(_Feature):
         connection.send_command("CLIENT", "TRACKING", "ON", "BCAST", *prefix)
         connection.read_response()
         self.flush()  # nothing read before tracking began is trusted
+        self.marker = _marker(connection, self.marker_key)
+        self.heartbeat = connection.pack_commands([("PING",), ("GET", self.marker_key)])
         return connection
 
     def _invalidated(self, message: list[Any]) -> object:
@@ -2597,6 +2689,40 @@ class _Store(_Feature):
 
 
 _PUSHED = object()  # what the tracking connection's read returns for an invalidation
+# A key the store writes once in its db (SET NX, under the key prefix, never expiring) and
+# reads at every heartbeat: if it changed, the db's contents were swapped (SWAPDB sends no
+# invalidation) or flushed, and the store flushes too. Not a key Django's key function
+# makes: its version part is not a number.
+_MARKER = "django-redis-ex:client-cache"
+
+
+def _marker(connection: Any, key: str) -> bytes | None:
+    """The db's marker value: this store's random one, unless another store set it first;
+    None if the server cannot store it now (out of memory: ``SWAPDB`` goes unseen)."""
+    connection.send_command("SET", key, os.urandom(16).hex(), "NX")
+    connection.send_command("GET", key)
+    try:
+        connection.read_response()
+    except redis.ResponseError as error:
+        logger.debug("client_cache: could not write the key %r (%s).", key, error)
+    return cast("bytes | None", connection.read_response())
+
+
+def _waiter(sock: socket.socket, timeout: float | None = None) -> Callable[..., bool]:
+    """A function that waits (up to its argument in ms, or ``timeout``) until ``sock`` is
+    readable, reading nothing, and says whether it is. One per thread: a poll object must
+    not be used by two threads at once (it raises RuntimeError)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        if timeout is None:
+            return lambda ms: bool(poller.poll(ms))
+        return lambda: bool(poller.poll(timeout))
+    if timeout is None:  # Windows
+        return lambda ms: bool(select.select([sock], [], [], ms / 1000)[0])
+    return lambda: bool(select.select([sock], [], [], timeout)[0])
+
+
 _BUSY_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN")  # error replies that pass
 _stores: dict[Hashable, _Store] = {}
 _stores_lock = threading.Lock()
@@ -2806,11 +2932,13 @@ class _Stats(_Feature):
             elif isinstance(error, redis.RedisError):
                 row[_ERRORS] += 1
 
-    def served(self, method: str, found: Any) -> None:
-        """A call answered by the client-side store: a hit for each key it found."""
+    def served(self, method: str, hits: int, misses: int) -> None:
+        """A call answered by the client-side store: ``hits`` keys found, ``misses`` keys
+        known to be absent."""
         row = self.row(method)
         row[_CALLS] += 1
-        row[_HITS] += len(found) if type(found) is dict else 1
+        row[_HITS] += hits
+        row[_MISSES] += misses
 
     def report(self) -> dict[str, dict[str, int]]:
         return {
@@ -3255,6 +3383,7 @@ class _Line:
                 self.wake.set_result(None)
         elif (
             self.connection is not None
+            and not self.connecting  # connected, maybe, but not yet through its handshake
             and self.connection.is_connected
             and not getattr(self.pool, "_queue", None)  # others wait: the reader hands it over
         ):
@@ -3394,6 +3523,8 @@ class _Line:
             if not self.queue and not self.sent:  # idle: the pool has it back
                 connection, self.connection = self.connection, None
                 await self.pool.release(connection)
+        if self.sent:  # a flush due in that iteration sent what came meanwhile: read it
+            return
         if not self.queue:
             self.wake = self.loop.create_future()
             try:
@@ -3606,7 +3737,6 @@ def _twins(
         if local is not None and self._store is not None:
             found = local(self, *args, **kwargs)
             if found is not _MISSING:
-                self._stats.served(name, found)
                 return cast(_T, found)
         return self._sync_driver.run(plan(self, *args, **kwargs))
 
@@ -3617,7 +3747,6 @@ def _twins(
         if found is _MISSING:
             work = self._async_driver.run(plan(self, *args, **kwargs))
         else:
-            self._stats.served(name, found)
             if name not in self.__dict__:
                 return cast(_T, found)
             work = _value(found)
@@ -3858,7 +3987,11 @@ class _RedisEXBase(BaseCache):
         return Plan("get", operation, lambda: default)
 
     def _local_get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
-        return cast(_Store, self._store).lookup(self._key(key, version))
+        found = cast(_Store, self._store).lookup(self._key(key, version))
+        if found is not _MISSING:
+            self._stats.served("get", found is not _ABSENT, found is _ABSENT)
+            return default if found is _ABSENT else found
+        return _MISSING
 
     get, aget = _twins(_plan_get, _local_get)
 
@@ -3908,7 +4041,13 @@ class _RedisEXBase(BaseCache):
         if not isinstance(keys, (list, tuple)):  # an iterator: read once, by the plan
             return _MISSING
         values = cast(_Store, self._store).lookup_many(self._keys(keys, version))
-        return _MISSING if values is None else dict(zip(keys, values, strict=True))
+        if values is None:
+            return _MISSING
+        found = {
+            key: value for key, value in zip(keys, values, strict=True) if value is not _ABSENT
+        }
+        self._stats.served("get_many", len(found), len(keys) - len(found))
+        return found
 
     get_many, aget_many = _twins(_plan_get_many, _local_get_many)
 
@@ -3945,7 +4084,11 @@ class _RedisEXBase(BaseCache):
         timeout: float | None = DEFAULT_TIMEOUT,
         version: int | None = None,
     ) -> Any:
-        return self._local_get(key, version=version)
+        found = cast(_Store, self._store).lookup(self._key(key, version))
+        if found is _MISSING or found is _ABSENT:  # absent: computed, with Redis
+            return _MISSING
+        self._stats.served("get_or_set", 1, 0)
+        return found
 
     get_or_set, aget_or_set = _twins(_plan_get_or_set, _local_get_or_set)
 
@@ -3955,7 +4098,10 @@ class _RedisEXBase(BaseCache):
 
     def _local_has_key(self, key: Any, version: int | None = None) -> Any:
         held = cast(_Store, self._store).holds(self._key(key, version))
-        return True if held else _MISSING
+        if held is None:
+            return _MISSING
+        self._stats.served("has_key", held, not held)
+        return held
 
     has_key, ahas_key = _twins(_plan_has_key, _local_has_key)
 

@@ -17,6 +17,7 @@ too: ``benchmarks/bench.py`` configures Django, then imports it from here.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import contextlib
 import enum
@@ -24,6 +25,8 @@ import gc
 import inspect
 import json
 import logging
+import math
+import multiprocessing
 import os
 import pickle
 import random
@@ -3252,6 +3255,7 @@ def test_the_client_side_store_sees_each_round_trip_through_the_policy(path: str
     cache = offline_cache(client_cache=True)
     store = cache._store
     store.valid_until = time.monotonic() + 60  # as if its tracking connection answered
+    store.readable = lambda: False  # and held no invalidation unread
     value = pickle.dumps("v", pickle.HIGHEST_PROTOCOL)
     script = Script(([("GET", "t:1:k"), ("PTTL", "t:1:k")], [value, 60_000]))
     assert scripted(path, cache, "get", "k", script=script) == "v"
@@ -4061,6 +4065,284 @@ def test_keys_written_names_the_keys_of_every_write_command() -> None:
     assert written(("SCAN", 0, "MATCH", "*")) == []
 
 
+# Another client's commands on a key the store holds: whatever the command (one that names the
+# key, a flush, a swap of databases), a read returns what db 0 then holds within two
+# heartbeats and 0.2 s. Redis 7.0 sends no invalidation for SWAPDB.
+OTHERS_BOUND = 2 * HEARTBEAT + 0.2
+
+
+def set_in_db_1(other: redis.Redis, key: str, value: str) -> None:
+    """SELECT 1, then SET of the key's name, on one connection (closed afterwards)."""
+    with other.pipeline(transaction=False) as pipe:
+        pipe.execute_command("SELECT", 1)
+        pipe.set(key, pickle.dumps(value, 5))
+        assert pipe.execute() == [True, True]
+
+
+def multi_set(other: redis.Redis, key: str, value: str) -> None:
+    with other.pipeline(transaction=True) as pipe:
+        pipe.set(key, pickle.dumps(value, 5))
+        assert pipe.execute() == [True]
+
+
+SET_BY_SCRIPT = "return redis.call('SET', KEYS[1], ARGV[1])"
+
+# Each command of another client on db 0 (the store holds "old" for key, db 0 holds "source"
+# under another key): what db 1 held under the key beforehand, how the command is sent (the
+# other client, the key, the other key), and what a read of the key returns afterwards.
+OTHER_CLIENTS: list[tuple[str, str | None, Callable[[redis.Redis, str, str], Any], Any]] = [
+    ("SWAPDB", "in db 1", lambda other, key, source: other.swapdb(0, 1), "in db 1"),
+    ("FLUSHALL_ASYNC", None, lambda other, key, source: other.flushall(asynchronous=True), None),
+    ("FLUSHDB_ASYNC", None, lambda other, key, source: other.flushdb(asynchronous=True), None),
+    ("SELECT_1_SET", None, lambda other, key, source: set_in_db_1(other, key, "db 1's"), "old"),
+    ("MOVE", None, lambda other, key, source: other.move(key, 1), None),
+    (
+        "COPY_REPLACE",
+        None,
+        lambda other, key, source: other.copy(source, key, replace=True),
+        "source",
+    ),
+    ("RENAME", None, lambda other, key, source: other.rename(source, key), "source"),
+    (
+        "EVAL",
+        None,
+        lambda other, key, source: other.eval(SET_BY_SCRIPT, 1, key, pickle.dumps("new", 5)),
+        "new",
+    ),
+    ("MULTI_SET_EXEC", None, lambda other, key, source: multi_set(other, key, "new"), "new"),
+]
+
+
+def seconds_until(read: Callable[[], Any], expected: Any, since: float) -> tuple[float, Any]:
+    """How long after ``since`` ``read()`` first returned ``expected`` (polled every 5 ms, up
+    to a second past OTHERS_BOUND, so that a failure tells how late it was: inf if later
+    still), and the value it returned last."""
+    give_up = since + OTHERS_BOUND + 1.0
+    while True:
+        value = read()
+        now = time.monotonic()
+        if value == expected:
+            return max(now - since, 0.0), value
+        if now > give_up:
+            return math.inf, value
+        time.sleep(0.005)
+
+
+def seen_within_the_bound(what: str, read: Callable[[], Any], expected: Any, since: float) -> None:
+    """Fail unless ``read()`` returns ``expected`` within OTHERS_BOUND of ``since``, and
+    then goes on returning it for two heartbeats."""
+    took, last = seconds_until(read, expected, since)
+    late = "over a second later still" if took == math.inf else f"{took * 1000:.0f} ms later"
+    print(f"\n{what}: {expected!r} read {late}")
+    assert took <= OTHERS_BOUND, (
+        f"{what}: the store served {last!r} (Redis holds {expected!r}) {late}, "
+        f"past the bound of {OTHERS_BOUND * 1000:.0f} ms"
+    )
+    seen = time.monotonic()
+    while time.monotonic() < seen + 2 * HEARTBEAT:
+        assert read() == expected, f"{what}: read {expected!r}, then something else"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("command", OTHER_CLIENTS, ids=[each[0] for each in OTHER_CLIENTS])
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_commands_of_other_clients_never_leave_the_store_serving_past_its_bound(
+    own_server: RedisServer,
+    backend: str,
+    path_: str,
+    command: tuple[str, str | None, Callable[[redis.Redis, str, str], Any], Any],
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """A plain client changes the key in db 0 (or its name in db 1 only: db 0's value stays
+    right) by a command other than SET; the store is served from memory when it does."""
+    name, held_in_db_1, act, expected = command
+    cache = cached_cache(backend, own_server.url, f"cc-others-{path_}")
+    api = Api(cache, path_, loop)
+    key, source = cache.make_key("k"), cache.make_key("source")
+    raw, other = own_server.client(), own_server.client()
+    if held_in_db_1 is not None:
+        with own_server.client(db=1) as db_1:
+            db_1.set(key, pickle.dumps(held_in_db_1, 5))
+    raw.set(source, pickle.dumps("source", 5))
+    serving(cache)
+    api.set("k", "old")
+    settled(cache)
+    assert api.get("k") == "old" and local_hits(cache, lambda: api.get("k")) == 1
+    act(other, key, source)
+    changed = time.monotonic()
+    other.close()
+    held: Any = raw.get(key)
+    assert (None if held is None else pickle.loads(held)) == expected, f"{name} left {held!r}"
+    seen_within_the_bound(name, lambda: api.get("k"), expected, changed)
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_a_hash_field_another_client_expires_is_read_as_redis_holds_it(
+    own_server: RedisServer, backend: str, path_: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """HEXPIRE by another client (Redis 7.4 and later): the store keeps string values only, so
+    ``hget`` reads Redis's truth once the field expired, while the store serves strings."""
+    other = own_server.client()
+    try:
+        other.hexpire("probe", 1, "f")
+    except redis.ResponseError as error:
+        pytest.skip(f"the server has no HEXPIRE ({error})")
+    cache = cached_cache(backend, own_server.url, f"cc-hexpire-{path_}")
+    api = Api(cache, path_, loop)
+    serving(cache)
+    api.set("k", "old")
+    assert api.hset("h", "f", "field") == 1
+    settled(cache)
+    assert api.get("k") == "old" and local_hits(cache, lambda: api.get("k")) == 1
+    assert api.hget("h", "f") == "field"
+    assert other.hexpire(cache.make_key("h"), 1, "f") == [1]
+    expired = time.monotonic() + 1  # at the latest
+    seen_within_the_bound("HEXPIRE", lambda: api.hget("h", "f"), None, expired)
+    assert other.hget(cache.make_key("h"), "f") is None
+    assert api.get("k") == "old" and local_hits(cache, lambda: api.get("k")) == 1
+
+
+# Under load: a writer process sets one key in a tight loop, a reader process reads it from two
+# threads (get) and four tasks (aget) at once; no read begun 5 ms after a write completed may
+# return a value older than that write. A tracking thread starved of the GIL by its process's
+# readers takes the invalidations late.
+LOAD_SECONDS = 2.0
+FRESH = 0.005  # how long after a write completed a read may still return the older value
+
+# Each kind of value: the value of the i-th write, and i from a value read.
+LOAD_VALUES: dict[str, tuple[Callable[[int], Any], Callable[[Any], int]]] = {
+    "int": (lambda i: i, lambda value: value if type(value) is int else -2),
+    "str": (
+        lambda i: f"v{i}",
+        lambda value: int(value[1:]) if type(value) is str and value[:1] == "v" else -2,
+    ),
+}
+
+
+def stale_reads(
+    writes: list[tuple[int, float]], reads: list[tuple[float, Any]], index: Callable[[Any], int]
+) -> list[float]:
+    """For each read (begun, value) that returned a value older than the newest write
+    completed before ``begun - FRESH``: how long before ``begun`` the first write newer than
+    its value completed, in s."""
+    assert [i for i, _ in writes] == list(range(len(writes))), "writes out of order"
+    done = [finished for _, finished in writes]
+    stale = []
+    for begun, value in reads:
+        served = -1 if value is None else index(value)
+        assert -1 <= served < len(writes), f"a read returned {value!r}, never written"
+        newest = bisect.bisect_left(done, begun - FRESH) - 1
+        if newest > served:
+            stale.append(begun - done[served + 1])
+    return stale
+
+
+@pytest.mark.parametrize("kind", list(LOAD_VALUES))
+def test_values_served_under_load_are_never_older_than_5_ms_after_a_newer_write(
+    server: RedisServer, kind: str, tmp_path: Any
+) -> None:
+    """Two forked processes (Django's settings and the harness come with the fork): each
+    records when its calls began or returned, by time.monotonic(), which is one clock for
+    every process of the machine."""
+    value_of, index = LOAD_VALUES[kind]
+    backend, prefix = BACKENDS["RedisEXCache"], f"cc-load-{kind}"
+    context = multiprocessing.get_context("fork")
+    ready, go = context.Semaphore(0), context.Event()
+    writes_file, reads_file = tmp_path / "writes.pickle", tmp_path / "reads.pickle"
+
+    def writer() -> None:
+        cache = cached_cache(backend, server.url, prefix)
+        cache.set("k", value_of(0))
+        writes = [(0, time.monotonic())]
+        ready.release()
+        if not go.wait(30):
+            raise TimeoutError("no go in 30 s")
+        end = time.monotonic() + LOAD_SECONDS
+        while time.monotonic() < end:
+            cache.set("k", value_of(len(writes)))
+            writes.append((len(writes), time.monotonic()))
+        writes_file.write_bytes(pickle.dumps(writes))
+
+    def reader() -> None:
+        cache = cached_cache(backend, server.url, prefix)
+        serving(cache)
+        wait_until(lambda: cache.get("k") is not None, 10, "the writer's first value")
+        ready.release()
+        if not go.wait(30):
+            raise TimeoutError("no go in 30 s")
+        end = time.monotonic() + LOAD_SECONDS
+
+        def gets() -> list[tuple[float, Any]]:
+            out = []
+            while (begun := time.monotonic()) < end:
+                out.append((begun, cache.get("k")))
+            return out
+
+        async def agets() -> list[tuple[float, Any]]:
+            out = []
+            while (begun := time.monotonic()) < end:
+                out.append((begun, await cache.aget("k")))
+            return out
+
+        async def tasks() -> list[list[tuple[float, Any]]]:
+            return list(await asyncio.gather(*(agets() for _ in range(4))))
+
+        with concurrent.futures.ThreadPoolExecutor(2) as threads:
+            sync_reads = [threads.submit(gets) for _ in range(2)]
+            async_reads = asyncio.run(tasks())
+            found: dict[str, Any] = {
+                "sync": [f.result(30) for f in sync_reads],
+                "async": async_reads,
+            }
+        found["info"] = cache.client_cache_info()
+        reads_file.write_bytes(pickle.dumps(found))
+
+    children = [context.Process(target=writer), context.Process(target=reader)]
+
+    def exited() -> list[int | None]:
+        return [child.exitcode for child in children]
+
+    try:
+        for child in children:
+            child.start()
+        for _ in children:
+            wait_until(
+                lambda: ready.acquire(block=False) or any(code is not None for code in exited()),
+                30,
+                "the writer and the reader to be ready",
+            )
+            assert exited() == [None, None], f"a child failed before the start: {exited()}"
+        go.set()
+        for child in children:
+            child.join(LOAD_SECONDS + 30)
+        assert exited() == [0, 0], f"exit codes of the writer and the reader: {exited()}"
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.kill()  # by its PID
+                child.join(10)
+    writes = pickle.loads(writes_file.read_bytes())
+    found = pickle.loads(reads_file.read_bytes())
+    figures = []
+    violations = 0
+    worst = 0.0
+    for path_ in ("sync", "async"):
+        reads = [read for each in found[path_] for read in each]
+        stale = stale_reads(writes, reads, index)
+        violations += len(stale)
+        worst = max([worst, *stale])
+        figures.append(f"{path_}: {len(stale)} stale of {len(reads)} reads")
+    info = found["info"]
+    oldest = f"the oldest value served {worst * 1000:.1f} ms after a newer write completed"
+    report = (
+        f"{kind}s: {len(writes)} writes, {'; '.join(figures)}; "
+        f"{oldest if violations else 'none served past 5 ms'} (store: {info['hits']} hits, "
+        f"{info['misses']} misses, {info['invalidations']} invalidations)"
+    )
+    print(f"\n{report}")
+    assert violations == 0, report
+
+
 # ---------------------------------------------------------------------------
 # The tools: stats(), OpenTelemetry, debug-toolbar, Sentry
 # ---------------------------------------------------------------------------
@@ -4415,6 +4697,106 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout) == []
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_entry_read_in_its_last_millisecond_expires_with_its_key(
+    backend: str, path: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """PTTL answers 0 with under a millisecond left: such a read keeps nothing (it was kept
+    as never expiring, and served for ever). Active expiry is off, as on a server busy with
+    100,000 other keys to expire: only a read that reaches Redis expires the key. A hot
+    key read in a loop hits that last millisecond almost every time."""
+    slow = RedisServer("--enable-debug-command", "yes")
+    try:
+        slow.client().execute_command("DEBUG", "SET-ACTIVE-EXPIRE", "0")
+        cache = cached_cache(backend, slow.url, f"last-ms-{path}")
+        serving(cache)
+        raw = slow.client()
+        for attempt in range(3):
+            key = f"k{attempt}"
+            raw.set(cache.make_key(key), cache._codec.dumps("v"), px=200)
+            set_at = time.monotonic()
+            value: Any = "v"
+            while value is not None and time.monotonic() < set_at + 3:
+                value = (
+                    cache.get(key) if path == "sync" else loop.run_until_complete(cache.aget(key))
+                )
+            late = time.monotonic() - set_at
+            assert value is None, f"still served {late:.1f} s after its 0.2 s TTL"
+    finally:
+        slow.stop()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [["\U0001f600" * 1_500 + str(i) for i in range(60)], [7**5_000 + i for i in range(60)]],
+    ids=["emoji-str", "big-int"],
+)
+def test_client_cache_max_bytes_counts_the_memory_values_take(
+    server: RedisServer, values: list[Any]
+) -> None:
+    """Values kept decoded are counted as the memory they take: a str of emoji takes four
+    bytes a character (it was counted one), an int of 4,000 digits 1.8 KB (it was 16)."""
+    cap = 64 * 1024
+    options = {"client_cache": {"heartbeat_interval": HEARTBEAT, "max_bytes": cap}}
+    cache = make_cache(
+        BACKENDS["RedisEXCache"],
+        server.url,
+        KEY_PREFIX=f"cc-size-{type(values[0]).__name__}",
+        OPTIONS=options,
+    )
+    serving(cache)
+    for i, value in enumerate(values):
+        cache.set(f"k{i}", value)
+    settled(cache)
+    for i, value in enumerate(values):
+        assert cache.get(f"k{i}") == value
+    store = cache._store
+    assert store is not None
+    entries = [(k, e) for k, e in store.entries.items() if not k.endswith(":warm")]
+    held = sum(sys.getsizeof(key) + sys.getsizeof(entry[0]) for key, entry in entries)
+    assert 0 < len(entries) < len(values)
+    assert held <= cap, f"{held / cap:.1f}x the cap"
+    assert store.bytes <= cap
+
+
+def test_client_cache_remembers_absent_keys_until_they_are_created(
+    server: RedisServer, backend: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A key read as absent is answered from memory too (no round trip, a miss in the
+    stats); its creation by another client, or by this process, is seen as a change."""
+    cache = cached_cache(backend, server.url, f"cc-absent-{backend.rpartition('.')[2]}")
+    serving(cache)
+    counts = ServerCounts([server])
+    assert local_hits(cache, lambda: cache.get("nope", "d")) == 0  # read from Redis
+    assert counts.trips(lambda: cache.get("nope", "d")) == [0]
+    assert cache.get("nope", "d") == "d" and cache.get("nope") is None
+    assert loop.run_until_complete(cache.aget("nope", "ad")) == "ad"
+    assert counts.trips(lambda: loop.run_until_complete(cache.aget("nope"))) == [0]
+    assert counts.trips(lambda: cache.has_key("nope")) == [0]
+    assert cache.has_key("nope") is False
+    cache.set("here", 1)
+    settled(cache)  # its own invalidation came
+    cache.get("here")
+    assert counts.trips(lambda: cache.get_many(["here", "nope"])) == [0]
+    assert cache.get_many(["here", "nope"]) == {"here": 1}
+    stats = cache.stats()["get"]
+    before = (stats["hits"], stats["misses"])
+    cache.get("nope")
+    stats = cache.stats()["get"]
+    assert (stats["hits"], stats["misses"]) == (before[0], before[1] + 1)
+    # get_or_set computes an absent key, with Redis (its lock), and stores it.
+    assert cache.get_or_set("nope2", "computed") == "computed"
+    assert cache.get("nope2") == "computed"
+    # Created by another client: seen within the bound.
+    server.client().set(cache.make_key("nope"), cache._codec.dumps("theirs"))
+    wait_until(lambda: cache.get("nope") == "theirs", 2 * HEARTBEAT + 0.5, "the creation")
+    # Created by this process: at once.
+    cache.get("mine")
+    cache.set("mine", "at once")
+    assert cache.get("mine") == "at once"
+    assert loop.run_until_complete(cache.aget("mine")) == "at once"
 
 
 # ---------------------------------------------------------------------------
@@ -4827,6 +5209,43 @@ def test_async_to_sync_churn_leaves_no_connection_or_thread_behind(
     assert threading.active_count() <= threads_before
     clients_after = int(admin.info("clients")["connected_clients"])
     assert clients_after <= clients_before + 1, (clients_before, clients_after)
+
+
+def test_a_call_sent_by_a_pending_flush_while_the_reader_idles_is_answered(
+    server: RedisServer,
+) -> None:
+    """The reader finds only calls it does not send (values over 1 MiB go on connections of
+    their own) and yields once before it idles; a call made then goes out through the flush
+    already due in that iteration. Its reply is read: the reader does not sleep with it in
+    flight (it did, until socket_timeout). The order is arranged with plain asyncio calls."""
+    cache = make_cache(
+        BACKENDS["AsyncRedisEXCache"],
+        server.url,
+        KEY_PREFIX="flush-order",
+        OPTIONS={"socket_timeout": 5},
+    )
+    big = b"x" * 2_000_000
+
+    async def main() -> Any:
+        await cache.aset("k", "v")  # the line exists, its reader idles
+        client = cache.get_async_client()
+        line = django_redis_ex._line_of(client)
+        loop = asyncio.get_running_loop()
+        key = cache.make_key("k")
+        late: list[asyncio.Task[Any]] = []
+
+        async def then_two() -> None:
+            await asyncio.sleep(0)  # runs after the first flush, before the woken reader
+            late.append(loop.create_task(line.call([("GET", key)])))  # due after the flush
+            await line.call([("SET", cache.make_key("b2"), big)])  # queues; a flush is due
+
+        first = loop.create_task(line.call([("SET", cache.make_key("b1"), big)]))
+        second = loop.create_task(then_two())
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+        return await asyncio.wait_for(late[0], 2)
+
+    replies = asyncio.run(main())
+    assert replies == [cache._codec.dumps("v")]
 
 
 def test_a_value_too_large_for_the_server_fails_alone_among_multiplexed_calls(

@@ -79,7 +79,10 @@ The raw clients use redis-py's defaults (no socket timeout; the pool of ``async.
 aside): they are the limit. Every wait is bounded all the same: asyncio work by ``wait_for``,
 threads by ``join`` timeouts, server setup by deadlines, and the whole run by
 ``--max-seconds``, past which the servers are stopped and the process exits; every process it
-starts is stopped by PID then, at exit and on Ctrl-C.
+starts is stopped by PID then, at exit and on Ctrl-C. Before that, every cache is closed
+(``close()``, then ``aclose()``, within 10 s) and the raw clients too. ``close()`` leaves
+django_redis_ex's client-side stores tracking (nothing public stops them): a warning "the
+tracking connection was lost" for each when the server stops, announced just before.
 
 It prints tables to read; ``--json`` also writes every figure and how it was measured
 (arguments, versions, machine). It sets no pass/fail targets.
@@ -112,7 +115,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +182,7 @@ WIDE_TASKS = 500  # the async scenario that counts connections at 500 concurrent
 RAW_POOL = 100  # redis-py's asyncio pool: it refuses more connections than this
 SAMPLE_INTERVAL = 0.003  # seconds between two INFO clients of the sampler
 STEP_TIMEOUT = 300.0  # seconds one measurement may take before it is abandoned
+CLOSE_TIMEOUT = 10.0  # seconds closing the caches may take before the servers are stopped
 CHUNK = 10  # operations between two looks at the clock
 QUICK = 0.15  # share of the default work that --quick does
 
@@ -690,6 +694,64 @@ def cleanup_keys(client: redis.Redis, prefix: str) -> int:
         if cursor == 0:
             break
     return deleted
+
+
+def close_backends(aliases: Iterable[str] | None = None) -> list[Any]:
+    """Close the caches of ``aliases`` (default: every alias of the CACHES in force), as this
+    thread holds them, before their servers are stopped: each by ``close()``, then by
+    ``aclose()`` on an event loop of their own that shuts down as ``asyncio.run`` does (the
+    path on which the libraries close a loop's pools), all within CLOSE_TIMEOUT (a helper
+    thread; past that the servers are stopped all the same). The caches closed."""
+    objects = []
+    for alias in list(settings.CACHES if aliases is None else aliases):
+        with contextlib.suppress(Exception):  # a cache that cannot be made holds nothing
+            objects.append(caches[alias])
+    failures: list[str] = []
+
+    async def aclose_all() -> None:
+        for cache in objects:
+            try:
+                await cache.aclose()
+            except Exception as exc:
+                failures.append(f"{cache!r}.aclose(): {type(exc).__name__}: {exc}")
+
+    def close_all() -> None:
+        for cache in objects:
+            try:
+                cache.close()
+            except Exception as exc:
+                failures.append(f"{cache!r}.close(): {type(exc).__name__}: {exc}")
+        try:
+            asyncio.run(asyncio.wait_for(aclose_all(), CLOSE_TIMEOUT))
+        except Exception as exc:
+            failures.append(f"aclose(): {type(exc).__name__}: {exc}")
+
+    closing = threading.Thread(target=close_all, name="bench: closing the caches", daemon=True)
+    closing.start()
+    closing.join(CLOSE_TIMEOUT + 1)
+    if closing.is_alive():
+        failures.append(f"the caches were not closed within {CLOSE_TIMEOUT:.0f} s")
+    for failure in failures:
+        print(f"bench: closing the caches: {failure}", file=sys.stderr, flush=True)
+    return objects
+
+
+def tracking_note(closed: list[Any]) -> None:
+    """Say so if client_cache stores of ``closed`` still track (django_redis_ex's close()
+    leaves its shared pools and stores open, and it has no public call that stops a store's
+    tracking thread): stopping their server ends each with a warning."""
+    tracking = 0
+    for cache in closed:
+        with contextlib.suppress(Exception):
+            tracking += bool(cache.client_cache_info()["connected"])
+    if tracking:
+        print(
+            f"bench: {tracking} client_cache tracking connection(s) still open after close() "
+            "(django_redis_ex has no public call that\n  stops them): stopping the server ends "
+            "each with a 'tracking connection was lost' warning",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -1270,11 +1332,16 @@ def topology_section(
         backends, entries = topology_backends(topology, prefix)
         run = Run(topology, prefix, main_args, backends, topology.raw_sync(), section=name)
         run.errors = errors
-        with override_settings(CACHES={**settings.CACHES, **entries}):
-            probe(run)
-            for scenario in scenarios:
-                run_scenario(run, scenario, ASGIHandler(), None)
-        topology.close_sync(run.raw_sync)
+        try:
+            with override_settings(CACHES={**settings.CACHES, **entries}):
+                try:
+                    probe(run)
+                    for scenario in scenarios:
+                        run_scenario(run, scenario, ASGIHandler(), None)
+                finally:
+                    close_backends(entries)  # before its servers stop, as at the end
+        finally:
+            topology.close_sync(run.raw_sync)
         cpus = None
         if hasattr(os, "sched_getaffinity"):
             cpus = sorted({cpu for pid in topology.pids() for cpu in os.sched_getaffinity(pid)})
@@ -1595,8 +1662,13 @@ def watchdog(seconds: float) -> None:
 
     def abort() -> None:
         print(f"bench: aborted after {seconds:.0f} s (--max-seconds)", file=sys.stderr)
-        CLEANUP.stop_all()
-        os._exit(3)
+        try:
+            # Bounded: the main thread may be stuck in a call. The objects closed are this
+            # thread's, made here: ours and django-vcache's share the pools and stores.
+            tracking_note(close_backends())
+        finally:
+            CLEANUP.stop_all()
+            os._exit(3)
 
     timer = threading.Timer(seconds, abort)
     timer.daemon = True
@@ -1716,12 +1788,22 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:
-        settings_in_force.close()
-        if args.location and monitor is not None:
-            with contextlib.suppress(redis.RedisError):
-                deleted = cleanup_keys(monitor, prefix)
-                print(f"deleted {deleted} keys under '{prefix}*'", file=sys.stderr)
-        CLEANUP.stop_all()
+        try:
+            # Every cache and client first, while its server runs; then the servers.
+            closed = close_backends()
+            if run is not None:
+                with contextlib.suppress(Exception):
+                    run.topology.close_sync(run.raw_sync)
+            settings_in_force.close()  # Django's close_caches() too, and the handler reset
+            if monitor is not None:
+                if args.location:
+                    with contextlib.suppress(redis.RedisError):
+                        deleted = cleanup_keys(monitor, prefix)
+                        print(f"deleted {deleted} keys under '{prefix}*'", file=sys.stderr)
+                monitor.close()
+            tracking_note(closed)
+        finally:
+            CLEANUP.stop_all()
 
 
 if __name__ == "__main__":
