@@ -17,6 +17,7 @@ import builtins
 import bz2
 import collections
 import contextlib
+import copy
 import datetime
 import fnmatch
 import functools
@@ -116,6 +117,7 @@ __all__ = [
     "RedisEXCache",
     "RedisSerializer",
     "aget_redis_connection",
+    "close_client_caches",
     "get_redis_connection",
 ]
 __version__ = "2.0.0"
@@ -249,8 +251,15 @@ class _Codec:
             return _SERIALIZED + data
         return data
 
-    def loads_many(self, values: list[bytes | None]) -> list[Any]:
-        """``loads`` of each value, ``_MISSING`` for None; pickles decoded without a call."""
+    def at(self, key: str | bytes, kind: bytes = b"v") -> _Codec:
+        """This codec for the values of ``key`` (of a ``kind``: b"v" a cache value, b"s" a
+        set member, b"z" a sorted set's, b"h" + field a hash field's): a signed codec binds
+        them to it; others are the same for every key."""
+        return self
+
+    def loads_many(self, values: list[bytes | None], keys: list[str]) -> list[Any]:
+        """``loads`` of each value (read at each of ``keys``), ``_MISSING`` for None;
+        pickles decoded without a call."""
         loads, raw = self.loads, self._unpickle
         return [
             _MISSING if data is None else raw(data) if data[:1] == b"\x80" else loads(data)
@@ -274,15 +283,24 @@ class _Codec:
 
     loads = _decode
     signed = False
-    forged = 0  # values refused for their signature (a signed codec's count)
+
+    @property
+    def forged(self) -> int:
+        """Values refused for their signature (a signed codec's count)."""
+        return 0
 
 
 class _SignedCodec(_Codec):
     """OPTIONS ``sign_values``: every value but a raw int is stored behind an HMAC-SHA256 of
-    its bytes, keyed as Django's ``salted_hmac`` from ``SECRET_KEY`` (and its fallbacks, so
-    keys can rotate). Without a valid signature it is never deserialized: a miss (``_MISSING``)."""
+    its key and bytes, keyed as Django's ``salted_hmac`` from ``SECRET_KEY`` (and its
+    fallbacks, so keys can rotate). A value is signed for its key (``at(key)``, the Redis key
+    whole) and for what it is there (a cache value, a set member, a hash field's value):
+    copied to another key, or from a set into a cache entry, it reads as forged. Without a
+    valid signature it is never deserialized: a miss (``_MISSING``)."""
 
     signed = True
+    binding = b""  # the key and kind of a view made by at(); the codec itself signs nothing
+    key: str | bytes = ""
 
     def __init__(self, serializer: Any, compressor: str | None, min_length: int) -> None:
         super().__init__(serializer, compressor, min_length)
@@ -296,31 +314,58 @@ class _SignedCodec(_Codec):
         # copies of the padded hashes cost 0.7 us.
         self.keys = [hashlib.sha256(_SIGNING_SALT + _bytes(s)).digest() for s in secrets]
         self.pads = [_hmac_pads(key) for key in self.keys]
-        self.forged = 0
+        self.refused = [0]  # values refused for their signature, shared by the views
+
+    @property
+    def forged(self) -> int:
+        return self.refused[0]
+
+    def at(self, key: str | bytes, kind: bytes = b"v") -> _SignedCodec:
+        view = copy.copy(self)
+        view.key = key
+        raw = key if type(key) is bytes else cast(str, key).encode("utf-8", "surrogatepass")
+        view.binding = b"%d:%s%d:%s" % (len(kind), kind, len(raw), raw)
+        return view
 
     def dumps(self, obj: Any) -> Any:
-        data = super().dumps(obj)
+        return self.sign(super().dumps(obj))
+
+    def sign(self, data: Any) -> Any:
+        """``data`` (what the unsigned codec stores) signed for this view's key."""
         if type(data) is int:  # INCR needs it raw; an int runs no code when read
             return data
-        return _SIGNED + _hmac_sha256(self.pads[0], data) + data
+        if not self.binding:
+            raise TypeError("A signed value is signed for its key: codec.at(key).dumps().")
+        return _SIGNED + _hmac_sha256(self.pads[0], self.binding + data) + data
 
-    def loads(self, data: bytes) -> Any:
+    def payload(self, data: bytes) -> bytes | None:
+        """What the unsigned codec stored, if ``data`` is signed for this view (or a raw
+        int); None (counted) if not."""
         if data[:3] == _SIGNED:
             mac, payload = data[3:35], data[35:]
+            message = self.binding + payload
             for pads in self.pads:
-                if hmac.compare_digest(mac, _hmac_sha256(pads, payload)):
-                    return self._decode(payload)
+                if hmac.compare_digest(mac, _hmac_sha256(pads, message)):
+                    return payload
         elif data[:1] in _INT_FIRST_BYTES and data[:1] and _reads_as_int(data):
-            return int(data)
-        self.forged += 1
-        return _MISSING
+            return data
+        self.refused[0] += 1
+        return None
 
-    def loads_many(self, values: list[bytes | None]) -> list[Any]:
-        loads = self.loads
-        return [_MISSING if data is None else loads(data) for data in values]
+    def loads(self, data: bytes) -> Any:
+        payload = self.payload(data)
+        return _MISSING if payload is None else self._decode(payload)
+
+    def loads_many(self, values: list[bytes | None], keys: list[str]) -> list[Any]:
+        return [
+            _MISSING if data is None else self.at(key).loads(data)
+            for data, key in zip(values, keys, strict=True)
+        ]
 
 
-_SIGNED = b"\x00rs"  # then 32 bytes of HMAC-SHA256, then what the codec stores unsigned
+# Then 32 bytes of HMAC-SHA256 (of the key and kind, and the rest), then what the codec
+# stores unsigned. (2.0's first format, b"\x00rs", signed the bytes alone: read as forged.)
+_SIGNED = b"\x00rk"
 _SIGNING_SALT = b"django_redis_ex.sign_values"
 _forged_keys: set[str] = set()
 
@@ -1742,6 +1787,16 @@ _RENAME_EXISTING = _Script(
     "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
     "redis.call('RENAME', KEYS[1], KEYS[2]) return 1"
 )
+# SMOVE of a signed member: signed for the first set in ARGV[1], for the second in ARGV[2].
+_SMOVE_SIGNED = _Script(
+    "if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then redis.call('SADD', KEYS[2], ARGV[2]) "
+    "return 1 end return 0"
+)
+# Replace a set's members with ARGV (none: delete it); how many.
+_REPLACE_SET = _Script(
+    "redis.call('DEL', KEYS[1]) for i = 1, #ARGV, 1000 do "
+    "redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end return #ARGV"
+)
 # Delete a lock only if it still holds our token.
 _RELEASE_LOCK = _Script(
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -1755,7 +1810,7 @@ def _set_command(key: str, data: Any, timeout: int | None, *flags: str) -> tuple
 
 
 def _op_add(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operation[bool]:
-    data = codec.dumps(value)
+    data = (codec.at(key) if codec.signed else codec).dumps(value)
     if timeout == 0:
         # Django's add(timeout=0) reports whether the key was free and leaves nothing behind.
         return bool((yield ("EXISTS", key)) == 0)
@@ -1765,7 +1820,7 @@ def _op_add(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operati
 def _op_get(codec: _Codec, key: str, default: Any, tally: list[int]) -> Operation[Any]:
     data = yield ("GET", key)
     if data is not None:
-        value = codec.loads(data)
+        value = (codec.at(key) if codec.signed else codec).loads(data)
         if value is not _MISSING:
             tally[_HITS] += 1
             return value
@@ -1788,7 +1843,7 @@ def _op_set(
     codec: _Codec, key: str, value: Any, timeout: int | None, nx: bool, xx: bool
 ) -> Operation[bool | None]:
     """Django's set (returns None); with ``nx`` or ``xx``, whether the value was written."""
-    data = codec.dumps(value)
+    data = (codec.at(key) if codec.signed else codec).dumps(value)
     if timeout == 0:  # an instant expiry: nothing is stored
         if nx:
             return bool((yield ("EXISTS", key)) == 0)
@@ -1818,7 +1873,7 @@ def _op_get_many(
     if not key_map:
         return {}
     replies = yield ("MGET", *key_map)
-    values = codec.loads_many(replies)
+    values = codec.loads_many(replies, list(key_map))
     found = {
         user_key: value
         for user_key, value in zip(key_map.values(), values, strict=True)
@@ -1836,8 +1891,11 @@ def _op_get_many(
 def _op_set_many(codec: _Codec, data: dict[str, Any], timeout: int | None) -> Operation[list[Any]]:
     if not data:
         return []
-    dumps = codec.dumps
-    encoded = [(key, dumps(value)) for key, value in data.items()]
+    if codec.signed:
+        encoded = [(key, codec.at(key).dumps(value)) for key, value in data.items()]
+    else:
+        dumps = codec.dumps
+        encoded = [(key, dumps(value)) for key, value in data.items()]
     if timeout == 0:
         yield ("DEL", *data)
     elif timeout is None:
@@ -1875,6 +1933,7 @@ def _op_get_or_set(
     caller computes under a short lock while the others wait for its value (bounded by the
     lock's timeout) and compute it themselves if it does not come. The lock's release waits
     in ``undo`` while it is held; a computed value is kept in ``computed``."""
+    codec = codec.at(key)
     value = _found(codec, key, (yield ("GET", key)))
     if value is not _MISSING:
         tally[_HITS] += 1
@@ -1928,14 +1987,22 @@ def _op_store_missing(codec: _Codec, key: str, value: Any, timeout: int | None) 
     return value if found is _MISSING else found
 
 
-def _op_move(old_key: str, new_key: str, user_key: Any, atomic: bool) -> Operation[None]:
-    """Move a value to another key, keeping its expiry: one atomic round trip, or on Redis
-    Cluster (the keys lie in different slots, out of reach of one script) two."""
-    if atomic:
+def _op_move(
+    codec: _Codec, old_key: str, new_key: str, user_key: Any, atomic: bool
+) -> Operation[None]:
+    """Move a value to another key, keeping its expiry: one atomic round trip, or two on
+    Redis Cluster (the keys lie in different slots, out of reach of one script) and for a
+    signed value (signed again for its new key)."""
+    if atomic and not codec.signed:
         if not (yield _RENAME_EXISTING([old_key, new_key], [])):
             _key_not_found(user_key)
         return
     data, remaining = yield [("GET", old_key), ("PTTL", old_key)]
+    if data is not None and isinstance(codec, _SignedCodec):
+        payload = codec.at(old_key).payload(data)
+        if payload is None:
+            _forged(old_key)
+        data = None if payload is None else codec.at(new_key).sign(payload)
     if data is None:
         _key_not_found(user_key)
     expiry = ("PX", remaining) if remaining > 0 else ()
@@ -2055,18 +2122,29 @@ def _popped(codec: _Codec, count: int | None, reply: Any) -> Any:
     return popped[0] if popped else None
 
 
-def _hash(codec: _Codec, reply: Any) -> dict[str, Any]:
-    loads = codec.loads
-    fields = {_text(field): loads(value) for field, value in _pairs(reply)}
-    return {f: v for f, v in fields.items() if v is not _MISSING} if codec.signed else fields
+def _hash(codec: _Codec, at: Callable[[Any], _Codec], reply: Any) -> dict[str, Any]:
+    """HGETALL: each value decoded by the codec ``at`` its field."""
+    if not codec.signed:
+        loads = codec.loads
+        return {_text(field): loads(value) for field, value in _pairs(reply)}
+    fields = {_text(field): at(field).loads(value) for field, value in _pairs(reply)}
+    return {f: v for f, v in fields.items() if v is not _MISSING}
+
+
+def _field_bytes(field: Any) -> bytes:
+    """A hash field as Redis holds it (as redis-py's encoder sends it)."""
+    if isinstance(field, bytes):
+        return field
+    return (repr(field) if isinstance(field, float) else str(field)).encode()
 
 
 def _fields(reply: Any) -> list[str]:
     return [_text(field) for field in reply or ()]
 
 
-def _optional_members(codec: _Codec, reply: Any) -> list[Any]:
-    return [_optional_member(codec, value) for value in reply]
+def _optional_members(codecs: list[_Codec], reply: Any) -> list[Any]:
+    """HMGET: each value decoded by its field's codec."""
+    return [_optional_member(codec, value) for codec, value in zip(codecs, reply, strict=True)]
 
 
 def _bools(reply: Any) -> list[bool]:
@@ -2080,6 +2158,46 @@ def _optional_int(reply: Any) -> int | None:
 def _ranked(reply: Any) -> list[Any] | None:
     """ZRANK ... WITHSCORE: [rank, score], or None."""
     return None if reply is None else [int(reply[0]), float(reply[1])]
+
+
+def _signed_algebra(
+    codec: _SignedCodec, method: str, keys: list[str], replies: list[Any]
+) -> set[bytes]:
+    """SINTER, SUNION or SDIFF (``method``, maybe with STORE) of signed sets, on what the
+    unsigned codec stored: each set's members are signed for their own set."""
+    payloads = []
+    for key, members in zip(keys, replies, strict=True):
+        view = codec.at(key, b"s")
+        found = {view.payload(member) for member in members or ()}
+        if None in found:
+            found.discard(None)
+            _forged(key)
+        payloads.append(cast("set[bytes]", found))
+    first, *others = payloads
+    if method.startswith("sinter"):
+        return first.intersection(*others)
+    return first.union(*others) if method.startswith("sunion") else first.difference(*others)
+
+
+def _op_signed_algebra(codec: _SignedCodec, method: str, keys: list[str]) -> Operation[set[Any]]:
+    """Set algebra where each set's members are signed for it: the members of every set in
+    one round trip, compared here (the server would find no member in two sets)."""
+    replies = yield [("SMEMBERS", key) for key in keys]
+    return {codec._decode(payload) for payload in _signed_algebra(codec, method, keys, replies)}
+
+
+def _op_signed_store(codec: _SignedCodec, method: str, keys: list[str]) -> Operation[int]:
+    """SINTERSTORE and its kin on signed sets: computed as ``_op_signed_algebra``, then the
+    members signed for the destination replace it at once (a script). Two round trips: a
+    change to a source set in between is not seen."""
+    destination, *sources = keys
+    replies = yield [("SMEMBERS", key) for key in sources]
+    view = codec.at(destination, b"s")
+    members = [
+        payload if _reads_as_int(payload) else view.sign(payload)  # raw ints stay raw
+        for payload in _signed_algebra(codec, method, sources, replies)
+    ]
+    return int((yield _REPLACE_SET([destination], members)))
 
 
 def _op_sscan(
@@ -2365,6 +2483,7 @@ class _Store(_Feature):
         self.retry_at = 0.0
         self.connected = False
         self.draining = False  # the tracking thread is reading its socket
+        self.stopping = False  # stop() ends the tracking thread: its end is not a loss
         self.recheck_at = 0.0  # time.monotonic() after which a reader looks at that socket
         self.readable: Callable[[], bool] | None = None  # whether bytes wait on it
         self.marker: bytes | None = None  # the db's marker value, as the last heartbeat saw it
@@ -2390,7 +2509,7 @@ class _Store(_Feature):
         with contextlib.suppress(KeyError):  # dropped meanwhile by another thread
             self.entries.move_to_end(key)
         self.hits += 1
-        return self.codec.loads(entry[0]) if entry[1] else entry[0]
+        return self.codec.at(key).loads(entry[0]) if entry[1] else entry[0]
 
     def lookup_many(self, keys: list[str]) -> list[Any] | None:
         """The values of all ``keys`` (``_ABSENT`` for some), or None unless all are known."""
@@ -2492,7 +2611,7 @@ class _Store(_Feature):
 
     def _put(self, key: str, data: bytes, expires: float) -> None:
         try:
-            value = self.codec.loads(data)
+            value = self.codec.at(key).loads(data)
         except Exception:  # not ours to read: the caller's own read reports it
             return
         if value is _MISSING:  # not signed (OPTIONS sign_values): never kept
@@ -2573,7 +2692,7 @@ class _Store(_Feature):
                 self.connected = True
                 self._heartbeats(connection)
         except Exception as error:
-            if self.connected:
+            if self.connected and not self.stopping:
                 logger.warning(
                     "client_cache: the tracking connection was lost (%s); reads go to Redis "
                     "until it is back.",
@@ -2589,6 +2708,23 @@ class _Store(_Feature):
                     connection.disconnect()
             self.retry_at = time.monotonic() + 2 * self.interval
             self.tracker = None
+
+    def stop(self, timeout: float) -> None:
+        """End the tracking thread (the store is empty until a read starts it again)."""
+        tracker = self.tracker
+        if tracker is None:
+            return
+        self.stopping = True
+        deadline = time.monotonic() + timeout
+        try:
+            while tracker.is_alive() and time.monotonic() < deadline:
+                sock = self.sock  # None while it connects
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)  # its wait and read end at once
+                tracker.join(0.02)
+        finally:
+            self.stopping = False
 
     def _only_heartbeat(self) -> bool:
         """Whether the bytes waiting are (part of) the heartbeat's replies, no invalidation:
@@ -2742,6 +2878,15 @@ def _store_for(topology: _Topology, prefix: str | None) -> _Store | None:
             if store is None:
                 store = _stores[key] = _Store(topology, prefix, settings)
     return store
+
+
+def close_client_caches(timeout: float = 5.0) -> None:
+    """Close the tracking connections of this process's client-side caches (OPTIONS
+    ``client_cache``), each within ``timeout`` seconds, for a clean exit before Redis stops
+    (a tracking connection lost otherwise logs a warning). A cache used afterwards tracks
+    again: its reads go to Redis until then."""
+    for store in list(_stores.values()):
+        store.stop(timeout)
 
 
 def _stores_after_fork_in_child() -> None:
@@ -4161,7 +4306,7 @@ class _RedisEXBase(BaseCache):
         old = self.version if version is None else version
         old_key, new_key = self._key(key, old), self._key(key, old + delta)
         atomic = self._topology.atomic_move
-        operation = _op_then(_op_move(old_key, new_key, key, atomic), old + delta)
+        operation = _op_then(_op_move(self._codec, old_key, new_key, key, atomic), old + delta)
         return Plan(method, operation, functools.partial(_key_not_found, key))
 
     def _plan_clear(self) -> Plan[bool]:
@@ -4312,12 +4457,27 @@ class _DataStructures(_RedisEXBase):
                     )
         return redis_keys
 
-    def _dumped(self, values: Iterable[Any]) -> list[Any]:
-        return list(map(self._codec.dumps, values))
+    def _at(self, key: Any, version: int | None, kind: bytes = b"s") -> _Codec:
+        """The codec for members of ``key`` (of a set; b"z" a sorted set)."""
+        codec = self._codec
+        return codec.at(self._key(key, version), kind) if codec.signed else codec
+
+    def _fields_at(self, key: Any, version: int | None) -> Callable[[Any], _Codec]:
+        """The codec for the value of each field of the hash ``key``."""
+        codec = self._codec
+        if not codec.signed:
+            return lambda field: codec
+        redis_key = self._key(key, version)
+        return lambda field: codec.at(redis_key, b"h" + _field_bytes(field))
+
+    def _dumped(
+        self, key: Any, version: int | None, values: Iterable[Any], kind: bytes = b"s"
+    ) -> list[Any]:
+        return list(map(self._at(key, version, kind).dumps, values))
 
     def _plan_sadd(self, key: Any, *values: Any, version: int | None = None) -> Plan[int]:
         """Add members to a set; how many were not there."""
-        return self._one("sadd", int, _zero, key, version, *self._dumped(values))
+        return self._one("sadd", int, _zero, key, version, *self._dumped(key, version, values))
 
     sadd, asadd = _twins(_plan_sadd)
 
@@ -4331,7 +4491,9 @@ class _DataStructures(_RedisEXBase):
         self, method: str, keys: tuple[Any, ...], version: int | None
     ) -> Plan[builtins.set[Any]]:
         redis_keys = self._together(method, list(keys), self._keys(keys, version))
-        convert = self._decoding(functools.partial(_member_set, self._codec), redis_keys[0])
+        if isinstance(self._codec, _SignedCodec):  # each set's members signed for their set
+            return Plan(method, _op_signed_algebra(self._codec, method, redis_keys), set)
+        convert = functools.partial(_member_set, self._codec)
         return Plan(method, _op_apply(convert, method.upper(), *redis_keys), set)
 
     def _plan_sdiff(self, *keys: Any, version: int | None = None) -> Plan[builtins.set[Any]]:
@@ -4361,8 +4523,11 @@ class _DataStructures(_RedisEXBase):
         version_keys: int | None,
     ) -> Plan[int]:
         redis_keys = [self._key(dest, version_dest), *self._keys(keys, version_keys)]
-        command = (method.upper(), *self._together(method, [dest, *keys], redis_keys))
-        return Plan(method, _op_apply(int, *command), _zero)
+        redis_keys = self._together(method, [dest, *keys], redis_keys)
+        if isinstance(self._codec, _SignedCodec):  # members signed again for ``dest``
+            operation = _op_signed_store(self._codec, method, redis_keys)
+            return Plan(method, operation, _zero)
+        return Plan(method, _op_apply(int, method.upper(), *redis_keys), _zero)
 
     def _plan_sdiffstore(
         self,
@@ -4392,7 +4557,8 @@ class _DataStructures(_RedisEXBase):
 
     def _plan_sismember(self, key: Any, member: Any, version: int | None = None) -> Plan[bool]:
         """Whether ``member`` is in the set."""
-        return self._one("sismember", bool, _false, key, version, self._codec.dumps(member))
+        member = self._at(key, version).dumps(member)
+        return self._one("sismember", bool, _false, key, version, member)
 
     sismember, asismember = _twins(_plan_sismember)
 
@@ -4401,13 +4567,15 @@ class _DataStructures(_RedisEXBase):
     ) -> Plan[list[bool]]:
         """Whether each of ``members`` is in the set."""
         fallback = lambda: [False] * len(members)  # noqa: E731
-        return self._one("smismember", _bools, fallback, key, version, *self._dumped(members))
+        dumped = self._dumped(key, version, members)
+        return self._one("smismember", _bools, fallback, key, version, *dumped)
 
     smismember, asmismember = _twins(_plan_smismember)
 
     def _plan_smembers(self, key: Any, version: int | None = None) -> Plan[builtins.set[Any]]:
         """The members of the set."""
-        return self._one("smembers", functools.partial(_member_set, self._codec), set, key, version)
+        convert = functools.partial(_member_set, self._at(key, version))
+        return self._one("smembers", convert, set, key, version)
 
     smembers, asmembers = _twins(_plan_smembers)
 
@@ -4417,7 +4585,11 @@ class _DataStructures(_RedisEXBase):
         """Move ``member`` from one set to another; whether it was in ``source``."""
         keys = [source, destination]
         redis_keys = self._together("smove", keys, self._keys(keys, version))
-        operation = _op_apply(bool, "SMOVE", *redis_keys, self._codec.dumps(member))
+        codec = self._codec
+        if codec.signed:  # out signed for one set, in for the other: in one script
+            out, into = (codec.at(key, b"s").dumps(member) for key in redis_keys)
+            return Plan("smove", _op_apply(bool, *_SMOVE_SIGNED(redis_keys, [out, into])), _false)
+        operation = _op_apply(bool, "SMOVE", *redis_keys, codec.dumps(member))
         return Plan("smove", operation, _false)
 
     smove, asmove = _twins(_plan_smove)
@@ -4427,10 +4599,11 @@ class _DataStructures(_RedisEXBase):
     ) -> Plan[Any]:
         """Remove and return a random member (None if the set is empty), or with ``count``
         a set of up to ``count`` of them."""
+        codec = self._at(key, version)
         if count is None:
-            convert: Callable[[Any], Any] = functools.partial(_optional_member, self._codec)
+            convert: Callable[[Any], Any] = functools.partial(_optional_member, codec)
             return self._one("spop", convert, _none, key, version)
-        convert = functools.partial(_member_set, self._codec)
+        convert = functools.partial(_member_set, codec)
         return self._one("spop", convert, set, key, version, count)
 
     spop, aspop = _twins(_plan_spop)
@@ -4440,17 +4613,18 @@ class _DataStructures(_RedisEXBase):
     ) -> Plan[Any]:
         """A random member (None if the set is empty), or with ``count`` a list of them
         (distinct if ``count`` is positive, maybe repeated if negative)."""
+        codec = self._at(key, version)
         if count is None:
-            convert: Callable[[Any], Any] = functools.partial(_optional_member, self._codec)
+            convert: Callable[[Any], Any] = functools.partial(_optional_member, codec)
             return self._one("srandmember", convert, _none, key, version)
-        convert = functools.partial(_members, self._codec)
+        convert = functools.partial(_members, codec)
         return self._one("srandmember", convert, list, key, version, count)
 
     srandmember, asrandmember = _twins(_plan_srandmember)
 
     def _plan_srem(self, key: Any, *members: Any, version: int | None = None) -> Plan[int]:
         """Remove members from the set; how many were there."""
-        return self._one("srem", int, _zero, key, version, *self._dumped(members))
+        return self._one("srem", int, _zero, key, version, *self._dumped(key, version, members))
 
     srem, asrem = _twins(_plan_srem)
 
@@ -4477,7 +4651,8 @@ class _DataStructures(_RedisEXBase):
         self, key: Any, match: str | None, count: int | None, version: int | None
     ) -> Callable[[int], Operation[_Page]]:
         redis_key, count = self._key(key, version), count or self._config.scan_count
-        return functools.partial(_op_sscan, self._codec, redis_key, count, match)
+        codec = self._codec.at(redis_key, b"s")
+        return functools.partial(_op_sscan, codec, redis_key, count, match)
 
     def _plan_hset(
         self,
@@ -4489,9 +4664,10 @@ class _DataStructures(_RedisEXBase):
     ) -> Plan[int]:
         """Set ``field`` to ``value`` in the hash, and each field of ``mapping``; how many
         fields were new. Fields are str (or bytes, int, float), stored as they are."""
-        items = [] if field is None else [field, self._codec.dumps(value)]
+        at = self._fields_at(key, version)
+        items = [] if field is None else [field, at(field).dumps(value)]
         for each, item in (mapping or {}).items():
-            items += (each, self._codec.dumps(item))
+            items += (each, at(each).dumps(item))
         if not items:
             raise ValueError("hset() takes a field and its value, or a mapping, or both.")
         return self._one("hset", int, _zero, key, version, *items)
@@ -4524,14 +4700,15 @@ class _DataStructures(_RedisEXBase):
 
     def _plan_hget(self, key: Any, field: Any, version: int | None = None) -> Plan[Any]:
         """The value of ``field`` in the hash; None if there is none."""
-        convert = functools.partial(_optional_member, self._codec)
+        convert = functools.partial(_optional_member, self._fields_at(key, version)(field))
         return self._one("hget", convert, _none, key, version, field)
 
     hget, ahget = _twins(_plan_hget)
 
     def _plan_hgetall(self, key: Any, version: int | None = None) -> Plan[dict[str, Any]]:
         """The whole hash: {field (str): value}."""
-        return self._one("hgetall", functools.partial(_hash, self._codec), dict, key, version)
+        convert = functools.partial(_hash, self._codec, self._fields_at(key, version))
+        return self._one("hgetall", convert, dict, key, version)
 
     hgetall, ahgetall = _twins(_plan_hgetall)
 
@@ -4542,7 +4719,8 @@ class _DataStructures(_RedisEXBase):
         in order, None for each missing one: redis-py's ``hmget``."""
         wanted = [fields] if isinstance(fields, (str, bytes)) else list(fields)
         wanted += more_fields
-        convert = functools.partial(_optional_members, self._codec)
+        at = self._fields_at(key, version)
+        convert = functools.partial(_optional_members, [at(field) for field in wanted])
         return self._one("hmget", convert, lambda: [None] * len(wanted), key, version, *wanted)
 
     hmget, ahmget = _twins(_plan_hmget)
@@ -4577,7 +4755,7 @@ class _DataStructures(_RedisEXBase):
         if incr and len(mapping) != 1:
             raise ValueError("zadd(incr=True) takes a mapping of exactly one member.")
         flags = [f for f, on in (("NX", nx), ("XX", xx), ("GT", gt), ("LT", lt), ("CH", ch)) if on]
-        dumps = self._codec.dumps
+        dumps = self._at(key, version, b"z").dumps
         items = [part for member, score in mapping.items() for part in (score, dumps(member))]
         if incr:
             return self._one("zadd", _score, _none, key, version, *flags, "INCR", *items)
@@ -4603,7 +4781,7 @@ class _DataStructures(_RedisEXBase):
         self, key: Any, amount: float, value: Any, version: int | None = None
     ) -> Plan[float]:
         """Add ``amount`` to the score of member ``value`` (from 0); its new score."""
-        member = self._codec.dumps(value)  # Redis unavailable: the new score as if from 0
+        member = self._at(key, version, b"z").dumps(value)  # unavailable: as if from 0
         return self._one("zincrby", float, lambda: float(amount), key, version, amount, member)
 
     zincrby, azincrby = _twins(_plan_zincrby)
@@ -4611,7 +4789,7 @@ class _DataStructures(_RedisEXBase):
     def _popped_plan(
         self, method: str, key: Any, count: int | None, version: int | None
     ) -> Plan[Any]:
-        convert = functools.partial(_popped, self._codec, count)
+        convert = functools.partial(_popped, self._at(key, version, b"z"), count)
         if count is None:
             return self._one(method, convert, _none, key, version)
         return self._one(method, convert, list, key, version, count)
@@ -4651,7 +4829,8 @@ class _DataStructures(_RedisEXBase):
         command += () if start is None else ("LIMIT", start, num)
         name, *arguments = (*command, "WITHSCORES") if withscores else command
         redis_key = self._key(key, version)
-        scored = functools.partial(_scored, self._codec, withscores, score_cast_func)
+        codec = self._at(key, version, b"z")
+        scored = functools.partial(_scored, codec, withscores, score_cast_func)
         convert = self._decoding(scored, redis_key)
         return Plan(method, _op_apply(convert, name, redis_key, *arguments), list)
 
@@ -4731,7 +4910,7 @@ class _DataStructures(_RedisEXBase):
     ) -> Plan[Any]:
         """The rank of member ``value`` (0 scores lowest), None if absent; with
         ``withscore`` (Redis 7.2+), [rank, score]."""
-        member = self._codec.dumps(value)
+        member = self._at(key, version, b"z").dumps(value)
         if withscore:
             return self._one("zrank", _ranked, _none, key, version, member, "WITHSCORE")
         return self._one("zrank", _optional_int, _none, key, version, member)
@@ -4740,7 +4919,9 @@ class _DataStructures(_RedisEXBase):
 
     def _plan_zrem(self, key: Any, *values: Any, version: int | None = None) -> Plan[int]:
         """Remove members from the sorted set; how many were there."""
-        return self._one("zrem", int, _zero, key, version, *self._dumped(values))
+        return self._one(
+            "zrem", int, _zero, key, version, *self._dumped(key, version, values, b"z")
+        )
 
     zrem, azrem = _twins(_plan_zrem)
 
@@ -4754,7 +4935,8 @@ class _DataStructures(_RedisEXBase):
 
     def _plan_zscore(self, key: Any, value: Any, version: int | None = None) -> Plan[float | None]:
         """The score of member ``value``; None if it is not in the sorted set."""
-        return self._one("zscore", _score, _none, key, version, self._codec.dumps(value))
+        member = self._at(key, version, b"z").dumps(value)
+        return self._one("zscore", _score, _none, key, version, member)
 
     zscore, azscore = _twins(_plan_zscore)
 

@@ -523,7 +523,16 @@ def stop_what_the_harness_started() -> Iterator[None]:
     global SKIP_WITHOUT_SERVER
     SKIP_WITHOUT_SERVER = True
     yield
+    django_redis_ex.close_client_caches(timeout=5)
     CLEANUP.stop_all()
+
+
+@pytest.fixture(autouse=True)
+def close_client_caches() -> Iterator[None]:
+    """After each test, its client-side caches stop tracking (their heartbeats would count
+    in other tests' round trips, on servers that outlive the test)."""
+    yield
+    django_redis_ex.close_client_caches(timeout=5)
 
 
 def fresh_server() -> Iterator[RedisServer]:
@@ -3627,6 +3636,31 @@ def test_client_cache_serves_hits_from_memory_on_both_paths_and_classes(
         assert isinstance(info[name], int), name
 
 
+def test_close_client_caches_ends_tracking_quietly_and_a_read_starts_it_again(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``close_client_caches()`` before Redis stops: no "tracking connection was lost"
+    warning, no tracking client left at the server; the cache tracks again when used."""
+    own = RedisServer()
+    try:
+        cache = cached_cache(backend, own.url, "cc-close")
+        serving(cache)
+        tracking = lambda: [c for c in own.client().client_list() if "t" in c["flags"]]  # noqa: E731
+        assert len(tracking()) == 1
+        caplog.set_level(logging.WARNING, logger="django_redis_ex")
+        django_redis_ex.close_client_caches()
+        assert not cache.client_cache_info()["connected"] and tracking() == []
+        assert cache.get("warm") == 1  # from Redis
+        serving(cache)  # tracking again
+        assert len(tracking()) == 1
+        django_redis_ex.close_client_caches()
+        own.stop()
+        time.sleep(3 * HEARTBEAT)
+        assert [r.getMessage() for r in caplog.records if "lost" in r.getMessage()] == []
+    finally:
+        own.stop()
+
+
 def test_client_cache_info_without_the_option(server: RedisServer, backend: str) -> None:
     cache = make_cache(backend, server.url)
     info = cache.client_cache_info()
@@ -4834,10 +4868,9 @@ def test_signed_values_round_trip_on_every_topology_and_path(api: Api, target: T
     assert target.raw.get("sig:1:n") == b"7" and signed.incr("n") == 8  # ints stay raw
     stored = cast(bytes, target.raw.get("sig:1:text"))
     assert stored.startswith(django_redis_ex._SIGNED)
-    expected = salted_hmac(
-        django_redis_ex._SIGNING_SALT.decode(), stored[35:], algorithm="sha256"
-    ).digest()
-    assert stored[3:35] == expected  # Django's salted_hmac, keyed from SECRET_KEY
+    bound = b"1:v10:sig:1:text" + stored[35:]  # what it is (a value), its key, its bytes
+    expected = salted_hmac(django_redis_ex._SIGNING_SALT.decode(), bound, algorithm="sha256")
+    assert stored[3:35] == expected.digest()  # Django's salted_hmac, keyed from SECRET_KEY
     assert signed.sadd("{s}set", "m", 1) == 2 and signed.smembers("{s}set") == {"m", 1}
     signed.hset("{s}h", "f", [1])
     assert signed.hgetall("{s}h") == {"f": [1]}
@@ -4865,11 +4898,11 @@ def test_a_value_without_a_valid_signature_reads_as_a_miss_and_never_runs(
     good = cast(bytes, raw.get(cache.make_key("good")))
     tampered = good[:-1] + bytes([good[-1] ^ 1])
     raw.set(cache.make_key("tampered"), tampered)
-    raw.set(cache.make_key("moved"), good)  # a valid signature, on another key's value...
+    raw.set(cache.make_key("moved"), good)  # a valid signature, for another key
     for _ in range(3):
         assert api.get("k", "miss") == "miss" and api.get("tampered") is None
-    assert api.get_many(["k", "good", "tampered"]) == {"good": "v"}
-    assert api.get("moved") == "v"  # ...is still a value this app wrote: it reads
+    assert api.get_many(["k", "good", "tampered", "moved"]) == {"good": "v"}
+    assert api.get("moved") is None  # a value is signed for its key: replayed, a miss
     assert api.get_or_set("k", lambda: "computed") == "computed"
     assert api.get("k") == "computed"  # the unsigned value was replaced
     raw.sadd(cache.make_key("s"), hostile)
@@ -4881,8 +4914,73 @@ def test_a_value_without_a_valid_signature_reads_as_a_miss_and_never_runs(
     assert UNPICKLED == []
     forged = [r.getMessage() for r in caplog.records if "valid signature" in r.getMessage()]
     keys = [m.split("'")[1] for m in forged]
-    assert sorted(keys) == sorted({cache.make_key(k) for k in ("k", "tampered", "s")}), forged
+    expected = {cache.make_key(k) for k in ("k", "tampered", "s", "moved")}
+    assert sorted(keys) == sorted(expected), forged
     assert all("ran" not in m and "\\x" not in m for m in forged)  # never the value
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_signed_value_replayed_onto_another_key_reads_as_forged(
+    server: RedisServer, backend: str, path: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A value is signed for its key and for what it is there: a staff user's session copied
+    onto another session's key, a hash field's value onto another field, a set member into
+    another set or into a cache value, all read as forged. What the module moves itself is
+    signed again for where it goes: incr_version, smove, and the set algebra's STORE forms
+    (and the algebra itself compares what the members are, not their signatures)."""
+    prefix = f"replay-{path}-{backend.rpartition('.')[2]}"
+    cache = make_cache(backend, server.url, KEY_PREFIX=prefix, OPTIONS=signed_options())
+    api, raw = Api(cache, path, loop), server.client()
+    key = cache.make_key
+    api.set("session:staff", {"is_staff": True})
+    api.set("session:guest", {"is_staff": False})
+    raw.copy(key("session:staff"), key("session:guest"), replace=True)
+    assert api.get("session:guest") is None
+    assert api.get_many(["session:guest", "session:staff"]) == {"session:staff": {"is_staff": True}}
+    # Hash fields: bound to their hash and field.
+    api.hset("{h}perms", mapping={"alice": "admin", "bob": "reader"})
+    raw.hset(key("{h}perms"), "bob", cast(bytes, raw.hget(key("{h}perms"), "alice")))
+    assert api.hget("{h}perms", "bob") is None
+    assert api.hgetall("{h}perms") == {"alice": "admin"}
+    assert api.hmget("{h}perms", ["alice", "bob"]) == ["admin", None]
+    raw.hset(key("{h}other"), "alice", cast(bytes, raw.hget(key("{h}perms"), "alice")))
+    assert api.hget("{h}other", "alice") is None
+    # Set members: bound to their set; a member is not a cache value.
+    api.sadd("{s}admins", "alice", 7)
+    api.sadd("{s}users", "bob")
+    member = next(m for m in raw.smembers(key("{s}admins")) if m != b"7")
+    raw.sadd(key("{s}users"), member)
+    assert api.smembers("{s}users") == {"bob"}
+    assert api.sismember("{s}users", "alice") is False
+    raw.set(key("loose"), member)
+    assert api.get("loose") is None
+    # What the module moves is signed again for where it goes.
+    api.set("moving", "v", 60)
+    assert api.incr_version("moving") == 2
+    assert api.get("moving", version=2) == "v" and api.get("moving") is None
+    assert 0 < api.ttl("moving", version=2) <= 60
+    assert api.smove("{s}admins", "{s}users", "alice") is True
+    assert api.smembers("{s}users") == {"bob", "alice"} and api.smembers("{s}admins") == {7}
+    api.sadd("{s}users", 7)
+    assert api.sinter("{s}admins", "{s}users") == {7}
+    assert api.sunion("{s}admins", "{s}users") == {"alice", "bob", 7}
+    assert api.sdiff("{s}users", "{s}admins") == {"alice", "bob"}
+    assert api.sinterstore("{s}both", "{s}admins", "{s}users") == 1
+    assert api.smembers("{s}both") == {7} and api.sismember("{s}both", 7)
+    assert api.sunionstore("{s}all", "{s}admins", "{s}users") == 3
+    assert api.smembers("{s}all") == {"alice", "bob", 7} and api.sismember("{s}all", "alice")
+    assert api.sdiffstore("{s}only", "{s}users", "{s}admins") == 2
+    assert api.smembers("{s}only") == {"alice", "bob"}
+    assert api.sdiffstore("{s}only", "{s}admins", "{s}users") == 0
+    assert not raw.exists(key("{s}only"))  # an empty result: no set, as Redis does
+    # Sorted sets: members bound to their set.
+    api.zadd("{z}board", {"alice": 3, "bob": 1})
+    raw.zadd(key("{z}copy"), {cast(bytes, raw.zrange(key("{z}board"), -1, -1)[0]): 5})
+    assert api.zrange("{z}copy", 0, -1) == [] and api.zscore("{z}board", "alice") == 3
+    # Entries signed as 2.0's first release did (the bytes alone) read as misses.
+    old = django_redis_ex._SIGNED[:2] + b"s" + bytes(32) + pickle.dumps("old")
+    raw.set(key("old"), old)
+    assert api.get("old") is None
 
 
 def test_signed_values_survive_a_secret_key_rotation_and_refuse_unsigned_data(
