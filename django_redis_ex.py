@@ -2437,6 +2437,7 @@ _IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
 _ABSENT = object()  # the store's entry for a key known not to exist
 _ENTRY_SIZE = 200  # an entry's tuple and its OrderedDict node, in bytes
 _RECHECK = 0.0001  # seconds a reader trusts that no invalidation waits unread
+_GATHER = 0.001  # seconds the tracking thread lets invalidations gather before it reads
 
 
 class _Store(_Feature):
@@ -2482,7 +2483,13 @@ class _Store(_Feature):
         self.tracker: threading.Thread | None = None
         self.retry_at = 0.0
         self.connected = False
-        self.draining = False  # the tracking thread is reading its socket
+        # Commands this process sent and had answered, whose keys are not dropped yet.
+        self.writes: collections.deque[list[tuple[Any, ...]]] = collections.deque()
+        self.draining = False  # a thread is reading the tracking connection
+        self.taking = threading.Lock()  # held by the thread that reads it
+        self.buffer = bytearray()  # what was read of it and not yet taken
+        self.heard: list[Any] = []  # the heartbeat's replies, once read
+        self.more: Callable[[], bool] = bool
         self.stopping = False  # stop() ends the tracking thread: its end is not a loss
         self.recheck_at = 0.0  # time.monotonic() after which a reader looks at that socket
         self.readable: Callable[[], bool] | None = None  # whether bytes wait on it
@@ -2502,12 +2509,17 @@ class _Store(_Feature):
         if self.draining or (now > self.recheck_at and self._pending(now)):
             self.misses += 1
             return _MISSING
+        if self.writes:  # this process's own writes, just answered
+            self.settle()
         entry = self.entries.get(key)
         if entry is None or (entry[2] and now >= entry[2]):
             self.misses += 1
             return _MISSING
-        with contextlib.suppress(KeyError):  # dropped meanwhile by another thread
+        try:
             self.entries.move_to_end(key)
+        except KeyError:  # dropped meanwhile by another thread: not served
+            self.misses += 1
+            return _MISSING
         self.hits += 1
         return self.codec.at(key).loads(entry[0]) if entry[1] else entry[0]
 
@@ -2525,25 +2537,43 @@ class _Store(_Feature):
             or (now > self.recheck_at and self._pending(now))
         ):
             return None
+        if self.writes:
+            self.settle()
         entry = self.entries.get(key)
         if entry is None or (entry[2] and now >= entry[2]):
             return None
         return entry[0] is not _ABSENT
 
     def _pending(self, now: float) -> bool:
-        """Whether invalidations wait unread on the tracking connection: then nothing is
-        served until the tracking thread took them (a reader goes to Redis). Looked at (one
-        poll, no read) at most every ``_RECHECK`` seconds, so that a value is served at most
-        that long after its invalidation reached this host, however busy the process."""
+        """Whether invalidations wait unread on the tracking connection. A reader that
+        finds some takes them itself, unless another thread is reading them (then it goes
+        to Redis): the tracking thread, which may wait for the GIL behind busy callers, is
+        never what stands between an invalidation and the reads after it. Looked at (one
+        poll) at most every ``_RECHECK`` seconds: a value is served at most that long after
+        its invalidation reached this host, however busy the process."""
         readable = self.readable
         try:
-            # Draining checked after the poll: bytes it took are not in the socket.
-            if readable is None or (readable() and not self._only_heartbeat()) or self.draining:
+            if readable is None:
                 return True
-        except (OSError, ValueError, RuntimeError):  # closed, or polled by another thread
+            if readable() and not self._only_heartbeat() and not self._take_now():
+                return True
+            if self.draining or self.buffer:  # checked after the poll: what they took
+                return True
+        except Exception:  # closed, or polled by another thread at once: the tracker sees
             return True
         self.recheck_at = now + _RECHECK
         return False
+
+    def _take_now(self) -> bool:
+        """Take, in this thread, the invalidations waiting whole; whether it could."""
+        sock = self.sock
+        if sock is None or not self.taking.acquire(blocking=False):
+            return False
+        try:
+            self._take(sock, block=False)
+        finally:
+            self.taking.release()
+        return not self.buffer
 
     # Seen by the policy (the _Feature hooks) ---------------------------------
 
@@ -2572,6 +2602,8 @@ class _Store(_Feature):
             self.finish_read(trip.ticket[1], trip.ticket[0], None)
 
     def start_read(self, keys: list[Any]) -> tuple[int, float, int]:
+        if self.writes:
+            self.settle()
         with self.lock:
             for key in keys:
                 mark = self.reading.get(key)
@@ -2586,6 +2618,8 @@ class _Store(_Feature):
     ) -> None:
         """After the read of ``keys``: keep what it found, unless anything changed."""
         epoch, started, changes = ticket
+        if self.writes:
+            self.settle()
         values: list[Any] = [None] * len(keys)
         pttls: list[Any] = values
         if replies is not None:
@@ -2635,32 +2669,58 @@ class _Store(_Feature):
             self.bytes -= self.entries.popitem(last=False)[1][3]
 
     def written(self, commands: list[tuple[Any, ...]]) -> None:
-        """Drop what ``commands`` (sent by this process) may have changed."""
-        for each in commands:
-            keys = _keys_written(each)
-            if keys is None:
-                self.flush()
-            elif keys:
-                self.drop(keys)
+        """Drop what ``commands`` (sent by this process, and answered) may have changed:
+        noted here, dropped before anything is served or kept (``settle``)."""
+        self.writes.append(commands)
+        if len(self.writes) > 1000:  # nobody reads: not kept for ever
+            self.settle()
+
+    def settle(self) -> None:
+        """Drop what the writes noted so far may have changed. A write leaves the queue
+        once dropped, under the lock: whoever finds it there waits for it to be done."""
+        if not self.writes:
+            return
+        with self.lock:
+            writes, keys = self.writes, set()
+            while writes:
+                for command in writes[0]:
+                    row = _COMMANDS.get(command[0], _UNKNOWN)
+                    if not row.writes:
+                        continue
+                    if row.first == row.last == 1:  # the usual write: one key
+                        keys.add(command[1])
+                    elif (named := _keys_of(command)) is None:
+                        self._flush()
+                    else:
+                        keys.update(named)
+                self._drop(keys)  # before the write leaves the queue
+                keys.clear()
+                writes.popleft()
 
     def drop(self, keys: Iterable[Any]) -> None:
         with self.lock:
-            for each in keys:
-                key = each.decode(self.encoding, "surrogateescape") if type(each) is bytes else each
-                entry = self.entries.pop(key, None)
-                if entry is not None:
-                    self.bytes -= entry[3]
-                mark = self.reading.get(key)
-                if mark is not None:
-                    self.changes += 1
-                    mark[1] = self.changes
+            self._drop(keys)
+
+    def _drop(self, keys: Iterable[Any]) -> None:
+        for each in keys:
+            key = each.decode(self.encoding, "surrogateescape") if type(each) is bytes else each
+            entry = self.entries.pop(key, None)
+            if entry is not None:
+                self.bytes -= entry[3]
+            mark = self.reading.get(key)
+            if mark is not None:
+                self.changes += 1
+                mark[1] = self.changes
 
     def flush(self) -> None:
         with self.lock:
-            self.entries.clear()
-            self.bytes = 0
-            self.epoch += 1
-            self.flushes += 1
+            self._flush()
+
+    def _flush(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+        self.epoch += 1
+        self.flushes += 1
 
     def info(self) -> dict[str, Any]:
         connected = self.connected and time.monotonic() < self.valid_until
@@ -2732,54 +2792,116 @@ class _Store(_Feature):
         sock = self.sock
         if sock is None or isinstance(sock, ssl.SSLSocket):
             return False
-        waiting = sock.recv(len(self.answer), socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        return bool(waiting) and self.answer.startswith(waiting)
+        answer = self.answer  # a byte more: an invalidation may follow the answer
+        waiting = sock.recv(len(answer) + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return bool(waiting) and answer.startswith(waiting)
 
     def _heartbeats(self, connection: Any) -> NoReturn:
         """Every interval, a ping, and a read of the db's marker (it sees ``SWAPDB``, which
-        sends no invalidation); between, take the invalidations as they come. The socket is
-        waited on with ``poll``, which reads nothing: until this thread takes the bytes,
-        readers see them waiting and go to Redis (``_pending``)."""
-        wait = _waiter(connection._sock)
-        timeout = connection.socket_timeout
-        self.readable = _waiter(connection._sock, 0)
-        self.sock = connection._sock
+        sends no invalidation). Between, the invalidations are read as they gather: the
+        socket is waited on with ``poll``, which reads nothing, then read a millisecond
+        later, once per millisecond at most, not once per write of this process. Until they
+        are read, a reader that looks finds them and reads them itself (``_pending``). They
+        are read here, not by redis-py's parser (``_take``)."""
+        sock = connection._sock
+        wait, timeout = _waiter(sock), connection.socket_timeout
+        self.more = _waiter(sock, 0)  # used under ``taking`` only: one thread at a time
+        self.buffer.clear()  # a frame begun on a connection lost before
+        self.readable, self.sock = _waiter(sock, 0), sock
         while True:
             marker = self.marker
             self.answer = b"+PONG\r\n" + (
                 b"$%d\r\n%s\r\n" % (len(marker), marker) if marker else b"_\r\n"
             )
             sent = time.monotonic()
-            connection.send_packed_command(self.heartbeat)
-            replies: list[Any] = []
-            while len(replies) < 2:  # invalidations may come before the replies
-                if not wait(timeout * 1000):
+            with self.taking:
+                self.heard.clear()
+                connection.send_packed_command(self.heartbeat)
+            while len(self.heard) < 2:  # read here, or by a reader
+                if time.monotonic() - sent > timeout:
                     raise redis.TimeoutError("No heartbeat reply within socket_timeout.")
-                replies += self._drain(connection)
-            marker = replies[1]
-            if marker != self.marker:  # the db was swapped, flushed or its marker deleted
-                self.flush()
-            self.marker = marker if marker is not None else _marker(connection, self.marker_key)
-            self.valid_until = sent + 2 * self.interval
+                if wait(_GATHER * 1000):
+                    with self.taking:
+                        self._take(sock, block=True)
+            self._heard(connection, sent)
             while (left := sent + self.interval - time.monotonic()) > 0:
                 if wait(left * 1000):
-                    self._drain(connection)
+                    time.sleep(_GATHER)  # let them gather; readers take them meanwhile
+                    with self.taking:
+                        self._take(sock, block=True)
+                    self.settle()  # this process's writes, if nobody reads
 
-    def _drain(self, connection: Any) -> list[Any]:
-        """Read what the tracking connection holds (the server sent it in one piece, so
-        this waits only for the rest of a reply); the heartbeat's replies that came."""
+    def _heard(self, connection: Any, sent: float) -> None:
+        """The heartbeat's replies came: the store serves until two intervals after."""
+        marker = self.heard[1]
+        if marker != self.marker:  # the db was swapped, flushed or its marker deleted
+            self.flush()
+        if marker is None:
+            with self.taking:
+                marker = _marker(connection, self.marker_key)
+                self._settle(connection)
+        self.marker = marker
+        self.valid_until = sent + 2 * self.interval
+
+    def _take(self, sock: socket.socket, block: bool) -> None:
+        """Read what waits on the tracking connection (with ``block``, and the rest of a
+        reply begun): invalidations are handled, the heartbeat's replies kept in ``heard``.
+        Under ``taking``."""
         self.draining = True
-        replies = []
+        buffer = self.buffer
         try:
             while True:
-                reply = connection.read_response(push_request=True)
-                if reply is not _PUSHED:
-                    replies.append(reply)
-                if not connection.can_read(timeout=0):
-                    return replies
+                waiting = self.more() or (isinstance(sock, ssl.SSLSocket) and sock.pending())
+                if not waiting and (not buffer or not block):  # (another thread took it)
+                    return
+                data = sock.recv(65536)  # waiting, or the rest of a frame begun
+                if not data:  # whoever reads it first: nothing is served from now on
+                    self.valid_until = 0.0
+                    self.flush()
+                    raise redis.ConnectionError("Connection closed by server.")
+                buffer += data
+                self.heard += self._replies(buffer)
         finally:
             self.draining = False
             self.recheck_at = 0.0
+
+    def _replies(self, buffer: bytearray) -> list[Any]:
+        """Take the whole RESP3 frames at the start of ``buffer``; invalidations handled,
+        those of one key each (a write's) at once, by one match each."""
+        replies: list[Any] = []
+        keys: set[bytes] = set()
+        at, size = 0, len(buffer)
+        one_key = _ONE_KEY.match
+        while at < size:
+            found = one_key(buffer, at)
+            if found is not None:
+                end = found.end() + int(found[1])
+                if end + 2 > size:
+                    break
+                keys.add(bytes(buffer[found.end() : end]))
+                at = end + 2
+                continue
+            taken = _resp3(buffer, at)
+            if taken is _MISSING:
+                break
+            frame, at = taken
+            if type(frame) is _Push:
+                self._invalidated(frame)
+            elif isinstance(frame, redis.ResponseError):
+                raise frame
+            else:
+                replies.append(frame)
+        del buffer[:at]
+        if keys:
+            self.invalidations += len(keys)
+            self.drop(keys)
+        return replies
+
+    def _settle(self, connection: Any) -> None:
+        """Let redis-py's parser read whatever reached it: from now on this thread reads
+        the socket itself, and nothing may wait in the parser's buffer."""
+        while connection.can_read(timeout=0):
+            connection.read_response(push_request=True)
 
     def _open(self) -> Any:
         """The tracking connection; None if the server refuses tracking (logged, store off)."""
@@ -2812,9 +2934,11 @@ class _Store(_Feature):
         self.flush()  # nothing read before tracking began is trusted
         self.marker = _marker(connection, self.marker_key)
         self.heartbeat = connection.pack_commands([("PING",), ("GET", self.marker_key)])
+        self._settle(connection)
         return connection
 
     def _invalidated(self, message: list[Any]) -> object:
+        """An invalidation push: ``["invalidate", keys]``, keys None for a flush."""
         keys = message[1] if len(message) > 1 else None
         if keys is None:  # FLUSHDB, FLUSHALL
             self.flush()
@@ -2825,6 +2949,51 @@ class _Store(_Feature):
 
 
 _PUSHED = object()  # what the tracking connection's read returns for an invalidation
+
+
+_ONE_KEY = re.compile(rb">2\r\n\$10\r\ninvalidate\r\n\*1\r\n\$(\d+)\r\n")  # then the key
+
+
+class _Push(list):  # type: ignore[type-arg]
+    """A RESP3 push frame's items."""
+
+
+def _resp3(buffer: bytearray, start: int) -> Any:
+    """The RESP3 frame at ``start`` and where it ends, or ``_MISSING`` if it is not whole
+    yet: the kinds a tracking connection receives (pushes, and the heartbeat's replies)."""
+    end = buffer.find(b"\r\n", start)
+    if end < 0:
+        return _MISSING
+    kind, line, at = buffer[start], buffer[start + 1 : end], end + 2
+    if kind == 36:  # $: bulk string
+        size = int(line)
+        if size < 0:
+            return None, at
+        if len(buffer) < at + size + 2:
+            return _MISSING
+        return bytes(buffer[at : at + size]), at + size + 2
+    if kind in (42, 62, 126):  # *, > and ~: an array, a push, a set
+        items: list[Any] = _Push() if kind == 62 else []
+        for _ in range(int(line)):
+            taken = _resp3(buffer, at)
+            if taken is _MISSING:
+                return _MISSING
+            items.append(taken[0])
+            at = taken[1]
+        return items, at
+    if kind == 43:  # +: a simple string
+        return bytes(line), at
+    if kind == 58:  # :: an integer
+        return int(line), at
+    if kind == 95:  # _: null
+        return None, at
+    if kind == 45:  # -: an error
+        return redis.ResponseError(line.decode("utf-8", "replace")), at
+    raise redis.exceptions.InvalidResponse(
+        f"The tracking connection received {bytes(buffer[start : start + 40])!r}."
+    )
+
+
 # A key the store writes once in its db (SET NX, under the key prefix, never expiring) and
 # reads at every heartbeat: if it changed, the db's contents were swapped (SWAPDB sends no
 # invalidation) or flushed, and the store flushes too. Not a key Django's key function
