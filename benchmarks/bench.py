@@ -80,9 +80,9 @@ aside): they are the limit. Every wait is bounded all the same: asyncio work by 
 threads by ``join`` timeouts, server setup by deadlines, and the whole run by
 ``--max-seconds``, past which the servers are stopped and the process exits; every process it
 starts is stopped by PID then, at exit and on Ctrl-C. Before that, every cache is closed
-(``close()``, then ``aclose()``, within 10 s) and the raw clients too. ``close()`` leaves
-django_redis_ex's client-side stores tracking (nothing public stops them): a warning "the
-tracking connection was lost" for each when the server stops, announced just before.
+(``close()``, then ``aclose()``, within 10 s), the raw clients too, and the client-side
+caches' tracking connections (``django_redis_ex.close_client_caches()``): no warning that
+one was lost when the server stops.
 
 It prints tables to read; ``--json`` also writes every figure and how it was measured
 (arguments, versions, machine). It sets no pass/fail targets.
@@ -736,22 +736,14 @@ def close_backends(aliases: Iterable[str] | None = None) -> list[Any]:
     return objects
 
 
-def tracking_note(closed: list[Any]) -> None:
-    """Say so if client_cache stores of ``closed`` still track (django_redis_ex's close()
-    leaves its shared pools and stores open, and it has no public call that stops a store's
-    tracking thread): stopping their server ends each with a warning."""
-    tracking = 0
-    for cache in closed:
-        with contextlib.suppress(Exception):
-            tracking += bool(cache.client_cache_info()["connected"])
-    if tracking:
-        print(
-            f"bench: {tracking} client_cache tracking connection(s) still open after close() "
-            "(django_redis_ex has no public call that\n  stops them): stopping the server ends "
-            "each with a 'tracking connection was lost' warning",
-            file=sys.stderr,
-            flush=True,
-        )
+def close_client_caches() -> None:
+    """End the tracking connections of the client-side caches (ours, and a --baseline
+    module's if it can), so that stopping the server logs no "tracking connection was lost"."""
+    for name in ("django_redis_ex", BASELINE):
+        close = getattr(sys.modules.get(name), "close_client_caches", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close(timeout=CLOSE_TIMEOUT)
 
 
 # ---------------------------------------------------------------------------
@@ -1340,6 +1332,7 @@ def topology_section(
                         run_scenario(run, scenario, ASGIHandler(), None)
                 finally:
                     close_backends(entries)  # before its servers stop, as at the end
+                    close_client_caches()
         finally:
             topology.close_sync(run.raw_sync)
         cpus = None
@@ -1665,7 +1658,8 @@ def watchdog(seconds: float) -> None:
         try:
             # Bounded: the main thread may be stuck in a call. The objects closed are this
             # thread's, made here: ours and django-vcache's share the pools and stores.
-            tracking_note(close_backends())
+            close_backends()
+            close_client_caches()
         finally:
             CLEANUP.stop_all()
             os._exit(3)
@@ -1790,7 +1784,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         try:
             # Every cache and client first, while its server runs; then the servers.
-            closed = close_backends()
+            close_backends()
             if run is not None:
                 with contextlib.suppress(Exception):
                     run.topology.close_sync(run.raw_sync)
@@ -1801,7 +1795,7 @@ def main(argv: list[str] | None = None) -> int:
                         deleted = cleanup_keys(monitor, prefix)
                         print(f"deleted {deleted} keys under '{prefix}*'", file=sys.stderr)
                 monitor.close()
-            tracking_note(closed)
+            close_client_caches()
         finally:
             CLEANUP.stop_all()
 
