@@ -17,7 +17,6 @@ import builtins
 import bz2
 import collections
 import contextlib
-import copy
 import datetime
 import fnmatch
 import functools
@@ -299,8 +298,6 @@ class _SignedCodec(_Codec):
     valid signature it is never deserialized: a miss (``_MISSING``)."""
 
     signed = True
-    binding = b""  # the key and kind of a view made by at(); the codec itself signs nothing
-    key: str | bytes = ""
 
     def __init__(self, serializer: Any, compressor: str | None, min_length: int) -> None:
         super().__init__(serializer, compressor, min_length)
@@ -314,53 +311,76 @@ class _SignedCodec(_Codec):
         # copies of the padded hashes cost 0.7 us.
         self.keys = [hashlib.sha256(_SIGNING_SALT + _bytes(s)).digest() for s in secrets]
         self.pads = [_hmac_pads(key) for key in self.keys]
-        self.refused = [0]  # values refused for their signature, shared by the views
+        self.refused = 0  # values refused for their signature
 
     @property
     def forged(self) -> int:
-        return self.refused[0]
+        return self.refused
 
-    def at(self, key: str | bytes, kind: bytes = b"v") -> _SignedCodec:
-        view = copy.copy(self)
-        view.key = key
+    def at(self, key: str | bytes, kind: bytes = b"v") -> _Bound:
         raw = key if type(key) is bytes else cast(str, key).encode("utf-8", "surrogatepass")
-        view.binding = b"%d:%s%d:%s" % (len(kind), kind, len(raw), raw)
-        return view
+        return _Bound(self, b"%d:%s%d:%s" % (len(kind), kind, len(raw), raw))
 
     def dumps(self, obj: Any) -> Any:
-        return self.sign(super().dumps(obj))
+        raise TypeError("A signed value is signed for its key: codec.at(key).dumps().")
 
-    def sign(self, data: Any) -> Any:
-        """``data`` (what the unsigned codec stores) signed for this view's key."""
+    def loads(self, data: bytes) -> Any:
+        raise TypeError("A signed value is read for its key: codec.at(key).loads().")
+
+    def sign(self, binding: bytes, data: Any) -> Any:
+        """``data`` (what the unsigned codec stores) signed for ``binding``."""
         if type(data) is int:  # INCR needs it raw; an int runs no code when read
             return data
-        if not self.binding:
-            raise TypeError("A signed value is signed for its key: codec.at(key).dumps().")
-        return _SIGNED + _hmac_sha256(self.pads[0], self.binding + data) + data
+        return _SIGNED + _hmac_sha256(self.pads[0], binding + data) + data
 
-    def payload(self, data: bytes) -> bytes | None:
-        """What the unsigned codec stored, if ``data`` is signed for this view (or a raw
-        int); None (counted) if not."""
+    def payload(self, binding: bytes, data: bytes) -> bytes | None:
+        """What the unsigned codec stored, if ``data`` is signed for ``binding`` (or is a
+        raw int); None (counted) if not."""
         if data[:3] == _SIGNED:
             mac, payload = data[3:35], data[35:]
-            message = self.binding + payload
+            message = binding + payload
             for pads in self.pads:
                 if hmac.compare_digest(mac, _hmac_sha256(pads, message)):
                     return payload
         elif data[:1] in _INT_FIRST_BYTES and data[:1] and _reads_as_int(data):
             return data
-        self.refused[0] += 1
+        self.refused += 1
         return None
-
-    def loads(self, data: bytes) -> Any:
-        payload = self.payload(data)
-        return _MISSING if payload is None else self._decode(payload)
 
     def loads_many(self, values: list[bytes | None], keys: list[str]) -> list[Any]:
         return [
             _MISSING if data is None else self.at(key).loads(data)
             for data, key in zip(values, keys, strict=True)
         ]
+
+
+class _Bound(_Codec):
+    """A signed codec for the values of one key and kind (``_SignedCodec.at``)."""
+
+    signed = True
+
+    def __init__(self, codec: _SignedCodec, binding: bytes) -> None:  # nothing of its own
+        self.codec, self.binding = codec, binding
+
+    @property
+    def forged(self) -> int:
+        return self.codec.refused
+
+    def at(self, key: str | bytes, kind: bytes = b"v") -> _Bound:
+        return self.codec.at(key, kind)
+
+    def dumps(self, obj: Any) -> Any:
+        return self.codec.sign(self.binding, _Codec.dumps(self.codec, obj))
+
+    def sign(self, data: Any) -> Any:
+        return self.codec.sign(self.binding, data)
+
+    def payload(self, data: bytes) -> bytes | None:
+        return self.codec.payload(self.binding, data)
+
+    def loads(self, data: bytes) -> Any:
+        payload = self.codec.payload(self.binding, data)
+        return _MISSING if payload is None else self.codec._decode(payload)
 
 
 # Then 32 bytes of HMAC-SHA256 (of the key and kind, and the rest), then what the codec
@@ -1789,6 +1809,9 @@ _RENAME_EXISTING = _Script(
 )
 # SMOVE of a signed member: signed for the first set in ARGV[1], for the second in ARGV[2].
 _SMOVE_SIGNED = _Script(
+    "local kind = redis.call('TYPE', KEYS[2]).ok "
+    "if kind ~= 'set' and kind ~= 'none' then return redis.error_reply("
+    "'WRONGTYPE Operation against a key holding the wrong kind of value') end "
     "if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then redis.call('SADD', KEYS[2], ARGV[2]) "
     "return 1 end return 0"
 )
@@ -2002,10 +2025,13 @@ def _op_move(
         payload = codec.at(old_key).payload(data)
         if payload is None:
             _forged(old_key)
-        data = None if payload is None else codec.at(new_key).sign(payload)
-    if data is None:
+        elif not _reads_as_int(payload):  # a raw int stays raw (incr needs it)
+            payload = codec.at(new_key).sign(payload)
+        data = payload
+    if data is None or remaining == -2:  # (gone between the GET and the PTTL)
         _key_not_found(user_key)
-    expiry = ("PX", remaining) if remaining > 0 else ()
+    # PTTL 0: under a millisecond left, which the new key keeps (it would never expire).
+    expiry = () if remaining == -1 else ("PX", max(remaining, 1))
     yield [("SET", new_key, data, *expiry), ("DEL", old_key)]
 
 
@@ -2131,11 +2157,13 @@ def _hash(codec: _Codec, at: Callable[[Any], _Codec], reply: Any) -> dict[str, A
     return {f: v for f, v in fields.items() if v is not _MISSING}
 
 
-def _field_bytes(field: Any) -> bytes:
-    """A hash field as Redis holds it (as redis-py's encoder sends it)."""
-    if isinstance(field, bytes):
-        return field
-    return (repr(field) if isinstance(field, float) else str(field)).encode()
+def _field_bytes(field: Any, encoding: str) -> bytes:
+    """A hash field as Redis holds it: as redis-py's encoder sends it."""
+    if isinstance(field, (bytes, memoryview)):
+        return bytes(field)
+    if isinstance(field, (int, float)):
+        return repr(field).encode()
+    return cast(str, field).encode(encoding)
 
 
 def _fields(reply: Any) -> list[str]:
@@ -2443,13 +2471,15 @@ _GATHER = 0.001  # seconds the tracking thread lets invalidations gather before 
 class _Store(_Feature):
     """The client-side cache of one configuration in this process, shared by threads, event
     loops, both classes and both paths. A dedicated connection (a thread) runs ``CLIENT
-    TRACKING ON BCAST PREFIX <key prefix>``, drops the entries the server says changed and
-    pings every ``heartbeat_interval``; entries are served until two intervals after the send
-    of the last answered ping, and flushed whenever that connection is lost. A read that
-    misses fetches the value and its PTTL in one round trip and keeps them only if no write,
+    TRACKING ON BCAST PREFIX <key prefix>``; the entries the server says changed are dropped,
+    by that thread or by a reader that finds the invalidations waiting first. Every
+    ``heartbeat_interval`` it pings and reads the db's marker; entries are served until two
+    intervals after the send of the last answered heartbeat, and flushed whenever that
+    connection is lost or the marker changed. A read that misses fetches the value and its
+    PTTL in one round trip and keeps them (or that the key is absent) only if no write,
     invalidation or flush of the key came meanwhile; every write this process sends drops the
-    keys it names when answered. Immutable values are kept as they are; others as the stored
-    bytes, decoded afresh for each caller."""
+    keys it names, once answered, before anything is next served or kept. Immutable values
+    are kept as they are; others as the stored bytes, decoded afresh for each caller."""
 
     def __init__(self, topology: _Topology, prefix: str | None, settings: dict[str, Any]) -> None:
         self.topology = topology
@@ -2464,7 +2494,7 @@ class _Store(_Feature):
         self.marker_key = (prefix or "") + _MARKER
         self.heartbeat: list[bytes] = []  # PING and GET of the marker, packed
         self.answer = b""  # their replies, as the server sends them
-        self.sock: socket.socket | None = None  # the tracking connection's
+        self.marking: list[bytes] = []  # SET NX and GET of the marker, packed
         self._fresh_start()
 
     def _fresh_start(self) -> None:
@@ -2489,10 +2519,10 @@ class _Store(_Feature):
         self.taking = threading.Lock()  # held by the thread that reads it
         self.buffer = bytearray()  # what was read of it and not yet taken
         self.heard: list[Any] = []  # the heartbeat's replies, once read
-        self.more: Callable[[], bool] = bool
+        self.more: Callable[[], bool] = bool  # whether bytes wait on it (under ``taking``)
+        self.sock: socket.socket | None = None  # the tracking connection's (a parent's: not)
         self.stopping = False  # stop() ends the tracking thread: its end is not a loss
         self.recheck_at = 0.0  # time.monotonic() after which a reader looks at that socket
-        self.readable: Callable[[], bool] | None = None  # whether bytes wait on it
         self.marker: bytes | None = None  # the db's marker value, as the last heartbeat saw it
         self.hits = self.misses = self.invalidations = self.flushes = 0
 
@@ -2551,29 +2581,20 @@ class _Store(_Feature):
         never what stands between an invalidation and the reads after it. Looked at (one
         poll) at most every ``_RECHECK`` seconds: a value is served at most that long after
         its invalidation reached this host, however busy the process."""
-        readable = self.readable
-        try:
-            if readable is None:
-                return True
-            if readable() and not self._only_heartbeat() and not self._take_now():
-                return True
-            if self.draining or self.buffer:  # checked after the poll: what they took
-                return True
-        except Exception:  # closed, or polled by another thread at once: the tracker sees
-            return True
-        self.recheck_at = now + _RECHECK
-        return False
-
-    def _take_now(self) -> bool:
-        """Take, in this thread, the invalidations waiting whole; whether it could."""
         sock = self.sock
         if sock is None or not self.taking.acquire(blocking=False):
-            return False
+            return True  # not tracking, or another thread reads it now
         try:
-            self._take(sock, block=False)
+            if self.more() and not self._only_heartbeat(sock):
+                self._take(sock, block=False)
+            if self.buffer:  # a frame not whole yet
+                return True
+        except Exception:  # closed: the tracking thread sees it too
+            return True
         finally:
             self.taking.release()
-        return not self.buffer
+        self.recheck_at = now + _RECHECK
+        return False
 
     # Seen by the policy (the _Feature hooks) ---------------------------------
 
@@ -2760,7 +2781,7 @@ class _Store(_Feature):
                 )
         finally:
             self.valid_until = 0.0
-            self.readable = self.sock = None
+            self.sock = None
             self.flush()
             self.connected = False
             if connection is not None:
@@ -2786,14 +2807,13 @@ class _Store(_Feature):
         finally:
             self.stopping = False
 
-    def _only_heartbeat(self) -> bool:
-        """Whether the bytes waiting are (part of) the heartbeat's replies, no invalidation:
-        a peek, which reads nothing (on TLS, no peek: the store is not served meanwhile)."""
-        sock = self.sock
-        if sock is None or isinstance(sock, ssl.SSLSocket):
+    def _only_heartbeat(self, sock: socket.socket) -> bool:
+        """Whether the bytes waiting (there are some: under ``taking``) are (part of) the
+        heartbeat's replies, no invalidation: a peek, which reads nothing (TLS: no peek)."""
+        if isinstance(sock, ssl.SSLSocket):
             return False
         answer = self.answer  # a byte more: an invalidation may follow the answer
-        waiting = sock.recv(len(answer) + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        waiting = sock.recv(len(answer) + 1, socket.MSG_PEEK)
         return bool(waiting) and answer.startswith(waiting)
 
     def _heartbeats(self, connection: Any) -> NoReturn:
@@ -2804,26 +2824,27 @@ class _Store(_Feature):
         are read, a reader that looks finds them and reads them itself (``_pending``). They
         are read here, not by redis-py's parser (``_take``)."""
         sock = connection._sock
-        wait, timeout = _waiter(sock), connection.socket_timeout
-        self.more = _waiter(sock, 0)  # used under ``taking`` only: one thread at a time
+        wait = _waiter(sock)
         self.buffer.clear()  # a frame begun on a connection lost before
-        self.readable, self.sock = _waiter(sock, 0), sock
+        self.more = _waiter(sock, 0)  # used under ``taking`` only: one thread at a time
+        self.sock = sock
         while True:
             marker = self.marker
             self.answer = b"+PONG\r\n" + (
                 b"$%d\r\n%s\r\n" % (len(marker), marker) if marker else b"_\r\n"
             )
             sent = time.monotonic()
-            with self.taking:
-                self.heard.clear()
-                connection.send_packed_command(self.heartbeat)
-            while len(self.heard) < 2:  # read here, or by a reader
-                if time.monotonic() - sent > timeout:
-                    raise redis.TimeoutError("No heartbeat reply within socket_timeout.")
-                if wait(_GATHER * 1000):
-                    with self.taking:
-                        self._take(sock, block=True)
-            self._heard(connection, sent)
+            pong, marker = self._ask(connection, wait, self.heartbeat, 2)
+            for reply in (pong, marker):
+                if isinstance(reply, redis.ResponseError):
+                    raise reply
+            if marker != self.marker:  # the db was swapped, flushed or its marker deleted
+                self.flush()
+            if marker is None:  # (re)written: this store's, unless another store's came first
+                written = self._ask(connection, wait, self.marking, 2)[1]
+                marker = None if isinstance(written, redis.ResponseError) else written
+            self.marker = marker
+            self.valid_until = sent + 2 * self.interval
             while (left := sent + self.interval - time.monotonic()) > 0:
                 if wait(left * 1000):
                     time.sleep(_GATHER)  # let them gather; readers take them meanwhile
@@ -2831,17 +2852,22 @@ class _Store(_Feature):
                         self._take(sock, block=True)
                     self.settle()  # this process's writes, if nobody reads
 
-    def _heard(self, connection: Any, sent: float) -> None:
-        """The heartbeat's replies came: the store serves until two intervals after."""
-        marker = self.heard[1]
-        if marker != self.marker:  # the db was swapped, flushed or its marker deleted
-            self.flush()
-        if marker is None:
-            with self.taking:
-                marker = _marker(connection, self.marker_key)
-                self._settle(connection)
-        self.marker = marker
-        self.valid_until = sent + 2 * self.interval
+    def _ask(
+        self, connection: Any, wait: Callable[..., bool], packed: list[bytes], count: int
+    ) -> list[Any]:
+        """Send ``packed`` commands on the tracking connection; their ``count`` replies,
+        read here or by a reader that takes what waits first (error replies as objects)."""
+        sent = time.monotonic()
+        with self.taking:
+            self.heard.clear()
+            connection.send_packed_command(packed)
+        while len(self.heard) < count:
+            if time.monotonic() - sent > connection.socket_timeout:
+                raise redis.TimeoutError("No reply on the tracking connection within its timeout.")
+            if wait(_GATHER * 1000):
+                with self.taking:
+                    self._take(connection._sock, block=True)
+        return self.heard[:count]
 
     def _take(self, sock: socket.socket, block: bool) -> None:
         """Read what waits on the tracking connection (with ``block``, and the rest of a
@@ -2885,12 +2911,10 @@ class _Store(_Feature):
             if taken is _MISSING:
                 break
             frame, at = taken
-            if type(frame) is _Push:
+            if type(frame) is not _Push:
+                replies.append(frame)  # a reply (an error reply as its object)
+            elif frame[:1] == [b"invalidate"]:  # not another kind of push (maintenance)
                 self._invalidated(frame)
-            elif isinstance(frame, redis.ResponseError):
-                raise frame
-            else:
-                replies.append(frame)
         del buffer[:at]
         if keys:
             self.invalidations += len(keys)
@@ -2923,7 +2947,9 @@ class _Store(_Feature):
         """A RESP3 connection to the server that takes writes, tracking the prefix."""
         pool = self.topology.sync_client(0).connection_pool
         options = {**pool.connection_kwargs, "protocol": 3}
-        options.pop("parser_class", None)  # redis-py's default for RESP3: hiredis if installed
+        # redis-py's Python parser reads the handshake: what it buffered stays visible to
+        # can_read (``_settle``), then this thread reads the socket itself.
+        options["parser_class"] = redis._parsers._RESP3Parser
         options["socket_timeout"] = max(4 * self.interval, 1.0)
         connection = pool.connection_class(**options)
         connection.connect()
@@ -2934,6 +2960,10 @@ class _Store(_Feature):
         self.flush()  # nothing read before tracking began is trusted
         self.marker = _marker(connection, self.marker_key)
         self.heartbeat = connection.pack_commands([("PING",), ("GET", self.marker_key)])
+        token = os.urandom(16).hex()
+        self.marking = connection.pack_commands(
+            [("SET", self.marker_key, token, "NX"), ("GET", self.marker_key)]
+        )
         self._settle(connection)
         return connection
 
@@ -4365,7 +4395,7 @@ class _RedisEXBase(BaseCache):
         found = {
             key: value for key, value in zip(keys, values, strict=True) if value is not _ABSENT
         }
-        self._stats.served("get_many", len(found), len(keys) - len(found))
+        self._stats.served("get_many", len(found), len(set(keys)) - len(found))
         return found
 
     get_many, aget_many = _twins(_plan_get_many, _local_get_many)
@@ -4642,7 +4672,8 @@ class _DataStructures(_RedisEXBase):
         if not codec.signed:
             return lambda field: codec
         redis_key = self._key(key, version)
-        return lambda field: codec.at(redis_key, b"h" + _field_bytes(field))
+        encoding = self._config.sync_options.get("encoding", "utf-8")
+        return lambda field: codec.at(redis_key, b"h" + _field_bytes(field, encoding))
 
     def _dumped(
         self, key: Any, version: int | None, values: Iterable[Any], kind: bytes = b"s"

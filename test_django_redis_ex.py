@@ -31,6 +31,7 @@ import os
 import pickle
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -3265,7 +3266,7 @@ def test_the_client_side_store_sees_each_round_trip_through_the_policy(path: str
     cache = offline_cache(client_cache=True)
     store = cache._store
     store.valid_until = time.monotonic() + 60  # as if its tracking connection answered
-    store.readable = lambda: False  # and held no invalidation unread
+    store.sock, store.more = socket.socket(), lambda: False  # and held no invalidation unread
     value = pickle.dumps("v", pickle.HIGHEST_PROTOCOL)
     script = Script(([("GET", "t:1:k"), ("PTTL", "t:1:k")], [value, 60_000]))
     assert scripted(path, cache, "get", "k", script=script) == "v"
@@ -4237,6 +4238,65 @@ def test_a_hash_field_another_client_expires_is_read_as_redis_holds_it(
     assert api.get("k") == "old" and local_hits(cache, lambda: api.get("k")) == 1
 
 
+def test_a_reader_takes_the_invalidations_the_tracking_thread_has_not_read(
+    server: RedisServer, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tracking thread reads invalidations a while after they come (here: a second);
+    a reader that finds them waiting reads them itself and answers right. While another
+    thread reads them (here: the test holds that thread's lock), a reader goes to Redis."""
+    monkeypatch.setattr(django_redis_ex, "_GATHER", 1.0)
+    cache = cached_cache(backend, server.url, f"cc-take-{backend.rpartition('.')[2]}")
+    serving(cache)
+    store = cache._store
+    assert store is not None
+    cache.set("k", "old")
+    settled(cache)
+    assert cache.get("k") == "old" and local_hits(cache, lambda: cache.get("k")) == 1
+    raw = server.client()
+    raw.set(cache.make_key("k"), pickle.dumps("new", 5))
+    waiting = lambda: select.select([store.sock], [], [], 0)[0]  # noqa: E731
+    wait_until(lambda: store.sock is not None and waiting(), 2, "the invalidation")
+    assert cache.get("k") == "new"  # taken by this reader, not a second later
+    assert store.invalidations >= 1
+    assert local_hits(cache, lambda: cache.get("k")) == 1  # and served from memory again
+    with store.taking:  # another thread is reading the tracking connection
+        raw.set(cache.make_key("k"), pickle.dumps("newer", 5))
+        wait_until(waiting, 2, "the invalidation")
+        assert local_hits(cache, lambda: cache.get("k")) == 0
+        assert cache.get("k") == "newer"  # from Redis
+
+
+def test_the_tracking_connections_reader_takes_frames_whole() -> None:
+    """The RESP3 frames a tracking connection receives, whole or cut anywhere: pushes (one
+    key, several, a flush), the heartbeat's replies, an error; a cut frame waits."""
+    stream = (
+        b">2\r\n$10\r\ninvalidate\r\n*1\r\n$5\r\nt:1:a\r\n"
+        b"+PONG\r\n$4\r\nmark\r\n"
+        b">2\r\n$10\r\ninvalidate\r\n*2\r\n$5\r\nt:1:b\r\n$5\r\nt:1:c\r\n"
+        b">2\r\n$10\r\ninvalidate\r\n_\r\n"
+        b"_\r\n:7\r\n"
+    )
+    for cut in range(len(stream) + 1):
+        store = offline_cache(client_cache=True)._store
+        dropped: list[Any] = []
+        store.drop = dropped.extend
+        flushes = store.flushes
+        buffer = bytearray(stream[:cut])
+        replies = store._replies(buffer)
+        buffer += stream[cut:]
+        replies += store._replies(buffer)
+        assert buffer == b"" and replies == [b"PONG", b"mark", None, 7], cut
+        assert sorted(dropped) == [b"t:1:a", b"t:1:b", b"t:1:c"], cut
+        assert store.flushes == flushes + 1, cut
+    store = offline_cache(client_cache=True)._store
+    (error,) = store._replies(bytearray(b"-NOPERM no\r\n"))  # an error reply, as an object
+    assert isinstance(error, redis.ResponseError) and str(error) == "NOPERM no"
+    other_push = b">3\r\n$6\r\nMOVING\r\n:1\r\n$4\r\nhost\r\n"  # not an invalidation
+    assert store._replies(bytearray(other_push)) == []
+    with pytest.raises(redis.exceptions.InvalidResponse):
+        store._replies(bytearray(b"?what\r\n"))
+
+
 # Under load: a writer process sets one key in a tight loop, a reader process reads it from two
 # threads (get) and four tasks (aget) at once; no read begun 5 ms after a write completed may
 # return a value older than that write. A tracking thread starved of the GIL by its process's
@@ -4978,10 +5038,37 @@ def test_a_signed_value_replayed_onto_another_key_reads_as_forged(
     api.zadd("{z}board", {"alice": 3, "bob": 1})
     raw.zadd(key("{z}copy"), {cast(bytes, raw.zrange(key("{z}board"), -1, -1)[0]): 5})
     assert api.zrange("{z}copy", 0, -1) == [] and api.zscore("{z}board", "alice") == 3
+    # A raw int moves raw (incr goes on); a move keeps a set's member if the other key is
+    # no set; a hash field is bound as redis-py sends it (an IntEnum, bytes).
+    api.set("count", 5)
+    assert api.incr_version("count") == 2 and api.incr("count", version=2) == 6
+    api.set("text", "t")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        api.smove("{s}users", "text", "bob")
+    assert api.sismember("{s}users", "bob") and api.get("text") == "t"
+    api.hset("{h}kinds", mapping={Colour.RED: "red", b"raw": "bytes", 2.5: "float"})
+    assert api.hgetall("{h}kinds") == {"<Colour.RED: 50>": "red", "raw": "bytes", "2.5": "float"}
+    assert api.hget("{h}kinds", Colour.RED) == "red"
     # Entries signed as 2.0's first release did (the bytes alone) read as misses.
     old = django_redis_ex._SIGNED[:2] + b"s" + bytes(32) + pickle.dumps("old")
     raw.set(key("old"), old)
     assert api.get("old") is None
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_signed_value_moved_in_its_last_millisecond_keeps_expiring(path: str) -> None:
+    """incr_version of a signed value (read, signed for the new key, written): a PTTL of 0
+    (under a millisecond left) still expires the new key; a key gone meanwhile is missing."""
+    cache = offline_cache(sign_values=True)
+    data = cache._codec.at("t:1:k").dumps("v")
+    script = Script(
+        ([("GET", "t:1:k"), ("PTTL", "t:1:k")], [data, 0]),
+        ([("SET", "t:2:k", Anything(), "PX", 1), ("DEL", "t:1:k")], ["OK", 1]),
+    )
+    assert scripted(path, cache, "incr_version", "k", script=script) == 2
+    script = Script(([("GET", "t:1:k"), ("PTTL", "t:1:k")], [data, -2]))
+    with pytest.raises(ValueError, match="not found"):
+        scripted(path, cache, "incr_version", "k", script=script)
 
 
 def test_signed_values_survive_a_secret_key_rotation_and_refuse_unsigned_data(
