@@ -3647,7 +3647,10 @@ def test_close_client_caches_ends_tracking_quietly_and_a_read_starts_it_again(
     try:
         cache = cached_cache(backend, own.url, "cc-close")
         serving(cache)
-        tracking = lambda: [c for c in own.client().client_list() if "t" in c["flags"]]  # noqa: E731
+
+        def tracking() -> list[Any]:
+            return [c for c in own.client().client_list() if "t" in c["flags"]]
+
         assert len(tracking()) == 1
         caplog.set_level(logging.WARNING, logger="django_redis_ex")
         django_redis_ex.close_client_caches()
@@ -4254,8 +4257,12 @@ def test_a_reader_takes_the_invalidations_the_tracking_thread_has_not_read(
     assert cache.get("k") == "old" and local_hits(cache, lambda: cache.get("k")) == 1
     raw = server.client()
     raw.set(cache.make_key("k"), pickle.dumps("new", 5))
-    waiting = lambda: select.select([store.sock], [], [], 0)[0]  # noqa: E731
-    wait_until(lambda: store.sock is not None and waiting(), 2, "the invalidation")
+
+    def waiting() -> bool:
+        sock = store.sock
+        return sock is not None and bool(select.select([sock], [], [], 0)[0])
+
+    wait_until(waiting, 2, "the invalidation")
     assert cache.get("k") == "new"  # taken by this reader, not a second later
     assert store.invalidations >= 1
     assert local_hits(cache, lambda: cache.get("k")) == 1  # and served from memory again
