@@ -41,7 +41,8 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -4304,6 +4305,394 @@ def test_the_tracking_connections_reader_takes_frames_whole() -> None:
         store._replies(bytearray(b"?what\r\n"))
 
 
+SLACK = 0.05  # scheduling slack on top of the documented bound (2 * HEARTBEAT)
+
+
+# ---------------------------------------------------------------------------
+# A TCP proxy that can stop forwarding (a half-dead network: no FIN, no RST, no bytes)
+# ---------------------------------------------------------------------------
+
+
+class PausableProxy:
+    """Accepts on a free loopback port and forwards both ways to ``upstream_port``, one
+    thread per direction. ``pause()`` stops forwarding in both directions without closing
+    anything: bytes stay in the kernel's buffers (a pump that had just read some holds them),
+    as TCP keeps retransmitting across a partition; ``resume()`` delivers them in order."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.forwarding = threading.Event()
+        self.forwarding.set()
+        self.closing = threading.Event()
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self.accepted = 0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.05)
+        self.port = int(self.listener.getsockname()[1])
+        self._start(self._accept)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name="attack proxy", daemon=True)
+        with self.lock:
+            self.threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self.closing.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # the listener closed
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=2)
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(2)  # a sendall to a peer that never reads is bounded too
+            upstream.settimeout(2)
+            with self.lock:
+                self.sockets += [client, upstream]
+                self.accepted += 1
+            self._start(self._pump, client, upstream)
+            self._start(self._pump, upstream, client)
+
+    def _pump(self, source: socket.socket, destination: socket.socket) -> None:
+        try:
+            while not self.closing.is_set():
+                if not self.forwarding.is_set():
+                    self.forwarding.wait(0.05)  # paused: nothing is read
+                    continue
+                if not select.select([source], [], [], 0.05)[0]:
+                    continue
+                data = source.recv(65536)
+                if not data:
+                    break
+                while not self.forwarding.wait(0.05):  # read as the switch flipped: held
+                    if self.closing.is_set():
+                        return
+                destination.sendall(data)
+        except (OSError, ValueError):
+            pass
+        finally:
+            for each in (source, destination):  # the other pump sees the end and stops
+                with contextlib.suppress(OSError):
+                    each.shutdown(socket.SHUT_RDWR)
+
+    def pause(self) -> None:
+        self.forwarding.clear()
+
+    def resume(self) -> None:
+        self.forwarding.set()
+
+    def stop(self) -> None:
+        """Stop every thread (bounded), then close every socket."""
+        self.closing.set()
+        self.forwarding.set()
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        with self.lock:
+            sockets = list(self.sockets)
+        for each in sockets:
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 5
+        with self.lock:
+            threads = list(self.threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for each in sockets:
+            each.close()
+        alive = [thread for thread in threads if thread.is_alive()]
+        assert not alive, f"{len(alive)} proxy threads still running"
+
+
+Sample = tuple[float, float, str]  # a call's start, its end, and what it returned or raised
+
+
+def outcome_of(call: Callable[[], Any]) -> Sample:
+    start = time.monotonic()
+    try:
+        outcome = repr(call())
+    except (redis.RedisError, OSError) as error:  # a redis error is an allowed answer
+        outcome = f"raised {type(error).__name__}"
+    return start, time.monotonic(), outcome
+
+
+async def async_outcome_of(call: Callable[[], Awaitable[Any]]) -> Sample:
+    start = time.monotonic()
+    try:
+        outcome = repr(await call())
+    except (redis.RedisError, OSError) as error:
+        outcome = f"raised {type(error).__name__}"
+    return start, time.monotonic(), outcome
+
+
+# Concurrent callers, one starting every 100 ms from the stop on: each call that goes to
+# Redis waits for socket_timeout (1 s), so the times past the bound (the tracker's own
+# timeout, its reconnection through the silent proxy) are looked at by later starters.
+STARTS = [i * 0.1 for i in range(21)]
+
+
+def poll(
+    cache: Any, path: str, loop: asyncio.AbstractEventLoop, key: str, stopped: float, until: float
+) -> list[Sample]:
+    """Call get (or aget) on concurrent callers, started at ``stopped + STARTS``, until
+    ``until``; every call's sample."""
+    samples: list[Sample] = []
+    if path == "sync":
+
+        def caller(start: float) -> None:
+            time.sleep(max(0.0, start - time.monotonic()))
+            while time.monotonic() < until:
+                samples.append(outcome_of(lambda: cache.get(key)))
+
+        threads = [
+            threading.Thread(target=caller, args=(stopped + offset,), daemon=True)
+            for offset in STARTS
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, until - time.monotonic()) + 10)  # within socket_timeout
+        assert not any(thread.is_alive() for thread in threads)
+        return samples
+
+    async def task(start: float) -> None:
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        while time.monotonic() < until:
+            samples.append(await async_outcome_of(lambda: cache.aget(key)))
+            await asyncio.sleep(0)  # a hit suspends nowhere: let the other callers look too
+
+    async def all_tasks() -> None:
+        tasks = (task(stopped + offset) for offset in STARTS)
+        await asyncio.wait_for(asyncio.gather(*tasks), until - time.monotonic() + 10)
+
+    loop.run_until_complete(all_tasks())
+    return samples
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", ["sync", "async"])
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+def test_the_staleness_bound_holds_behind_a_proxy_that_stops_forwarding(
+    backend_name: str, path: str
+) -> None:
+    """The cache reaches Redis through a proxy that goes silent (no close, no reset: a
+    half-dead network); another client writes a new value directly. Entries are served at
+    most 2 * heartbeat_interval after the send of the last answered heartbeat, and no
+    heartbeat can be answered once the proxy is silent: so the old value is never served
+    later than 2 * HEARTBEAT (+ slack) after the stop, whatever the calls do meanwhile (a
+    redis error is fine). Once forwarding resumes, the new value is read."""
+    backend = BACKENDS[backend_name]
+    server = RedisServer()
+    proxy = PausableProxy(server.port)
+    loop = asyncio.new_event_loop()
+    try:
+        prefix = f"proxy-{backend_name}-{path}"
+        cache = cached_cache(backend, proxy.url, prefix)
+        writer = make_cache(backend, server.url, KEY_PREFIX=prefix)  # direct, no local store
+        writer.set("other", "o")  # connected before the stop: the write is prompt
+        serving(cache)
+        cache.set("k", "old")
+        settled(cache)
+
+        def get() -> Any:
+            if path == "sync":
+                return cache.get("k")
+            return loop.run_until_complete(cache.aget("k"))
+
+        assert get() == "old"
+        wait_until(lambda: local_hits(cache, get) == 1, 5, "the old value served from memory")
+
+        proxy.pause()
+        stopped = time.monotonic()
+        writer.set("k", "new")
+        written = time.monotonic()
+        assert written - stopped < 0.1, written - stopped  # it did not wait on the proxy
+        limit = stopped + 2 * HEARTBEAT + SLACK
+        samples = poll(cache, path, loop, "k", stopped, stopped + 2.5)
+        late = [s for s in samples if s[2] == repr("old") and s[1] > limit]
+        served = [s for s in samples if s[2] == repr("old")]
+        after_bound = [s for s in samples if s[0] > limit]
+        unexpected = {s[2] for s in samples} - {repr("old"), repr("new")}
+        unexpected = {o for o in unexpected if not o.startswith("raised ")}
+        last_old = (served[-1][1] if served else stopped) - stopped
+        print(
+            f"\n{backend_name}/{path}: {len(samples)} calls while silent, {len(served)} served "
+            f"the old value (the last {last_old * 1000:.1f} ms after the stop), "
+            f"{len(after_bound)} began past the bound; outcomes "
+            f"{sorted({s[2] for s in samples})}"
+        )
+        assert not late, [(round(s[0] - stopped, 3), round(s[1] - stopped, 3)) for s in late]
+        assert not unexpected, unexpected
+        assert after_bound, "no call began past the bound: the check proved nothing"
+        # Nothing the proxy held may be mistaken for a reply of a later call.
+        assert not [s for s in samples if s[2] == repr("new") and s[0] < written], samples
+
+        proxy.resume()
+        resumed = time.monotonic()
+        after: list[Sample] = []
+
+        def new_value_read() -> bool:
+            after.append(outcome_of(get))
+            return after[-1][2] == repr("new")
+
+        wait_until(new_value_read, 5, "the new value through the proxy")
+        print(f"new value read {(time.monotonic() - resumed) * 1000:.0f} ms after the resume")
+        assert all(s[2] != repr("old") for s in after), after
+        for _ in range(5):  # the connections that timed out left no reply behind
+            assert get() == "new"
+            if path == "sync":
+                assert cache.get("other") == "o"
+            else:
+                assert loop.run_until_complete(cache.aget("other")) == "o"
+    finally:
+        django_redis_ex.close_client_caches(timeout=5)
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        proxy.stop()
+        server.stop()
+
+
+# ---------------------------------------------------------------------------
+# Parked asyncio sockets: the session (db, ACL user) across loops and a fork
+# ---------------------------------------------------------------------------
+
+
+def client_info(reply: Any) -> dict[str, str]:
+    """CLIENT INFO's fields, as str (redis-py parses it to a dict; raw is one line)."""
+    if isinstance(reply, dict):
+        return {str(k): str(v) for k, v in reply.items()}
+    line = reply.decode() if isinstance(reply, bytes) else str(reply)
+    return dict(field.split("=", 1) for field in line.split() if "=" in field)
+
+
+@pytest.mark.timeout(60)
+def test_parked_sockets_keep_their_db_and_acl_user_across_loops_and_a_fork() -> None:
+    """An asyncio cache on db 5 as ACL user ``app`` (the default user is off, so a socket
+    that lost its AUTH could do nothing): 60 consecutive ``asyncio.run`` loops resume the
+    sockets the previous loop parked (the server sees no new connection per loop), and every
+    connection the cache uses is still in db 5 as ``app``. A forked child opens its own
+    connection (never the parent's parked one), also in db 5 as ``app``; afterwards the
+    parent's parked socket is still whole and taken up again."""
+    server = RedisServer()
+    admin: redis.Redis | None = None
+    try:
+        with server.client() as boot:
+            for user, password in (("admin", "adminpw"), ("app", "secret")):
+                boot.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "&*")
+                boot.execute_command("ACL", "SETUSER", user, "+@all")
+        admin = redis.Redis(
+            host="127.0.0.1", port=server.port, username="admin", password="adminpw",
+            socket_timeout=5,
+        )  # fmt: skip
+        assert admin.acl_whoami() == "admin" or admin.acl_whoami() == b"admin"
+        admin.execute_command("ACL", "SETUSER", "default", "off")
+        with server.client() as anonymous, pytest.raises(redis.RedisError):
+            anonymous.ping()  # without credentials, nothing works
+
+        url = f"redis://app:secret@127.0.0.1:{server.port}/5"
+        cache = make_cache(BACKENDS["AsyncRedisEXCache"], url, KEY_PREFIX="parked")
+
+        async def one_round(number: int) -> dict[str, str]:
+            await cache.aset(f"k{number}", number)
+            assert await cache.aget(f"k{number}") == number
+            assert await cache.aget_many([f"k{number}", "nope"]) == {f"k{number}": number}
+            reply = await cache.get_async_client().execute_command("CLIENT", "INFO")
+            return client_info(reply)
+
+        def run_round(number: int) -> dict[str, str]:
+            return asyncio.run(asyncio.wait_for(one_round(number), 10))
+
+        def app_connections() -> list[dict[str, Any]]:
+            assert admin is not None
+            listed: list[dict[str, Any]] = admin.client_list()
+            return [c for c in listed if c.get("user") == "app"]
+
+        def connections_received() -> int:
+            assert admin is not None
+            return int(admin.info("stats")["total_connections_received"])
+
+        before = connections_received()
+        ids: list[str] = []
+        for number in range(60):
+            info = run_round(number)
+            assert (info["db"], info["user"]) == ("5", "app"), (number, info)
+            ids.append(info["id"])
+            for connection in app_connections():  # the line's connection too, if another
+                assert str(connection["db"]) == "5", (number, connection)
+        made = connections_received() - before
+        distinct = sorted(set(ids), key=int)
+        print(f"\n60 loops: {made} connections made, client ids {distinct}")
+        assert made <= 3, f"{made} connections for 60 loops: the sockets were not parked"
+        assert len(distinct) <= 3, distinct
+        assert len(app_connections()) <= 3, app_connections()
+        stored = redis.Redis(
+            host="127.0.0.1", port=server.port, db=5, username="admin", password="adminpw",
+            socket_timeout=5,
+        )  # fmt: skip
+        with stored:
+            assert stored.exists(*(cache.make_key(f"k{n}") for n in range(60))) == 60
+        assert admin.exists(cache.make_key("k0")) == 0  # not in db 0
+
+        parents = set(ids)
+
+        def child() -> int:
+            info = asyncio.run(asyncio.wait_for(one_round(1000), 10))
+            if (info["db"], info["user"]) != ("5", "app"):
+                print("child's connection:", info, file=sys.stderr)
+                return 2
+            if info["id"] in parents:
+                print("the child used its parent's session", info["id"], file=sys.stderr)
+                return 3
+            with redis.Redis(
+                host="127.0.0.1", port=server.port, username="admin", password="adminpw",
+                socket_timeout=5,
+            ) as own_admin:  # fmt: skip
+                made = int(own_admin.info("stats")["total_connections_received"])
+                again = asyncio.run(asyncio.wait_for(one_round(1001), 10))  # its own parked ones
+                made = int(own_admin.info("stats")["total_connections_received"]) - made
+            if (again["db"], again["user"]) != ("5", "app") or again["id"] in parents:
+                print("child's second loop:", again, file=sys.stderr)
+                return 4
+            if made:
+                print(f"child's second loop made {made} connections", file=sys.stderr)
+                return 5
+            return 0
+
+        before_fork = connections_received()
+        assert in_forked_child(child, timeout=20) == 0
+        in_child = connections_received() - before_fork
+        info = run_round(2000)
+        assert (info["db"], info["user"]) == ("5", "app"), info
+        assert info["id"] in parents, (info, parents)  # the parent's parked socket, intact
+        made_after = connections_received() - before_fork - in_child
+        print(f"fork: the child made {in_child} connections (1 its admin's); the parent then")
+        print(f"made {made_after}, and used connection {info['id']}")
+        assert made_after == 0, made_after  # the parent's parked sockets were taken up again
+        assert run_round(2001)["id"] in parents
+        with redis.Redis(
+            host="127.0.0.1", port=server.port, db=5, username="admin", password="adminpw",
+            socket_timeout=5,
+        ) as stored:  # fmt: skip
+            assert stored.exists(cache.make_key("k1000"), cache.make_key("k1001")) == 2
+    finally:
+        if admin is not None:
+            admin.close()
+        server.stop()
+
+
 # Under load: a writer process sets one key in a tight loop, a reader process reads it from two
 # threads (get) and four tasks (aget) at once; no read begun 5 ms after a write completed may
 # return a value older than that write. A tracking thread starved of the GIL by its process's
@@ -5439,6 +5828,470 @@ def test_a_call_sent_by_a_pending_flush_while_the_reader_idles_is_answered(
 
     replies = asyncio.run(main())
     assert replies == [cache._codec.dumps("v")]
+
+
+# ---------------------------------------------------------------------------
+# Attacks on the multiplexed line: connections killed, the server frozen, large values, error
+# replies and cancellations mixed; no call may get another's reply
+# ---------------------------------------------------------------------------
+
+LINE_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+# What a call raises other than those: an error reply, or a reply meant for another call that
+# fails to decode (a status where a pickle is read, an integer parsed from a bulk string...).
+# Recorded, so that one such error does not stop the run; anything else propagates.
+LINE_DECODING = (ValueError, TypeError, pickle.UnpicklingError, EOFError, LookupError)
+LINE_MISREAD = (redis.RedisError, *LINE_DECODING)
+
+
+def attack_server() -> RedisServer:
+    """A server of this test's own (never the one on port 6379), registered for cleanup."""
+    needs_server()
+    server = RedisServer()
+    assert server.port != 6379 and server.process is not None
+    return server
+
+
+# ---------------------------------------------------------------------------
+# 1. Connections killed and the server frozen under 200 concurrent tasks
+# ---------------------------------------------------------------------------
+
+LINE_KEYS = 200  # k0..k199, set before and never written during the run
+LINE_RUN = 4.0  # seconds of calls
+DISTURBED = 3.5  # seconds of kills and freezes; the rest is quiet
+KILL_EVERY = 0.15
+# SIGSTOP (at, for) seconds into the run: two short freezes (calls wait), then one longer
+# than socket_timeout (calls in flight time out, the line's connection is dropped).
+FREEZES = [(0.6, 0.3), (1.5, 0.3), (2.0, 1.2)]
+AFTER_FREEZE = 0.2  # seconds with no kill after each freeze
+CALL_BOUND = 5.0  # no call may take longer (socket_timeout is 1 s)
+
+
+def preset_value(i: int) -> str:
+    return f"v{i}" * (i % 7 + 1)
+
+
+@dataclass
+class Disturbances:
+    """What the disturbing thread did, and when (time.monotonic(), the loop's clock too)."""
+
+    kills: int = 0
+    killed_clients: int = 0
+    freezes: int = 0
+    last: float = 0.0
+    errors: list[BaseException] = field(default_factory=list)
+
+
+def disturb(server: RedisServer, stop: threading.Event, done: Disturbances) -> None:
+    """Until ``stop`` or DISTURBED seconds: CLIENT KILL TYPE normal SKIPME yes every
+    KILL_EVERY seconds between the FREEZES (SIGSTOP, then SIGCONT). The server is always
+    continued (finally)."""
+    assert server.process is not None
+    pid = server.process.pid
+    admin = server.client(timeout=1)
+    start = time.monotonic()
+    freezes = list(FREEZES)
+    frozen = False
+    try:
+        while not stop.is_set() and time.monotonic() - start < DISTURBED:
+            if freezes and time.monotonic() - start >= freezes[0][0]:
+                os.kill(pid, signal.SIGSTOP)
+                frozen = True
+                done.freezes += 1
+                stop.wait(freezes.pop(0)[1])
+                os.kill(pid, signal.SIGCONT)
+                frozen = False
+                done.last = time.monotonic()
+                # No kill at once: the replies of the calls sent meanwhile go out first.
+                stop.wait(AFTER_FREEZE)
+                continue
+            try:
+                killed = admin.client_kill_filter(_type="normal", skipme=True)
+                done.killed_clients += int(killed)
+                done.kills += 1
+                done.last = time.monotonic()
+            except redis.RedisError as error:  # sent as the server stops: next time
+                done.errors.append(error)
+            stop.wait(KILL_EVERY)
+    finally:
+        if frozen:
+            os.kill(pid, signal.SIGCONT)
+            done.last = time.monotonic()
+        admin.close()
+
+
+@dataclass
+class Tally:
+    calls: int = 0
+    ok: int = 0
+    wrong: list[tuple[str, Any, Any]] = field(default_factory=list)
+    # ConnectionError, TimeoutError: allowed
+    errors: dict[str, int] = field(default_factory=dict)
+    unexpected: list[BaseException] = field(default_factory=list)
+    hung: int = 0
+    writes: int = 0
+    # Each call: when it started, when it ended, whether it succeeded.
+    finished: list[tuple[float, float, bool]] = field(default_factory=list)
+
+
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+def test_multiplexed_calls_return_no_wrong_value_while_connections_are_killed_and_the_server_frozen(
+    backend_name: str,
+) -> None:
+    """200 tasks of one loop share the line while its connection is cut (CLIENT KILL every
+    150 ms) and the server frozen (SIGSTOP), once past socket_timeout. A call may fail with
+    ConnectionError or TimeoutError; none may return another call's reply, hang, or fail
+    once the server is left alone."""
+    server = attack_server()
+    assert server.process is not None
+    pid = server.process.pid
+    stop = threading.Event()
+    done = Disturbances()
+    thread = threading.Thread(target=disturb, args=(server, stop, done), daemon=True)
+    try:
+        options = {
+            "socket_timeout": 1,
+            "socket_connect_timeout": 1,
+            "ignore_exceptions": False,
+        }
+        cache = make_cache(
+            BACKENDS[backend_name],
+            server.url,
+            KEY_PREFIX=f"kill-{backend_name}",
+            OPTIONS=options,
+        )
+        cache.set_many({f"k{i}": preset_value(i) for i in range(LINE_KEYS)}, timeout=None)
+        tally = Tally()
+        rng = random.Random(f"kill-{backend_name}")
+
+        async def timed(call: Awaitable[Any]) -> tuple[bool, Any]:
+            """(True, result) or (False, error); a call past CALL_BOUND counts as hung."""
+            tally.calls += 1
+            try:
+                return True, await asyncio.wait_for(call, CALL_BOUND)
+            except LINE_UNAVAILABLE as error:  # allowed
+                kind = type(error).__name__
+                tally.errors[kind] = tally.errors.get(kind, 0) + 1
+                return False, error
+            except TimeoutError as error:  # the bound
+                tally.hung += 1
+                return False, error
+            except LINE_MISREAD as error:
+                tally.unexpected.append(error)
+                return False, error
+
+        async def worker(index: int, end: float) -> None:
+            loop = asyncio.get_running_loop()
+            own = f"k{LINE_KEYS + index}"  # written by this task alone
+            seq = 0
+            current: str | None = None  # the value of the last write that completed
+            failed: set[str] = set()  # writes that failed: applied or not, maybe late
+            while loop.time() < end:
+                started = loop.time()
+                if index % 10 == 0 and rng.random() < 0.2:
+                    seq += 1
+                    value = f"{own}={seq}"
+                    succeeded, _ = await timed(cache.aset(own, value, timeout=None))
+                    tally.writes += 1
+                    if succeeded:
+                        current = value
+                    else:
+                        failed.add(value)
+                    if current is None:
+                        continue
+                    succeeded, got = await timed(cache.aget(own))
+                    if succeeded and got != current and got not in failed:
+                        tally.wrong.append((own, current, got))
+                else:
+                    i = rng.randrange(LINE_KEYS)
+                    succeeded, got = await timed(cache.aget(f"k{i}"))
+                    if succeeded and got != preset_value(i):
+                        tally.wrong.append((f"k{i}", preset_value(i), got))
+                tally.ok += succeeded
+                tally.finished.append((started, loop.time(), succeeded))
+
+        async def main() -> None:
+            end = asyncio.get_running_loop().time() + LINE_RUN
+            thread.start()
+            await asyncio.gather(*(worker(index, end) for index in range(200)))
+
+        began = time.monotonic()
+        asyncio.run(asyncio.wait_for(main(), LINE_RUN + 4 * CALL_BOUND))
+        took = time.monotonic() - began
+        stop.set()
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+        wait_until(server.client(timeout=1).ping, 5, "the server to answer again")
+
+        calm = done.last + 0.05
+        quiet = [ok for started, _end, ok in tally.finished if started > calm]
+        report = (
+            f"{backend_name}: {tally.calls} calls in {took:.1f} s ({tally.ok} ok, "
+            f"errors {tally.errors}, {len(tally.wrong)} wrong, "
+            f"{tally.hung} hung, {len(tally.unexpected)} unexpected, {tally.writes} writes); "
+            f"{done.kills} CLIENT KILLs cut {done.killed_clients} connections, "
+            f"{done.freezes} freezes, {len(done.errors)} kills failed; "
+            f"after the last disturbance: {sum(quiet)} of {len(quiet)} calls ok"
+        )
+        print("\n" + report)
+        assert done.freezes == len(FREEZES) and done.kills >= 5, report
+        assert tally.wrong == [], f"{report}; first wrong: {tally.wrong[:5]}"
+        assert tally.unexpected == [], f"{report}; {tally.unexpected[:3]!r}"
+        assert tally.hung == 0, report
+        assert sum(quiet) > 100, report
+        # Once quiet, every call answers (none is left failing on a dead connection).
+        assert all(quiet[len(quiet) // 2 :]), report
+        assert cache.get("k7") == preset_value(7), report
+    finally:
+        stop.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)  # never leave it frozen, whatever happened
+        if thread.is_alive():
+            thread.join(timeout=5)
+        server.stop()
+
+
+# ---------------------------------------------------------------------------
+# 2. Values over 1 MiB, error replies and cancellations mixed on one line
+# ---------------------------------------------------------------------------
+
+# Over _LARGE_VALUE (1 MiB): such an aset goes on a connection of its own.
+BIG = 1_500_000
+BIG_KEYS = 4  # b0..b3, each written by one task
+SMALL_KEYS = 30  # s0..s29, each written by one task (the first SMALL_KEYS workers)
+WORKERS = 30
+MIXED_RUN = 3.0
+MIXED_BOUND = 10.0  # no call may take longer
+
+
+def big_value(key: int, seq: int) -> bytes:
+    """1.5 MB: a header naming its key and write, then a pattern of that key and write."""
+    header = f"b{key}:{seq:08d}:".encode()
+    unit = bytes((seq * 31 + key * 7 + j) % 256 for j in range(256))
+    return (header + unit * (BIG // 256 + 1))[:BIG]
+
+
+def small_value(key: int, seq: int) -> str:
+    return f"s{key}:{seq}"
+
+
+@dataclass
+class Writes:
+    """The writes of one key (by one task, in turn): which completed, which were cancelled."""
+
+    last_completed: int = 0  # 0: the value set before the run
+    cancelled: set[int] = field(default_factory=set)
+    attempted: set[int] = field(default_factory=lambda: {0})
+
+    def after_completed(self, may_land_late: bool) -> set[int]:
+        """The writes the key may hold once its writer is between writes: the last completed
+        one, or a cancelled one that went out anyway (after it; or any, if cancelled writes
+        on connections of their own may land late)."""
+        late = (
+            self.cancelled
+            if may_land_late
+            else {s for s in self.cancelled if s > self.last_completed}
+        )
+        return {self.last_completed} | late
+
+
+@dataclass
+class MixTally:
+    calls: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    hung: int = 0
+    wrong: list[tuple[str, str]] = field(default_factory=list)
+    unexpected: list[BaseException] = field(default_factory=list)
+    refusals: int = 0  # aincr of the text key: ResponseError "not an integer"
+    big_reads: int = 0
+    big_writes: int = 0
+
+
+def seq_of_big(key: int, value: Any) -> int | None:
+    """The write ``value`` is, if it is exactly one of key ``key``'s 1.5 MB values."""
+    if not isinstance(value, bytes) or len(value) != BIG:
+        return None
+    name, _, rest = value[:32].partition(b":")
+    digits = rest[:8]
+    if name != f"b{key}".encode() or not digits.isdigit():
+        return None
+    seq = int(digits)
+    return seq if value == big_value(key, seq) else None
+
+
+def seq_of_small(key: int, value: Any) -> int | None:
+    if not isinstance(value, str) or not value.startswith(f"s{key}:"):
+        return None
+    digits = value.partition(":")[2]
+    if not digits.isdigit() or value != small_value(key, int(digits)):
+        return None
+    return int(digits)
+
+
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+def test_multiplexed_calls_mixing_large_values_error_replies_and_cancellations_return_no_wrong_value(  # noqa: E501, RUF100
+    backend_name: str,
+) -> None:
+    """Values over 1 MiB (sent on connections of their own, read back on the line), small
+    values, error replies (INCR of text) and calls cancelled after 0-2 ms, once or twice:
+    every call that completes gets its own reply, every aincr of the text is refused, no
+    call hangs, and each key ends holding a write it may hold."""
+    server = attack_server()
+    try:
+        options = {"socket_timeout": 5, "ignore_exceptions": False}
+        cache: ExCache = make_cache(
+            BACKENDS[backend_name],
+            server.url,
+            KEY_PREFIX=f"mix-{backend_name}",
+            OPTIONS=options,
+        )
+        preset: dict[str, Any] = {f"b{k}": big_value(k, 0) for k in range(BIG_KEYS)}
+        preset.update({f"s{k}": small_value(k, 0) for k in range(SMALL_KEYS)})
+        cache.set_many(preset, timeout=None)
+        cache.set("text", "not a number", timeout=None)
+        big = [Writes() for _ in range(BIG_KEYS)]
+        small = [Writes() for _ in range(SMALL_KEYS)]
+        tally = MixTally()
+        rng = random.Random(f"mix-{backend_name}")
+
+        async def attempt(make: Callable[[], Awaitable[Any]]) -> tuple[str, Any]:
+            """The call in a task of its own, cancelled (once or twice) after 0-2 ms one time
+            in three: ("done", result), ("raised", error), ("cancelled", None) or ("hung",
+            None)."""
+            tally.calls += 1
+
+            async def bounded() -> Any:
+                return await asyncio.wait_for(make(), MIXED_BOUND)
+
+            task = asyncio.ensure_future(bounded())
+            if rng.random() < 1 / 3:
+                await asyncio.sleep(rng.uniform(0, 0.002))
+                task.cancel()
+                if rng.random() < 0.5:
+                    await asyncio.sleep(0)
+                    task.cancel()
+            try:
+                result = await task
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise  # this task's own cancellation
+                tally.cancelled += 1
+                return "cancelled", None
+            except TimeoutError:  # the bound
+                tally.hung += 1
+                return "hung", None
+            except LINE_MISREAD as error:
+                return "raised", error
+            tally.completed += 1
+            return "done", result
+
+        def note(outcome: str, result: Any, what: str) -> bool:
+            """Whether a call completed; an error it should not raise is recorded."""
+            if outcome == "raised":
+                tally.unexpected.append(result)
+                tally.wrong.append((what, f"raised {result!r}"))
+            return outcome == "done"
+
+        async def write_then_read(key: int, is_big: bool) -> None:
+            writes = (big if is_big else small)[key]
+            name = f"{'b' if is_big else 's'}{key}"
+            seq = max(writes.attempted) + 1
+            writes.attempted.add(seq)
+            value = big_value(key, seq) if is_big else small_value(key, seq)
+            tally.big_writes += is_big
+            outcome, result = await attempt(lambda: cache.aset(name, value, None))
+            if note(outcome, result, f"aset {name}"):
+                writes.last_completed = seq
+            elif outcome == "cancelled":
+                writes.cancelled.add(seq)
+            outcome, got = await attempt(lambda: cache.aget(name))
+            if note(outcome, got, f"aget {name}"):
+                found = seq_of_big(key, got) if is_big else seq_of_small(key, got)
+                if found not in writes.after_completed(may_land_late=is_big):
+                    tally.wrong.append((f"own aget {name}", describe_line_run(got)))
+
+        async def read(key: int, is_big: bool) -> None:
+            writes = (big if is_big else small)[key]
+            name = f"{'b' if is_big else 's'}{key}"
+            outcome, got = await attempt(lambda: cache.aget(name))
+            if note(outcome, got, f"aget {name}"):
+                tally.big_reads += is_big
+                found = seq_of_big(key, got) if is_big else seq_of_small(key, got)
+                if found not in writes.attempted:
+                    tally.wrong.append((f"aget {name}", describe_line_run(got)))
+
+        async def incr_text() -> None:
+            outcome, result = await attempt(lambda: cache.aincr("text"))
+            if outcome == "raised":
+                refused = isinstance(result, redis.ResponseError)
+                if refused and "not an integer" in str(result):
+                    tally.refusals += 1
+                else:
+                    tally.unexpected.append(result)
+                    tally.wrong.append(("aincr text", f"raised {result!r}"))
+            elif outcome == "done":
+                tally.wrong.append(("aincr text", f"returned {result!r}"))
+
+        async def worker(index: int, end: float) -> None:
+            loop = asyncio.get_running_loop()
+            while loop.time() < end:
+                r = rng.random()
+                if index < BIG_KEYS and r < 0.3:
+                    await write_then_read(index, True)
+                elif r < 0.4:
+                    await read(rng.randrange(BIG_KEYS), True)
+                elif r < 0.6:
+                    await write_then_read(index % SMALL_KEYS, False)
+                elif r < 0.8:
+                    await read(rng.randrange(SMALL_KEYS), False)
+                else:
+                    await incr_text()
+
+        async def final_check() -> list[tuple[str, str]]:
+            """Fresh reads, not cancelled: each key holds a write it may hold."""
+            wrong = []
+            for key, writes in enumerate(big):
+                got = await asyncio.wait_for(cache.aget(f"b{key}"), MIXED_BOUND)
+                if seq_of_big(key, got) not in writes.after_completed(True):
+                    wrong.append((f"final b{key}", describe_line_run(got)))
+            for key, writes in enumerate(small):
+                got = await asyncio.wait_for(cache.aget(f"s{key}"), MIXED_BOUND)
+                if seq_of_small(key, got) not in writes.after_completed(False):
+                    wrong.append((f"final s{key}", describe_line_run(got)))
+            return wrong
+
+        async def main() -> list[tuple[str, str]]:
+            end = asyncio.get_running_loop().time() + MIXED_RUN
+            await asyncio.gather(*(worker(index, end) for index in range(WORKERS)))
+            return await final_check()
+
+        began = time.monotonic()
+        final_wrong = asyncio.run(asyncio.wait_for(main(), MIXED_RUN + 3 * MIXED_BOUND))
+        took = time.monotonic() - began
+        report = (
+            f"{backend_name}: {tally.calls} calls in {took:.1f} s ({tally.completed} completed, "
+            f"{tally.cancelled} cancelled, {tally.hung} hung, {len(tally.wrong)} wrong, "
+            f"{len(final_wrong)} wrong at the end, {tally.refusals} aincr refusals); "
+            f"{tally.big_writes} 1.5 MB writes, {tally.big_reads} 1.5 MB reads"
+        )
+        print("\n" + report)
+        assert tally.wrong == [] and final_wrong == [], (
+            f"{report}: {(tally.wrong + final_wrong)[:5]}"
+        )
+        assert tally.unexpected == [], report
+        assert tally.hung == 0, report
+        assert tally.cancelled > 20 and tally.refusals > 20, report
+        assert tally.big_writes > 5 and tally.big_reads > 5, report
+        assert cache.get("s0") is not None and cache.get("k-absent") is None, report
+    finally:
+        server.stop()
+
+
+def describe_line_run(value: Any) -> str:
+    """A short description of a value read (a 1.5 MB value is not printed whole)."""
+    if isinstance(value, bytes) and len(value) > 64:
+        return f"{len(value)} bytes starting {value[:24]!r}"
+    return repr(value)
 
 
 def test_a_value_too_large_for_the_server_fails_alone_among_multiplexed_calls(
