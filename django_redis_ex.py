@@ -599,7 +599,7 @@ class _Config:
     """A cache's OPTIONS, checked once: this module's own, and those for redis-py's pools.
     ``topology``: the kind of deployment they describe (``sentinels``, ``cluster`` or neither)."""
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], prefix: str | None = None) -> None:
         self.options = _freeze(options)  # all of them, for what is kept per configuration
         own = {**_OWN_OPTIONS, **{k: v for k, v in options.items() if k in _OWN_OPTIONS}}
         self._values(own)
@@ -614,8 +614,12 @@ class _Config:
         self.client_cache = self._client_cache(own["client_cache"], self.topology is _Cluster)
         redis_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
         parser_class = self._pools(own, redis_options)
-        # The pool key holds what the user set, so equal settings share a pool.
+        # The pool key holds what the user set, so equal settings share a pool; a client-side
+        # store's pools are its own: its connections redirect their invalidations to it.
         self.frozen = _freeze((redis_options, parser_class, pool_class))
+        if self.client_cache is not None:
+            store = (prefix, self.codec_key, _freeze(self.client_cache))
+            self.frozen = _freeze((self.frozen, "client_cache", store))
 
     def _values(self, own: dict[str, Any]) -> None:
         """How values and keys are stored and found: the codec, scans, stampede locks."""
@@ -1575,16 +1579,18 @@ _NO_OPTIONS: dict[str, Any] = {}
 _topologies: dict[Hashable, tuple[dict[str, Any], _Topology]] = {}
 
 
-def _topology_for(servers: list[str], options: dict[str, Any]) -> _Topology:
+def _topology_for(
+    servers: list[str], options: dict[str, Any], prefix: str | None = None
+) -> _Topology:
     """The checked configuration, parsed once per settings dict rather than per request: Django
     builds a cache object per request from the same OPTIONS dict, which the entry holds, so
-    its id cannot be reused meanwhile."""
-    key = (tuple(servers), id(options))
+    its id cannot be reused meanwhile. ``prefix``: the keys a client-side store tracks."""
+    key = (tuple(servers), id(options), prefix)
     entry = _topologies.get(key)
     if entry is None or entry[0] is not options:
         if len(_topologies) >= 64:  # settings that come and go (tests): start afresh
             _topologies.clear()
-        config = _Config(options)
+        config = _Config(options, prefix)
         config.check_credentials(servers)
         entry = _topologies[key] = (options, config.topology(servers, config))
     return entry[1]
@@ -2470,9 +2476,13 @@ _GATHER = 0.001  # seconds the tracking thread lets invalidations gather before 
 
 class _Store(_Feature):
     """The client-side cache of one configuration in this process, shared by threads, event
-    loops, both classes and both paths. A dedicated connection (a thread) runs ``CLIENT
-    TRACKING ON BCAST PREFIX <key prefix>``; the entries the server says changed are dropped,
-    by that thread or by a reader that finds the invalidations waiting first. Every
+    loops, both classes and both paths. Each read it would keep asks, on the connection that
+    reads and in the same round trip, ``CLIENT TRACKING ON REDIRECT <a connection of its
+    own>``: the server tells that connection (read by a thread) of every later change to the
+    keys read (keys nobody here read cost nothing); the entries it names are
+    dropped, by that thread or by a reader that finds the invalidations waiting first. The
+    store's connections are its own (a connection redirects to one place), and when one of
+    those that read is gone, so is what it read: the store is flushed. Every
     ``heartbeat_interval`` it pings and reads the db's marker; entries are served until two
     intervals after the send of the last answered heartbeat, and flushed whenever that
     connection is lost or the marker changed. A read that misses fetches the value and its
@@ -2524,6 +2534,11 @@ class _Store(_Feature):
         self.stopping = False  # stop() ends the tracking thread: its end is not a loss
         self.recheck_at = 0.0  # time.monotonic() after which a reader looks at that socket
         self.marker: bytes | None = None  # the db's marker value, as the last heartbeat saw it
+        # CLIENT TRACKING ON REDIRECT <the tracking connection>, sent with each read
+        # the store would keep, and the ids of the connections that sent it: if one is gone,
+        # the keys it read would change unseen, and the store is flushed.
+        self.register: tuple[Any, ...] = ()
+        self.registered: set[int] = set()
         self.hits = self.misses = self.invalidations = self.flushes = 0
 
     # Served from memory ---------------------------------------------------
@@ -2602,9 +2617,11 @@ class _Store(_Feature):
         """A read the store would keep asks each key's PTTL too, in the same round trip."""
         commands = trip.commands
         reads = len(commands) == 1 and commands[0][0] in ("GET", "MGET")
-        if reads and time.monotonic() < self.valid_until:
+        if reads and time.monotonic() < self.valid_until and self.register:
             keys = list(commands[0][1:])
-            trip.wire = [commands[0], *(("PTTL", key) for key in keys)]
+            # The connection that reads asks for its keys' invalidations first, and says which
+            # it is. (Not NOLOOP: a raw client's write on that same connection must be seen.)
+            trip.wire = [self.register, _CLIENT_ID, commands[0], *(("PTTL", k) for k in keys)]
             trip.ticket = (keys, self.start_read(keys))
 
     def replied(self, trip: _Trip, replies: list[Any]) -> list[Any]:
@@ -2613,8 +2630,13 @@ class _Store(_Feature):
             self.written(trip.commands)
             return replies
         keys, ticket = trip.ticket
-        self.finish_read(ticket, keys, replies)
-        return replies[:1]
+        registered, connection = replies[0], replies[1]
+        if type(connection) is int and not isinstance(registered, redis.ResponseError):
+            self.registered.add(connection)
+            self.finish_read(ticket, keys, replies[2:])
+        else:  # not registered: its keys' changes would not be seen
+            self.finish_read(ticket, keys, None)
+        return replies[2:3]
 
     def failed(self, trip: _Trip, error: BaseException) -> None:
         if trip.ticket is None:
@@ -2834,10 +2856,18 @@ class _Store(_Feature):
                 b"$%d\r\n%s\r\n" % (len(marker), marker) if marker else b"_\r\n"
             )
             sent = time.monotonic()
-            pong, marker = self._ask(connection, wait, self.heartbeat, 2)
-            for reply in (pong, marker):
+            ids = sorted(self.registered)
+            listing = connection.pack_commands([("CLIENT", "LIST", "ID", *ids)]) if ids else []
+            packed = [b"".join(self.heartbeat + listing)]  # one write: one read at the server
+            replies = self._ask(connection, wait, packed, 2 + bool(ids))
+            for reply in replies:
                 if isinstance(reply, redis.ResponseError):
                     raise reply
+            marker = replies[1]
+            gone = set(ids) - _client_ids(replies[2]) if ids else set()
+            if gone:  # what they read changes unseen now: all of it goes
+                self.registered -= gone
+                self.flush()
             if marker != self.marker:  # the db was swapped, flushed or its marker deleted
                 self.flush()
             if marker is None:  # (re)written: this store's, unless another store's came first
@@ -2954,9 +2984,16 @@ class _Store(_Feature):
         connection = pool.connection_class(**options)
         connection.connect()
         connection._parser.set_invalidation_push_handler(self._invalidated)
-        prefix = ("PREFIX", self.prefix) if self.prefix else ()
-        connection.send_command("CLIENT", "TRACKING", "ON", "BCAST", *prefix)
+        # Tracking is asked for on the connections that read (``sending``), redirected
+        # here; one round trip tries it here (an ACL may refuse it: the store is off).
+        for command in (("CLIENT", "TRACKING", "ON"), ("CLIENT", "TRACKING", "OFF")):
+            connection.send_command(*command)
+            connection.read_response()
+        connection.send_command("CLIENT", "SETNAME", _TRACKER_NAME)
         connection.read_response()
+        connection.send_command("CLIENT", "ID")
+        self.register = ("CLIENT", "TRACKING", "ON", "REDIRECT", connection.read_response())
+        self.registered.clear()
         self.flush()  # nothing read before tracking began is trusted
         self.marker = _marker(connection, self.marker_key)
         self.heartbeat = connection.pack_commands([("PING",), ("GET", self.marker_key)])
@@ -2979,6 +3016,7 @@ class _Store(_Feature):
 
 
 _PUSHED = object()  # what the tracking connection's read returns for an invalidation
+_TRACKER_NAME = "django-redis-ex-tracking"  # CLIENT SETNAME of the tracking connections
 
 
 _ONE_KEY = re.compile(rb">2\r\n\$10\r\ninvalidate\r\n\*1\r\n\$(\d+)\r\n")  # then the key
@@ -3011,6 +3049,11 @@ def _resp3(buffer: bytearray, start: int) -> Any:
             items.append(taken[0])
             at = taken[1]
         return items, at
+    if kind == 61:  # =: a verbatim string (CLIENT LIST), after its format ("txt:")
+        size = int(line)
+        if len(buffer) < at + size + 2:
+            return _MISSING
+        return bytes(buffer[at + 4 : at + size]), at + size + 2
     if kind == 43:  # +: a simple string
         return bytes(line), at
     if kind == 58:  # :: an integer
@@ -3029,6 +3072,12 @@ def _resp3(buffer: bytearray, start: int) -> Any:
 # invalidation) or flushed, and the store flushes too. Not a key Django's key function
 # makes: its version part is not a number.
 _MARKER = "django-redis-ex:client-cache"
+_CLIENT_ID = ("CLIENT", "ID")
+
+
+def _client_ids(listing: bytes) -> set[int]:
+    """The client ids of a CLIENT LIST reply."""
+    return {int(line[3:].split(b" ", 1)[0]) for line in listing.splitlines() if line[:3] == b"id="}
 
 
 def _marker(connection: Any, key: str) -> bytes | None:
@@ -4163,17 +4212,19 @@ class _RedisEXBase(BaseCache):
                 "LOCATION lists Redis URLs (redis://, rediss://, unix://), split on ',' and "
                 "';': percent-encode those characters in a password."
             )
-        self._topology = _topology_for(self._servers, params.get("OPTIONS") or _NO_OPTIONS)
-        self._config = self._topology.config
-        self._codec = self._config.codec
         cls = type(self)
         self._default_key_methods = (
             cls.make_and_validate_key is BaseCache.make_and_validate_key
             and cls.make_key is BaseCache.make_key
             and cls.validate_key is _RedisEXBase.validate_key
         )
-        # The store tracks the keys of this prefix, if keys are Django's (else every key).
+        # The store keeps the keys of this prefix, if keys are Django's (else every key).
         prefix = f"{self.key_prefix}:" if self._default_keys else None
+        options = params.get("OPTIONS") or _NO_OPTIONS
+        tracked = prefix if options.get("client_cache") else None
+        self._topology = _topology_for(self._servers, options, tracked)
+        self._config = self._topology.config
+        self._codec = self._config.codec
         self._store = _store_for(self._topology, prefix)
         self._stats = _stats_for(self._topology, self.key_prefix, self.version)
 

@@ -3262,16 +3262,26 @@ def test_a_value_the_server_refuses_for_its_size_is_the_callers_error(path: str)
 
 @pytest.mark.parametrize("path", PATHS)
 def test_the_client_side_store_sees_each_round_trip_through_the_policy(path: str) -> None:
-    """A read the store would keep asks its key's PTTL in the same round trip, and is kept;
-    a write this process sends drops the key."""
+    """A read the store would keep asks, in the same round trip, for its key's
+    invalidations (on the connection that reads, redirected to the tracking connection),
+    which connection it is and its key's PTTL, and is kept; not if the
+    server refused the redirect. A write this process sends drops the key."""
     cache = offline_cache(client_cache=True)
     store = cache._store
     store.valid_until = time.monotonic() + 60  # as if its tracking connection answered
     store.sock, store.more = socket.socket(), lambda: False  # and held no invalidation unread
+    store.register = ("CLIENT", "TRACKING", "ON", "REDIRECT", 7)
+    store.registered.clear()  # (the store of this configuration: the other path's too)
+    store.flush()
     value = pickle.dumps("v", pickle.HIGHEST_PROTOCOL)
-    script = Script(([("GET", "t:1:k"), ("PTTL", "t:1:k")], [value, 60_000]))
+    wire = [store.register, ("CLIENT", "ID"), ("GET", "t:1:k"), ("PTTL", "t:1:k")]
+    refused = redis.ResponseError("ERR The client ID you want redirect to does not exist")
+    script = Script((wire, [refused, 12, value, 60_000]))
     assert scripted(path, cache, "get", "k", script=script) == "v"
-    assert store.lookup("t:1:k") == "v"
+    assert store.lookup("t:1:k") is django_redis_ex._MISSING and not store.registered
+    script = Script((wire, [b"OK", 12, value, 60_000]))
+    assert scripted(path, cache, "get", "k", script=script) == "v"
+    assert store.lookup("t:1:k") == "v" and store.registered == {12}
     stored = Anything()
     script = Script((("SET", "t:1:k", stored, "EX", 300), True))
     assert scripted(path, cache, "set", "k", "w", script=script) is None
@@ -3650,7 +3660,8 @@ def test_close_client_caches_ends_tracking_quietly_and_a_read_starts_it_again(
         serving(cache)
 
         def tracking() -> list[Any]:
-            return [c for c in own.client().client_list() if "t" in c["flags"]]
+            clients = own.client().client_list()
+            return [c for c in clients if c["name"] == django_redis_ex._TRACKER_NAME]
 
         assert len(tracking()) == 1
         caplog.set_level(logging.WARNING, logger="django_redis_ex")
@@ -3762,7 +3773,7 @@ def test_no_stale_read_after_the_tracking_connection_is_killed(
     settled(cache)
     assert api.get("k") == "old" and local_hits(cache, lambda: api.get("k")) == 1
     admin = server.client()
-    tracking = [c for c in admin.client_list() if "t" in c["flags"] and "B" in c["flags"]]
+    tracking = [c for c in admin.client_list() if c["name"] == django_redis_ex._TRACKER_NAME]
     assert tracking, admin.client_list()
     flushes = cache.client_cache_info()["flushes"]
     for client in tracking:
@@ -3774,6 +3785,72 @@ def test_no_stale_read_after_the_tracking_connection_is_killed(
     assert cache.client_cache_info()["flushes"] > flushes
     serving(cache)  # tracking is back: hits again
     assert api.get("k") == "new"
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_no_stale_read_after_a_connection_that_read_the_key_is_killed(
+    server: RedisServer, backend: str, path_: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Redis tells a connection's reads' changes to the tracking connection only while the
+    connection that read lives: CLIENT KILL of the connections that read (not of the
+    tracking one), then a write by another client; the next heartbeat sees them gone and
+    the store is flushed, so the old value is not served past the bound."""
+    cache = cached_cache(backend, server.url, f"cc-reader-kill-{path_}")
+    api = Api(cache, path_, loop)
+    serving(cache)
+    api.set("k", "old")
+    settled(cache)
+    assert api.get("k") == "old" and local_hits(cache, lambda: api.get("k")) == 1
+    admin = server.client()
+    readers = [
+        c
+        for c in admin.client_list()
+        if "t" in c["flags"] and c["name"] != django_redis_ex._TRACKER_NAME
+    ]
+    assert readers, admin.client_list()
+    flushes = cache.client_cache_info()["flushes"]
+    for client in readers:
+        admin.client_kill_filter(_id=client["id"])
+    admin.set(cache.make_key("k"), pickle.dumps("new", 5))
+    killed = time.monotonic()
+    wait_until(lambda: local_hits(cache, lambda: api.get("k")) == 0, BOUND, "the flush")
+    assert time.monotonic() - killed < BOUND
+    assert api.get("k") == "new" and cache.client_cache_info()["flushes"] > flushes
+
+
+def test_a_raw_clients_write_on_the_connection_that_read_is_seen(
+    server: RedisServer, backend: str
+) -> None:
+    """A write through ``get_client()`` (the store's pool: most likely the very connection
+    whose read registered the key) is seen as another client's is: tracking is not NOLOOP."""
+    cache = cached_cache(backend, server.url, f"cc-raw-{backend.rpartition('.')[2]}")
+    serving(cache)
+    cache.set("k", "old")
+    settled(cache)
+    assert cache.get("k") == "old" and local_hits(cache, lambda: cache.get("k")) == 1
+    cache.get_client().set(cache.make_key("k"), pickle.dumps("raw", 5))
+    wait_until(lambda: cache.get("k") == "raw", BOUND, "the raw write's invalidation")
+
+
+def test_two_stores_on_one_server_keep_their_own_connections(
+    server: RedisServer, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A connection tells one tracking connection of its reads' changes: two aliases with a
+    client-side store (two key prefixes) on one server never share a pooled connection, so
+    each store hears of its own keys, whichever alias read last."""
+    first = cached_cache(BACKENDS["RedisEXCache"], server.url, "cc-two-a")
+    second = cached_cache(BACKENDS["RedisEXCache"], server.url, "cc-two-b")
+    assert first.get_client().connection_pool is not second.get_client().connection_pool
+    serving(first)
+    serving(second)
+    first.set("k", "old-a")
+    second.set("k", "old-b")
+    settled(first)
+    settled(second)
+    assert first.get("k") == "old-a" and second.get("k") == "old-b"  # first, then second
+    assert local_hits(first, lambda: first.get("k")) == 1
+    server.client().set(first.make_key("k"), pickle.dumps("new-a", 5))
+    wait_until(lambda: first.get("k") == "new-a", 1.0, "the first store's invalidation")
 
 
 def test_no_stale_read_after_a_server_restart(own_server: RedisServer, backend: str) -> None:
@@ -3922,7 +3999,7 @@ def test_a_forked_child_starts_with_an_empty_store_and_its_own_tracking(
     admin = server.client()
 
     def trackers() -> int:
-        return sum("t" in c["flags"] for c in admin.client_list())
+        return sum(c["name"] == django_redis_ex._TRACKER_NAME for c in admin.client_list())
 
     before = trackers()
 
