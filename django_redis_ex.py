@@ -17,6 +17,7 @@ import builtins
 import bz2
 import collections
 import contextlib
+import copy
 import datetime
 import fnmatch
 import functools
@@ -1415,6 +1416,17 @@ class _Topology(abc.ABC):
     def async_keys(self) -> list[Hashable]:
         return [self.pool_key("async", index) for index in range(self.readers + 1)]
 
+    @cached_property
+    def untracked(self) -> _Topology:
+        """This topology on pools of its own: raw clients of a configuration with a
+        client-side store, whose writes its connections would not report (NOLOOP)."""
+        twin = copy.copy(self)
+        vars(twin).pop("async_keys", None)
+        vars(twin).pop("untracked", None)
+        twin.config = copy.copy(self.config)
+        twin.config.frozen = _freeze((self.config.frozen, "untracked"))
+        return twin
+
     @abc.abstractmethod
     def pool_key(self, kind: str, index: int) -> Hashable:
         """What makes a pool different from another: equal keys share one pool."""
@@ -2534,7 +2546,7 @@ class _Store(_Feature):
         self.stopping = False  # stop() ends the tracking thread: its end is not a loss
         self.recheck_at = 0.0  # time.monotonic() after which a reader looks at that socket
         self.marker: bytes | None = None  # the db's marker value, as the last heartbeat saw it
-        # CLIENT TRACKING ON REDIRECT <the tracking connection>, sent with each read
+        # CLIENT TRACKING ON REDIRECT <the tracking connection> NOLOOP, sent with each read
         # the store would keep, and the ids of the connections that sent it: if one is gone,
         # the keys it read would change unseen, and the store is flushed.
         self.register: tuple[Any, ...] = ()
@@ -2619,8 +2631,9 @@ class _Store(_Feature):
         reads = len(commands) == 1 and commands[0][0] in ("GET", "MGET")
         if reads and time.monotonic() < self.valid_until and self.register:
             keys = list(commands[0][1:])
-            # The connection that reads asks for its keys' invalidations first, and says which
-            # it is. (Not NOLOOP: a raw client's write on that same connection must be seen.)
+            # The connection that reads asks for its keys' invalidations first (NOLOOP: not of
+            # its own writes, which this process drops itself; raw clients are on other
+            # pools), and says which it is.
             trip.wire = [self.register, _CLIENT_ID, commands[0], *(("PTTL", k) for k in keys)]
             trip.ticket = (keys, self.start_read(keys))
 
@@ -2992,7 +3005,8 @@ class _Store(_Feature):
         connection.send_command("CLIENT", "SETNAME", _TRACKER_NAME)
         connection.read_response()
         connection.send_command("CLIENT", "ID")
-        self.register = ("CLIENT", "TRACKING", "ON", "REDIRECT", connection.read_response())
+        tracker = connection.read_response()
+        self.register = ("CLIENT", "TRACKING", "ON", "REDIRECT", tracker, "NOLOOP")
         self.registered.clear()
         self.flush()  # nothing read before tracking began is trusted
         self.marker = _marker(connection, self.marker_key)
@@ -4268,11 +4282,19 @@ class _RedisEXBase(BaseCache):
     # Raw clients and locks --------------------------------------------------
 
     def get_client(self, key: Any = None, *, write: bool = True) -> redis.Redis:
-        """A ``redis.Redis`` on the shared pool (the first server unless ``write=False``)."""
+        """A ``redis.Redis`` on the shared pool (the first server unless ``write=False``).
+        With a client-side store, on pools of their own: its connections do not report the
+        changes they make themselves, and those a raw client makes must be seen."""
+        if self._store is not None:
+            untracked = self._topology.untracked
+            return untracked.sync_client(untracked.index_for(write))
         return self._sync_driver.get_client(key, write=write)
 
     def get_async_client(self, key: Any = None, *, write: bool = True) -> redis.asyncio.Redis:
-        """A ``redis.asyncio.Redis`` on the running loop's shared pool."""
+        """A ``redis.asyncio.Redis`` on the running loop's shared pool (as ``get_client``)."""
+        if self._store is not None:
+            untracked = self._topology.untracked
+            return untracked.async_client(untracked.index_for(write))
         return self._async_driver.get_client(key, write=write)
 
     def lock(

@@ -3819,11 +3819,11 @@ def test_no_stale_read_after_a_connection_that_read_the_key_is_killed(
     assert api.get("k") == "new" and cache.client_cache_info()["flushes"] > flushes
 
 
-def test_a_raw_clients_write_on_the_connection_that_read_is_seen(
+def test_a_raw_clients_write_is_seen_by_the_client_side_cache(
     server: RedisServer, backend: str
 ) -> None:
-    """A write through ``get_client()`` (the store's pool: most likely the very connection
-    whose read registered the key) is seen as another client's is: tracking is not NOLOOP."""
+    """A write through ``get_client()`` is seen as another client's is: the store's own
+    connections do not report their own writes (NOLOOP), so raw clients use other pools."""
     cache = cached_cache(backend, server.url, f"cc-raw-{backend.rpartition('.')[2]}")
     serving(cache)
     cache.set("k", "old")
