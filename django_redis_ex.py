@@ -2603,14 +2603,17 @@ class _Store(_Feature):
 
     def _pending(self, now: float) -> bool:
         """Whether invalidations wait unread on the tracking connection. A reader that
-        finds some takes them itself, unless another thread is reading them (then it goes
-        to Redis): the tracking thread, which may wait for the GIL behind busy callers, is
-        never what stands between an invalidation and the reads after it. Looked at (one
+        finds some takes them itself (another thread reading them, it waits a millisecond
+        at most, then goes to Redis): the tracking thread, which may wait for the GIL
+        behind busy callers, is never what stands between an invalidation and the reads
+        after it. Looked at (one
         poll) at most every ``_RECHECK`` seconds: a value is served at most that long after
         its invalidation reached this host, however busy the process."""
         sock = self.sock
-        if sock is None or not self.taking.acquire(blocking=False):
-            return True  # not tracking, or another thread reads it now
+        # Another thread reading it, or looking at it: wait a moment (the tracking thread may
+        # hold it longer, waiting for the rest of a reply: then go to Redis).
+        if sock is None or not self.taking.acquire(timeout=_RECHECK * 10):
+            return True
         try:
             if self.more() and not self._only_heartbeat(sock):
                 self._take(sock, block=False)
