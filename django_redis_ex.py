@@ -2490,8 +2490,9 @@ class _Store(_Feature):
     """The client-side cache of one configuration in this process, shared by threads, event
     loops, both classes and both paths. Each read it would keep asks, on the connection that
     reads and in the same round trip, ``CLIENT TRACKING ON REDIRECT <a connection of its
-    own>``: the server tells that connection (read by a thread) of every later change to the
-    keys read (keys nobody here read cost nothing); the entries it names are
+    own> NOLOOP``: the server tells that connection (read by a thread) of every later change
+    to the keys read but those made by the connection that read them (this process drops
+    what it writes itself; keys nobody here read cost nothing); the entries it names are
     dropped, by that thread or by a reader that finds the invalidations waiting first. The
     store's connections are its own (a connection redirects to one place), and when one of
     those that read is gone, so is what it read: the store is flushed. Every
@@ -2606,9 +2607,9 @@ class _Store(_Feature):
         finds some takes them itself (another thread reading them, it waits a millisecond
         at most, then goes to Redis): the tracking thread, which may wait for the GIL
         behind busy callers, is never what stands between an invalidation and the reads
-        after it. Looked at (one
-        poll) at most every ``_RECHECK`` seconds: a value is served at most that long after
-        its invalidation reached this host, however busy the process."""
+        after it. Looked at (one poll) at most every ``_RECHECK`` seconds: a value is served
+        at most that long after its invalidation reached this host, however busy the
+        process."""
         sock = self.sock
         # Another thread reading it, or looking at it: wait a moment (the tracking thread may
         # hold it longer, waiting for the rest of a reply: then go to Redis).
@@ -2872,7 +2873,7 @@ class _Store(_Feature):
                 b"$%d\r\n%s\r\n" % (len(marker), marker) if marker else b"_\r\n"
             )
             sent = time.monotonic()
-            ids = sorted(self.registered)
+            ids = sorted(self.registered.copy())  # (readers add to it meanwhile)
             listing = connection.pack_commands([("CLIENT", "LIST", "ID", *ids)]) if ids else []
             packed = [b"".join(self.heartbeat + listing)]  # one write: one read at the server
             replies = self._ask(connection, wait, packed, 2 + bool(ids))
