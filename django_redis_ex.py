@@ -1030,7 +1030,17 @@ def _has_input(connection: Any) -> bool:
     """Whether an asyncio connection's socket has anything to read (here: the server's close)."""
     transport = getattr(getattr(connection, "_writer", None), "transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
-    return sock is not None and bool(select.select([sock], [], [], 0)[0])
+    return sock is not None and _readable_now(sock)
+
+
+def _readable_now(sock: socket.socket) -> bool:
+    """Whether ``sock`` has anything to read now: ``poll``, which, unlike ``select``, takes a
+    descriptor past 1023 (a process with many open files)."""
+    if not hasattr(select, "poll"):  # Windows
+        return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _WaitingPool(_WaitForConnection, redis.ConnectionPool):
@@ -1184,7 +1194,7 @@ class _ParkingLot:
             with self._lock:
                 parked = self._sockets.get(key)
                 sock = parked.pop() if parked else None
-            if sock is None or not select.select([sock], [], [], 0)[0]:
+            if sock is None or not _readable_now(sock):
                 return sock
             sock.close()  # readable while idle: the server closed it (restart, timeout)
 

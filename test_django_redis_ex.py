@@ -7146,6 +7146,26 @@ def test_async_views_under_wsgi_reuse_the_workers_connections(
     assert ours <= 3
 
 
+def test_connections_are_parked_in_a_process_with_over_1024_open_files(
+    own_server: RedisServer, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A socket numbered past 1023 (a process with many open files) is parked and taken up
+    again like any other: its check for unread input uses poll, not select (which refused
+    it, so every loop of a busy WSGI worker opened new connections)."""
+    held = []
+    try:
+        while len(held) < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        assert max(held) > 1024
+        caplog.set_level(logging.WARNING, logger="django_redis_ex")
+        ours = connections_for_wsgi_requests(own_server, backend, 30)
+        assert ours <= 3, ours
+        assert not [r for r in caplog.records if "Could not close" in r.getMessage()]
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 # ---------------------------------------------------------------------------
 # The cache classes: async callables where users pass callables (get_or_set)
 # ---------------------------------------------------------------------------
