@@ -7152,7 +7152,7 @@ def test_connections_are_parked_in_a_process_with_over_1024_open_files(
     """A socket numbered past 1023 (a process with many open files) is parked and taken up
     again like any other: its check for unread input uses poll, not select (which refused
     it, so every loop of a busy WSGI worker opened new connections)."""
-    held = []
+    held: list[int] = []
     try:
         while len(held) < 1100:
             held.append(os.open(os.devnull, os.O_RDONLY))
