@@ -813,6 +813,13 @@ def counts(cache: ExCache, method: str) -> dict[str, int]:
 HEARTBEAT = 0.1  # the tests' heartbeat_interval: entries live at most 0.2 s past an answer
 
 
+def from_memory(counts: ServerCounts, call: Callable[[], Any]) -> bool:
+    """Whether ``call`` is answered by the client-side store, no round trip: once in three
+    tries (a reader that finds another thread reading the tracking connection for over a
+    millisecond, on a loaded machine, goes to Redis: right, and not what is tested here)."""
+    return any(counts.trips(call) == [0] for _ in range(3))
+
+
 def cached_cache(backend: str, location: Any, prefix: str, **settings_: Any) -> ExCache:
     """A cache with its own client-side store (its own KEY_PREFIX), tracking at once."""
     client_cache = {"heartbeat_interval": HEARTBEAT, **settings_}
@@ -3636,13 +3643,13 @@ def test_client_cache_serves_hits_from_memory_on_both_paths_and_classes(
     settled(sync_cache)
     counts = ServerCounts([server])
     assert counts.trips(lambda: sync_cache.get("k")) == [1]  # a miss: GET and PTTL together
-    assert counts.trips(lambda: sync_cache.get("k")) == [0]
+    assert from_memory(counts, lambda: sync_cache.get("k"))
     assert local_hits(async_cache, lambda: loop.run_until_complete(async_cache.aget("k"))) == 1
-    assert counts.trips(lambda: loop.run_until_complete(async_cache.aget("k"))) == [0]
+    assert from_memory(counts, lambda: loop.run_until_complete(async_cache.aget("k")))
     assert loop.run_until_complete(async_cache.aget("k")) == {"a": [1, 2]}
-    assert counts.trips(lambda: sync_cache.get_many(["k"])) == [0]
-    assert counts.trips(lambda: sync_cache.has_key("k")) == [0]
-    assert counts.trips(lambda: sync_cache.get_or_set("k", 5)) == [0]
+    assert from_memory(counts, lambda: sync_cache.get_many(["k"]))
+    assert from_memory(counts, lambda: sync_cache.has_key("k"))
+    assert from_memory(counts, lambda: sync_cache.get_or_set("k", 5))
     assert sync_cache.get_or_set("k", 5) == {"a": [1, 2]}
     info = sync_cache.client_cache_info()
     assert info["enabled"] and info["connected"] and info["entries"] >= 2, info
@@ -5339,16 +5346,16 @@ def test_client_cache_remembers_absent_keys_until_they_are_created(
     serving(cache)
     counts = ServerCounts([server])
     assert local_hits(cache, lambda: cache.get("nope", "d")) == 0  # read from Redis
-    assert counts.trips(lambda: cache.get("nope", "d")) == [0]
+    assert from_memory(counts, lambda: cache.get("nope", "d"))
     assert cache.get("nope", "d") == "d" and cache.get("nope") is None
     assert loop.run_until_complete(cache.aget("nope", "ad")) == "ad"
-    assert counts.trips(lambda: loop.run_until_complete(cache.aget("nope"))) == [0]
-    assert counts.trips(lambda: cache.has_key("nope")) == [0]
+    assert from_memory(counts, lambda: loop.run_until_complete(cache.aget("nope")))
+    assert from_memory(counts, lambda: cache.has_key("nope"))
     assert cache.has_key("nope") is False
     cache.set("here", 1)
     settled(cache)  # its own invalidation came
     cache.get("here")
-    assert counts.trips(lambda: cache.get_many(["here", "nope"])) == [0]
+    assert from_memory(counts, lambda: cache.get_many(["here", "nope"]))
     assert cache.get_many(["here", "nope"]) == {"here": 1}
     stats = cache.stats()["get"]
     before = (stats["hits"], stats["misses"])
