@@ -3768,62 +3768,39 @@ def test_every_write_method_drops_what_it_changed_before_it_returns(
     assert api.get(key) == expected
 
 
+@pytest.mark.parametrize("killed", ["tracking", "readers"])
 @pytest.mark.parametrize("path_", ["sync", "async"])
-def test_no_stale_read_after_the_tracking_connection_is_killed(
-    server: RedisServer, backend: str, path_: str, loop: asyncio.AbstractEventLoop
+def test_no_stale_read_after_the_tracking_or_the_reading_connections_are_killed(
+    server: RedisServer, backend: str, path_: str, killed: str, loop: asyncio.AbstractEventLoop
 ) -> None:
-    """CLIENT KILL of the tracking connection, then a write by another client at once:
-    the store is flushed, so the old value is not served past the bound."""
-    cache = cached_cache(backend, server.url, f"cc-kill-{path_}")
+    """CLIENT KILL of the tracking connection, or of the connections whose reads it tracks
+    (Redis tells a connection's reads' changes only while that connection lives: the next
+    heartbeat sees them gone), then a write by another client at once: the store is
+    flushed, so the old value is not served past the bound."""
+    cache = cached_cache(backend, server.url, f"cc-kill-{killed}-{path_}")
     api = Api(cache, path_, loop)
     serving(cache)
     api.set("k", "old")
     settled(cache)
     assert api.get("k") == "old" and local_hits(cache, lambda: api.get("k")) == 1
     admin = server.client()
-    tracking = [c for c in admin.client_list() if c["name"] == django_redis_ex._TRACKER_NAME]
-    assert tracking, admin.client_list()
+
+    def chosen(client: dict[str, Any]) -> bool:
+        tracker = client["name"] == django_redis_ex._TRACKER_NAME
+        return tracker if killed == "tracking" else "t" in client["flags"] and not tracker
+
+    victims = [c for c in admin.client_list() if chosen(c)]
+    assert victims, admin.client_list()
     flushes = cache.client_cache_info()["flushes"]
-    for client in tracking:
+    for client in victims:
         admin.client_kill_filter(_id=client["id"])
     admin.set(cache.make_key("k"), pickle.dumps("new", 5))
-    killed = time.monotonic()
+    started = time.monotonic()
     wait_until(lambda: api.get("k") == "new", BOUND, "the write after the kill")
-    assert time.monotonic() - killed < BOUND
+    assert time.monotonic() - started < BOUND
     assert cache.client_cache_info()["flushes"] > flushes
     serving(cache)  # tracking is back: hits again
     assert api.get("k") == "new"
-
-
-@pytest.mark.parametrize("path_", ["sync", "async"])
-def test_no_stale_read_after_a_connection_that_read_the_key_is_killed(
-    server: RedisServer, backend: str, path_: str, loop: asyncio.AbstractEventLoop
-) -> None:
-    """Redis tells a connection's reads' changes to the tracking connection only while the
-    connection that read lives: CLIENT KILL of the connections that read (not of the
-    tracking one), then a write by another client; the next heartbeat sees them gone and
-    the store is flushed, so the old value is not served past the bound."""
-    cache = cached_cache(backend, server.url, f"cc-reader-kill-{path_}")
-    api = Api(cache, path_, loop)
-    serving(cache)
-    api.set("k", "old")
-    settled(cache)
-    assert api.get("k") == "old" and local_hits(cache, lambda: api.get("k")) == 1
-    admin = server.client()
-    readers = [
-        c
-        for c in admin.client_list()
-        if "t" in c["flags"] and c["name"] != django_redis_ex._TRACKER_NAME
-    ]
-    assert readers, admin.client_list()
-    flushes = cache.client_cache_info()["flushes"]
-    for client in readers:
-        admin.client_kill_filter(_id=client["id"])
-    admin.set(cache.make_key("k"), pickle.dumps("new", 5))
-    killed = time.monotonic()
-    wait_until(lambda: local_hits(cache, lambda: api.get("k")) == 0, BOUND, "the flush")
-    assert time.monotonic() - killed < BOUND
-    assert api.get("k") == "new" and cache.client_cache_info()["flushes"] > flushes
 
 
 def test_a_raw_clients_write_is_seen_by_the_client_side_cache(
@@ -5928,14 +5905,6 @@ LINE_DECODING = (ValueError, TypeError, pickle.UnpicklingError, EOFError, Lookup
 LINE_MISREAD = (redis.RedisError, *LINE_DECODING)
 
 
-def attack_server() -> RedisServer:
-    """A server of this test's own (never the one on port 6379), registered for cleanup."""
-    needs_server()
-    server = RedisServer()
-    assert server.port != 6379 and server.process is not None
-    return server
-
-
 # ---------------------------------------------------------------------------
 # 1. Connections killed and the server frozen under 200 concurrent tasks
 # ---------------------------------------------------------------------------
@@ -6018,15 +5987,14 @@ class Tally:
     finished: list[tuple[float, float, bool]] = field(default_factory=list)
 
 
-@pytest.mark.parametrize("backend_name", list(BACKENDS))
 def test_multiplexed_calls_return_no_wrong_value_while_connections_are_killed_and_the_server_frozen(
-    backend_name: str,
+    own_server: RedisServer, backend: str
 ) -> None:
     """200 tasks of one loop share the line while its connection is cut (CLIENT KILL every
     150 ms) and the server frozen (SIGSTOP), once past socket_timeout. A call may fail with
     ConnectionError or TimeoutError; none may return another call's reply, hang, or fail
     once the server is left alone."""
-    server = attack_server()
+    server, backend_name = own_server, backend.rpartition(".")[2]
     assert server.process is not None
     pid = server.process.pid
     stop = threading.Event()
@@ -6039,7 +6007,7 @@ def test_multiplexed_calls_return_no_wrong_value_while_connections_are_killed_an
             "ignore_exceptions": False,
         }
         cache = make_cache(
-            BACKENDS[backend_name],
+            backend,
             server.url,
             KEY_PREFIX=f"kill-{backend_name}",
             OPTIONS=options,
@@ -6213,19 +6181,18 @@ def seq_of_small(key: int, value: Any) -> int | None:
     return int(digits)
 
 
-@pytest.mark.parametrize("backend_name", list(BACKENDS))
 def test_multiplexed_calls_mixing_large_values_error_replies_and_cancellations_return_no_wrong_value(  # noqa: E501, RUF100
-    backend_name: str,
+    own_server: RedisServer, backend: str
 ) -> None:
     """Values over 1 MiB (sent on connections of their own, read back on the line), small
     values, error replies (INCR of text) and calls cancelled after 0-2 ms, once or twice:
     every call that completes gets its own reply, every aincr of the text is refused, no
     call hangs, and each key ends holding a write it may hold."""
-    server = attack_server()
+    server, backend_name = own_server, backend.rpartition(".")[2]
     try:
         options = {"socket_timeout": 5, "ignore_exceptions": False}
         cache: ExCache = make_cache(
-            BACKENDS[backend_name],
+            backend,
             server.url,
             KEY_PREFIX=f"mix-{backend_name}",
             OPTIONS=options,
