@@ -1789,13 +1789,15 @@ def main(argv: list[str] | None = None) -> int:
                 with contextlib.suppress(Exception):
                     run.topology.close_sync(run.raw_sync)
             settings_in_force.close()  # Django's close_caches() too, and the handler reset
+            # The tracking threads end before the keys are deleted: a heartbeat writes the
+            # store's marker key again when it finds it gone.
+            close_client_caches()
             if monitor is not None:
                 if args.location:
                     with contextlib.suppress(redis.RedisError):
                         deleted = cleanup_keys(monitor, prefix)
                         print(f"deleted {deleted} keys under '{prefix}*'", file=sys.stderr)
                 monitor.close()
-            close_client_caches()
         finally:
             CLEANUP.stop_all()
 
