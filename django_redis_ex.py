@@ -107,8 +107,8 @@ from django.utils.module_loading import import_string
 _otel: Any
 _otel_context: Any
 try:  # OpenTelemetry's API, if installed: each call that goes to Redis is then a span
-    from opentelemetry import context as _otel_context
-    from opentelemetry import trace as _otel
+    from opentelemetry import context as _otel_context  # type: ignore[import-not-found, import-untyped, no-redef, unused-ignore]
+    from opentelemetry import trace as _otel  # type: ignore[import-not-found, import-untyped, no-redef, unused-ignore]
 except ImportError:  # not installed: nothing is traced
     _otel = _otel_context = None
 
@@ -166,7 +166,7 @@ class MsgPackSerializer:
     """MessagePack, with the ``msgpack`` package (``pip install django-redis-ex[msgpack]``)."""
 
     def __init__(self) -> None:
-        import msgpack
+        import msgpack  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
         self._msgpack = msgpack
 
@@ -185,13 +185,13 @@ _SERIALIZERS: dict[str, Callable[[], Any]] = {
 
 
 def _zstd() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
-    import zstandard
+    import zstandard  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     return zstandard.ZstdCompressor().compress, zstandard.ZstdDecompressor().decompress
 
 
 def _lz4() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
-    import lz4.frame
+    import lz4.frame  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     return lz4.frame.compress, lz4.frame.decompress
 
@@ -256,6 +256,26 @@ class _Codec:
         set member, b"z" a sorted set's, b"h" + field a hash field's): a signed codec binds
         them to it; others are the same for every key."""
         return self
+
+    def zmember(self, obj: Any) -> Any:
+        """A sorted set's member as stored: as django-redis stores it, an int serialized
+        too (a set's members and a hash's values are ``dumps``, ints raw)."""
+        if type(obj) is not int:
+            return self.dumps(obj)
+        if type(self.serializer) is RedisSerializer:
+            data = pickle.dumps(obj, self.serializer.protocol)
+        else:
+            data = self._dumps(obj)
+        return self._compressed(data)
+
+    def _compressed(self, data: bytes) -> bytes:
+        if self._compress is not None and len(data) >= self._min_length:
+            return self._header + self._compress(data)
+        return data
+
+    def zlegacy(self, obj: Any) -> Any:
+        """The form 2.0 stored a sorted set's member in, if another: an int raw."""
+        return obj if type(obj) is int else None
 
     def loads_many(self, values: list[bytes | None], keys: list[str]) -> list[Any]:
         """``loads`` of each value (read at each of ``keys``), ``_MISSING`` for None;
@@ -373,6 +393,11 @@ class _Bound(_Codec):
     def dumps(self, obj: Any) -> Any:
         return self.codec.sign(self.binding, _Codec.dumps(self.codec, obj))
 
+    zmember = dumps  # signed: an int raw, as ever
+
+    def zlegacy(self, obj: Any) -> Any:
+        return None
+
     def sign(self, data: Any) -> Any:
         return self.codec.sign(self.binding, data)
 
@@ -382,6 +407,76 @@ class _Bound(_Codec):
     def loads(self, data: bytes) -> Any:
         payload = self.codec.payload(self.binding, data)
         return _MISSING if payload is None else self.codec._decode(payload)
+
+
+class _DjangoRedisJSON:
+    """django-redis's JSONSerializer: Django's encoder, with json's default separators."""
+
+    def dumps(self, obj: Any) -> bytes:
+        return json.dumps(obj, cls=DjangoJSONEncoder).encode()
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data.decode())
+
+
+def _zstd_frames() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    """zstd as django-redis's compressor (pyzstd, level 3) writes and reads it: frames with or
+    without their size (zstandard's one-shot decompress needs the size)."""
+    import zstandard  # type: ignore[import-not-found, import-untyped, unused-ignore]
+
+    def decompress(data: bytes) -> bytes:
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)  # type: ignore[no-any-return, unused-ignore]
+
+    return zstandard.ZstdCompressor().compress, decompress
+
+
+# django-redis 7's compressors: how to load (compress, decompress), and the length over which
+# a value is compressed.
+_DJANGO_REDIS_COMPRESSION: dict[str, tuple[Callable[[], tuple[Any, Any]], int]] = {
+    "zlib": (lambda: (functools.partial(zlib.compress, level=6), zlib.decompress), 15),
+    "gzip": (lambda: (gzip.compress, gzip.decompress), 15),
+    "lzma": (lambda: (functools.partial(lzma.compress, preset=4), lzma.decompress), 100),
+    "lz4": (_lz4, 15),
+    "zstd": (_zstd_frames, 15),
+}
+
+
+class _DjangoRedisCodec(_Codec):
+    """OPTIONS ``"format": "django-redis"``: django-redis 7's bytes. Ints (not bools) raw;
+    anything else serialized, then compressed if longer than its compressor's minimum, with
+    no header. Read as django-redis reads: an int if the bytes read as one; else decompressed
+    if they decompress, then deserialized. Values in this module's own format are read too."""
+
+    def __init__(self, serializer: Any, compressor: str | None, min_length: int) -> None:
+        super().__init__(serializer, None, min_length)
+        self._decompress: Callable[[bytes], bytes] | None = None
+        if compressor is not None:
+            load, self._min_length = _DJANGO_REDIS_COMPRESSION[compressor]
+            self._compress, self._decompress = load()
+
+    def dumps(self, obj: Any) -> Any:
+        if type(obj) is int:
+            return obj
+        return self._compressed(self._dumps(obj))
+
+    def _compressed(self, data: bytes) -> bytes:
+        if self._compress is not None and len(data) > self._min_length:
+            return self._compress(data)
+        return data
+
+    def _decode(self, data: bytes) -> Any:
+        try:
+            return int(data)
+        except ValueError:
+            pass
+        if data[:3] == _COMPRESSED:  # this module's own format
+            return _Codec._decode(self, data)
+        if self._decompress is not None:
+            with contextlib.suppress(Exception):  # not compressed (short), as django-redis
+                data = self._decompress(data)
+        return self._loads(data)
+
+    loads = _decode
 
 
 # Then 32 bytes of HMAC-SHA256 (of the key and kind, and the rest), then what the codec
@@ -464,7 +559,167 @@ _OWN_OPTIONS: dict[str, Any] = {
     "circuit_breaker": True,  # with ignore_exceptions only
     "credentials_over_plain_tcp": False,  # a credential_provider's secrets, without TLS
     "sign_values": False,
+    "format": "django",  # or "django-redis": its serializers' and compressors' bytes
+    "pickle_protocol": None,  # the highest
+    "logger": None,  # the logger of ignored errors: "django_redis_ex"
 }
+
+# django-redis 7's names, so that its CACHES entry works with only BACKEND changed: each OPTIONS
+# key means the same here (ours given), or is refused with what to write instead. Translated
+# once per settings dict (the configuration is), and logged once.
+_DJANGO_REDIS_SAME = {
+    "IGNORE_EXCEPTIONS": "ignore_exceptions",
+    "LOG_IGNORED_EXCEPTIONS": "log_ignored_exceptions",
+    "SOCKET_TIMEOUT": "socket_timeout",
+    "SOCKET_CONNECT_TIMEOUT": "socket_connect_timeout",
+    "CONNECTION_POOL_CLASS": "pool_class",
+    "PASSWORD": "password",
+    "PARSER_CLASS": "parser_class",
+    "SENTINELS": "sentinels",
+    "SENTINEL_KWARGS": "sentinel_kwargs",
+}
+_DJANGO_REDIS_SETTINGS = {  # Django settings: the defaults of these OPTIONS
+    "DJANGO_REDIS_IGNORE_EXCEPTIONS": "ignore_exceptions",
+    "DJANGO_REDIS_LOG_IGNORED_EXCEPTIONS": "log_ignored_exceptions",
+    "DJANGO_REDIS_SCAN_ITERSIZE": "scan_count",
+    "DJANGO_REDIS_LOGGER": "logger",
+}
+_HERD = (
+    "django-redis's HerdClient is not supported: its packed entries are not read here. Drop "
+    "CLIENT_CLASS: get_or_set's stampede protection (OPTIONS 'stampede_protection', on by "
+    "default) lets one caller compute a missing value while the others wait for it."
+)
+_SHARD = (
+    "django-redis's ShardClient (keys spread over servers by the client) is not supported: "
+    "use Redis Cluster, which shards on the server side and moves slots without losing keys "
+    "(OPTIONS 'cluster': True, LOCATION one or more of its nodes)."
+)
+_DJANGO_REDIS_CLIENTS = {
+    "django_redis.client.DefaultClient": None,
+    "django_redis.client.default.DefaultClient": None,
+    "django_redis.client.SentinelClient": None,
+    "django_redis.client.sentinel.SentinelClient": None,
+    "django_redis.client.HerdClient": _HERD,
+    "django_redis.client.herd.HerdClient": _HERD,
+    "django_redis.client.ShardClient": _SHARD,
+    "django_redis.client.sharded.ShardClient": _SHARD,
+}
+_DJANGO_REDIS_FACTORIES = {  # CONNECTION_FACTORY: these need nothing here
+    "django_redis.pool.ConnectionFactory",
+    "django_redis.pool.SentinelConnectionFactory",
+}
+_REDIS_CLIENTS = {"redis.Redis", "redis.client.Redis", "redis.StrictRedis"}
+_DJANGO_REDIS_SERIALIZERS = {
+    "django_redis.serializers.pickle.PickleSerializer": "pickle",
+    "django_redis.serializers.json.JSONSerializer": "json",
+    "django_redis.serializers.msgpack.MSGPackSerializer": "msgpack",
+}
+_DJANGO_REDIS_COMPRESSORS = {
+    "django_redis.compressors.identity.IdentityCompressor": None,
+    "django_redis.compressors.zlib.ZlibCompressor": "zlib",
+    "django_redis.compressors.gzip.GzipCompressor": "gzip",
+    "django_redis.compressors.lzma.LzmaCompressor": "lzma",
+    "django_redis.compressors.lz4.Lz4Compressor": "lz4",
+    "django_redis.compressors.zstd.ZStdCompressor": "zstd",
+}
+
+
+def _dotted(value: Any) -> Any:
+    """A class's dotted path (django-redis's names may be given as classes too)."""
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return value
+
+
+def _refused(name: str, why: str) -> ImproperlyConfigured:
+    return ImproperlyConfigured(f"OPTIONS {name!r} (django-redis's): {why}")
+
+
+def _from_django_redis(options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``options`` with django-redis's names (and its ``DJANGO_REDIS_*`` settings) as ours,
+    and the names translated; refused, with what to write instead, where they cannot mean
+    the same here."""
+    from django.conf import settings
+
+    names = [name for name in options if name.isupper()]
+    defaults = [name for name in _DJANGO_REDIS_SETTINGS if hasattr(settings, name)]
+    if getattr(settings, "DJANGO_REDIS_CLOSE_CONNECTION", False):
+        raise ImproperlyConfigured(
+            "DJANGO_REDIS_CLOSE_CONNECTION (django-redis's) is not supported: connections go "
+            "back to the process's shared pool after each call, so there is nothing to close "
+            "when a request ends. Remove the setting."
+        )
+    factory = getattr(settings, "DJANGO_REDIS_CONNECTION_FACTORY", None)
+    if factory is not None and _dotted(factory) not in _DJANGO_REDIS_FACTORIES:
+        raise ImproperlyConfigured(
+            f"DJANGO_REDIS_CONNECTION_FACTORY {factory!r} is not supported: pools are shared "
+            "process-wide here; for a pool class of your own, set OPTIONS 'pool_class'."
+        )
+    if not names and not defaults:
+        return options, []
+    ours = {k: v for k, v in options.items() if not k.isupper()}
+
+    def put(name: str, key: str, value: Any) -> None:
+        if key in ours and ours[key] != value:
+            raise _refused(name, f"OPTIONS {key!r} is set too, to another value: keep one.")
+        ours[key] = value
+
+    for name in names:
+        value = options[name]
+        if name in _DJANGO_REDIS_SAME:
+            put(name, _DJANGO_REDIS_SAME[name], value)
+        elif name in ("CONNECTION_POOL_KWARGS", "REDIS_CLIENT_KWARGS"):
+            if not isinstance(value, dict):
+                raise _refused(name, f"must be a dict, not {value!r}.")
+            for key, each in value.items():
+                put(name, key, each)
+        elif name == "CLIENT_CLASS":
+            if _dotted(value) not in _DJANGO_REDIS_CLIENTS:
+                raise _refused(name, f"{value!r} is not one of django-redis's clients.")
+            if (why := _DJANGO_REDIS_CLIENTS[_dotted(value)]) is not None:
+                raise _refused(name, why)
+        elif name == "CLIENT_KWARGS":  # django-redis 7 reads it nowhere: nor does this
+            pass
+        elif name == "REDIS_CLIENT_CLASS":
+            if _dotted(value) not in _REDIS_CLIENTS:
+                raise _refused(
+                    name,
+                    f"{value!r}: the clients are this module's own, on redis-py's pools; for a "
+                    "connection or pool class of your own, set OPTIONS 'connection_class' or "
+                    "'pool_class'.",
+                )
+        elif name == "CONNECTION_FACTORY":
+            if _dotted(value) not in _DJANGO_REDIS_FACTORIES:
+                raise _refused(
+                    name,
+                    "pools are shared process-wide here; for a pool class of your own, set "
+                    "OPTIONS 'pool_class'.",
+                )
+        elif name == "SERIALIZER":
+            if _dotted(value) not in _DJANGO_REDIS_SERIALIZERS:
+                raise _refused(
+                    name,
+                    f"{value!r} is not one of django-redis's serializers: set OPTIONS "
+                    "'serializer' to a class or dotted path with dumps() and loads().",
+                )
+            put(name, "serializer", _DJANGO_REDIS_SERIALIZERS[_dotted(value)])
+            put(name, "format", "django-redis")
+        elif name == "PICKLE_VERSION":
+            put(name, "pickle_protocol", value)
+        elif name == "COMPRESSOR":
+            if _dotted(value) not in _DJANGO_REDIS_COMPRESSORS:
+                raise _refused(name, f"{value!r} is not one of django-redis's compressors.")
+            put(name, "compressor", _DJANGO_REDIS_COMPRESSORS[_dotted(value)])
+            put(name, "format", "django-redis")
+        else:
+            raise ImproperlyConfigured(
+                f"Unknown key {name!r} in the cache's OPTIONS: neither this module's (lower "
+                "case) nor one of django-redis 7's."
+            )
+    for name in defaults:
+        ours.setdefault(_DJANGO_REDIS_SETTINGS[name], getattr(settings, name))
+    return ours, names + defaults
+
 
 # OPTIONS "client_cache" settings: the local store's bounds, and the heartbeat of its
 # tracking connection (entries are served for at most two intervals past the last answer).
@@ -601,6 +856,13 @@ class _Config:
     ``topology``: the kind of deployment they describe (``sentinels``, ``cluster`` or neither)."""
 
     def __init__(self, options: dict[str, Any], prefix: str | None = None) -> None:
+        options, translated = _from_django_redis(options)
+        if translated:
+            logger.info(
+                "Cache OPTIONS: django-redis's %s translated to this module's names (see the "
+                "README's migration table).",
+                ", ".join(translated),
+            )
         self.options = _freeze(options)  # all of them, for what is kept per configuration
         own = {**_OWN_OPTIONS, **{k: v for k, v in options.items() if k in _OWN_OPTIONS}}
         self._values(own)
@@ -625,14 +887,32 @@ class _Config:
     def _values(self, own: dict[str, Any]) -> None:
         """How values and keys are stored and found: the codec, scans, stampede locks."""
         codec_class = _SignedCodec if _checked(own, "sign_values", bool) else _Codec
+        if own["format"] not in ("django", "django-redis"):
+            raise ImproperlyConfigured(
+                f"OPTIONS 'format' must be 'django' or 'django-redis', not {own['format']!r}."
+            )
+        django_redis = own["format"] == "django-redis"
+        if django_redis:
+            if codec_class is _SignedCodec:
+                raise ImproperlyConfigured(
+                    "OPTIONS 'sign_values' writes this module's format only: django-redis "
+                    "could not read signed values. Drop 'format' (or django-redis's "
+                    "SERIALIZER and COMPRESSOR) to sign."
+                )
+            if own["compressor"] not in (None, *_DJANGO_REDIS_COMPRESSION):
+                raise ImproperlyConfigured(
+                    f"OPTIONS 'compressor' {own['compressor']!r} has no django-redis "
+                    f"counterpart: with 'format': 'django-redis', use one of "
+                    f"{', '.join(_DJANGO_REDIS_COMPRESSION)}."
+                )
+            codec_class = _DjangoRedisCodec
         self.codec = codec_class(
-            self._serializer(own),
+            self._serializer(own, django_redis),
             self._compressor(own["compressor"]),
             _checked(own, "compress_min_length", int, minimum=0),
         )
-        self.codec_key = _freeze(
-            (own["serializer"], own["compressor"], own["compress_min_length"], own["sign_values"])
-        )
+        names = ("serializer", "compressor", "compress_min_length", "sign_values", "format")
+        self.codec_key = _freeze((*(own[name] for name in names), own["pickle_protocol"]))
         self.scan_count: int = _checked(own, "scan_count", int, minimum=1)
         self.clear_by_prefix: bool = _checked(own, "clear_by_prefix", bool)
         reverse = _import(own, "reverse_key_function")
@@ -649,6 +929,10 @@ class _Config:
         """What happens when Redis is unavailable: ignore_exceptions and the circuit breaker."""
         self.ignore_exceptions: bool = _checked(own, "ignore_exceptions", bool)
         self.log_ignored_exceptions: bool = _checked(own, "log_ignored_exceptions", bool)
+        name = own["logger"]
+        if name is not None and not isinstance(name, str):
+            raise ImproperlyConfigured(f"OPTIONS 'logger' must be a logger's name, not {name!r}.")
+        self.logger = logger if name is None else logging.getLogger(name)
         breaker = own["circuit_breaker"]
         self.circuit_breaker = self._settings(
             "circuit_breaker", breaker, _CIRCUIT_BREAKER_DEFAULTS, _CIRCUIT_BREAKER_KINDS
@@ -815,8 +1099,22 @@ class _Config:
         return addresses
 
     @staticmethod
-    def _serializer(own: dict[str, Any]) -> Any:
+    def _serializer(own: dict[str, Any], django_redis: bool = False) -> Any:
         value = own["serializer"]
+        protocol = own["pickle_protocol"]
+        if protocol is not None and (
+            type(protocol) is not int or protocol > pickle.HIGHEST_PROTOCOL
+        ):
+            raise ImproperlyConfigured(
+                "OPTIONS 'pickle_protocol' (django-redis's PICKLE_VERSION) must be an int up to "
+                f"pickle.HIGHEST_PROTOCOL ({pickle.HIGHEST_PROTOCOL}), not {protocol!r}."
+            )
+        if value == "pickle":
+            # pickle's default protocol, as django-redis writes (Django's RedisCache writes the
+            # highest; each reads the other's).
+            return RedisSerializer(pickle.DEFAULT_PROTOCOL if protocol is None else protocol)
+        if value == "json" and django_redis:
+            return _DjangoRedisJSON()
         if isinstance(value, str) and value in _SERIALIZERS:
             value = _SERIALIZERS[value]
         else:
@@ -1216,7 +1514,7 @@ class _ResumableConnection(redis.asyncio.connection.Connection):
 
     async def on_connect_check_health(self, check_health: bool = True) -> None:
         if self._resumed:  # the server's session goes on: only the parser is new
-            self._parser.on_connect(self)
+            self._parser.on_connect(self)  # type: ignore[no-untyped-call, unused-ignore]
             return
         await super().on_connect_check_health(check_health)
 
@@ -1483,7 +1781,7 @@ class _Servers(_Topology):
 def _url_options(url: str) -> dict[str, Any]:
     """What a LOCATION URL says besides where the server is: password, db, TLS."""
     try:
-        options: dict[str, Any] = redis.connection.parse_url(url)
+        options: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call, unused-ignore]
     except ValueError:  # redis-py's message may quote the URL or a piece of the password
         raise ImproperlyConfigured(
             f"LOCATION {_redact(url)!r} is not a Redis URL that redis-py can read: a '/', "
@@ -1571,7 +1869,7 @@ class _Cluster(_Topology):
             {"__init__": functools.partialmethod(_WaitingPool.__init__, timeout=wait)},
         )
         # redis-py uses connection_pool_class only for a client made from a URL.
-        others = [redis.cluster.ClusterNode(h, p) for h, p in self.startup_nodes[1:]]
+        others = [redis.cluster.ClusterNode(h, p) for h, p in self.startup_nodes[1:]]  # type: ignore[no-untyped-call, unused-ignore]
         client = _SharedCluster(
             url=self.servers[0], startup_nodes=others, connection_pool_class=node_pool, **options
         )
@@ -1638,7 +1936,7 @@ _COMMANDS: dict[str, _Command] = {
     **dict.fromkeys(("GET", "TTL", "PTTL", "SCARD", "SISMEMBER", "SMISMEMBER", "SMEMBERS"), _READ),
     **dict.fromkeys(("SRANDMEMBER", "SSCAN", "HLEN", "HKEYS", "HEXISTS", "HGET", "HGETALL"), _READ),
     **dict.fromkeys(("HMGET", "ZCARD", "ZCOUNT", "ZRANGE", "ZRANGEBYSCORE", "ZRANK"), _READ),
-    **dict.fromkeys(("ZSCORE", "ZREVRANGE", "ZREVRANGEBYSCORE"), _READ),
+    **dict.fromkeys(("ZSCORE", "ZMSCORE", "ZREVRANGE", "ZREVRANGEBYSCORE"), _READ),
     **dict.fromkeys(("SDIFF", "SINTER", "SUNION"), _READ_MANY),
     "MGET": _READ_MANY._replace(split="mget_nonatomic"),
     "EXISTS": _READ_MANY._replace(split="exists"),
@@ -1658,6 +1956,15 @@ _COMMANDS: dict[str, _Command] = {
     **dict.fromkeys(("CONFIG", "PING", "CLIENT"), _NO_KEY),
 }
 _UNKNOWN = _Command(writes=True, replica=False, resend=False, first=-1)
+# Where the client-side store finds the keys a command changes, on its path per write: 0 for
+# none (a read), 1 for its only key, -1 for a script's (their number at 2, from 3 on), or
+# None (see its row).
+_KEY_AT: dict[str, int | None] = {
+    name: (1 if (row.first, row.last) == (1, 1) else -1 if row.numkeys else None)
+    if row.writes
+    else 0
+    for name, row in _COMMANDS.items()
+}
 
 
 def _keys_of(command: tuple[Any, ...]) -> list[Any] | None:
@@ -1806,6 +2113,12 @@ class _Script:
         keys = tuple(keys)
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
+    def whole(self, keys: Iterable[Any], args: Iterable[Any]) -> tuple[Any, ...]:
+        """EVAL with the source: for a script followed by other commands in one round trip
+        (after NOSCRIPT, those would have run without it)."""
+        keys = tuple(keys)
+        return ("EVAL", _SCRIPTS[self.sha], len(keys), *keys, *args)
+
 
 # INCRBY that fails on a missing key instead of creating it, in one round trip.
 _INCR_EXISTING = _Script(
@@ -1819,6 +2132,15 @@ _GET_OR_STORE = _Script(
     "if ARGV[2] == '0' then redis.call('SET', KEYS[1], ARGV[1]) "
     "else redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end "
     "return false"
+)
+# Sorted-set members that 2.0 stored raw (ints) become django-redis's form (ARGV: old, new
+# pairs), keeping their scores; then the command that follows in the same round trip.
+_ZCONVERGE = _Script(
+    "for i = 1, #ARGV, 2 do "
+    "local score = redis.call('ZSCORE', KEYS[1], ARGV[i]) "
+    "if score then redis.call('ZREM', KEYS[1], ARGV[i]) "
+    "redis.call('ZADD', KEYS[1], 'NX', score, ARGV[i + 1]) end end "
+    "return 0"
 )
 # Move a value to another key (keeping its expiry); 0 if there is none to move.
 _RENAME_EXISTING = _Script(
@@ -2112,6 +2434,28 @@ def _op_apply(convert: Callable[[Any], _T], *command: Any) -> Operation[_T]:
     return convert((yield command))
 
 
+def _op_converged(convert: Callable[[Any], _T], pairs: list[Any], *command: Any) -> Operation[_T]:
+    """``command`` on a sorted set, after its members' 2.0 forms in ``pairs`` (old, new, ...)
+    took django-redis's form, in the same round trip."""
+    if not pairs:
+        return convert((yield command))
+    replies = yield [_ZCONVERGE.whole([command[1]], pairs), command]
+    return convert(replies[1])
+
+
+def _op_round_trip(
+    convert: Callable[[list[Any]], _T], commands: list[tuple[Any, ...]]
+) -> Operation[_T]:
+    """``commands`` in one round trip, their replies made the result by ``convert``."""
+    return convert((yield commands))
+
+
+def _op_either(convert: Callable[[Any], _T], commands: list[tuple[Any, ...]]) -> Operation[_T]:
+    """The first of ``commands``' replies that is not None (a member in either form)."""
+    replies = yield commands
+    return convert(next((reply for reply in replies if reply is not None), None))
+
+
 def _members(codec: _Codec, reply: Any) -> list[Any]:
     loads = codec.loads
     members = [loads(member) for member in reply or ()]
@@ -2361,6 +2705,7 @@ class _Policy:
         self.readers = 0 if store else topology.readers
         self.features = features
         self.begins = tuple(f for f in features if type(f).begin is not _Feature.begin)
+        self.ends = tuple(f for f in features if type(f).end is not _Feature.end)
         self.trip_hooks = tuple(feature for feature in features if feature.trips)
         self.prefix = prefix  # what the methods of this path start with: "a" for asyncio
 
@@ -2392,7 +2737,7 @@ class _Policy:
             ignored = self._ignores(plan, failure)
             return cast(_T, (yield _Compute(plan.fallback)))
         finally:
-            for feature in self.features:
+            for feature in self.ends:
                 feature.end(plan, error, ignored)
 
     def _trip(
@@ -2470,7 +2815,9 @@ class _Policy:
         if _wrong_credentials(error):  # a configuration error, never ignored
             raise error
         if config.log_ignored_exceptions and type(error) is not _CircuitOpen:
-            logger.warning("Redis unavailable in %s, ignored: %s", self.prefix + plan.method, error)
+            config.logger.warning(
+                "Redis unavailable in %s, ignored: %s", self.prefix + plan.method, error
+            )
         plan.operation.close()
         return True
 
@@ -2536,8 +2883,8 @@ class _Store(_Feature):
         self.tracker: threading.Thread | None = None
         self.retry_at = 0.0
         self.connected = False
-        # Commands this process sent and had answered, whose keys are not dropped yet.
-        self.writes: collections.deque[list[tuple[Any, ...]]] = collections.deque()
+        # What the writes this process sent and had answered changed, not dropped yet.
+        self.writes: collections.deque[Any] = collections.deque()
         self.draining = False  # a thread is reading the tracking connection
         self.taking = threading.Lock()  # held by the thread that reads it
         self.buffer = bytearray()  # what was read of it and not yet taken
@@ -2735,9 +3082,18 @@ class _Store(_Feature):
 
     def written(self, commands: list[tuple[Any, ...]]) -> None:
         """Drop what ``commands`` (sent by this process, and answered) may have changed:
-        noted here, dropped before anything is served or kept (``settle``)."""
-        self.writes.append(commands)
-        if len(self.writes) > 1000:  # nobody reads: not kept for ever
+        their keys are noted here, and dropped before anything is served or kept (``settle``).
+        Noted as the key itself for a write of one key (not the command: kept, a container
+        would be the garbage collector's to look at), a list of keys, or None for all."""
+        writes = self.writes
+        for command in commands:
+            at = _KEY_AT.get(command[0])
+            if at and (at > 0 or command[2] == 1):  # the usual write, or script: one key
+                writes.append(command[at] if at > 0 else command[3])
+            elif at != 0:
+                named = _keys_of(command)
+                writes.append(named[0] if named is not None and len(named) == 1 else named)
+        if len(writes) > 1000:  # nobody reads: not kept for ever
             self.settle()
 
     def settle(self) -> None:
@@ -2746,21 +3102,14 @@ class _Store(_Feature):
         if not self.writes:
             return
         with self.lock:
-            writes, keys = self.writes, set()
+            writes = self.writes
             while writes:
-                for command in writes[0]:
-                    row = _COMMANDS.get(command[0], _UNKNOWN)
-                    if not row.writes:
-                        continue
-                    if row.first == row.last == 1:  # the usual write: one key
-                        keys.add(command[1])
-                    elif (named := _keys_of(command)) is None:
-                        self._flush()
-                    else:
-                        keys.update(named)
-                self._drop(keys)  # before the write leaves the queue
-                keys.clear()
-                writes.popleft()
+                named = writes[0]
+                if named is None:
+                    self._flush()
+                else:
+                    self._drop((named,) if type(named) is not list else named)
+                writes.popleft()  # once dropped
 
     def drop(self, keys: Iterable[Any]) -> None:
         with self.lock:
@@ -3470,7 +3819,7 @@ async def _observed(
 
 
 def _toolbar_watches(name: str) -> bool:
-    from debug_toolbar.panels.cache import WRAPPED_CACHE_METHODS
+    from debug_toolbar.panels.cache import WRAPPED_CACHE_METHODS  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     return name in WRAPPED_CACHE_METHODS
 
@@ -3480,7 +3829,7 @@ def _toolbar_record(
 ) -> None:
     """What the toolbar's sync wrapper records, through the panel's recorder (unchanged from
     debug-toolbar 4.2 to 8.0); the stack trace ends at the caller's await."""
-    from debug_toolbar import utils
+    from debug_toolbar import utils  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     toolbar = cast(Any, utils)  # untyped
     alias = next((a for each, a in panel.initialized_caches() if each is cache), "?")
@@ -3500,9 +3849,9 @@ def _toolbar_record(
 
 
 def _sentry_watches(name: str) -> bool:
-    import sentry_sdk
-    from sentry_sdk.integrations.django import DjangoIntegration
-    from sentry_sdk.integrations.django.caching import METHODS_TO_INSTRUMENT
+    import sentry_sdk  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from sentry_sdk.integrations.django import DjangoIntegration  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from sentry_sdk.integrations.django.caching import METHODS_TO_INSTRUMENT  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     client = sentry_sdk.get_client()
     return name in METHODS_TO_INSTRUMENT and client.get_integration(DjangoIntegration) is not None
@@ -3512,10 +3861,10 @@ async def _sentry_span(
     cache: Any, name: str, work: Coroutine[Any, Any, _T], args: Any, kwargs: Any
 ) -> _T:
     """The span Sentry's wrapper makes for the sync twin, field for field, around ``work``."""
-    import sentry_sdk
-    from sentry_sdk.consts import OP, SPANDATA
-    from sentry_sdk.integrations.django import DjangoIntegration
-    from sentry_sdk.tracing_utils import has_span_streaming_enabled
+    import sentry_sdk  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from sentry_sdk.consts import OP, SPANDATA  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from sentry_sdk.integrations.django import DjangoIntegration  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from sentry_sdk.tracing_utils import has_span_streaming_enabled  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     op = OP.CACHE_PUT if name.startswith("set") else OP.CACHE_GET
     first = args[0] if args else kwargs.get("key", kwargs.get("keys", kwargs.get("data")))
@@ -3628,7 +3977,7 @@ def _sync_call(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any
     pool = client.connection_pool
     connection = pool.get_connection()
     try:
-        connection.send_packed_command(_packed(connection, commands))
+        connection.send_packed_command(_packed(connection, commands))  # type: ignore[no-untyped-call, unused-ignore]
         callbacks = client.response_callbacks
         replies = []
         for command in commands:
@@ -3637,13 +3986,13 @@ def _sync_call(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any
             except redis.ResponseError as error:
                 reply = error
             else:
-                callback = callbacks.get(command[0])
+                callback = callbacks.get(command[0])  # type: ignore[no-untyped-call, unused-ignore]
                 if callback is not None:
                     reply = callback(reply)
             replies.append(reply)
         return replies
     except BaseException:
-        connection.disconnect()
+        connection.disconnect()  # type: ignore[no-untyped-call, unused-ignore]
         raise
     finally:
         pool.release(connection)
@@ -3654,12 +4003,12 @@ def _sync_pipelined(client: redis.Redis, commands: list[tuple[Any, ...]]) -> lis
     or OPTIONS that ask for redis-py's retries), error replies as objects."""
     if len(commands) == 1:
         try:
-            return [client.execute_command(*commands[0])]
+            return [client.execute_command(*commands[0])]  # type: ignore[no-untyped-call, unused-ignore]
         except redis.ResponseError as error:
             return [error]
     pipeline = client.pipeline(transaction=False)
     for args in commands:
-        pipeline.execute_command(*args)
+        pipeline.execute_command(*args)  # type: ignore[no-untyped-call, unused-ignore]
     return pipeline.execute(raise_on_error=False)
 
 
@@ -3860,7 +4209,7 @@ class _Line:
         """A connection to send on: the pool checks one it hands out. Bytes arriving on
         it count as progress for the timer: a large reply is slow, not frozen."""
         if self.connection is None:
-            self.connection = await self.pool.get_connection()
+            self.connection = await self.pool.get_connection()  # type: ignore[no-untyped-call, unused-ignore]
         elif not self.connection.is_connected:
             await self.connection.connect()
         stream = self.connection._reader
@@ -4014,7 +4363,7 @@ async def _async_pipelined(
     """``_sync_pipelined`` for asyncio."""
     if len(commands) == 1:
         try:
-            return [await client.execute_command(*commands[0])]
+            return [await client.execute_command(*commands[0])]  # type: ignore[no-untyped-call, unused-ignore]
         except redis.ResponseError as error:
             return [error]
     pipeline = client.pipeline(transaction=False)
@@ -4199,6 +4548,30 @@ def _like(function: _F, plan: Callable[..., Any], prefix: str) -> _F:
     return function
 
 
+def _reverse_key_function(path: Any) -> Callable[[str], str] | None:
+    """The CACHES entry's REVERSE_KEY_FUNCTION (django-redis's place for it), imported."""
+    if path is None:
+        return None
+    function = import_string(path) if isinstance(path, str) else path
+    if not callable(function):
+        raise ImproperlyConfigured("REVERSE_KEY_FUNCTION must be a callable or its dotted path.")
+    return cast(Callable[[str], str], function)
+
+
+class _DjangoRedisClient:
+    """What django-redis code reaches through ``cache.client``."""
+
+    def __init__(self, cache: _RedisEXBase) -> None:
+        self._cache = cache
+
+    def get_client(self, write: bool = True, tried: Any = None) -> redis.Redis:
+        """django-redis's signature: ``write`` first."""
+        return self._cache.get_client(write=write)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+
 class _RedisEXBase(BaseCache):
     """Django's cache API and django-redis's extras, sync and native async: each method is
     planned once, in ``_plan_<method>`` (an operation and its fallback), and ``_twins`` makes
@@ -4229,6 +4602,8 @@ class _RedisEXBase(BaseCache):
         self._codec = self._config.codec
         self._store = _store_for(self._topology, prefix)
         self._stats = _stats_for(self._topology, self.key_prefix, self.version)
+        # django-redis reads REVERSE_KEY_FUNCTION beside KEY_FUNCTION, not in OPTIONS.
+        self._reverse_key_function = _reverse_key_function(params.get("REVERSE_KEY_FUNCTION"))
 
     def __repr__(self) -> str:
         servers = ", ".join(_redact(s) for s in self._servers)
@@ -4277,6 +4652,12 @@ class _RedisEXBase(BaseCache):
             untracked = self._topology.untracked
             return untracked.sync_client(untracked.index_for(write))
         return self._sync_driver.get_client(key, write=write)
+
+    @property
+    def client(self) -> _DjangoRedisClient:
+        """django-redis's ``cache.client``: its ``get_client(write=True)`` is ``get_client``;
+        its other methods, the cache's."""
+        return _DjangoRedisClient(self)
 
     def get_async_client(self, key: Any = None, *, write: bool = True) -> redis.asyncio.Redis:
         """A ``redis.asyncio.Redis`` on the running loop's shared pool (as ``get_client``)."""
@@ -4364,7 +4745,7 @@ class _RedisEXBase(BaseCache):
 
     def _user_key_of(self, version: int | None) -> Callable[[Any], str]:
         """How to turn a Redis key found by SCAN back into the user's key."""
-        reverse = self._config.reverse_key_function
+        reverse = self._config.reverse_key_function or self._reverse_key_function
         if reverse is not None:
             return lambda redis_key: reverse(_text(redis_key))
         if self.key_func is default_key_func:
@@ -4606,25 +4987,41 @@ class _RedisEXBase(BaseCache):
     pttl, apttl = _twins(_plan_pttl)
 
     def _plan_expire(self, key: Any, timeout: Any, version: int | None = None) -> Plan[bool]:
-        """Expire in ``timeout`` seconds (a number or a timedelta); False if no such key."""
+        """Expire in ``timeout`` seconds (a number or a timedelta; ``DEFAULT_TIMEOUT``: the
+        cache's TIMEOUT; None: never); False if no such key."""
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.default_timeout
+        if timeout is None:
+            return self._persisted("expire", key, version)
         return self._expiry("expire", key, _seconds(timeout), version)
 
     expire, aexpire = _twins(_plan_expire)
 
     def _plan_expire_at(self, key: Any, when: Any, version: int | None = None) -> Plan[bool]:
-        """Expire at ``when``: a datetime, or Unix time in seconds."""
+        """Expire at ``when``: a datetime, or Unix time in seconds (None: never)."""
+        if when is None:
+            return self._persisted("expire_at", key, version)
         return self._expiry("expire_at", key, _timestamp(when), version)
 
     expire_at, aexpire_at = _twins(_plan_expire_at)
 
     def _plan_pexpire(self, key: Any, timeout: Any, version: int | None = None) -> Plan[bool]:
-        """Expire in ``timeout`` milliseconds (a number or a timedelta)."""
+        """Expire in ``timeout`` milliseconds (a number or a timedelta; ``DEFAULT_TIMEOUT``:
+        the cache's TIMEOUT, in seconds; None: never)."""
+        if timeout is DEFAULT_TIMEOUT:
+            if self.default_timeout is None:
+                return self._persisted("pexpire", key, version)
+            timeout = datetime.timedelta(seconds=self.default_timeout)
+        if timeout is None:
+            return self._persisted("pexpire", key, version)
         return self._expiry("pexpire", key, _seconds(timeout, 0.001), version)
 
     pexpire, apexpire = _twins(_plan_pexpire)
 
     def _plan_pexpire_at(self, key: Any, when: Any, version: int | None = None) -> Plan[bool]:
-        """Expire at ``when``: a datetime, or Unix time in milliseconds."""
+        """Expire at ``when``: a datetime, or Unix time in milliseconds (None: never)."""
+        if when is None:
+            return self._persisted("pexpire_at", key, version)
         return self._expiry("pexpire_at", key, _timestamp(when, 0.001), version)
 
     pexpire_at, apexpire_at = _twins(_plan_pexpire_at)
@@ -4634,6 +5031,12 @@ class _RedisEXBase(BaseCache):
         return self._expiry("persist", key, None, version)
 
     persist, apersist = _twins(_plan_persist)
+
+    def _persisted(self, method: str, key: Any, version: int | None) -> Plan[bool]:
+        """An expiry of None: the key kept for ever; False if there is no such key."""
+        redis_key = self._key(key, version)
+        commands = [("PERSIST", redis_key), ("EXISTS", redis_key)]
+        return Plan(method, _op_round_trip(lambda replies: bool(replies[1]), commands), _false)
 
     def _expiry(self, method: str, key: Any, amount: int | None, version: int | None) -> Plan[bool]:
         """EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT or (without an amount) PERSIST."""
@@ -4715,7 +5118,7 @@ class _DataStructures(_RedisEXBase):
             slots = [redis.crc.key_slot(key.encode()) for key in redis_keys]
             for user_key, slot in zip(keys, slots, strict=True):
                 if slot != slots[0]:
-                    raise redis.exceptions.RedisClusterException(
+                    raise redis.exceptions.RedisClusterException(  # type: ignore[no-untyped-call, unused-ignore]
                         f"{method}(): the keys {keys[0]!r} and {user_key!r} lie in different "
                         "Redis Cluster slots, and a command on several keys needs them in one. "
                         "Give them the same hash tag: '{user:1}:cart', '{user:1}:saved'."
@@ -5021,11 +5424,43 @@ class _DataStructures(_RedisEXBase):
         if incr and len(mapping) != 1:
             raise ValueError("zadd(incr=True) takes a mapping of exactly one member.")
         flags = [f for f, on in (("NX", nx), ("XX", xx), ("GT", gt), ("LT", lt), ("CH", ch)) if on]
-        dumps = self._at(key, version, b"z").dumps
-        items = [part for member, score in mapping.items() for part in (score, dumps(member))]
+        codec, pairs = self._zforms(key, version, mapping)
+        items = [
+            part for member, score in mapping.items() for part in (score, codec.zmember(member))
+        ]
         if incr:
-            return self._one("zadd", _score, _none, key, version, *flags, "INCR", *items)
-        return self._one("zadd", int, _zero, key, version, *flags, *items)
+            return self._zconverged(
+                "zadd", _score, _none, key, version, pairs, *flags, "INCR", *items
+            )
+        return self._zconverged("zadd", int, _zero, key, version, pairs, *flags, *items)
+
+    def _zforms(
+        self, key: Any, version: int | None, values: Iterable[Any]
+    ) -> tuple[_Codec, list[Any]]:
+        """The codec of sorted set ``key``'s members, and the (2.0 form, form) pairs of those
+        of ``values`` that 2.0 stored otherwise (ints, raw)."""
+        codec = self._at(key, version, b"z")
+        pairs: list[Any] = []
+        for value in values:
+            old = codec.zlegacy(value)
+            if old is not None:
+                pairs += (old, codec.zmember(value))
+        return codec, pairs
+
+    def _zconverged(
+        self,
+        method: str,
+        convert: Callable[[Any], _T],
+        fallback: Callable[[], _T],
+        key: Any,
+        version: int | None,
+        pairs: list[Any],
+        *arguments: Any,
+    ) -> Plan[_T]:
+        """``_one``, after the members in ``pairs`` took their form (``_op_converged``)."""
+        redis_key = self._key(key, version)
+        command = (method.upper(), redis_key, *arguments)
+        return Plan(method, _op_converged(convert, pairs, *command), fallback)
 
     zadd, azadd = _twins(_plan_zadd)
 
@@ -5047,8 +5482,10 @@ class _DataStructures(_RedisEXBase):
         self, key: Any, amount: float, value: Any, version: int | None = None
     ) -> Plan[float]:
         """Add ``amount`` to the score of member ``value`` (from 0); its new score."""
-        member = self._at(key, version, b"z").dumps(value)  # unavailable: as if from 0
-        return self._one("zincrby", float, lambda: float(amount), key, version, amount, member)
+        codec, pairs = self._zforms(key, version, (value,))
+        member = codec.zmember(value)  # unavailable: as if from 0
+        fallback = lambda: float(amount)  # noqa: E731
+        return self._zconverged("zincrby", float, fallback, key, version, pairs, amount, member)
 
     zincrby, azincrby = _twins(_plan_zincrby)
 
@@ -5176,18 +5613,22 @@ class _DataStructures(_RedisEXBase):
     ) -> Plan[Any]:
         """The rank of member ``value`` (0 scores lowest), None if absent; with
         ``withscore`` (Redis 7.2+), [rank, score]."""
-        member = self._at(key, version, b"z").dumps(value)
-        if withscore:
-            return self._one("zrank", _ranked, _none, key, version, member, "WITHSCORE")
-        return self._one("zrank", _optional_int, _none, key, version, member)
+        codec, pairs = self._zforms(key, version, (value,))
+        convert = _ranked if withscore else _optional_int
+        extra = ("WITHSCORE",) if withscore else ()
+        if not pairs:
+            return self._one("zrank", convert, _none, key, version, codec.zmember(value), *extra)
+        redis_key = self._key(key, version)  # either form: django-redis's, then 2.0's
+        commands = [("ZRANK", redis_key, member, *extra) for member in (pairs[1], pairs[0])]
+        return Plan("zrank", _op_either(convert, commands), _none)
 
     zrank, azrank = _twins(_plan_zrank)
 
     def _plan_zrem(self, key: Any, *values: Any, version: int | None = None) -> Plan[int]:
         """Remove members from the sorted set; how many were there."""
-        return self._one(
-            "zrem", int, _zero, key, version, *self._dumped(key, version, values, b"z")
-        )
+        codec, pairs = self._zforms(key, version, values)  # either form goes
+        members = [codec.zmember(value) for value in values] + pairs[::2]
+        return self._one("zrem", int, _zero, key, version, *members)
 
     zrem, azrem = _twins(_plan_zrem)
 
@@ -5201,8 +5642,12 @@ class _DataStructures(_RedisEXBase):
 
     def _plan_zscore(self, key: Any, value: Any, version: int | None = None) -> Plan[float | None]:
         """The score of member ``value``; None if it is not in the sorted set."""
-        member = self._at(key, version, b"z").dumps(value)
-        return self._one("zscore", _score, _none, key, version, member)
+        codec, pairs = self._zforms(key, version, (value,))
+        if not pairs:
+            return self._one("zscore", _score, _none, key, version, codec.zmember(value))
+        # Either form: django-redis's, then 2.0's.
+        either = lambda reply: _score(next((s for s in reply if s is not None), None))  # noqa: E731
+        return self._one("zmscore", either, _none, key, version, pairs[1], pairs[0])
 
     zscore, azscore = _twins(_plan_zscore)
 

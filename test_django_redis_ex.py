@@ -1396,14 +1396,19 @@ def test_compressed_values_stay_readable_when_the_compressor_changes(
     assert scripted("sync", later, "get", "k", script=Script((("GET", "t:1:k"), data))) == value
 
 
-def test_djangos_own_format_is_what_pickle_writes() -> None:
+def test_the_default_format_is_what_django_redis_writes_and_django_reads() -> None:
     from django.core.cache.backends.redis import RedisSerializer as DjangosSerializer
 
     cache = offline_cache()
     for value in [5, "five", {"five": 5}, True]:
         data = stored_by_set(cache, value)
-        assert data == DjangosSerializer().dumps(value)
-        assert DjangosSerializer().loads(data) == value
+        # django-redis: ints raw, the rest pickle.dumps at pickle's default protocol.
+        assert data == (5 if type(value) is int else pickle.dumps(value))
+        assert DjangosSerializer().loads(data) == value  # Django's RedisCache reads it
+        # and what Django's writes (the highest protocol) reads here.
+        written = DjangosSerializer().dumps(value)
+        written = written if type(written) is bytes else str(written).encode()
+        assert scripted("sync", cache, "get", "k", script=Script((("GET", "t:1:k"), written))) == value
 
 
 class ReversingSerializer:
@@ -2437,6 +2442,7 @@ def test_every_command_the_module_sends_has_a_row_and_every_row_is_sent(
         admin.script_flush()
     shell.run(cache._plan_set("c", 1))
     shell.run(cache._plan_incr("c"))  # EVALSHA answered NOSCRIPT: EVAL
+    shell.run(cache._plan_zscore("z", 42))  # an int member: either form (ZMSCORE)
     cached_shell = RecordingShell(cached)
     wait_until(lambda: cached.client_cache_info()["connected"] or cached.get("x"), 5, "tracking")
     # A read the store keeps asks for its key's invalidations (CLIENT) and PTTL.
@@ -2485,7 +2491,7 @@ def test_get_or_set_reads_the_first_server_even_with_replicas(path: str) -> None
         KEY_PREFIX="t",
         OPTIONS={"stampede_lock_timeout": 2},
     )
-    value = pickle.dumps("theirs", pickle.HIGHEST_PROTOCOL)
+    value = pickle.dumps("theirs")
     script = Script(
         (("GET", "t:1:k"), None),
         ([LOCK, ("GET", "t:1:k")], [None, None]),
@@ -2531,7 +2537,7 @@ def release_lock() -> tuple[Any, Any]:
 
 
 def store_missing(value: Any) -> tuple[Any, Any]:
-    data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    data = pickle.dumps(value)
     return (("EVALSHA", django_redis_ex._GET_OR_STORE.sha, 1, "t:1:k", data, 300), None)
 
 
@@ -2555,7 +2561,7 @@ def test_get_or_set_lock_won_computes_stores_and_releases(path: str) -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 def test_get_or_set_lock_lost_waits_for_the_holders_value(path: str) -> None:
-    value = pickle.dumps("theirs", pickle.HIGHEST_PROTOCOL)
+    value = pickle.dumps("theirs")
     script = Script(
         (("GET", "t:1:k"), None),
         ([LOCK, ("GET", "t:1:k")], [None, None]),
@@ -2939,7 +2945,7 @@ def test_ignore_exceptions_never_swallows_wrong_credentials(path: str) -> None:
 def test_a_read_goes_once_more_on_a_new_connection_but_an_increment_never(path: str) -> None:
     """The connection a command took may have died idle: a read or a plain SET is sent once
     more; INCRBY, which may have been applied, and anything that timed out are not."""
-    value = pickle.dumps("v", pickle.HIGHEST_PROTOCOL)
+    value = pickle.dumps("v")
     script = Script((("GET", "t:1:k"), DOWN), (("GET", "t:1:k"), value))
     assert scripted(path, offline_cache(), "get", "k", script=script) == "v"
     script = Script((("INCRBY", "t:1:n", 1), DOWN))
@@ -3183,7 +3189,7 @@ def test_a_probe_interrupted_twice_leaves_its_place_to_the_next_call(
         scripted(path, cache, "get_or_set", "k", compute, script=script)
     assert script.sent[-2:] == [store, release], "the store was the probe, then the release"
     assert circuit.state()["state"] == "open" and not circuit.probing
-    answered = Script((("GET", "t:1:k"), pickle.dumps("v", pickle.HIGHEST_PROTOCOL)))
+    answered = Script((("GET", "t:1:k"), pickle.dumps("v")))
     assert scripted(path, cache, "get", "k", script=answered) == "v"  # the next call probes
     assert circuit.state()["state"] == "closed"
 
@@ -3222,7 +3228,7 @@ class DeadReplica(Script):
 def test_a_dead_replica_does_not_silence_the_first_server(path: str, fresh_breakers: None) -> None:
     cache = breaking_cache([NOWHERE, "redis://127.0.0.1:7"])
     circuits(cache, Script())  # time stands still: the replica's circuit stays open
-    value = pickle.dumps("v", pickle.HIGHEST_PROTOCOL)
+    value = pickle.dumps("v")
     script = DeadReplica(value)
     assert scripted(path, cache, "get", "k", "fallback", script=script) == "v"
     assert script.indexes == [1, 0]  # the replica refused: read again from the first server
@@ -3281,7 +3287,7 @@ def test_the_client_side_store_sees_each_round_trip_through_the_policy(path: str
     store.register = ("CLIENT", "TRACKING", "ON", "REDIRECT", 7)
     store.registered.clear()  # (the store of this configuration: the other path's too)
     store.flush()
-    value = pickle.dumps("v", pickle.HIGHEST_PROTOCOL)
+    value = pickle.dumps("v")
     wire = [store.register, ("CLIENT", "ID"), ("GET", "t:1:k"), ("PTTL", "t:1:k")]
     refused = redis.ResponseError("ERR The client ID you want redirect to does not exist")
     script = Script((wire, [refused, 12, value, 60_000]))
@@ -3603,7 +3609,7 @@ def test_the_first_cool_down_is_short_with_the_default_settings(
     assert breaker_state(cache)["state"] == "open"
     own_server.start()
     with own_server.client() as raw:
-        raw.set(cache.make_and_validate_key("k"), pickle.dumps("v", pickle.HIGHEST_PROTOCOL))
+        raw.set(cache.make_and_validate_key("k"), pickle.dumps("v"))
     wait_until(lambda: api.get("k", "fallback") == "v", 1.5, "Redis to be reached again")
     took = time.monotonic() - opened
     assert took < 1.0, (
@@ -4129,7 +4135,7 @@ def test_a_change_spoils_only_the_reads_begun_before_it(server: RedisServer, bac
     store = cache._store
     assert store is not None
     key = cache.make_key("k")
-    value = pickle.dumps("v", pickle.HIGHEST_PROTOCOL)
+    value = pickle.dumps("v")
     first = store.start_read([key])
     store.drop([key])  # a write or an invalidation while the first read is in flight
     second = store.start_read([key])
@@ -5409,7 +5415,7 @@ def test_a_value_without_a_valid_signature_reads_as_a_miss_and_never_runs(
         OPTIONS=signed_options(compressor="zlib"),
     )
     api, raw = Api(cache, path, loop), server.client()
-    hostile = pickle.dumps(Hostile(), pickle.HIGHEST_PROTOCOL)
+    hostile = pickle.dumps(Hostile())
     caplog.set_level(logging.WARNING, logger="django_redis_ex")
     UNPICKLED.clear()
     raw.set(cache.make_key("k"), hostile)  # written by whoever reached the Redis
@@ -7498,7 +7504,7 @@ def test_structure_reads_go_to_replicas_and_writes_to_the_primary(
 def test_a_structure_read_goes_once_more_on_a_new_connection_but_a_write_never(path: str) -> None:
     """As for get and incr: SMEMBERS, HGETALL and ZRANGE are sent again after a dead
     connection; SADD, HINCRBY and ZPOPMAX, which may have been applied, are not."""
-    member = pickle.dumps("m", pickle.HIGHEST_PROTOCOL)
+    member = pickle.dumps("m")
     for method, args, command, reply, result in (
         ("smembers", ("s",), ("SMEMBERS", "t:1:s"), [member], {"m"}),
         ("hgetall", ("h",), ("HGETALL", "t:1:h"), {b"f": b"1"}, {"f": 1}),
