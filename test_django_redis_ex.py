@@ -1408,7 +1408,9 @@ def test_the_default_format_is_what_django_redis_writes_and_django_reads() -> No
         # and what Django's writes (the highest protocol) reads here.
         written = DjangosSerializer().dumps(value)
         written = written if type(written) is bytes else str(written).encode()
-        assert scripted("sync", cache, "get", "k", script=Script((("GET", "t:1:k"), written))) == value
+        assert (
+            scripted("sync", cache, "get", "k", script=Script((("GET", "t:1:k"), written))) == value
+        )
 
 
 class ReversingSerializer:
@@ -7896,3 +7898,338 @@ def test_the_wheel_installs_a_typed_package_that_mypy_checks_in_a_user_project(
     assert errors[1].startswith(f"wrong.py:{init}: error: Argument 1 to "), errors
     assert '"RedisEXCache"' in errors[1] and 'expected "str | list[str]"' in errors[1]
     assert all(error.endswith("[arg-type]") for error in errors), errors
+
+
+# ---------------------------------------------------------------------------
+# From django-redis by changing one line (issue 19): its OPTIONS translated, its data read and
+# written, byte for byte, next to a real django_redis.cache.RedisCache in the same settings
+# ---------------------------------------------------------------------------
+
+
+INTEROP_DB = 12  # no other test uses it: the tests of this section flush it
+DR_SERIALIZERS = {
+    "pickle": "django_redis.serializers.pickle.PickleSerializer",
+    "json": "django_redis.serializers.json.JSONSerializer",
+    "msgpack": "django_redis.serializers.msgpack.MSGPackSerializer",
+}
+DR_COMPRESSORS = {
+    "identity": "django_redis.compressors.identity.IdentityCompressor",
+    "zlib": "django_redis.compressors.zlib.ZlibCompressor",
+    "gzip": "django_redis.compressors.gzip.GzipCompressor",
+    "lzma": "django_redis.compressors.lzma.LzmaCompressor",
+    "lz4": "django_redis.compressors.lz4.Lz4Compressor",
+    "zstd": "django_redis.compressors.zstd.ZStdCompressor",
+}
+DR_CLIENT = "django_redis.client."
+# What django-redis's serializer or compressor imports: its combinations skip without it.
+DR_PACKAGES = {"msgpack": "msgpack", "lz4": "lz4.frame", "zstd": "pyzstd"}
+
+
+@contextlib.contextmanager
+def django_redis_and_ours(
+    server: RedisServer, backend: str, options: dict[str, Any] | None = None
+) -> Iterator[tuple[ExCache, Any]]:
+    """One Django settings with two aliases, the same entry but for BACKEND: ours ("ex") and
+    django-redis's RedisCache ("dr"), on db INTEROP_DB, flushed."""
+    server.client(db=INTEROP_DB).flushdb()
+    entry = {"LOCATION": f"{server.url}/{INTEROP_DB}", "KEY_PREFIX": "dr"}
+    config = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "dr": {**entry, "BACKEND": "django_redis.cache.RedisCache", "OPTIONS": {**(options or {})}},
+        "ex": {**entry, "BACKEND": backend, "OPTIONS": {**(options or {})}},
+    }
+    with override_settings(CACHES=config):
+        yield cast(ExCache, caches["ex"]), caches["dr"]
+
+
+def typed(value: Any) -> tuple[Any, type]:
+    """A value with its type: True must not read back as 1, nor 2.5 as "2.5"."""
+    return value, type(value)
+
+
+def interop_values(serializer: str) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "int": 42,
+        "neg": -7,
+        "str": "héllo",
+        "mid": "forty bytes or so: over 15, under 100",  # compressed by some only
+        "long": "spam " * 400,
+        "dict": {"a": [1, 2.5, None], "b": "x" * 300},
+        "true": True,
+        "false": False,
+        "float": 2.5,
+        "none": None,
+        "bytes": b"\x00\x80raw",
+    }
+    if serializer == "json":
+        del values["bytes"]  # JSON has no bytes
+    return values
+
+
+@pytest.mark.parametrize("compressor", list(DR_COMPRESSORS))
+@pytest.mark.parametrize("serializer", list(DR_SERIALIZERS))
+def test_django_redis_values_and_structures_read_here_and_back_byte_for_byte(
+    server: RedisServer, backend: str, loop: Any, serializer: str, compressor: str
+) -> None:
+    """Each library writes the same value at the same key: each reads the other's, and but
+    for gzip (its header holds the time) Redis holds the same bytes. Members of sets and
+    sorted sets, and hash values, likewise."""
+    pytest.importorskip("django_redis")
+    for name in (serializer, compressor):
+        if name in DR_PACKAGES:
+            pytest.importorskip(DR_PACKAGES[name])
+    options = {
+        "CLIENT_CLASS": "django_redis.client.DefaultClient",
+        "SERIALIZER": DR_SERIALIZERS[serializer],
+        "COMPRESSOR": DR_COMPRESSORS[compressor],
+    }
+    same_bytes = compressor != "gzip"
+    raw_client = server.client(db=INTEROP_DB)
+    values = interop_values(serializer)
+    members = [42, "alice", 2.5, None, True, "m" * 300]
+    fields = {"n": 42, "doc": {"a": [1]}, "long": "h" * 300, "flag": True, "none": None}
+    board = {42: 5.0, "alice": 1.0, "m" * 300: 2.0, 2.5: 3.0}
+    ranked = [("alice", 1.0), ("m" * 300, 2.0), (2.5, 3.0), (42, 5.0)]
+    with django_redis_and_ours(server, backend, options) as (ours, theirs):
+        for way in PATHS:
+            api = Api(ours, way, loop)
+
+            def at(name: str) -> str:
+                return ours.make_key(f"{way}-{name}")  # noqa: B023
+
+            for name, value in values.items():
+                key = f"{way}-{name}"
+                theirs.set(key, value)
+                written = raw_client.get(at(name))
+                assert typed(api.get(key)) == typed(value), (way, name, written)
+                api.set(key, value)
+                mine = raw_client.get(at(name))
+                assert typed(theirs.get(key)) == typed(value), (way, name, mine)
+                if same_bytes:
+                    assert raw_client.get(at(name)) == written, (way, name)
+            theirs.set_many({f"{way}-many-{name}": value for name, value in values.items()})
+            found = api.get_many([f"{way}-many-{name}" for name in values])
+            assert found == {f"{way}-many-{name}": value for name, value in values.items()}
+
+            assert theirs.sadd(f"{way}-s", *members) == len(members)
+            assert api.smembers(f"{way}-s") == set(members), way
+            # gzip's bytes hold the second they were made in: only what it leaves short is found.
+            found_by_bytes = members if same_bytes else [42, None]
+            assert all(api.sismember(f"{way}-s", m) for m in found_by_bytes), way
+            assert api.sadd(f"{way}-s2", *members) == len(members)
+            assert theirs.smembers(f"{way}-s2") == set(members), way
+            if same_bytes:
+                assert raw_client.smembers(at("s2")) == raw_client.smembers(at("s"))
+                assert api.sadd(f"{way}-s", *members) == 0  # each found: none added
+                assert api.srem(f"{way}-s", "m" * 300, 42) == 2
+
+            theirs.hset(f"{way}-h", mapping=fields)
+            assert api.hgetall(f"{way}-h") == fields, way
+            assert api.hget(f"{way}-h", "long") == "h" * 300
+            api.hset(f"{way}-h2", mapping=fields)
+            stored = raw_client.hgetall(at("h2"))
+            decoded = {cast(bytes, f).decode(): theirs.client.decode(v) for f, v in stored.items()}
+            assert decoded == fields, way
+            if same_bytes:
+                assert stored == raw_client.hgetall(at("h")), way
+
+            theirs.zadd(f"{way}-z", board)
+            assert api.zrange(f"{way}-z", 0, -1, withscores=True) == ranked, way
+            assert api.zscore(f"{way}-z", 42) == 5.0 and api.zrank(f"{way}-z", 42) == 3
+            api.zadd(f"{way}-z2", board)
+            assert theirs.zrange(f"{way}-z2", 0, -1, withscores=True) == ranked, way
+            if same_bytes:
+                raw_ranked = raw_client.zrange(at("z2"), 0, -1, withscores=True)
+                assert raw_ranked == raw_client.zrange(at("z"), 0, -1, withscores=True)
+                assert api.zscore(f"{way}-z", "m" * 300) == 2.0
+                assert api.zadd(f"{way}-z", {42: 6}) == 0 and api.zcard(f"{way}-z") == 4
+                assert theirs.zscore(f"{way}-z", 42) == 6.0
+
+
+def test_backend_only_settings_share_values_and_set_members_with_django_redis(
+    server: RedisServer, backend: str, loop: Any
+) -> None:
+    """Without SERIALIZER or COMPRESSOR: django-redis pickles with pickle.DEFAULT_PROTOCOL;
+    its values and set members are found here, and our values read there."""
+    pytest.importorskip("django_redis")
+    values = interop_values("pickle") | {"tuple": ("bob", 7)}
+    members = [42, "alice", ("bob", 7), 2.5, None, "m" * 300]
+    with django_redis_and_ours(server, backend) as (ours, theirs):
+        for way in PATHS:
+            api = Api(ours, way, loop)
+            for name, value in values.items():
+                theirs.set(f"{way}-{name}", value)
+                assert typed(api.get(f"{way}-{name}")) == typed(value), (way, name)
+                api.set(f"{way}-mine-{name}", value)
+                assert typed(theirs.get(f"{way}-mine-{name}")) == typed(value), (way, name)
+            theirs.sadd(f"{way}-s", *members)
+            assert api.smembers(f"{way}-s") == set(members), way
+            assert [api.sismember(f"{way}-s", m) for m in members] == [True] * len(members)
+            assert api.sadd(f"{way}-s", *members) == 0, way  # found: not added twice
+            assert api.scard(f"{way}-s") == len(members)
+            assert api.srem(f"{way}-s", "alice", ("bob", 7), "m" * 300) == 3, way
+            assert theirs.smembers(f"{way}-s") == {42, 2.5, None}
+
+
+def test_a_django_redis_leaderboard_of_int_ids_works_here(
+    server: RedisServer, backend: str, loop: Any
+) -> None:
+    """django-redis serializes every sorted-set member, ints too (allow_int=False)."""
+    pytest.importorskip("django_redis")
+    with django_redis_and_ours(server, backend) as (ours, theirs):
+        for way in PATHS:
+            api, board = Api(ours, way, loop), f"{way}-board"
+            theirs.zadd(board, {42: 3, 7: 1, 99: 2})
+            assert api.zrange(board, 0, -1) == [7, 99, 42], way
+            assert api.zrange(board, 0, 0, withscores=True) == [(7, 1.0)]
+            assert api.zscore(board, 42) == 3.0 and api.zrank(board, 42) == 2, way
+            assert api.zadd(board, {42: 5}) == 0, way  # an update, not a second 42
+            assert api.zcard(board) == 3 and theirs.zscore(board, 42) == 5.0
+            assert api.zrem(board, 42) == 1, way
+            assert theirs.zrange(board, 0, -1) == [7, 99]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int_members_an_earlier_2x_stored_raw_are_still_found(
+    server: RedisServer, backend: str, path: str, loop: Any
+) -> None:
+    cache = make_cache(backend, f"{server.url}/{INTEROP_DB}", KEY_PREFIX="legacy")
+    api, raw_client, key = Api(cache, path, loop), server.client(db=INTEROP_DB), "legacy:1:board"
+    raw_client.delete(key)
+    raw_client.zadd(key, {b"42": 3, b"7": 1})  # as 2.x wrote int members: raw digits
+    assert api.zscore("board", 42) == 3.0 and api.zrank("board", 42) == 1
+    assert api.zrange("board", 0, -1, withscores=True) == [(7, 1.0), (42, 3.0)]
+    api.zadd("board", {42: 5})
+    assert api.zcard("board") == 2 and raw_client.zcard(key) == 2  # one 42, not two
+    assert api.zscore("board", 42) == 5.0 and api.zrange("board", 0, -1) == [7, 42]
+    assert api.zrem("board", 42) == 1 and api.zrem("board", 7) == 1
+    assert raw_client.exists(key) == 0
+
+
+def info_records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "django_redis_ex" and r.levelno == logging.INFO
+    ]
+
+
+def test_a_django_redis_caches_entry_builds_and_works_with_only_backend_changed(
+    server: RedisServer, backend: str, loop: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its names translated (one INFO log naming them), its JSON and zlib bytes written
+    (django-redis's: json.dumps' spacing, zlib level 6 with no header, above 15 bytes)."""
+    import zlib
+
+    options = {
+        "CLIENT_CLASS": "django_redis.client.DefaultClient",
+        "SERIALIZER": "django_redis.serializers.json.JSONSerializer",
+        "COMPRESSOR": "django_redis.compressors.zlib.ZlibCompressor",
+        "IGNORE_EXCEPTIONS": True,
+        "SOCKET_TIMEOUT": 5,
+        "SOCKET_CONNECT_TIMEOUT": 2,
+        "CONNECTION_POOL_KWARGS": {"max_connections": 50},
+        "PASSWORD": None,
+    }
+    caplog.set_level(logging.INFO, logger="django_redis_ex")
+    location = f"{server.url}/{INTEROP_DB}"
+    cache = make_cache(backend, location, KEY_PREFIX="entry", OPTIONS={**options})
+    (logged,) = info_records(caplog)
+    assert all(name in logged for name in options), logged
+    pool = cache.get_client(write=True).connection_pool
+    assert pool.max_connections == 50 and pool.connection_kwargs["socket_timeout"] == 5
+    raw_client, short, long = server.client(db=INTEROP_DB), {"a": [1, 2]}, {"a": "x" * 300}
+    for way in PATHS:
+        api = Api(cache, way, loop)
+        api.set("short", short)
+        api.set("long", long)
+        assert api.get("short") == short and api.get("long") == long
+        assert raw_client.get("entry:1:short") == b'{"a": [1, 2]}'
+        assert raw_client.get("entry:1:long") == zlib.compress(json.dumps(long).encode(), 6)
+    down = make_cache(backend, f"{NOWHERE}/{INTEROP_DB}", OPTIONS={**options})
+    assert down.get("k", "fallback") == "fallback"  # IGNORE_EXCEPTIONS
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"CLIENT_CLASS": DR_CLIENT + "HerdClient"}, ["HerdClient", "stampede_protection"]),
+        ({"CLIENT_CLASS": DR_CLIENT + "herd.HerdClient"}, ["HerdClient", "stampede_protection"]),
+        ({"CLIENT_CLASS": DR_CLIENT + "ShardClient"}, ["ShardClient", "Redis Cluster"]),
+        ({"CLIENT_CLASS": DR_CLIENT + "sharded.ShardClient"}, ["ShardClient", "Redis Cluster"]),
+        ({"SERIALISER": DR_SERIALIZERS["json"]}, ["'SERIALISER'"]),
+        ({"CLIENT_CLASS": DR_CLIENT + "DefaultClient", "MAX_ENTRIES": 5}, ["'MAX_ENTRIES'"]),
+    ],
+)
+def test_django_redis_names_that_cannot_mean_the_same_here_are_refused(
+    server: RedisServer, backend: str, options: dict[str, Any], named: list[str]
+) -> None:
+    """HerdClient and ShardClient, each naming what to use instead; unknown names."""
+    with pytest.raises(ImproperlyConfigured) as refused:
+        make_cache(backend, server.url, OPTIONS=options)
+    assert all(word in str(refused.value) for word in named), refused.value
+
+
+def test_cache_client_get_client_is_a_working_redis_py_client(
+    server: RedisServer, backend: str
+) -> None:
+    """django-redis's ``cache.client.get_client(write=True)``: a redis.Redis on the cache's
+    server and db (what sync code of a django-redis project calls, on either class)."""
+    cache = make_cache(backend, f"{server.url}/{INTEROP_DB}", KEY_PREFIX="cc")
+    client = cache.client.get_client(write=True)
+    assert isinstance(client, redis.Redis)
+    cache.set("k", {"v": 1})
+    assert client.get("cc:1:k") == server.client(db=INTEROP_DB).get("cc:1:k") is not None
+    assert client.set("cc:1:raw", b"1") is True  # a raw int, as the cache stores ints
+    assert server.client(db=INTEROP_DB).get("cc:1:raw") == b"1" and cache.get("raw") == 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_expire_takes_default_timeout_and_none_as_django_redis_does(
+    server: RedisServer, backend: str, path: str, loop: Any
+) -> None:
+    from django.core.cache.backends.base import DEFAULT_TIMEOUT
+
+    cache = make_cache(backend, f"{server.url}/{INTEROP_DB}", KEY_PREFIX="exp", TIMEOUT=1234)
+    api = Api(cache, path, loop)
+    api.delete_many(["k", "forever", "missing"])
+    api.set("k", 1, timeout=None)
+    assert api.expire("k", DEFAULT_TIMEOUT) is True
+    assert 1200 < api.ttl("k") <= 1234  # the alias's TIMEOUT
+    for method in ("expire", "pexpire", "expire_at"):
+        assert api.expire("k", 60) is True
+        assert getattr(api, method)("k", None) is True, method  # None: no expiry
+        assert api.ttl("k") is None, method
+        assert getattr(api, method)("missing", None) is False, method
+        api.set("forever", 2, timeout=None)  # exists, has no expiry: True too
+        assert getattr(api, method)("forever", None) is True, method
+    assert api.get_many(["k", "forever", "missing"]) == {"k": 1, "forever": 2}
+
+
+def interop_key(key: str, key_prefix: str, version: int) -> str:
+    return f"{key_prefix}|{version}|{key}"
+
+
+def interop_reverse_key(redis_key: str) -> str:
+    return redis_key.split("|", 2)[2]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_reverse_key_function_at_the_entrys_top_level_is_used_by_keys(
+    server: RedisServer, backend: str, path: str, loop: Any
+) -> None:
+    """django-redis reads REVERSE_KEY_FUNCTION beside KEY_FUNCTION, not in OPTIONS."""
+    server.client(db=INTEROP_DB).flushdb()
+    cache = make_cache(
+        backend,
+        f"{server.url}/{INTEROP_DB}",
+        KEY_PREFIX="rk",
+        KEY_FUNCTION="test_django_redis_ex.interop_key",
+        REVERSE_KEY_FUNCTION="test_django_redis_ex.interop_reverse_key",
+    )
+    api = Api(cache, path, loop)
+    api.set("a:1", 1)
+    api.set("b", 2)
+    assert server.client(db=INTEROP_DB).get("rk|1|b") == b"2"
+    assert sorted(api.keys("*")) == ["a:1", "b"]
+    assert sorted(iterated(api, "iter_keys", "*")) == ["a:1", "b"]
