@@ -8106,6 +8106,17 @@ def test_int_members_an_earlier_2x_stored_raw_are_still_found(
     assert raw_client.exists(key) == 0
 
 
+def test_the_readmes_recipe_converges_a_sorted_set_2x_wrote(server: RedisServer) -> None:
+    cache = make_cache(BACKENDS["RedisEXCache"], f"{server.url}/{INTEROP_DB}", KEY_PREFIX="conv")
+    raw_client, key = server.client(db=INTEROP_DB), "conv:1:board"
+    raw_client.delete(key)
+    raw_client.zadd(key, {b"42": 3, b"7": 1, pickle.dumps("ann"): 2})  # 2.x: ints raw
+    cache.zadd("board", dict(cache.zrange("board", 0, -1, withscores=True)))  # the README's
+    members = raw_client.zrange(key, 0, -1, withscores=True)
+    assert members == [(pickle.dumps(7), 1.0), (pickle.dumps("ann"), 2.0), (pickle.dumps(42), 3.0)]
+    raw_client.delete(key)
+
+
 def info_records(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
