@@ -2837,8 +2837,9 @@ class _Store(_Feature):
     """The client-side cache of one configuration in this process, shared by threads, event
     loops, both classes and both paths. Each read it would keep asks, on the connection that
     reads and in the same round trip, ``CLIENT TRACKING ON REDIRECT <a connection of its
-    own> NOLOOP``: the server tells that connection (read by a thread) of every later change
-    to the keys read but those made by the connection that read them (this process drops
+    own> NOLOOP OPTIN`` and ``CLIENT CACHING YES``: the server tells that connection (read by
+    a thread) of every later change to the keys read but those made by the connection that
+    read them (this process drops
     what it writes itself; keys nobody here read cost nothing); the entries it names are
     dropped, by that thread or by a reader that finds the invalidations waiting first. The
     store's connections are its own (a connection redirects to one place), and when one of
@@ -2894,8 +2895,8 @@ class _Store(_Feature):
         self.stopping = False  # stop() ends the tracking thread: its end is not a loss
         self.recheck_at = 0.0  # time.monotonic() after which a reader looks at that socket
         self.marker: bytes | None = None  # the db's marker value, as the last heartbeat saw it
-        # CLIENT TRACKING ON REDIRECT <the tracking connection> NOLOOP, sent with each read
-        # the store would keep, and the ids of the connections that sent it: if one is gone,
+        # CLIENT TRACKING ON REDIRECT <the tracking connection> NOLOOP OPTIN, sent with each
+        # read the store would keep, and the ids of the connections that sent it: if one is gone,
         # the keys it read would change unseen, and the store is flushed.
         self.register: tuple[Any, ...] = ()
         self.registered: set[int] = set()
@@ -2989,8 +2990,11 @@ class _Store(_Feature):
             keys = list(commands[0][1:])
             # The connection that reads asks for its keys' invalidations first (NOLOOP: not of
             # its own writes, which this process drops itself; raw clients are on other
-            # pools), and says which it is.
-            trip.wire = [self.register, _CLIENT_ID, commands[0], *(("PTTL", k) for k in keys)]
+            # pools), and says which it is. OPTIN: only this read's keys are tracked (CLIENT
+            # CACHING YES), not every key its other commands read (a script's, as incr's: the
+            # server would track and untrack the key at each call).
+            pttls = (("PTTL", k) for k in keys)
+            trip.wire = [self.register, _CLIENT_ID, _CACHING, commands[0], *pttls]
             trip.ticket = (keys, self.start_read(keys))
 
     def replied(self, trip: _Trip, replies: list[Any]) -> list[Any]:
@@ -2999,13 +3003,14 @@ class _Store(_Feature):
             self.written(trip.commands)
             return replies
         keys, ticket = trip.ticket
-        registered, connection = replies[0], replies[1]
-        if type(connection) is int and not isinstance(registered, redis.ResponseError):
+        registered, connection, caching = replies[0], replies[1], replies[2]
+        refused = isinstance(registered, redis.ResponseError) or isinstance(caching, Exception)
+        if type(connection) is int and not refused:
             self.registered.add(connection)
-            self.finish_read(ticket, keys, replies[2:])
+            self.finish_read(ticket, keys, replies[3:])
         else:  # not registered: its keys' changes would not be seen
             self.finish_read(ticket, keys, None)
-        return replies[2:3]
+        return replies[3:4]
 
     def failed(self, trip: _Trip, error: BaseException) -> None:
         if trip.ticket is None:
@@ -3364,7 +3369,7 @@ class _Store(_Feature):
         connection.read_response()
         connection.send_command("CLIENT", "ID")
         tracker = connection.read_response()
-        self.register = ("CLIENT", "TRACKING", "ON", "REDIRECT", tracker, "NOLOOP")
+        self.register = ("CLIENT", "TRACKING", "ON", "REDIRECT", tracker, "NOLOOP", "OPTIN")
         self.registered.clear()
         self.flush()  # nothing read before tracking began is trusted
         self.marker = None  # read (and written, if missing) by the first heartbeat
@@ -3445,6 +3450,7 @@ def _resp3(buffer: bytearray, start: int) -> Any:
 # makes: its version part is not a number.
 _MARKER = "django-redis-ex:client-cache"
 _CLIENT_ID = ("CLIENT", "ID")
+_CACHING = ("CLIENT", "CACHING", "YES")  # OPTIN: the next command's keys are tracked
 
 
 def _client_ids(listing: bytes) -> set[int]:

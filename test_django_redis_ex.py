@@ -3290,12 +3290,13 @@ def test_the_client_side_store_sees_each_round_trip_through_the_policy(path: str
     store.registered.clear()  # (the store of this configuration: the other path's too)
     store.flush()
     value = pickle.dumps("v")
-    wire = [store.register, ("CLIENT", "ID"), ("GET", "t:1:k"), ("PTTL", "t:1:k")]
+    caching = ("CLIENT", "CACHING", "YES")  # OPTIN: only the read's keys are tracked
+    wire = [store.register, ("CLIENT", "ID"), caching, ("GET", "t:1:k"), ("PTTL", "t:1:k")]
     refused = redis.ResponseError("ERR The client ID you want redirect to does not exist")
-    script = Script((wire, [refused, 12, value, 60_000]))
+    script = Script((wire, [refused, 12, refused, value, 60_000]))
     assert scripted(path, cache, "get", "k", script=script) == "v"
     assert store.lookup("t:1:k") is django_redis_ex._MISSING and not store.registered
-    script = Script((wire, [b"OK", 12, value, 60_000]))
+    script = Script((wire, [b"OK", 12, b"OK", value, 60_000]))
     assert scripted(path, cache, "get", "k", script=script) == "v"
     assert store.lookup("t:1:k") == "v" and store.registered == {12}
     stored = Anything()
@@ -3823,6 +3824,27 @@ def test_a_raw_clients_write_is_seen_by_the_client_side_cache(
     assert cache.get("k") == "old" and local_hits(cache, lambda: cache.get("k")) == 1
     cache.get_client().set(cache.make_key("k"), pickle.dumps("raw", 5))
     wait_until(lambda: cache.get("k") == "raw", BOUND, "the raw write's invalidation")
+
+
+def test_only_the_reads_the_store_keeps_are_tracked_at_the_server(
+    own_server: RedisServer, backend: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """OPTIN: the server tracks the keys of the reads the store keeps, not those its
+    connections read otherwise (ttl, has_key, a script's: incr's key would be tracked and
+    untracked at each call, and every change of them would be pushed for nothing)."""
+    cache = cached_cache(backend, own_server.url, "cc-optin")
+    serving(cache)
+    cache.set("kept", 1)
+    cache.set("other", 2)
+    with own_server.client() as admin:
+        before = admin.info("stats")["tracking_total_keys"]
+        assert cache.get("kept") == 1  # a read the store keeps: its key tracked
+        assert cache.incr("other") == 3 and cache.ttl("other") and cache.has_key("other")
+        assert loop.run_until_complete(cache.attl("other")) and not cache.get_many(["y", "z"])
+        assert admin.info("stats")["tracking_total_keys"] - before == 3  # "kept", "y" and "z"
+        admin.set(cache.make_key("other"), b"7")  # no invalidation for a key kept nowhere
+        admin.set(cache.make_key("kept"), b"8")
+    wait_until(lambda: cache.get("kept") == 8, BOUND, "the kept key's invalidation")
 
 
 def test_two_stores_on_one_server_keep_their_own_connections(
