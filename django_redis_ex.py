@@ -560,7 +560,7 @@ _OWN_OPTIONS: dict[str, Any] = {
     "credentials_over_plain_tcp": False,  # a credential_provider's secrets, without TLS
     "sign_values": False,
     "format": "django",  # or "django-redis": its serializers' and compressors' bytes
-    "pickle_protocol": None,  # the highest
+    "pickle_protocol": None,  # pickle's default, as django-redis
     "logger": None,  # the logger of ignored errors: "django_redis_ex"
 }
 
@@ -635,14 +635,81 @@ def _refused(name: str, why: str) -> ImproperlyConfigured:
     return ImproperlyConfigured(f"OPTIONS {name!r} (django-redis's): {why}")
 
 
-def _from_django_redis(options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """``options`` with django-redis's names (and its ``DJANGO_REDIS_*`` settings) as ours,
-    and the names translated; refused, with what to write instead, where they cannot mean
-    the same here."""
+def _same(ours: str) -> Callable[[str, Any], list[tuple[str, Any]]]:
+    return lambda name, value: [(ours, value)]
+
+
+def _kwargs(name: str, value: Any) -> list[tuple[str, Any]]:
+    if not isinstance(value, dict):
+        raise _refused(name, f"must be a dict, not {value!r}.")
+    return list(value.items())
+
+
+def _client_class(name: str, value: Any) -> list[tuple[str, Any]]:
+    if _dotted(value) not in _DJANGO_REDIS_CLIENTS:
+        raise _refused(name, f"{value!r} is not one of django-redis's clients.")
+    if (why := _DJANGO_REDIS_CLIENTS[_dotted(value)]) is not None:
+        raise _refused(name, why)
+    return []
+
+
+def _redis_client_class(name: str, value: Any) -> list[tuple[str, Any]]:
+    if _dotted(value) not in _REDIS_CLIENTS:
+        raise _refused(
+            name,
+            f"{value!r}: the clients are this module's own, on redis-py's pools; for a "
+            "connection or pool class of your own, set OPTIONS 'connection_class' or "
+            "'pool_class'.",
+        )
+    return []
+
+
+def _connection_factory(name: str, value: Any) -> list[tuple[str, Any]]:
+    if _dotted(value) not in _DJANGO_REDIS_FACTORIES:
+        raise _refused(
+            name,
+            "pools are shared process-wide here; for a pool class of your own, set "
+            "OPTIONS 'pool_class'.",
+        )
+    return []
+
+
+def _serializer_name(name: str, value: Any) -> list[tuple[str, Any]]:
+    if _dotted(value) not in _DJANGO_REDIS_SERIALIZERS:
+        raise _refused(
+            name,
+            f"{value!r} is not one of django-redis's serializers: set OPTIONS 'serializer' "
+            "to a class or dotted path with dumps() and loads().",
+        )
+    return [("serializer", _DJANGO_REDIS_SERIALIZERS[_dotted(value)]), ("format", "django-redis")]
+
+
+def _compressor_name(name: str, value: Any) -> list[tuple[str, Any]]:
+    if _dotted(value) not in _DJANGO_REDIS_COMPRESSORS:
+        raise _refused(name, f"{value!r} is not one of django-redis's compressors.")
+    return [("compressor", _DJANGO_REDIS_COMPRESSORS[_dotted(value)]), ("format", "django-redis")]
+
+
+# Each of django-redis 7's OPTIONS: the (our name, value) pairs it means here, or a refusal.
+# (CLIENT_KWARGS: django-redis 7 reads it nowhere; nor does this.)
+_DJANGO_REDIS_OPTIONS: dict[str, Callable[[str, Any], list[tuple[str, Any]]]] = {
+    **{name: _same(ours) for name, ours in _DJANGO_REDIS_SAME.items()},
+    "CONNECTION_POOL_KWARGS": _kwargs,
+    "REDIS_CLIENT_KWARGS": _kwargs,
+    "CLIENT_CLASS": _client_class,
+    "CLIENT_KWARGS": lambda name, value: [],
+    "REDIS_CLIENT_CLASS": _redis_client_class,
+    "CONNECTION_FACTORY": _connection_factory,
+    "SERIALIZER": _serializer_name,
+    "PICKLE_VERSION": _same("pickle_protocol"),
+    "COMPRESSOR": _compressor_name,
+}
+
+
+def _django_redis_settings() -> list[str]:
+    """The ``DJANGO_REDIS_*`` settings that give OPTIONS defaults; the others refused."""
     from django.conf import settings
 
-    names = [name for name in options if name.isupper()]
-    defaults = [name for name in _DJANGO_REDIS_SETTINGS if hasattr(settings, name)]
     if getattr(settings, "DJANGO_REDIS_CLOSE_CONNECTION", False):
         raise ImproperlyConfigured(
             "DJANGO_REDIS_CLOSE_CONNECTION (django-redis's) is not supported: connections go "
@@ -655,67 +722,31 @@ def _from_django_redis(options: dict[str, Any]) -> tuple[dict[str, Any], list[st
             f"DJANGO_REDIS_CONNECTION_FACTORY {factory!r} is not supported: pools are shared "
             "process-wide here; for a pool class of your own, set OPTIONS 'pool_class'."
         )
+    return [name for name in _DJANGO_REDIS_SETTINGS if hasattr(settings, name)]
+
+
+def _from_django_redis(options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``options`` with django-redis's names (and its ``DJANGO_REDIS_*`` settings) as ours,
+    and the names translated; refused, with what to write instead, where they cannot mean
+    the same here."""
+    from django.conf import settings
+
+    names = [name for name in options if name.isupper()]
+    defaults = _django_redis_settings()
     if not names and not defaults:
         return options, []
     ours = {k: v for k, v in options.items() if not k.isupper()}
-
-    def put(name: str, key: str, value: Any) -> None:
-        if key in ours and ours[key] != value:
-            raise _refused(name, f"OPTIONS {key!r} is set too, to another value: keep one.")
-        ours[key] = value
-
     for name in names:
-        value = options[name]
-        if name in _DJANGO_REDIS_SAME:
-            put(name, _DJANGO_REDIS_SAME[name], value)
-        elif name in ("CONNECTION_POOL_KWARGS", "REDIS_CLIENT_KWARGS"):
-            if not isinstance(value, dict):
-                raise _refused(name, f"must be a dict, not {value!r}.")
-            for key, each in value.items():
-                put(name, key, each)
-        elif name == "CLIENT_CLASS":
-            if _dotted(value) not in _DJANGO_REDIS_CLIENTS:
-                raise _refused(name, f"{value!r} is not one of django-redis's clients.")
-            if (why := _DJANGO_REDIS_CLIENTS[_dotted(value)]) is not None:
-                raise _refused(name, why)
-        elif name == "CLIENT_KWARGS":  # django-redis 7 reads it nowhere: nor does this
-            pass
-        elif name == "REDIS_CLIENT_CLASS":
-            if _dotted(value) not in _REDIS_CLIENTS:
-                raise _refused(
-                    name,
-                    f"{value!r}: the clients are this module's own, on redis-py's pools; for a "
-                    "connection or pool class of your own, set OPTIONS 'connection_class' or "
-                    "'pool_class'.",
-                )
-        elif name == "CONNECTION_FACTORY":
-            if _dotted(value) not in _DJANGO_REDIS_FACTORIES:
-                raise _refused(
-                    name,
-                    "pools are shared process-wide here; for a pool class of your own, set "
-                    "OPTIONS 'pool_class'.",
-                )
-        elif name == "SERIALIZER":
-            if _dotted(value) not in _DJANGO_REDIS_SERIALIZERS:
-                raise _refused(
-                    name,
-                    f"{value!r} is not one of django-redis's serializers: set OPTIONS "
-                    "'serializer' to a class or dotted path with dumps() and loads().",
-                )
-            put(name, "serializer", _DJANGO_REDIS_SERIALIZERS[_dotted(value)])
-            put(name, "format", "django-redis")
-        elif name == "PICKLE_VERSION":
-            put(name, "pickle_protocol", value)
-        elif name == "COMPRESSOR":
-            if _dotted(value) not in _DJANGO_REDIS_COMPRESSORS:
-                raise _refused(name, f"{value!r} is not one of django-redis's compressors.")
-            put(name, "compressor", _DJANGO_REDIS_COMPRESSORS[_dotted(value)])
-            put(name, "format", "django-redis")
-        else:
+        translate = _DJANGO_REDIS_OPTIONS.get(name)
+        if translate is None:
             raise ImproperlyConfigured(
                 f"Unknown key {name!r} in the cache's OPTIONS: neither this module's (lower "
                 "case) nor one of django-redis 7's."
             )
+        for key, value in translate(name, options[name]):
+            if key in ours and ours[key] != value:
+                raise _refused(name, f"OPTIONS {key!r} is set too, to another value: keep one.")
+            ours[key] = value
     for name in defaults:
         ours.setdefault(_DJANGO_REDIS_SETTINGS[name], getattr(settings, name))
     return ours, names + defaults
@@ -2839,8 +2870,8 @@ class _Store(_Feature):
     reads and in the same round trip, ``CLIENT TRACKING ON REDIRECT <a connection of its
     own> NOLOOP OPTIN`` and ``CLIENT CACHING YES``: the server tells that connection (read by
     a thread) of every later change to the keys read but those made by the connection that
-    read them (this process drops
-    what it writes itself; keys nobody here read cost nothing); the entries it names are
+    read them (this process drops what it writes itself; keys nobody here read cost
+    nothing); the entries it names are
     dropped, by that thread or by a reader that finds the invalidations waiting first. The
     store's connections are its own (a connection redirects to one place), and when one of
     those that read is gone, so is what it read: the store is flushed. Every
@@ -2896,8 +2927,8 @@ class _Store(_Feature):
         self.recheck_at = 0.0  # time.monotonic() after which a reader looks at that socket
         self.marker: bytes | None = None  # the db's marker value, as the last heartbeat saw it
         # CLIENT TRACKING ON REDIRECT <the tracking connection> NOLOOP OPTIN, sent with each
-        # read the store would keep, and the ids of the connections that sent it: if one is gone,
-        # the keys it read would change unseen, and the store is flushed.
+        # read the store would keep, and the ids of the connections that sent it: if one is
+        # gone, the keys it read would change unseen, and the store is flushed.
         self.register: tuple[Any, ...] = ()
         self.registered: set[int] = set()
         self.hits = self.misses = self.invalidations = self.flushes = 0
@@ -3410,13 +3441,13 @@ def _resp3(buffer: bytearray, start: int) -> Any:
     if end < 0:
         return _MISSING
     kind, line, at = buffer[start], buffer[start + 1 : end], end + 2
-    if kind == 36:  # $: bulk string
+    if kind in (36, 61):  # $: a bulk string; =: a verbatim one (CLIENT LIST), after "txt:"
         size = int(line)
         if size < 0:
             return None, at
         if len(buffer) < at + size + 2:
             return _MISSING
-        return bytes(buffer[at : at + size]), at + size + 2
+        return bytes(buffer[at + 4 * (kind == 61) : at + size]), at + size + 2
     if kind in (42, 62, 126):  # *, > and ~: an array, a push, a set
         items: list[Any] = _Push() if kind == 62 else []
         for _ in range(int(line)):
@@ -3426,22 +3457,21 @@ def _resp3(buffer: bytearray, start: int) -> Any:
             items.append(taken[0])
             at = taken[1]
         return items, at
-    if kind == 61:  # =: a verbatim string (CLIENT LIST), after its format ("txt:")
-        size = int(line)
-        if len(buffer) < at + size + 2:
-            return _MISSING
-        return bytes(buffer[at + 4 : at + size]), at + size + 2
-    if kind == 43:  # +: a simple string
-        return bytes(line), at
-    if kind == 58:  # :: an integer
-        return int(line), at
-    if kind == 95:  # _: null
-        return None, at
-    if kind == 45:  # -: an error
-        return redis.ResponseError(line.decode("utf-8", "replace")), at
-    raise redis.exceptions.InvalidResponse(
-        f"The tracking connection received {bytes(buffer[start : start + 40])!r}."
-    )
+    one_line = _RESP3_LINES.get(kind)
+    if one_line is None:
+        raise redis.exceptions.InvalidResponse(
+            f"The tracking connection received {bytes(buffer[start : start + 40])!r}."
+        )
+    return one_line(line), at
+
+
+# The RESP3 frames of one line: +, a simple string; :, an integer; _, null; -, an error.
+_RESP3_LINES: dict[int, Callable[[bytearray], Any]] = {
+    43: bytes,
+    58: int,
+    95: lambda line: None,
+    45: lambda line: redis.ResponseError(line.decode("utf-8", "replace")),
+}
 
 
 # A key the store writes once in its db (SET NX, under the key prefix, never expiring) and
