@@ -2665,9 +2665,15 @@ class _Feature:
     begins and ends, and each round trip as it goes out, and its replies or its error."""
 
     trips = True  # whether it sees round trips, or only calls
+    # The round trips it sees whole (a _Trip: sending, replied, failed), by their first
+    # command's name; None: all. Those it does not, it sees as their commands (``passed``).
+    trip_names: frozenset[str] | None = None
 
     def begin(self, plan: Plan[Any]) -> None:
         """A call begins."""
+
+    def passed(self, commands: list[tuple[Any, ...]]) -> None:
+        """A round trip it does not see whole went out: answered, failed or cancelled."""
 
     def sending(self, trip: _Trip) -> None:
         """A round trip goes out: send it elsewhere (``index``), more (``wire``), or raise."""
@@ -2738,6 +2744,11 @@ class _Policy:
         self.begins = tuple(f for f in features if type(f).begin is not _Feature.begin)
         self.ends = tuple(f for f in features if type(f).end is not _Feature.end)
         self.trip_hooks = tuple(feature for feature in features if feature.trips)
+        # The round trips a hook sees whole (the others need no _Trip); None: all of them.
+        self.whole: frozenset[str] | None = frozenset()
+        for hook in self.trip_hooks:
+            names = hook.trip_names
+            self.whole = None if names is None or self.whole is None else self.whole | names
         self.prefix = prefix  # what the methods of this path start with: "a" for asyncio
 
     def run(self, plan: Plan[_T]) -> Generator[Request, Any, _T]:
@@ -2779,21 +2790,29 @@ class _Policy:
         index = 0
         if self.readers and attempt == 1 and not plan.primary and _replica_safe(commands):
             index = random.randint(1, self.readers)
-        trip = self._sending(plan, index, commands) if self.trip_hooks else None
+        hooks, trip = self.trip_hooks, None
+        if hooks and (self.whole is None or commands[0][0] in self.whole):
+            trip = self._sending(plan, index, commands)
         try:
             replies = yield (index, commands) if trip is None else (trip.index, trip.wire)
         except BaseException as error:
             again = attempt == 1 and _resendable(commands, error)
             if trip is not None:  # a replica's failure counts: the read goes elsewhere
                 self._failed(trip, error, again and not trip.index)
+            else:
+                for hook in hooks:
+                    hook.passed(commands)
             if isinstance(error, redis.RedisError):
                 yield from self._refuse_if_oversized(plan, commands, error)
             if not again:
                 raise
             return (yield from self._trip(plan, commands, 2))
         if trip is not None:
-            for hook in self.trip_hooks:
+            for hook in hooks:
                 replies = hook.replied(trip, replies)
+        else:
+            for hook in hooks:
+                hook.passed(commands)
         for reply in replies:
             if isinstance(reply, _ResponseError):
                 return (yield from self._error_reply(plan, commands, reply))
@@ -3027,6 +3046,11 @@ class _Store(_Feature):
             pttls = (("PTTL", k) for k in keys)
             trip.wire = [self.register, _CLIENT_ID, _CACHING, commands[0], *pttls]
             trip.ticket = (keys, self.start_read(keys))
+
+    trip_names = frozenset({"GET", "MGET"})  # the reads it may keep; the rest: passed()
+
+    def passed(self, commands: list[tuple[Any, ...]]) -> None:
+        self.written(commands)
 
     def replied(self, trip: _Trip, replies: list[Any]) -> list[Any]:
         """A read is kept if nothing changed meanwhile; a write drops what it may change."""
