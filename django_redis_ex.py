@@ -632,7 +632,8 @@ def _dotted(value: Any) -> Any:
 
 
 def _refused(name: str, why: str) -> ImproperlyConfigured:
-    return ImproperlyConfigured(f"OPTIONS {name!r} (django-redis's): {why}")
+    where = "The setting" if name.startswith("DJANGO_REDIS_") else "OPTIONS"
+    return ImproperlyConfigured(f"{where} {name!r} (django-redis's): {why}")
 
 
 def _same(ours: str) -> Callable[[str, Any], list[tuple[str, Any]]]:
@@ -653,25 +654,16 @@ def _client_class(name: str, value: Any) -> list[tuple[str, Any]]:
     return []
 
 
-def _redis_client_class(name: str, value: Any) -> list[tuple[str, Any]]:
-    if _dotted(value) not in _REDIS_CLIENTS:
-        raise _refused(
-            name,
-            f"{value!r}: the clients are this module's own, on redis-py's pools; for a "
-            "connection or pool class of your own, set OPTIONS 'connection_class' or "
-            "'pool_class'.",
-        )
-    return []
+def _only(accepted: set[str], why: str) -> Callable[[str, Any], list[tuple[str, Any]]]:
+    """A django-redis option that needs nothing here when it names one of ``accepted``;
+    any other value is refused, saying ``why``."""
 
+    def check(name: str, value: Any) -> list[tuple[str, Any]]:
+        if _dotted(value) not in accepted:
+            raise _refused(name, f"{value!r}: {why}")
+        return []
 
-def _connection_factory(name: str, value: Any) -> list[tuple[str, Any]]:
-    if _dotted(value) not in _DJANGO_REDIS_FACTORIES:
-        raise _refused(
-            name,
-            "pools are shared process-wide here; for a pool class of your own, set "
-            "OPTIONS 'pool_class'.",
-        )
-    return []
+    return check
 
 
 def _serializer_name(name: str, value: Any) -> list[tuple[str, Any]]:
@@ -698,8 +690,16 @@ _DJANGO_REDIS_OPTIONS: dict[str, Callable[[str, Any], list[tuple[str, Any]]]] = 
     "REDIS_CLIENT_KWARGS": _kwargs,
     "CLIENT_CLASS": _client_class,
     "CLIENT_KWARGS": lambda name, value: [],
-    "REDIS_CLIENT_CLASS": _redis_client_class,
-    "CONNECTION_FACTORY": _connection_factory,
+    "REDIS_CLIENT_CLASS": _only(
+        _REDIS_CLIENTS,
+        "the clients are this module's own, on redis-py's pools; for a connection or pool "
+        "class of your own, set OPTIONS 'connection_class' or 'pool_class'.",
+    ),
+    "CONNECTION_FACTORY": _only(
+        _DJANGO_REDIS_FACTORIES,
+        "pools are shared process-wide here; for a pool class of your own, set OPTIONS "
+        "'pool_class'.",
+    ),
     "SERIALIZER": _serializer_name,
     "PICKLE_VERSION": _same("pickle_protocol"),
     "COMPRESSOR": _compressor_name,
@@ -717,11 +717,8 @@ def _django_redis_settings() -> list[str]:
             "when a request ends. Remove the setting."
         )
     factory = getattr(settings, "DJANGO_REDIS_CONNECTION_FACTORY", None)
-    if factory is not None and _dotted(factory) not in _DJANGO_REDIS_FACTORIES:
-        raise ImproperlyConfigured(
-            f"DJANGO_REDIS_CONNECTION_FACTORY {factory!r} is not supported: pools are shared "
-            "process-wide here; for a pool class of your own, set OPTIONS 'pool_class'."
-        )
+    if factory is not None:  # the setting of OPTIONS CONNECTION_FACTORY's default
+        _DJANGO_REDIS_OPTIONS["CONNECTION_FACTORY"]("DJANGO_REDIS_CONNECTION_FACTORY", factory)
     return [name for name in _DJANGO_REDIS_SETTINGS if hasattr(settings, name)]
 
 
@@ -2481,10 +2478,9 @@ def _op_round_trip(
     return convert((yield commands))
 
 
-def _op_either(convert: Callable[[Any], _T], commands: list[tuple[Any, ...]]) -> Operation[_T]:
-    """The first of ``commands``' replies that is not None (a member in either form)."""
-    replies = yield commands
-    return convert(next((reply for reply in replies if reply is not None), None))
+def _either(convert: Callable[[Any], _T]) -> Callable[[list[Any]], _T]:
+    """``convert`` of the first reply that is not None: a member found in either form."""
+    return lambda replies: convert(next((reply for reply in replies if reply is not None), None))
 
 
 def _members(codec: _Codec, reply: Any) -> list[Any]:
@@ -5680,7 +5676,7 @@ class _DataStructures(_RedisEXBase):
             return self._one("zrank", convert, _none, key, version, codec.zmember(value), *extra)
         redis_key = self._key(key, version)  # either form: django-redis's, then 2.0's
         commands = [("ZRANK", redis_key, member, *extra) for member in (pairs[1], pairs[0])]
-        return Plan("zrank", _op_either(convert, commands), _none)
+        return Plan("zrank", _op_round_trip(_either(convert), commands), _none)
 
     zrank, azrank = _twins(_plan_zrank)
 
@@ -5706,8 +5702,7 @@ class _DataStructures(_RedisEXBase):
         if not pairs:
             return self._one("zscore", _score, _none, key, version, codec.zmember(value))
         # Either form: django-redis's, then 2.0's.
-        either = lambda reply: _score(next((s for s in reply if s is not None), None))  # noqa: E731
-        return self._one("zmscore", either, _none, key, version, pairs[1], pairs[0])
+        return self._one("zmscore", _either(_score), _none, key, version, pairs[1], pairs[0])
 
     zscore, azscore = _twins(_plan_zscore)
 
