@@ -25,9 +25,11 @@ import gzip
 import hashlib
 import hmac
 import inspect
+import io
 import json
 import logging
 import lzma
+import math
 import os
 import pickle
 import random
@@ -61,13 +63,16 @@ from typing import (
     NamedTuple,
     NoReturn,
     ParamSpec,
+    TypeAlias,
+    TypeGuard,
     TypeVar,
     Union,
     cast,
 )
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import django
+import django.middleware.cache
 import redis
 import redis._parsers
 import redis.asyncio
@@ -77,12 +82,22 @@ import redis.asyncio.retry
 import redis.asyncio.sentinel
 import redis.cluster
 import redis.connection
+import redis.crc
+import redis.credentials
 import redis.retry
 import redis.sentinel
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.conf import settings
+from django.core import checks
 from django.core.cache import caches
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, default_key_func
 from django.core.exceptions import ImproperlyConfigured
 from django.core.serializers.json import DjangoJSONEncoder
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+from django.template.response import SimpleTemplateResponse
+from django.utils.cache import get_cache_key, learn_cache_key
+from django.utils.deprecation import MiddlewareMixin
 from django.utils.functional import cached_property
 from django.utils.module_loading import import_string
 
@@ -97,13 +112,17 @@ from django.utils.module_loading import import_string
 #   Connection._parser.set_invalidation_push_handler(), .encoder, .pack_commands(),
 #   .send_packed_command(), .read_response(push_request=), .can_read(timeout=);
 #   Redis.response_callbacks; parse_url(); SentinelConnectionPool.sentinel_manager, .sentinels;
-#   RedisCluster(connection_pool_class=).
+#   RedisCluster(connection_pool_class=). The sync direct path: ConnectionPool's
+#   _available_connections, _in_use_connections, _lock, pid, owns_connection(); Connection
+#   ._sock, .health_check_interval, .encoder.decode_responses, ._parser._buffer (SocketBuffer)
+#   ._buffer (its BytesIO); AskError/MovedError .slot_id, .host, .port.
 # - asyncio: _get_running_loop(); Task._log_destroy_pending; StreamReader.feed_data (wrapped),
 #   ._buffer, ._maybe_resume_transport() (_quick_reply; redis-py's parsers' ._buffer too).
+# - Django: the page-caching section's reliances, listed there (and asserted by a test).
 # - OpenTelemetry: trace._TRACER_PROVIDER. debug-toolbar: WRAPPED_CACHE_METHODS,
 #   CachePanel._store_call_info(), .initialized_caches(), utils.get_stack_trace(),
 #   .get_template_info(), cache._djdt_panel. Sentry: METHODS_TO_INSTRUMENT,
-#   has_span_streaming_enabled(), sentry_sdk.traces, cache._sentry_patched.
+#   has_span_streaming_enabled() (Sentry 2), sentry_sdk.traces, cache._sentry_patched.
 _otel: Any
 _otel_context: Any
 try:  # OpenTelemetry's API, if installed: each call that goes to Redis is then a span
@@ -114,11 +133,19 @@ except ImportError:  # not installed: nothing is traced
 
 __all__ = [
     "AsyncRedisEXCache",
+    "CacheMiddleware",
+    "FetchFromCacheMiddleware",
     "RedisEXCache",
     "RedisSerializer",
+    "UpdateCacheMiddleware",
+    "aget_cache_key",
     "aget_redis_connection",
+    "alearn_cache_key",
+    "cache_page",
     "close_client_caches",
+    "get_cache_key",
     "get_redis_connection",
+    "learn_cache_key",
 ]
 __version__ = "2.0.0"
 
@@ -294,6 +321,13 @@ class _Codec:
             if data[3:4] == _SERIALIZED[3:]:
                 return self._loads(data[4:])
             return self._decode(_decompressor(data[3:4])(data[4:]))
+        if first == b"\x00" and data[:3] == _TAGGED:
+            if _tag_pairs(data) is _MALFORMED:  # never valid: read as absent, not decoded
+                raise _Unchecked(_MISSING)
+            value = self._decode(_untagged(data))
+            if self.tags_checked:  # OPTIONS tags: the operation checked them
+                return value
+            raise _Unchecked(value)
         if first and first in _INT_FIRST_BYTES:
             try:
                 return int(data)
@@ -303,11 +337,21 @@ class _Codec:
 
     loads = _decode
     signed = False
+    tags_checked = False  # OPTIONS tags: a tagged value is read only after its tags are
 
     @property
     def forged(self) -> int:
         """Values refused for their signature (a signed codec's count)."""
         return 0
+
+
+class _Unchecked(Exception):
+    """A tagged value read by a cache without OPTIONS tags: its operation checks its tags
+    (a second round trip) before it serves ``value``. Free on the hot path: an exception
+    costs nothing until one is raised."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 class _SignedCodec(_Codec):
@@ -322,8 +366,6 @@ class _SignedCodec(_Codec):
 
     def __init__(self, serializer: Any, compressor: str | None, min_length: int) -> None:
         super().__init__(serializer, compressor, min_length)
-        from django.conf import settings
-
         secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ())]
         if not secrets[0]:
             raise ImproperlyConfigured("OPTIONS 'sign_values' needs Django's SECRET_KEY.")
@@ -530,6 +572,51 @@ def _reads_as_int(data: bytes) -> bool:
 
 _MISSING = object()
 
+# A tagged entry (OPTIONS "tags"): b"\x00rt", the header's length and a newline, the header
+# (each tag's Redis key and the token it held when the entry was written, each as
+# b"<length>:<bytes>"), then what the codec stores untagged; signed whole (sign_values). It
+# is valid while each tag's key holds its token: a script checks that on the server.
+_TAGGED = b"\x00rt"
+
+
+def _untagged(envelope: bytes) -> bytes:
+    """What a tagged entry holds after its header (``_tag_pairs`` found it well formed)."""
+    line = envelope.index(b"\n", 3)
+    return envelope[line + 1 + int(envelope[3:line]) :]
+
+
+_MALFORMED = [(b"", b"\x00malformed")]  # a header that cannot be read: never valid
+
+
+def _tag_pairs(data: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The (tag key, token) pairs of a tagged entry (signed or not); None if untagged. A
+    header that is not well formed (written by another client: lengths must be decimal
+    digits, within the header) has pairs no tag holds: the entry reads as absent."""
+    at = 35 if data[:3] == _SIGNED else 0
+    if data[at : at + 3] != _TAGGED:
+        return None
+    line = data.find(b"\n", at + 3)
+    size = data[at + 3 : line]
+    if line < 0 or not size.isdigit() or line + int(size) >= len(data) - 1:
+        return _MALFORMED
+    at, stop, pairs = line + 1, line + 1 + int(size), []
+    while at < stop:
+        pair = []
+        for _ in range(2):
+            colon = data.find(b":", at, stop)
+            length = data[at:colon]
+            if colon < 0 or not length.isdigit() or colon + 1 + int(length) > stop:
+                return _MALFORMED
+            at = colon + 1 + int(length)  # always forward: past the colon
+            pair.append(data[colon + 1 : at])
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _tags_header(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
+    body = b"".join(b"%d:%s%d:%s" % (len(k), k, len(t), t) for k, t in pairs)
+    return _TAGGED + b"%d\n" % len(body) + body
+
 
 # ---------------------------------------------------------------------------
 # Configuration: OPTIONS, checked once
@@ -562,6 +649,7 @@ _OWN_OPTIONS: dict[str, Any] = {
     "format": "django",  # or "django-redis": its serializers' and compressors' bytes
     "pickle_protocol": None,  # pickle's default, as django-redis
     "logger": None,  # the logger of ignored errors: "django_redis_ex"
+    "tags": False,  # set(..., tags=[...]) and invalidate_tags(); reads check tags
 }
 
 # django-redis 7's names, so that its CACHES entry works with only BACKEND changed: each OPTIONS
@@ -897,12 +985,13 @@ class _Config:
         self._failures(own, "circuit_breaker" in options)
         pool_class = self._deployment(own)
         # The shells send commands on pooled connections themselves, without redis-py's
-        # per-command machinery, unless redis-py's own retry policy is asked for (or on a
-        # cluster, whose client routes each command).
+        # per-command machinery, unless redis-py's own retry policy is asked for (on a
+        # cluster, redis-py's RedisCluster then routes each command).
         retries = {"retry", "retry_on_error", "retry_on_timeout"} & set(options)
-        self.direct = self.topology is not _Cluster and not retries
+        self.direct = not retries
         self.multiplex: bool = _checked(own, "multiplex", bool) and self.direct
-        self.client_cache = self._client_cache(own["client_cache"], self.topology is _Cluster)
+        cluster = self.topology is _Cluster and not self.direct
+        self.client_cache = self._client_cache(own["client_cache"], cluster)
         redis_options = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
         parser_class = self._pools(own, redis_options)
         # The pool key holds what the user set, so equal settings share a pool; a client-side
@@ -941,6 +1030,13 @@ class _Config:
         )
         names = ("serializer", "compressor", "compress_min_length", "sign_values", "format")
         self.codec_key = _freeze((*(own[name] for name in names), own["pickle_protocol"]))
+        self.tags: bool = _checked(own, "tags", bool)
+        self.codec.tags_checked = self.tags
+        if self.tags and django_redis:
+            raise ImproperlyConfigured(
+                "OPTIONS 'tags' writes this module's format only: django-redis could not read "
+                "tagged entries. Drop 'format' (or django-redis's SERIALIZER and COMPRESSOR)."
+            )
         self.scan_count: int = _checked(own, "scan_count", int, minimum=1)
         self.clear_by_prefix: bool = _checked(own, "clear_by_prefix", bool)
         reverse = _import(own, "reverse_key_function")
@@ -1001,8 +1097,6 @@ class _Config:
         if self.credential_provider is not None:
             redis_options["credential_provider"] = self.credential_provider
         defaults = {**_DEFAULT_POOL_OPTIONS, "driver_info": _driver_info()}
-        if not self.topology.pools_wait:  # the client keeps redis-py's own connection limit
-            defaults.pop("max_connections")
         self.sync_options = self._pool_options(self.sync_pool_class, defaults, redis_options)
         self.async_options = self._pool_options(self.async_pool_class, defaults, redis_options)
         retry = redis_options.get("retry")
@@ -1076,9 +1170,10 @@ class _Config:
         settings = cls._settings("client_cache", value, _CLIENT_CACHE_DEFAULTS, _CLIENT_CACHE_KINDS)
         if settings is not None and cluster:
             raise ImproperlyConfigured(
-                "OPTIONS 'client_cache' does not work with 'cluster': a Redis Cluster would "
-                "need a tracking connection per primary, kept in step with resharding. Turn "
-                "one of them off."
+                "OPTIONS 'client_cache' does not work with 'cluster' and redis-py's retries "
+                "('retry', 'retry_on_error', 'retry_on_timeout'): the client-side cache "
+                "follows the slot map that the module keeps, and redis-py's RedisCluster "
+                "routes instead. Turn one of them off."
             )
         return settings
 
@@ -1234,10 +1329,29 @@ else:
     _SyncPool = _AsyncPool = object
 
 
+class _Turn(threading.Event):
+    """A caller's place in a sync pool's queue, and since when it waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.since = time.monotonic()
+
+
+class _AsyncTurn(asyncio.Event):
+    """A caller's place in an asyncio pool's queue, and since when it waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.since = time.monotonic()
+
+
 class _WaitForConnection(_SyncPool):
     """Mixed into redis-py's pools: as fast while a connection is free; when every one is in
     use, callers queue for one, first come first served, for up to ``timeout`` seconds
-    (``redis.BlockingConnectionPool`` waits too, but costs a queue round trip every call)."""
+    (``redis.BlockingConnectionPool`` waits too, but costs a queue round trip every call).
+    Counted for ``stats()["pools"]``, never on a plain checkout: the connections opened (at
+    connect, a callback), the callers that waited and the longest wait (once a wait ends,
+    under the queue's lock)."""
 
     def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
         self.timeout = timeout
@@ -1247,11 +1361,26 @@ class _WaitForConnection(_SyncPool):
         # redis-py calls this when it makes the pool and, in a forked child, at its first
         # use: the parent's waiters are not in the child.
         super().reset()
-        self._queue: collections.deque[threading.Event] = collections.deque()
+        self._queue: collections.deque[_Turn] = collections.deque()
         self._queue_lock = threading.Lock()
+        self._opened = self._waits = 0
+        self._longest_wait = 0.0
+
+    def make_connection(self) -> Any:
+        connection: Any = super().make_connection()
+        connection.register_connect_callback(self._counted)
+        return connection
+
+    def _counted(self, connection: Any) -> None:
+        """A connection of this pool connected (a callback of redis-py's, at each connect)."""
+        self._opened += 1
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if not self._queue:  # nobody waits: take a free one if there is one
+            if not args and not kwargs and self._plain:
+                connection = self._idle_one()
+                if connection is not None:
+                    return connection
             try:
                 if args or kwargs:  # redis-py's deprecated arguments
                     return super().get_connection(*args, **kwargs)
@@ -1262,8 +1391,8 @@ class _WaitForConnection(_SyncPool):
 
     def _wait_turn(self, *args: Any, **kwargs: Any) -> Any:
         self._checkpid()  # a child forgets its parent's queue
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        turn = threading.Event()
+        turn = _Turn()
+        deadline = None if self.timeout is None else turn.since + self.timeout
         with self._queue_lock:
             self._queue.append(turn)
         try:
@@ -1277,13 +1406,75 @@ class _WaitForConnection(_SyncPool):
                     raise _PoolExhausted(_pool_exhausted(self))
                 turn.wait(remaining)
         finally:
+            waited = time.monotonic() - turn.since
             with self._queue_lock:
                 self._queue.remove(turn)
                 if self._queue:
                     self._queue[0].set()  # the next in line looks now
+                self._waits += 1
+                self._longest_wait = max(self._longest_wait, waited)
+
+    @cached_property
+    def _plain(self) -> bool:
+        """Whether a free connection needs nothing of redis-py's per-call bookkeeping: no
+        client-side cache of redis-py's, no credentials that stream (re-authenticated at
+        each release). Maintenance notifications make the socket readable (then checked as
+        redis-py checks it) or mark it to reconnect (then closed at release). redis-py's
+        metrics count the connections taken and released by its own path (``_idle_one``
+        and ``release`` take and give back in pairs)."""
+        streaming = getattr(redis.credentials, "StreamingCredentialProvider", ())
+        return getattr(self, "cache", None) is None and not isinstance(
+            self.connection_kwargs.get("credential_provider"), streaming
+        )
+
+    @cached_property
+    def _owns(self) -> Callable[[Any], Any] | None:
+        """``owns_connection``, where a subclass has its own (Sentinel's: not if the master
+        moved meanwhile); None: redis-py's, a comparison of pids."""
+        own = type(self).owns_connection
+        return None if own is redis.ConnectionPool.owns_connection else self.owns_connection
+
+    def _idle_one(self) -> Any:
+        """A free connection whose socket has nothing to read; None: none is free, or its
+        socket is readable (closed by the server, or data left on it: it goes back, and
+        redis-py's path checks it), or this is a forked child's first use (redis-py's path
+        resets the pool: the pid is compared as redis-py compares it, since a fork without
+        Python's fork hooks, uWSGI's, would not update a kept one)."""
+        if self.pid != os.getpid():
+            return None
+        with self._lock:
+            free = self._available_connections
+            if not free:
+                return None
+            connection = free.pop()
+            self._in_use_connections.add(connection)
+        connection._django_redis_ex_taken = True  # given back by release() alike
+        try:
+            sock = connection._sock
+            if sock is not None and not _readable(connection, sock):
+                return connection
+        except BaseException:
+            self.release(connection)
+            raise
+        self.release(connection)
+        return None
 
     def release(self, connection: Any) -> None:
-        super().release(connection)
+        owns = self._owns  # None: redis-py's own test, the connection's pid
+        if getattr(connection, "_django_redis_ex_taken", False) and (
+            connection.pid == self.pid if owns is None else owns(connection)
+        ):
+            connection._django_redis_ex_taken = False
+            with self._lock:
+                if connection not in self._in_use_connections:
+                    return
+                self._in_use_connections.remove(connection)
+                if getattr(connection, "_should_reconnect", False):  # maintenance: elsewhere
+                    connection.disconnect()
+                self._available_connections.append(connection)
+        else:
+            connection._django_redis_ex_taken = False
+            super().release(connection)
         if self._queue:  # someone waits: the first in line looks now
             with self._queue_lock:
                 if self._queue:
@@ -1297,7 +1488,21 @@ class _AsyncWaitForConnection(_AsyncPool):
     def __init__(self, *args: Any, timeout: float | None = 20, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.timeout = timeout
-        self._queue: collections.deque[asyncio.Event] = collections.deque()
+        self._queue: collections.deque[_AsyncTurn] = collections.deque()
+        self._opened = self._resumes = self._waits = 0
+        self._longest_wait = 0.0
+
+    def make_connection(self) -> Any:
+        connection = super().make_connection()  # type: ignore[no-untyped-call]
+        connection.register_connect_callback(self._counted)
+        return connection
+
+    def _counted(self, connection: Any) -> None:
+        """A connection of this pool connected, or resumed a parked socket."""
+        if getattr(connection, "_resumed", False):
+            self._resumes += 1
+        else:
+            self._opened += 1
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if not self._queue:
@@ -1310,7 +1515,7 @@ class _AsyncWaitForConnection(_AsyncPool):
     async def _wait_turn(self, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         deadline = None if self.timeout is None else loop.time() + self.timeout
-        turn = asyncio.Event()
+        turn = _AsyncTurn()
         self._queue.append(turn)
         try:
             while True:
@@ -1327,6 +1532,8 @@ class _AsyncWaitForConnection(_AsyncPool):
             self._queue.remove(turn)
             if self._queue:
                 self._queue[0].set()
+            self._waits += 1
+            self._longest_wait = max(self._longest_wait, time.monotonic() - turn.since)
 
     async def release(self, connection: Any) -> None:
         connection._django_redis_ex_released = asyncio.get_running_loop().time()
@@ -1357,6 +1564,18 @@ def _has_input(connection: Any) -> bool:
     transport = getattr(getattr(connection, "_writer", None), "transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
     return sock is not None and _waiter(sock, 0)()
+
+
+def _readable(connection: Any, sock: socket.socket) -> bool:
+    """Whether ``sock`` (``connection``'s) has input: one ``poll``, its poller kept."""
+    poller = connection.__dict__.get("_django_redis_ex_poller")
+    if poller is None or poller[0] is not sock:
+        if not hasattr(select, "poll"):  # Windows
+            return bool(select.select([sock], [], [], 0)[0])
+        polling = select.poll()
+        polling.register(sock, select.POLLIN | select.POLLPRI)
+        poller = connection._django_redis_ex_poller = (sock, polling)
+    return bool(poller[1].poll(0))
 
 
 class _WaitingPool(_WaitForConnection, redis.ConnectionPool):
@@ -1399,11 +1618,15 @@ class _SharedAsyncRedis(redis.asyncio.Redis):
         await super().aclose(close_connection_pool=False)
 
 
-# How the RedisCluster method that splits a command by slot (the command table's ``split``)
-# takes the command's arguments, where it takes them otherwise than as they are.
-_CLUSTER_ARGUMENTS: dict[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]] = {
-    "mget_nonatomic": lambda args: (list(args),),
-    "mset_nonatomic": lambda args: (dict(zip(args[::2], args[1::2], strict=True)),),
+# The RedisCluster method that splits a command by slot, on redis-py's own command path
+# (OPTIONS that ask for redis-py's retries), and how it takes the command's arguments where
+# it takes them otherwise than as they are.
+_CLUSTER_METHODS: dict[str, tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]] | None]] = {
+    "MGET": ("mget_nonatomic", lambda args: (list(args),)),
+    "MSET": ("mset_nonatomic", lambda args: (dict(zip(args[::2], args[1::2], strict=True)),)),
+    "EXISTS": ("exists", None),
+    "DEL": ("delete", None),
+    "UNLINK": ("unlink", None),
 }
 
 
@@ -1414,13 +1637,13 @@ class _ClusterCommands:
     @classmethod
     def split(cls, client: Any, args: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]] | None:
         """The splitting method and its arguments, if ``args`` spans slots."""
-        method = _COMMANDS.get(args[0], _UNKNOWN).split
-        if method is None:
+        found = _CLUSTER_METHODS.get(args[0])
+        if found is None:
             return None
         keys = _keys_of(args) or ()
         if len({client.keyslot(key) for key in keys}) < 2:
             return None
-        arguments = _CLUSTER_ARGUMENTS.get(method)
+        method, arguments = found
         return method, args[1:] if arguments is None else arguments(args[1:])
 
     @staticmethod
@@ -1706,7 +1929,6 @@ class _Topology(abc.ABC):
     clients that reach them by index (0 takes writes, 1 to ``readers`` serve reads)."""
 
     client_classes: tuple[type, ...] = ()  # whose keyword arguments OPTIONS may hold too
-    pools_wait = True  # whether callers wait for a free connection past max_connections
     atomic_move = True  # whether incr_version's old and new keys fit in one script
 
     def __init__(self, servers: list[str], config: _Config) -> None:
@@ -1868,11 +2090,12 @@ class _Sentinel(_Topology):
 
 
 class _Cluster(_Topology):
-    """Redis Cluster: one client routes every command; LOCATION lists its startup nodes.
-    ``max_connections`` stays a per-node limit (its asyncio client cannot wait, redis-py #3135)."""
+    """Redis Cluster: LOCATION lists startup nodes. The shells route each command to the
+    primary of its slot (``route``), on that node's own pools, as on one server: a sync pool,
+    and a multiplexed line per event loop; redis-py's RedisCluster serves ``get_client()``
+    and OPTIONS that ask for redis-py's retries."""
 
     client_classes = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
-    pools_wait = False
     atomic_move = False  # incr_version's two keys lie in different slots: two round trips
 
     def __init__(self, servers: list[str], config: _Config) -> None:
@@ -1881,11 +2104,36 @@ class _Cluster(_Topology):
         self.connection_options = _url_options(servers[0])
         if self.connection_options.pop("db", 0) not in (0, "0"):
             raise ImproperlyConfigured("Redis Cluster has only db 0: drop the /db of LOCATION.")
+        if config.sync_options.get("db", 0) not in (0, "0"):
+            raise ImproperlyConfigured("Redis Cluster has only db 0: drop OPTIONS 'db'.")
         if urlsplit(servers[0]).scheme == "rediss":
             self.connection_options["ssl"] = True
+        self.encoding: str = config.sync_options.get("encoding", "utf-8")
+        self.nodes: dict[str, _Servers] = {}  # a node's address: the node, with its pools
+        self.sync_clients: dict[str, redis.Redis] = {}  # a node's address: its sync client
+        self.recent_slots: dict[Any, int] = {}  # the slots of recent keys
+        # One map per cluster and settings, whichever alias or OPTIONS dict reads it.
+        startup = [self.node_address(host, port) for host, port in self.startup_nodes]
+        self.slots = _slot_maps.setdefault(self.pool_key("sync", 0), _SlotMap(startup))
 
     def pool_key(self, kind: str, index: int) -> Hashable:
         return (kind, tuple(self.servers), self.config.frozen, "cluster")
+
+    def node_address(self, host: str, port: int) -> str:
+        """A node's "host:port" (an IPv6 host in brackets, as in a URL)."""
+        return f"[{host}]:{port}" if ":" in host and host[:1] != "[" else f"{host}:{port}"
+
+    def node(self, address: str) -> _Servers:
+        """The node at ``address`` ("host:port"), as a server of its own: its URL is
+        LOCATION's first, at that address (its scheme, credentials and query)."""
+        node = self.nodes.get(address)
+        if node is None:
+            url = urlsplit(self.servers[0])
+            credentials = url.netloc.rpartition("@")[0]
+            netloc = f"{credentials}@{address}" if credentials else address
+            node = _Servers([urlunsplit((url.scheme, netloc, "", url.query, ""))], self.config)
+            node = self.nodes.setdefault(address, node)
+        return node
 
     def make_sync(self, index: int) -> redis.Redis:
         options = {k: v for k, v in self.config.sync_options.items() if k != "timeout"}
@@ -1911,6 +2159,331 @@ class _Cluster(_Topology):
 
     async def shut_down(self, client: redis.asyncio.Redis) -> None:
         await redis.asyncio.cluster.RedisCluster.aclose(cast(_SharedAsyncCluster, client))
+
+    # Routing: what goes to which primary; sans I/O, for both shells ------------------
+
+    def slot(self, key: Any) -> int:
+        """``key``'s slot; those of recent keys are kept (a key is read again and again)."""
+        recent = self.recent_slots
+        slot = recent.get(key)
+        if slot is None:
+            slot = _key_slot(key.encode(self.encoding) if type(key) is str else key)
+            if len(recent) >= 65536:
+                recent.clear()
+            recent[key] = slot
+        return slot
+
+    def node_client(self, address: str) -> redis.Redis:
+        client = self.sync_clients.get(address)
+        if client is None:  # the registry's, kept here: its key is hashed once
+            client = self.sync_clients[address] = self.node(address).sync_client(0)
+        return client
+
+    def one_node(self, commands: list[tuple[Any, ...]]) -> str | None:
+        """The node that serves all of ``commands``, if each names one key (the usual
+        call) and the map is fresh; None: ``route`` sends them."""
+        slots = self.slots
+        owner, node = slots.owner, None
+        if slots.stale or not owner:
+            return None
+        for command in commands:
+            at = _ONE_KEY_AT.get(command[0])
+            if at is None or (at < 0 and command[2] != 1):
+                return None
+            serves = owner[self.slot(command[at if at > 0 else 3])]
+            if serves != node and node is not None:
+                return None
+            node = serves
+        return node
+
+    def route(
+        self, commands: list[tuple[Any, ...]], sent: tuple[str, list[Any]] | None = None
+    ) -> Generator[Any, Any, list[Any]]:
+        """The replies of ``commands``, each sent to the primary of its keys' slot: yields
+        the sends to make at once, ``[(node address, commands), ...]``, and takes each one's
+        replies or exception; or yields a float, seconds to sleep. A command that spans
+        slots goes out as one per slot (its table row's ``split``), a command that names no
+        key with the next that does. ``MOVED`` updates the map and resends to the node
+        named; ``ASK`` resends once after ``ASKING``; ``TRYAGAIN`` (keys of a slot on its
+        way) after a pause; up to ``_REDIRECTS`` times, then the error reply is the
+        command's. A node that fails fails the call. ``sent``: the node all ``commands``
+        went to already (``one_node``), and its replies, some of them redirections."""
+        slots = self.slots
+        if sent is None:
+            # Not read yet: each first caller reads it; stale (a MOVED, a node that failed):
+            # read again, at most every _REFRESH_EVERY seconds while no node answers it whole.
+            if not slots.owner or (slots.stale and time.monotonic() >= slots.refresh_at):
+                yield from self._refresh()
+            sends = _by_node(self._pieces(commands))
+            outcomes = yield _sends(sends)
+        else:
+            node, replies = sent
+            sends = {node: [[i, command, node, False] for i, command in enumerate(commands)]}
+            outcomes = [replies]
+        # Each piece: [what it answers (index, or (index, part)), command, node, asking].
+        answered: dict[Any, Any] = {}
+        for again in range(_REDIRECTS, -1, -1):
+            pieces, failure, pause = [], None, False
+            for (node, group), outcome in zip(sends.items(), outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    failure = failure or outcome
+                    continue
+                replies = iter(outcome)
+                for piece in group:
+                    if piece[3]:
+                        next(replies)  # ASKING's
+                    reply = answered[piece[0]] = next(replies)
+                    if isinstance(reply, redis.exceptions.AskError) and not piece[3]:
+                        moved = isinstance(reply, redis.exceptions.MovedError)
+                        target = self._target(reply, node)
+                        self.redirected(reply.slot_id, node, target, moved)
+                        pieces.append([piece[0], piece[1], target, not moved])
+                    elif isinstance(reply, redis.exceptions.TryAgainError):
+                        one_by_one = self._one_by_one(piece, answered)
+                        pieces += one_by_one
+                        pause = pause or one_by_one == [piece]  # as it is: after a pause
+            if failure is not None:
+                slots.stale = True  # a failover may have moved its slots
+                raise failure
+            if not pieces or not again:
+                break
+            if pause:
+                yield _TRY_AGAIN_PAUSE
+            sends = _by_node(pieces)
+            outcomes = yield _sends(sends)
+        return self._merged(commands, answered)
+
+    def _one_by_one(self, piece: list[Any], answered: dict[Any, Any]) -> list[list[Any]]:
+        """A piece on several keys of a slot on its way (``TRYAGAIN``: some of them moved),
+        as one piece per key, each of which follows its own ``ASK``, if its command splits
+        (``MGET`` of one key, ...); else the piece, to go again as it is."""
+        command = piece[1]
+        row = _COMMANDS.get(command[0], _UNKNOWN)
+        keys = _keys_of(command) or []
+        if row.split is None or len(keys) < 2:
+            return [piece]
+        answered.pop(piece[0], None)
+        index, ats = piece[0] if type(piece[0]) is tuple else (piece[0], range(len(keys)))
+        step = row.step
+        return [
+            [
+                (index, (at,)),
+                (command[0], *command[1 + n * step : 1 + (n + 1) * step]),
+                piece[2],
+                False,
+            ]
+            for n, at in enumerate(ats)
+        ]
+
+    def _target(self, reply: Any, source: str) -> str:
+        """The node a ``MOVED`` or ``ASK`` reply names (no host: the source's)."""
+        host = reply.host if reply.host not in ("", "?") else source.rpartition(":")[0]
+        return self.node_address(host, reply.port)
+
+    def _merged(self, commands: list[tuple[Any, ...]], answered: dict[Any, Any]) -> list[Any]:
+        """The replies of ``commands`` from those of their pieces (keyed ``(index, part)``
+        where a command was split), in order: an error reply of a piece is the command's."""
+        replies: list[Any] = []
+        for index, command in enumerate(commands):
+            reply = answered.get(index, _MISSING)
+            if reply is _MISSING:
+                parts = {k[1]: v for k, v in answered.items() if type(k) is tuple and k[0] == index}
+                errors = [v for v in parts.values() if isinstance(v, Exception)]
+                if errors:
+                    reply = errors[0]
+                elif command[0] == "FLUSHDB":
+                    reply = next(iter(parts.values()))
+                else:
+                    reply = _MERGES[_COMMANDS[command[0]].split or ""](len(command) - 1, parts)
+            elif command[0] == "SCAN" and not isinstance(reply, Exception):
+                count = len(self.slots.primaries)
+                reply = _ClusterCommands.scan_reply(reply, int(command[1]), count)
+            replies.append(reply)
+        return replies
+
+    def _pieces(self, commands: list[tuple[Any, ...]]) -> list[list[Any]]:
+        """The commands as sent: each to its slot's primary, split by slot if it spans slots."""
+        slots = self.slots
+        owner = slots.owner
+        pieces: list[list[Any]] = []
+        keyless: list[list[Any]] = []  # to go with the next command that names keys
+        for index, command in enumerate(commands):
+            row = _COMMANDS.get(command[0], _UNKNOWN)
+            if row.first == 1 and row.last == 1:  # the usual: one key, the first argument
+                node = owner[self.slot(command[1])]
+            else:
+                keys = _keys_of(command)
+                if not keys:
+                    if keys is None:  # FLUSHDB: on every primary
+                        pieces += [[(index, n), command, n, False] for n in slots.primaries]
+                    elif command[0] == "SCAN":
+                        pieces.append([index, *self._scan(command), False])
+                    else:
+                        keyless.append([index, command, None, False])
+                    continue
+                by_slot: dict[int, list[int]] = {}
+                for at, key in enumerate(keys):
+                    by_slot.setdefault(self.slot(key), []).append(at)
+                if len(by_slot) > 1 and row.split is not None:
+                    step = row.step
+                    for slot, ats in by_slot.items():
+                        args = [
+                            a for at in ats for a in command[1 + at * step : 1 + (at + 1) * step]
+                        ]
+                        piece = [(index, tuple(ats)), (command[0], *args), owner[slot], False]
+                        pieces.append(piece)
+                    continue
+                node = owner[next(iter(by_slot))]  # in several slots: Redis says CROSSSLOT
+            for piece in keyless:
+                piece[2] = node
+            pieces += keyless
+            keyless = []
+            pieces.append([index, command, node, False])
+        for piece in keyless:  # none named a key: any primary answers
+            piece[2] = slots.primaries[0]
+        return pieces + keyless
+
+    def _scan(self, command: tuple[Any, ...]) -> tuple[tuple[Any, ...], str]:
+        """SCAN over every primary in turn, behind one cursor (``_merged`` makes the next)."""
+        primaries = self.slots.primaries
+        cursor = int(command[1])
+        node = primaries[cursor % len(primaries)]
+        return ("SCAN", cursor // len(primaries), *command[2:]), node
+
+    def redirected(self, slot: int, source: str, target: str, moved: bool) -> None:
+        """A ``MOVED`` (the slot is the target's now) or ``ASK`` (one key is) from ``source``."""
+        slots = self.slots
+        if moved and slots.owner[slot] != target:
+            slots.owner[slot] = target
+            slots.stale = True  # others moved too, most likely: the map is read again
+        # ASK: one key is elsewhere (the others of the slot are still here, or their MIGRATE
+        # invalidated them): only the reads in flight are voided, no entry is looked at.
+        slots.moved({source: {slot}}, entries=moved)
+
+    def _refresh(self) -> Generator[Any, Any, None]:
+        """Read the slot map from the first node that answers ``CLUSTER SLOTS``."""
+        slots = self.slots
+        slots.stale = False  # one caller reads it; the others go on with the map they have
+        slots.refresh_at = time.monotonic() + _REFRESH_EVERY
+        failure: BaseException | None = None
+        for node in slots.known():
+            outcome = (yield [(node, [_CLUSTER_SLOTS])])[0]
+            reply = outcome if isinstance(outcome, BaseException) else outcome[0]
+            if isinstance(reply, BaseException):
+                failure = reply
+                continue
+            owner = [""] * _SLOTS
+            for first, last, primary, *_ in reply:
+                host = primary[0].decode() if type(primary[0]) is bytes else primary[0]
+                if not host or host == "?":  # the node asked does not know its own address
+                    host = node.rpartition(":")[0]
+                address = self.node_address(host, int(primary[1]))
+                owner[first : last + 1] = [address] * (last + 1 - first)
+            if "" in owner:
+                failure = redis.exceptions.ClusterDownError("CLUSTERDOWN Hash slot not served")
+                continue
+            self._set(owner)
+            return
+        slots.stale = True
+        if not slots.owner:
+            raise redis.ConnectionError(
+                f"No node of the Redis Cluster answered CLUSTER SLOTS: {failure}"
+            ) from failure
+
+    def _set(self, owner: list[str]) -> None:
+        slots = self.slots
+        old, slots.owner = slots.owner, owner
+        slots.primaries = sorted(set(owner))
+        slots.addresses.update(dict.fromkeys(slots.primaries))
+        if old:
+            moves: dict[str, set[int]] = {}
+            for slot, (was, now) in enumerate(zip(old, owner, strict=True)):
+                if was != now:
+                    moves.setdefault(was, set()).add(slot)
+            if moves:
+                slots.moved(moves)
+
+
+_SLOTS = 16384
+_slot_maps: dict[Hashable, _SlotMap] = {}
+_REDIRECTS_OF = (redis.exceptions.AskError, redis.exceptions.TryAgainError)
+
+
+def _redirected(replies: list[Any]) -> bool:
+    """Whether a reply sends its command elsewhere (``MOVED``, ``ASK``) or again (``TRYAGAIN``):
+    the drivers' usual call then goes on through ``_Cluster.route``."""
+    return any(isinstance(reply, _REDIRECTS_OF) for reply in replies)
+
+
+_REDIRECTS = 5  # MOVED, ASK or TRYAGAIN replies followed for one command, at most
+_TRY_AGAIN_PAUSE = 0.05  # seconds before a command answered TRYAGAIN goes again
+_REFRESH_EVERY = 0.1  # seconds between two reads of a stale slot map, at least
+_CLUSTER_SLOTS = ("CLUSTER", "SLOTS")
+_key_slot = redis.crc.key_slot
+
+
+class _SlotMap:
+    """Which primary serves each slot, as the cluster said last; shared by threads and loops."""
+
+    def __init__(self, startup: list[str]) -> None:
+        self.owner: list[str] = []  # a node address per slot; empty until read
+        self.primaries: list[str] = []  # the nodes that serve slots, sorted
+        self.addresses = dict.fromkeys(startup)  # every node heard of, in order
+        self.stale = True  # read it again before the next send
+        self.refresh_at = 0.0  # time.monotonic() before which it is not read again
+        self.moves = 0  # how many times slots were seen to move (or a key, by ASK)
+        # Told of each move, by the node it left: the client-side stores.
+        self.listeners: list[Callable[[dict[str, set[int]], bool], None]] = []
+
+    def moved(self, moves: dict[str, set[int]], entries: bool = True) -> None:
+        self.moves += 1
+        for listener in self.listeners:
+            listener(moves, entries)
+
+    def known(self) -> list[str]:
+        """The nodes to ask for the map: those serving slots first, at a random one."""
+        primaries = self.primaries
+        start = random.randrange(len(primaries)) if primaries else 0
+        ordered = primaries[start:] + primaries[:start]
+        return ordered + [a for a in self.addresses if a not in ordered]
+
+
+def _by_node(pieces: list[list[Any]]) -> dict[str, list[list[Any]]]:
+    sends: dict[str, list[list[Any]]] = {}
+    for piece in pieces:
+        sends.setdefault(piece[2], []).append(piece)
+    return sends
+
+
+def _sends(by_node: dict[str, list[list[Any]]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """What each node is sent: its pieces' commands, ``ASKING`` before those asked."""
+    return [
+        (node, [each for piece in group for each in _asked(piece)])
+        for node, group in by_node.items()
+    ]
+
+
+def _asked(piece: list[Any]) -> list[tuple[Any, ...]]:
+    return [_ASKING, piece[1]] if piece[3] else [piece[1]]
+
+
+_ASKING = ("ASKING",)
+
+
+def _values_merged(count: int, parts: dict[Any, Any]) -> list[Any]:
+    values: list[Any] = [None] * count
+    for ats, found in parts.items():
+        for at, value in zip(ats, found, strict=True):
+            values[at] = value
+    return values
+
+
+# How the replies of a command split by slot merge (its table row's ``split``).
+_MERGES: dict[str, Callable[[int, dict[Any, Any]], Any]] = {
+    "values": _values_merged,  # MGET: in the order of the keys
+    "count": lambda count, parts: sum(parts.values()),
+    "ok": lambda count, parts: all(parts.values()),
+}
 
 
 _NO_OPTIONS: dict[str, Any] = {}
@@ -1949,7 +2522,7 @@ class _Command(NamedTuple):
     last: int = 1
     step: int = 1
     numkeys: int = 0  # where the number of its keys is given (EVAL, EVALSHA)
-    split: str | None = None  # the RedisCluster method that splits it by slot
+    split: str | None = None  # on Cluster, split by slot: how its pieces' replies merge
 
 
 _READ = _Command(writes=False, replica=True, resend=True)
@@ -1966,22 +2539,24 @@ _COMMANDS: dict[str, _Command] = {
     **dict.fromkeys(("HMGET", "ZCARD", "ZCOUNT", "ZRANGE", "ZRANGEBYSCORE", "ZRANK"), _READ),
     **dict.fromkeys(("ZSCORE", "ZMSCORE", "ZREVRANGE", "ZREVRANGEBYSCORE"), _READ),
     **dict.fromkeys(("SDIFF", "SINTER", "SUNION"), _READ_MANY),
-    "MGET": _READ_MANY._replace(split="mget_nonatomic"),
-    "EXISTS": _READ_MANY._replace(split="exists"),
+    "MGET": _READ_MANY._replace(split="values"),
+    "EXISTS": _READ_MANY._replace(split="count"),
     "SCAN": _NO_KEY._replace(resend=True),
     # Writes whose second run changes nothing (unless NX or XX make them conditional).
     "SET": _WRITE._replace(resend=True),
-    "MSET": _WRITE_MANY._replace(resend=True, step=2, split="mset_nonatomic"),
+    "MSET": _WRITE_MANY._replace(resend=True, step=2, split="ok"),
     **dict.fromkeys(("EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT", "PERSIST", "INCRBY"), _WRITE),
     **dict.fromkeys(("SADD", "SREM", "SPOP", "HSET", "HDEL", "HINCRBY"), _WRITE),
     **dict.fromkeys(("ZADD", "ZINCRBY", "ZPOPMAX", "ZPOPMIN", "ZREM", "ZREMRANGEBYSCORE"), _WRITE),
     **dict.fromkeys(("SDIFFSTORE", "SINTERSTORE", "SUNIONSTORE"), _WRITE_MANY),
     "SMOVE": _WRITE._replace(last=2),
-    "DEL": _WRITE_MANY._replace(split="delete"),
-    "UNLINK": _WRITE_MANY._replace(split="unlink"),
+    "DEL": _WRITE_MANY._replace(split="count"),
+    "UNLINK": _WRITE_MANY._replace(split="count"),
     **dict.fromkeys(("EVALSHA", "EVAL"), _WRITE._replace(first=3, numkeys=2)),
+    # A read-only script (a tagged read) reads the tags' keys too, which it does not name.
+    **dict.fromkeys(("EVALSHA_RO", "EVAL_RO"), _READ._replace(first=3, numkeys=2)),
     "FLUSHDB": _WRITE._replace(first=-1),
-    **dict.fromkeys(("CONFIG", "PING", "CLIENT"), _NO_KEY),
+    **dict.fromkeys(("CONFIG", "PING", "CLIENT", "CLUSTER", "ASKING", "ROLE"), _NO_KEY),
 }
 _UNKNOWN = _Command(writes=True, replica=False, resend=False, first=-1)
 # Where the client-side store finds the keys a command changes, on its path per write: 0 for
@@ -1992,6 +2567,15 @@ _KEY_AT: dict[str, int | None] = {
     if row.writes
     else 0
     for name, row in _COMMANDS.items()
+}
+
+
+# On a cluster, where a command names its one key: 1, its first argument; -1, a script's
+# (if it names one).
+_ONE_KEY_AT = {
+    name: 1 if (row.first, row.last) == (1, 1) else -1
+    for name, row in _COMMANDS.items()
+    if (row.first, row.last) == (1, 1) or row.numkeys
 }
 
 
@@ -2055,15 +2639,37 @@ class _Sleep:
 
 class _Compute:
     """A call of the user's default (``get_or_set``): its reply is the value. The asyncio
-    driver awaits what a coroutine function returns; the sync one refuses it."""
+    driver awaits what a coroutine function returns; the sync one refuses it. If ``catch``,
+    an exception it raises is the reply, as a ``_Failed``."""
 
-    __slots__ = ("default",)
+    __slots__ = ("catch", "default")
 
-    def __init__(self, default: Callable[[], Any]) -> None:
-        self.default = default
+    def __init__(self, default: Callable[[], Any], catch: bool = False) -> None:
+        self.default, self.catch = default, catch
 
 
-Command = Union[tuple[Any, ...], list[tuple[Any, ...]], _Sleep, _Compute]  # noqa: UP007
+class _Failed:
+    """The reply of a ``_Compute`` that catches, whose default raised ``error``."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _Background:
+    """A plan to run apart: the asyncio driver runs it in a task of its own and replies
+    ``_MISSING`` at once; the sync driver replies ``_INLINE``: the operation runs it itself."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: Plan[Any]) -> None:
+        self.plan = plan
+
+
+_INLINE = object()  # see _Background
+
+Command = Union[tuple[Any, ...], list[tuple[Any, ...]], _Sleep, _Compute, _Background]  # noqa: UP007
 Operation = Generator[Command, Any, _T]
 _Page = tuple[int, list[Any]]  # an iteration's next cursor (0: done), and what it found
 
@@ -2074,6 +2680,7 @@ class Plan(Generic[_T]):
 
     __slots__ = ("fallback", "method", "operation", "trace", "undo")
     primary = False  # whether reads go to the server that takes writes too (_OnPrimary)
+    ignorable = True  # whether ignore_exceptions covers it (not _Unignorable)
     trace: Any  # set while the call is traced: its span and context
 
     def __init__(
@@ -2096,6 +2703,14 @@ class _OnPrimary(Plan[_T]):
 
     __slots__ = ()
     primary = True
+
+
+class _Unignorable(Plan[_T]):
+    """A plan whose failure is always raised, ignore_exceptions or not: an invalidation
+    that did not happen must not read as one that did."""
+
+    __slots__ = ()
+    ignorable = False
 
 
 _NOTHING_TO_UNDO: list[tuple[Any, ...]] = []  # never appended to: shared by plans
@@ -2133,13 +2748,15 @@ _SCRIPTS: dict[str, str] = {}
 class _Script:
     """A Lua script sent by its SHA1; the driver falls back to EVAL after NOSCRIPT."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, read_only: bool = False) -> None:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         _SCRIPTS[self.sha] = source
+        # EVALSHA_RO: a read, which a replica may run (Redis 7).
+        self.name = "EVALSHA_RO" if read_only else "EVALSHA"
 
     def __call__(self, keys: Iterable[Any], args: Iterable[Any]) -> tuple[Any, ...]:
         keys = tuple(keys)
-        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+        return (self.name, self.sha, len(keys), *keys, *args)
 
     def whole(self, keys: Iterable[Any], args: Iterable[Any]) -> tuple[Any, ...]:
         """EVAL with the source: for a script followed by other commands in one round trip
@@ -2170,6 +2787,14 @@ _ZCONVERGE = _Script(
     "redis.call('ZADD', KEYS[1], 'NX', score, ARGV[i + 1]) end end "
     "return 0"
 )
+# OPTIONS tags: INCRBY, unless the value starts with a NUL (tagged, perhaps: returned, for its
+# tags to be checked); a missing key is created only if ARGV[2] is 1.
+_INCR_UNTAGGED = _Script(
+    "local v = redis.call('GET', KEYS[1]) "
+    "if not v and ARGV[2] ~= '1' then return false end "
+    "if v and string.byte(v) == 0 then return {v} end "
+    "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+)
 # Move a value to another key (keeping its expiry); 0 if there is none to move.
 _RENAME_EXISTING = _Script(
     "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
@@ -2188,6 +2813,51 @@ _REPLACE_SET = _Script(
     "redis.call('DEL', KEYS[1]) for i = 1, #ARGV, 1000 do "
     "redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end return #ARGV"
 )
+# OPTIONS "tags": whether a value read is valid (untagged, or each tag's key still holds the
+# token in its header; read as _tag_pairs does), then the reads that use it on one server.
+_TAG_CHECK = (
+    "local tokens = {} local function valid(v) local at = 1 "
+    "if string.sub(v, 1, 3) == '\\0rk' then at = 36 end "
+    "if string.sub(v, at, at + 2) ~= '\\0rt' then return true end "
+    "local line = string.find(v, '\\n', at + 3, true) if not line then return false end "
+    "local size = string.sub(v, at + 3, line - 1) "
+    "if not string.match(size, '^%d+$') then return false end "
+    "local stop = line + tonumber(size) if stop >= #v then return false end at = line + 1 "
+    "while at <= stop do local pair = {} for i = 1, 2 do "
+    "local colon = string.find(v, ':', at, true) "
+    "if not colon or colon > stop then return false end "
+    "local length = string.sub(v, at, colon - 1) "
+    "if not string.match(length, '^%d+$') then return false end "
+    "local after = colon + 1 + tonumber(length) if after - 1 > stop then return false end "
+    "pair[i] = string.sub(v, colon + 1, after - 1) at = after end "
+    "local token = tokens[pair[1]] "
+    "if token == nil then token = redis.call('GET', pair[1]) tokens[pair[1]] = token end "
+    "if token ~= pair[2] then return false end end return true end "
+)
+_TAGGED_GET = _Script(
+    "local v = redis.call('GET', KEYS[1]) "  # untagged: back at once (a NUL starts a tagged one)
+    "if not v or string.byte(v) ~= 0 then return v end " + _TAG_CHECK + "if not valid(v) then "
+    "return false end return v",
+    read_only=True,
+)
+_TAGGED_MGET = _Script(
+    _TAG_CHECK + "local values = {} for i, key in ipairs(KEYS) do local v = redis.call('GET', key) "
+    "if v and string.byte(v) == 0 and not valid(v) then v = false end values[i] = v end "
+    "return values",
+    read_only=True,
+)
+_TAGGED_EXISTS = _Script(
+    "local v = redis.call('GET', KEYS[1]) if not v then return 0 end "
+    "if string.byte(v) ~= 0 then return 1 end " + _TAG_CHECK + "if valid(v) then return 1 end "
+    "return 0",
+    read_only=True,
+)
+# Write ARGV[2] (SET's options from ARGV[3]) if the key still holds ARGV[1]: a tagged entry
+# found invalid is replaced, unless another value came meanwhile.
+_SWAP = _Script(
+    "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end "
+    "redis.call('SET', KEYS[1], unpack(ARGV, 2)) return 1"
+)
 # Delete a lock only if it still holds our token.
 _RELEASE_LOCK = _Script(
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -2200,18 +2870,153 @@ def _set_command(key: str, data: Any, timeout: int | None, *flags: str) -> tuple
     return ("SET", key, data, "EX", timeout, *flags)
 
 
-def _op_add(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operation[bool]:
-    data = (codec.at(key) if codec.signed else codec).dumps(value)
+class _Tags:
+    """OPTIONS "tags": where a tag's key lives, and how a read checks an entry's tags. On one
+    server (and Sentinel's) a script reads the entry and its tags' keys: one round trip. On
+    Cluster a tag's key lies in another slot than its entries, out of a script's reach; with
+    the client-side store, reads must stay GET and MGET for the store to keep them: there an
+    entry found tagged costs a second round trip, an MGET of its tags' keys."""
+
+    __slots__ = ("prefix", "script")
+
+    def __init__(self, key_prefix: str, script: bool) -> None:
+        # One slot for a prefix's tags on Cluster (the hash tag): an entry's tags are read by
+        # one MGET on one node, and invalidate_tags is one DEL there.
+        self.prefix = f"{key_prefix}:django-redis-ex:{{tags:{key_prefix}}}:"
+        self.script = script
+
+    def keys(self, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if not isinstance(tag, str):
+                raise TypeError(f"tags= takes str tags, not {tag!r}.")
+        # A str subclass (a StrEnum member) by its value, as str.format writes it.
+        return [self.prefix + str.__str__(tag) for tag in dict.fromkeys(tags)]
+
+
+def _op_checked(values: list[Any]) -> Operation[list[Any]]:
+    """``values`` read by GET or MGET, each tagged one whose tags were invalidated since it
+    was written made None: one MGET of their tags' keys, if any is tagged. (A cache without
+    OPTIONS tags reads a tagged entry this way too: never as valid after its invalidation.)"""
+    pairs = [None if data is None else _tag_pairs(data) for data in values]
+    if any(each is _MALFORMED for each in pairs):
+        values = [
+            None if each is _MALFORMED else data for data, each in zip(values, pairs, strict=True)
+        ]
+        pairs = [None if each is _MALFORMED else each for each in pairs]
+    keys = list(dict.fromkeys(key for each in pairs if each for key, _ in each))
+    if not keys:
+        return values
+    tokens = dict(zip(keys, (yield ("MGET", *[key.decode() for key in keys])), strict=True))
+    return [
+        None if each and any(tokens[key] != token for key, token in each) else data
+        for data, each in zip(values, pairs, strict=True)
+    ]
+
+
+def _op_read(tags: _Tags, key: str) -> Operation[Any]:
+    """GET with tags: an entry whose tags were invalidated reads as None."""
+    if tags.script:
+        return (yield _TAGGED_GET([key], []))
+    return (yield from _op_checked([(yield ("GET", key))]))[0]
+
+
+def _op_has(tags: _Tags | None, key: str) -> Operation[bool]:
+    """EXISTS, with tags: an entry whose tags were invalidated is not there."""
+    if tags is None:
+        return bool((yield ("EXISTS", key)))
+    if tags.script:
+        return bool((yield _TAGGED_EXISTS([key], [])))
+    return (yield from _op_read(tags, key)) is not None
+
+
+def _op_header(tag_keys: list[str], timeout: int | None) -> Operation[bytes]:
+    """The header of an entry written now with these tags: each tag's token, made if the tag
+    has none (``SET NX``, then ``GET``), in one round trip. A tag's key lives as long as the
+    entries written with it (``EXPIRE GT``; ``PERSIST`` for an entry that never expires)."""
+    commands: list[tuple[Any, ...]] = []
+    for key in tag_keys:
+        token = os.urandom(8).hex()
+        if timeout is None:
+            commands += [("SET", key, token, "NX"), ("GET", key), ("PERSIST", key)]
+        else:
+            commands += [("SET", key, token, "NX", "EX", timeout), ("GET", key)]
+            commands += [("EXPIRE", key, timeout, "GT")]
+    replies = yield commands
+    # A tag invalidated between the SET and the GET: an empty token, which never matches.
+    tokens = [b"" if token is None else token for token in replies[1::3]]
+    return _tags_header(zip([key.encode() for key in tag_keys], tokens, strict=True))
+
+
+def _tagged_data(codec: _Codec, key: str, value: Any) -> bytes:
+    """What a tagged entry of ``key`` holds after its header (fails before any write)."""
+    plain = cast(_Bound, codec.at(key)).codec if codec.signed else codec
+    data = _Codec.dumps(plain, value)
+    return b"%d" % data if type(data) is int else cast(bytes, data)
+
+
+def _wrapped(codec: _Codec, key: str, header: bytes, data: bytes) -> bytes:
+    """The tagged entry of ``key``: ``header`` then ``data``, signed whole (sign_values)."""
+    envelope = header + data
+    return cast(bytes, cast(_Bound, codec.at(key)).sign(envelope)) if codec.signed else envelope
+
+
+def _op_add(
+    codec: _Codec,
+    key: str,
+    value: Any,
+    timeout: int | None,
+    tags: _Tags | None = None,
+    tag_keys: list[str] | None = None,
+) -> Operation[bool]:
+    if tag_keys:
+        data = _tagged_data(codec, key, value)
+    else:
+        data = (codec.at(key) if codec.signed else codec).dumps(value)
     if timeout == 0:
         # Django's add(timeout=0) reports whether the key was free and leaves nothing behind.
-        return bool((yield ("EXISTS", key)) == 0)
-    return bool((yield _set_command(key, data, timeout, "NX")))
+        return not (yield from _op_has(tags, key))
+    if tag_keys:
+        data = _wrapped(codec, key, (yield from _op_header(tag_keys, timeout)), data)
+    if (yield _set_command(key, data, timeout, "NX")):
+        return True
+    return tags is not None and (yield from _op_replace_invalid(key, data, timeout))
 
 
-def _op_get(codec: _Codec, key: str, default: Any, tally: list[int]) -> Operation[Any]:
-    data = yield ("GET", key)
+def _op_replace_invalid(key: str, data: Any, timeout: int | None) -> Operation[bool]:
+    """After a ``SET NX`` found the key taken (OPTIONS tags): a tagged entry whose tags were
+    invalidated is not there, and is replaced, unless another value came meanwhile."""
+    current = yield ("GET", key)
+    if current is None or (yield from _op_checked([current]))[0] is not None:
+        return False
+    expiry = () if timeout is None else ("EX", timeout)
+    return bool((yield _SWAP([key], [current, data, *expiry])))
+
+
+def _op_replace_valid(key: str, data: Any, timeout: int | None) -> Operation[bool]:
+    """``SET XX`` with OPTIONS tags: a tagged entry whose tags were invalidated is not there,
+    and is not written over. (Three tries against writers in between, then ``SET XX``.)"""
+    expiry = () if timeout is None else ("EX", timeout)
+    for _ in range(3):
+        current = yield ("GET", key)
+        if current is None or (yield from _op_checked([current]))[0] is None:
+            return False
+        if (yield _SWAP([key], [current, data, *expiry])):
+            return True
+    return bool((yield _set_command(key, data, timeout, "XX")))
+
+
+def _op_get(
+    codec: _Codec, key: str, default: Any, tally: list[int], tags: _Tags | None = None
+) -> Operation[Any]:
+    data = (yield ("GET", key)) if tags is None else (yield from _op_read(tags, key))
     if data is not None:
-        value = (codec.at(key) if codec.signed else codec).loads(data)
+        try:
+            value = (codec.at(key) if codec.signed else codec).loads(data)
+        except _Unchecked as tagged:
+            value = yield from _op_unchecked(tagged, data)
+            if value is _MISSING:
+                tally[_MISSES] += 1
+                return default
         if value is not _MISSING:
             tally[_HITS] += 1
             return value
@@ -2221,7 +3026,8 @@ def _op_get(codec: _Codec, key: str, default: Any, tally: list[int]) -> Operatio
 
 
 def _found(codec: _Codec, key: str, data: bytes | None) -> Any:
-    """The value of ``data`` read at ``key``; ``_MISSING`` if none, or if it is not signed."""
+    """The value of ``data`` read at ``key``; ``_MISSING`` if none, or if it is not signed.
+    (A tagged value read without OPTIONS tags raises ``_Unchecked``: see ``_op_found``.)"""
     if data is None:
         return _MISSING
     value = codec.loads(data)
@@ -2230,18 +3036,54 @@ def _found(codec: _Codec, key: str, data: bytes | None) -> Any:
     return value
 
 
+def _op_unchecked(tagged: _Unchecked, data: bytes) -> Operation[Any]:
+    """The value of a tagged entry read without OPTIONS tags, if its tags are valid (one
+    MGET of them); else ``_MISSING``."""
+    return _MISSING if (yield from _op_checked([data]))[0] is None else tagged.value
+
+
+def _op_found(codec: _Codec, key: str, data: bytes | None) -> Operation[Any]:
+    """``_found`` of what a plain GET read (not a script): a tagged value is ``_MISSING`` if
+    its tags were invalidated (one MGET of them), with or without OPTIONS tags."""
+    if data is None or not _tag_pairs(data):
+        return _found(codec, key, data)
+    if (yield from _op_checked([data]))[0] is None:
+        return _MISSING
+    try:
+        return _found(codec, key, data)
+    except _Unchecked as tagged:
+        return tagged.value
+
+
 def _op_set(
-    codec: _Codec, key: str, value: Any, timeout: int | None, nx: bool, xx: bool
+    codec: _Codec,
+    key: str,
+    value: Any,
+    timeout: int | None,
+    nx: bool,
+    xx: bool,
+    tags: _Tags | None = None,
+    tag_keys: list[str] | None = None,
 ) -> Operation[bool | None]:
     """Django's set (returns None); with ``nx`` or ``xx``, whether the value was written."""
-    data = (codec.at(key) if codec.signed else codec).dumps(value)
+    if tag_keys:
+        data = _tagged_data(codec, key, value)
+    else:
+        data = (codec.at(key) if codec.signed else codec).dumps(value)
     if timeout == 0:  # an instant expiry: nothing is stored
         if nx:
-            return bool((yield ("EXISTS", key)) == 0)
-        existed = yield ("DEL", key)
-        return bool(existed) if xx else None
+            return not (yield from _op_has(tags, key))
+        present = (yield from _op_has(tags, key)) if xx and tags is not None else False
+        existed = yield from _op_bool_dropping_copy(("DEL", key))
+        return (present if tags is not None else existed) if xx else None
+    if tag_keys:
+        data = _wrapped(codec, key, (yield from _op_header(tag_keys, timeout)), data)
+    if xx and tags is not None:
+        return (yield from _op_replace_valid(key, data, timeout))
     flags = ("NX",) if nx else ("XX",) if xx else ()
     written = yield _set_command(key, data, timeout, *flags)
+    if nx and not written and tags is not None:
+        return (yield from _op_replace_invalid(key, data, timeout))
     return bool(written) if flags else None
 
 
@@ -2250,8 +3092,8 @@ def _op_bool(*command: Any) -> Operation[bool]:
     return bool((yield command))
 
 
-def _op_exists(key: str, tally: list[int]) -> Operation[bool]:
-    if (yield ("EXISTS", key)):
+def _op_exists(key: str, tally: list[int], tags: _Tags | None = None) -> Operation[bool]:
+    if (yield ("EXISTS", key)) if tags is None else (yield from _op_has(tags, key)):
         tally[_HITS] += 1
         return True
     tally[_MISSES] += 1
@@ -2259,12 +3101,26 @@ def _op_exists(key: str, tally: list[int]) -> Operation[bool]:
 
 
 def _op_get_many(
-    codec: _Codec, key_map: dict[str, Any], tally: list[int]
+    codec: _Codec, key_map: dict[str, Any], tally: list[int], tags: _Tags | None = None
 ) -> Operation[dict[Any, Any]]:
     if not key_map:
         return {}
-    replies = yield ("MGET", *key_map)
-    values = codec.loads_many(replies, list(key_map))
+    if tags is None:
+        replies = yield ("MGET", *key_map)
+    elif tags.script:
+        replies = yield _TAGGED_MGET(list(key_map), [])
+    else:
+        replies = yield from _op_checked((yield ("MGET", *key_map)))
+    try:
+        values = codec.loads_many(replies, list(key_map))
+    except _Unchecked:  # tagged values, read without OPTIONS tags: their tags checked
+        values = []
+        for key, data in zip(key_map, replies, strict=True):
+            values.append((yield from _op_found(codec.at(key), key, data)))
+        # (Forged values were logged by _op_found; invalidated ones are no forgery.)
+        replies = [
+            None if value is _MISSING else data for data, value in zip(replies, values, strict=True)
+        ]
     found = {
         user_key: value
         for user_key, value in zip(key_map.values(), values, strict=True)
@@ -2279,10 +3135,17 @@ def _op_get_many(
     return found
 
 
-def _op_set_many(codec: _Codec, data: dict[str, Any], timeout: int | None) -> Operation[list[Any]]:
+def _op_set_many(
+    codec: _Codec, data: dict[str, Any], timeout: int | None, tag_keys: list[str] | None = None
+) -> Operation[list[Any]]:
     if not data:
         return []
-    if codec.signed:
+    if tag_keys:
+        encoded = [(key, _tagged_data(codec, key, value)) for key, value in data.items()]
+        if timeout != 0:
+            header = yield from _op_header(tag_keys, timeout)
+            encoded = [(key, _wrapped(codec, key, header, value)) for key, value in encoded]
+    elif codec.signed:
         encoded = [(key, codec.at(key).dumps(value)) for key, value in data.items()]
     else:
         dumps = codec.dumps
@@ -2296,18 +3159,194 @@ def _op_set_many(codec: _Codec, data: dict[str, Any], timeout: int | None) -> Op
     return []
 
 
+def _op_bool_dropping_copy(command: tuple[Any, ...]) -> Operation[bool]:
+    """``command`` (DEL, EXPIRE by 0, ...) that removes its key, with the key's stale copy
+    (``get_or_set``): the value it held is gone. One round trip; whether the key was there."""
+    reply, _ = yield [command, ("DEL", command[1] + _STALE_SUFFIX)]
+    return bool(reply)
+
+
 def _op_delete_many(keys: list[str]) -> Operation[None]:
     if keys:
         yield ("DEL", *keys)
 
 
-def _op_incr(key: str, delta: int, create: bool) -> Operation[int]:
+def _op_incr(key: str, delta: int, create: bool, tags: _Tags | None = None) -> Operation[int]:
+    if tags is not None:
+        return (yield from _op_incr_tagged(key, delta, create))
     if create:
         return int((yield ("INCRBY", key, delta)))
     value = yield _INCR_EXISTING([key], [delta])
     if value is None:
         _key_not_found(key)
     return int(value)
+
+
+def _op_incr_tagged(key: str, delta: int, create: bool) -> Operation[int]:
+    """incr with OPTIONS tags: a tagged entry whose tags were invalidated is not there
+    (ValueError, or created from 0); a valid one is no integer (INCRBY's error)."""
+    reply = yield _INCR_UNTAGGED([key], [delta, int(create)])
+    if type(reply) is list:  # a value that starts with a NUL: tagged, perhaps
+        if (yield from _op_checked(reply))[0] is not None:
+            raise redis.ResponseError("value is not an integer or out of range")
+        if not create:
+            _key_not_found(key)
+        if (yield _SWAP([key], [reply[0], delta])):
+            return delta
+        return int((yield ("INCRBY", key, delta)))  # another value came meanwhile
+    if reply is None:
+        _key_not_found(key)
+    return int(reply)
+
+
+def _op_move_present(
+    tags: _Tags, old_key: str, user_key: Any, move: Operation[Any]
+) -> Operation[Any]:
+    """incr_version with OPTIONS tags: an entry whose tags were invalidated is not there."""
+    if not (yield from _op_has(tags, old_key)):
+        _key_not_found(user_key)
+    return (yield from move)
+
+
+_DEFAULT_LOCK_TIMEOUT = 10.0  # OPTIONS stampede_lock_timeout's default
+
+
+def _window(name: str, seconds: Any) -> float:
+    """A stale window (seconds or timedelta), checked where the caller sees it."""
+    if isinstance(seconds, datetime.timedelta):
+        seconds = seconds.total_seconds()
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {seconds!r}.")
+    if not 0 <= seconds < 10**9:  # (NaN too)
+        raise ValueError(f"{name} must be 0 or more seconds, not {seconds!r}.")
+    return float(seconds)
+
+
+_PING = ("PING",)
+
+
+def _pong(replies: list[Any]) -> None:
+    """Raise the error a PING got (LOADING, NOAUTH, ...) instead of its PONG."""
+    if isinstance(replies[0], Exception):
+        raise replies[0]
+
+
+# What a PING of a replica outside the pools connects with: the pools' credentials and TLS.
+_PING_OPTIONS = (
+    "username",
+    "password",
+    "credential_provider",
+    "ssl",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+    "socket_timeout",
+    "socket_connect_timeout",
+)
+
+
+def _ping_options(topology: _Topology) -> dict[str, Any]:
+    merged = {**topology.config.sync_options, **getattr(topology, "connection_options", {})}
+    options = {name: merged[name] for name in _PING_OPTIONS if merged.get(name) is not None}
+    options.setdefault("socket_timeout", 5.0)  # a health check never hangs
+    options.setdefault("socket_connect_timeout", 5.0)
+    return options
+
+
+def _cluster_replicas(reply: Any) -> list[tuple[str, int]]:
+    """The replicas a ``CLUSTER NODES`` reply lists as up."""
+    found = []
+    for line in _text(reply).splitlines():
+        fields = line.split()
+        flags = set(fields[2].split(",")) if len(fields) > 2 else set()
+        if "slave" in flags and not {"fail", "fail?", "noaddr", "handshake"} & flags:
+            host, _, port = fields[1].split("@")[0].rpartition(":")
+            found.append((host.strip("[]"), int(port)))
+    return found
+
+
+def _replica_addresses(topology: _Topology) -> list[tuple[str, int]]:
+    """The replicas that Sentinel or Cluster lists (LOCATION's replicas are pooled)."""
+    if isinstance(topology, _Cluster):
+        return _cluster_replicas(_pong_reply(_sync_routed(topology, [("CLUSTER", "NODES")])))
+    if isinstance(topology, _Sentinel):
+        config = topology.config
+        sentinel: Any = redis.sentinel.Sentinel  # (untyped in redis-py)
+        manager = sentinel(config.sentinels, sentinel_kwargs=config.sentinel_kwargs)
+        try:
+            return [(str(h), int(p)) for h, p in manager.discover_slaves(str(topology.service))]
+        finally:
+            for sentinel in manager.sentinels:
+                sentinel.close()
+    return []
+
+
+async def _areplica_addresses(topology: _Topology) -> list[tuple[str, int]]:
+    """``_replica_addresses`` on the asyncio path."""
+    if isinstance(topology, _Cluster):
+        reply = await _async_routed(topology, [("CLUSTER", "NODES")])
+        return _cluster_replicas(_pong_reply(reply))
+    if isinstance(topology, _Sentinel):
+        config = topology.config
+        sentinel: Any = redis.asyncio.sentinel.Sentinel  # (untyped in redis-py)
+        manager = sentinel(config.sentinels, sentinel_kwargs=config.sentinel_kwargs)
+        try:
+            found = await manager.discover_slaves(str(topology.service))
+            return [(str(h), int(p)) for h, p in found]
+        finally:
+            for sentinel in manager.sentinels:
+                await sentinel.aclose()
+    return []
+
+
+def _pong_reply(replies: list[Any]) -> Any:
+    _pong(replies)
+    return replies[0]
+
+
+class _Stale:
+    """A stale copy read by ``get_or_set`` (``stale_while_revalidate``, ``stale_if_error``):
+    its value, and the seconds since its entry expired."""
+
+    __slots__ = ("age", "value")
+
+    def __init__(self, value: Any, age: float) -> None:
+        self.value, self.age = value, age
+
+
+# A stale copy: its key's, with this suffix (the lock's: _LOCK_SUFFIX). It holds the window it
+# was written for, in milliseconds, a NUL, and the entry's data as its key holds it (signed for
+# that key); it expires that window after the entry.
+_STALE_SUFFIX = "\x00stale"
+_LOCK_SUFFIX = "\x00lock"  # get_or_set's stampede lock: its key's name, with this suffix
+_INTERNAL_KEYS = (_STALE_SUFFIX.encode(), _LOCK_SUFFIX.encode())  # left out of iter_keys
+
+
+def _op_stale(
+    codec: _Codec, key: str, data: bytes | None, remaining: Any
+) -> Operation[_Stale | None]:
+    """The stale copy of ``key`` read with its PTTL; None if there is none, its tags were
+    invalidated or its signature does not hold."""
+    if data is None or not isinstance(remaining, int) or remaining <= 0:
+        return None
+    window, _, data = data.partition(b"\x00")
+    if not window.isdigit():
+        return None
+    try:
+        value = yield from _op_found(codec, key, data)
+    except Exception as error:  # written by another serializer, say: no copy to serve
+        if key not in _unreadable_copies and len(_unreadable_copies) < 10_000:
+            _unreadable_copies.add(key)
+            logger.warning("The stale copy of %r could not be read: %r", key, error)
+        return None
+    if value is _MISSING:
+        return None
+    return _Stale(value, max(int(window) - remaining, 0) / 1000)
+
+
+_unreadable_copies: set[str] = set()  # keys whose stale copy could not be read, logged once
 
 
 def _op_get_or_set(
@@ -2319,63 +3358,177 @@ def _op_get_or_set(
     undo: list[tuple[Any, ...]],
     computed: list[Any],
     tally: list[int],
+    tags: _Tags | None = None,
+    tag_keys: list[str] | None = None,
+    windows: tuple[float, float] = (0, 0),
 ) -> Operation[Any]:
     """One GET on a hit. On a miss with a callable default and stampede protection on, one
     caller computes under a short lock while the others wait for its value (bounded by the
     lock's timeout) and compute it themselves if it does not come. The lock's release waits
-    in ``undo`` while it is held; a computed value is kept in ``computed``."""
+    in ``undo`` while it is held; a computed value is kept in ``computed``. With tags, their
+    tokens are read before the value is computed: a tag invalidated meanwhile leaves the
+    value stored invalid.
+
+    ``windows``, (stale_while_revalidate, stale_if_error) in seconds: the value is copied to
+    a stale key that outlives it by the longer window. Within the first after the value
+    expired, a caller that finds its copy returns it at once; the one that takes the lock
+    computes (on the asyncio path in a task of its own: ``_Background``). Within the second,
+    a computation that raises returns the copy instead (logged once per key and copy)."""
     codec = codec.at(key)
-    value = _found(codec, key, (yield ("GET", key)))
+    data = (yield ("GET", key)) if tags is None else (yield from _op_read(tags, key))
+    try:
+        value = _found(codec, key, data)
+    except _Unchecked as tagged:  # read without OPTIONS tags: its tags checked
+        value = yield from _op_unchecked(tagged, cast(bytes, data))
     if value is not _MISSING:
         tally[_HITS] += 1
         return value
     tally[_MISSES] += 1  # whoever computes the value: this call did not find it
+    window = max(windows) if timeout else 0
+    store = functools.partial(
+        _op_computed, codec, key, default, timeout, computed, tag_keys, window
+    )
     if timeout == 0 or lock_timeout is None or not callable(default):
-        computed.append((yield _Compute(default)) if callable(default) else default)
-        return (yield from _op_store_missing(codec, key, computed[0], timeout))
-    lock, token = key + "\x00lock", os.urandom(8).hex()
+        return (yield from store())
+    lock, token = key + _LOCK_SUFFIX, os.urandom(8).hex()
     release = _RELEASE_LOCK([lock], [token])
     undo.append(release)  # from the moment the SET may have taken it
     # Lock, then look again: a caller that stored the value and let go since our GET wins.
-    locked, data = yield [("SET", lock, token, "PX", int(lock_timeout * 1000), "NX"), ("GET", key)]
+    lock_command = ("SET", lock, token, "PX", int(lock_timeout * 1000), "NX")
+    stale: _Stale | None = None
+    if window:
+        shadow = key + _STALE_SUFFIX
+        locked, data, kept, remaining = yield [
+            lock_command,
+            ("GET", key),
+            ("GET", shadow),
+            ("PTTL", shadow),
+        ]
+    else:
+        locked, data = yield [lock_command, ("GET", key)]
     if not locked:
         undo.clear()
-    value = _found(codec, key, data)
+    value = yield from _op_found(codec, key, data)
     if value is not _MISSING:
         if locked:
             undo.clear()
             yield release
         return value
+    if window:
+        stale = yield from _op_stale(codec, key, kept, remaining)
+    serve = stale is not None and stale.age <= windows[0]  # stale_while_revalidate
+    rescue = stale if stale is not None and stale.age <= windows[1] else None
     if locked:
-        computed.append((yield _Compute(default)))
-        value = yield from _op_store_missing(codec, key, computed[0], timeout)
+        if serve:
+            refreshing = _op_refresh(store, rescue, undo)
+            refresh = Plan("get_or_set_refresh", refreshing, _none, undo)
+            if (yield _Background(refresh)) is not _INLINE:  # it holds the lock now
+                return cast(_Stale, stale).value
+        value = yield from store(rescue)
         undo.clear()
         yield release
         return value
+    if serve:
+        return cast(_Stale, stale).value
     deadline, pause = None, 0.005
     while True:
         now = yield _Sleep(pause)
         deadline = now - pause + lock_timeout if deadline is None else deadline
         data, locked = yield [("GET", key), ("EXISTS", lock)]
-        value = _found(codec, key, data)
+        value = yield from _op_found(codec, key, data)
         if value is not _MISSING:
             return value
         if not locked or now >= deadline:  # the holder failed, or is too slow: compute here
-            computed.append((yield _Compute(default)))
-            return (yield from _op_store_missing(codec, key, computed[0], timeout))
+            return (yield from store(rescue))
         pause = min(pause * 2, 0.1)
 
 
-def _op_store_missing(codec: _Codec, key: str, value: Any, timeout: int | None) -> Operation[Any]:
+def _op_refresh(
+    store: Callable[[_Stale | None], Operation[Any]],
+    rescue: _Stale | None,
+    undo: list[tuple[Any, ...]],
+) -> Operation[Any]:
+    """A stale value's recomputation under its lock, which it lets go (``undo``)."""
+    value = yield from store(rescue)
+    yield undo.pop()
+    return value
+
+
+# A computation's errors get_or_set logged, by key: when the copy served instead expired
+# (time.monotonic()), which tells one copy from the next. Bounded; dict operations need no
+# lock under the GIL.
+_stale_errors: dict[str, float] = {}
+
+
+def _rescued(key: str, stale: _Stale, error: Exception) -> Any:
+    """The stale value served for a computation that raised, logged once per key and copy."""
+    expired = time.monotonic() - stale.age
+    last = _stale_errors.get(key)
+    if last is None or abs(expired - last) > 1.0:  # another copy (a second's leeway)
+        if len(_stale_errors) >= 10_000:
+            _stale_errors.clear()
+        logger.warning(
+            "get_or_set(%r): the default raised; served the value that expired %.1f s ago "
+            "(stale_if_error).",
+            key,
+            stale.age,
+            exc_info=error,
+        )
+        _stale_errors[key] = expired
+    return stale.value
+
+
+def _op_computed(
+    codec: _Codec,
+    key: str,
+    default: Any,
+    timeout: int | None,
+    computed: list[Any],
+    tag_keys: list[str] | None,
+    window: float = 0,
+    rescue: _Stale | None = None,
+) -> Operation[Any]:
+    """Compute ``default`` (the tags' tokens read first) and store it, unless another value
+    came meanwhile (as with add(), theirs wins). With a stale ``window``, a copy of it too;
+    with a stale value to ``rescue``, one the computation's error is served instead of."""
+    if tag_keys and timeout != 0:  # the tags' keys live as long as the stale copy too
+        header = yield from _op_header(tag_keys, timeout and timeout + math.ceil(window))
+    else:
+        header = b""
+    if callable(default):
+        value = yield _Compute(default, rescue is not None)
+        if type(value) is _Failed:
+            return _rescued(key, cast(_Stale, rescue), value.error)
+    else:
+        value = default
+    computed.append(value)
     if timeout == 0:
         return value
-    data = codec.dumps(value)
-    current = yield _GET_OR_STORE([key], [data, timeout or 0])
-    # Another caller may have stored a value since the GET: theirs wins, as with add().
-    found = _found(codec, key, current)
-    if found is _MISSING and current is not None:  # not signed: ours replaces it
-        yield _set_command(key, data, timeout)
+    if header:
+        data = _wrapped(codec, key, header, _tagged_data(codec, key, value))
+    else:
+        data = codec.dumps(value)
+    if window and timeout:
+        kept = _stale_copy(key, data, window, timeout)
+        current = (yield [kept, _GET_OR_STORE([key], [data, timeout])])[1]
+    else:
+        current = yield _GET_OR_STORE([key], [data, timeout or 0])
+    found = yield from _op_found(codec, key, current)
+    if found is _MISSING and current is not None:
+        # Not signed, or its tags invalidated: ours replaces it, unless another came since.
+        expiry = () if timeout is None else ("EX", timeout)
+        yield _SWAP([key], [current, data, *expiry])
+    elif current is not None and window and timeout:  # theirs stays: no copy of ours
+        yield ("DEL", key + _STALE_SUFFIX)
     return value if found is _MISSING else found
+
+
+def _stale_copy(key: str, data: Any, window: float, timeout: int) -> tuple[Any, ...]:
+    """The SET of ``key``'s stale copy: the window in ms, a NUL, the data as the key holds
+    it; it expires ``window`` after the value's ``timeout``."""
+    raw = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else str(data).encode()
+    held = b"%d\x00%b" % (int(window * 1000), raw)  # (an int: stored as its digits)
+    return ("SET", key + _STALE_SUFFIX, held, "PX", int((timeout + window) * 1000))
 
 
 def _op_move(
@@ -2383,9 +3536,11 @@ def _op_move(
 ) -> Operation[None]:
     """Move a value to another key, keeping its expiry: one atomic round trip, or two on
     Redis Cluster (the keys lie in different slots, out of reach of one script) and for a
-    signed value (signed again for its new key)."""
-    if atomic and not codec.signed:
-        if not (yield _RENAME_EXISTING([old_key, new_key], [])):
+    signed value (signed again for its new key). The old key's stale copy (``get_or_set``)
+    goes in the same round trip."""
+    old_copy = old_key + _STALE_SUFFIX
+    if atomic and not codec.signed:  # (the script last: sent again alone after NOSCRIPT)
+        if not (yield [("DEL", old_copy), _RENAME_EXISTING([old_key, new_key], [])])[1]:
             _key_not_found(user_key)
         return
     data, remaining = yield [("GET", old_key), ("PTTL", old_key)]
@@ -2400,7 +3555,7 @@ def _op_move(
         _key_not_found(user_key)
     # PTTL 0: under a millisecond left, which the new key keeps (it would never expire).
     expiry = () if remaining == -1 else ("PX", max(remaining, 1))
-    yield [("SET", new_key, data, *expiry), ("DEL", old_key)]
+    yield [("SET", new_key, data, *expiry), ("DEL", old_key, old_copy)]
 
 
 def _op_then(operation: Operation[Any], result: _T) -> Operation[_T]:
@@ -2422,7 +3577,14 @@ def _op_scan(
 ) -> Operation[_Page]:
     """A page of the keys matching ``pattern``, ``convert``-ed: one SCAN (never KEYS)."""
     cursor, keys = yield ("SCAN", cursor, "MATCH", pattern, "COUNT", count)
-    return int(cursor), [convert(key) for key in keys]
+    return int(cursor), [
+        convert(key) for key in keys if convert is _unchanged or not _internal(key)
+    ]
+
+
+def _internal(key: bytes | str) -> bool:
+    """Whether ``key`` is get_or_set's lock or stale copy of a key."""
+    return (key if type(key) is bytes else str(key).encode()).endswith(_INTERNAL_KEYS)
 
 
 def _op_then_set(operation: Operation[list[Any]]) -> Operation[set[Any]]:
@@ -2641,7 +3803,7 @@ def _op_sscan(
 # commands together on the client at ``index`` (0 takes writes), whose reply is their replies
 # in order (an error reply as its object); the shell raises only when the exchange failed.
 _Send = tuple[int, list[tuple[Any, ...]]]
-Request = Union[_Send, _Sleep, _Compute]  # noqa: UP007
+Request = Union[_Send, _Sleep, _Compute, _Background]  # noqa: UP007
 
 
 class _Trip:
@@ -2686,6 +3848,7 @@ class _Feature:
 
 
 _ResponseError = redis.ResponseError
+_NoScriptError = redis.exceptions.NoScriptError
 
 # Redis is down, unreachable or too slow: what ignore_exceptions covers. Wrong credentials
 # are a configuration error and always raise.
@@ -2734,7 +3897,7 @@ class _Policy:
     def __init__(self, topology: _Topology, features: tuple[_Feature, ...], prefix: str) -> None:
         self.config = topology.config
         # With a client-side store, reads go where its tracking connection is.
-        store = any(isinstance(feature, _Store) for feature in features)
+        store = any(isinstance(feature, (_Store, _ClusterStore)) for feature in features)
         self.readers = 0 if store else topology.readers
         self.features = features
         self.begins = tuple(f for f in features if type(f).begin is not _Feature.begin)
@@ -2811,6 +3974,11 @@ class _Policy:
                 hook.passed(commands)
         for reply in replies:
             if isinstance(reply, _ResponseError):
+                at = replies.index(reply)  # (no enumerate: this loop runs on every call)
+                if 0 < at == len(commands) - 1 and isinstance(reply, _NoScriptError):
+                    # The others ran: the script that closes the pipeline goes again alone.
+                    last = yield from self._error_reply(plan, commands[at:], reply)
+                    return [*replies[:at], *last]
                 return (yield from self._error_reply(plan, commands, reply))
         return replies  # type: ignore[no-any-return]
 
@@ -2830,8 +3998,9 @@ class _Policy:
     ) -> Generator[Request, Any, list[Any]]:
         """A script the server does not hold goes again in full; other errors are raised."""
         if isinstance(error, redis.exceptions.NoScriptError) and len(commands) == 1:
-            sha, *rest = commands[0][1:]
-            return (yield from self._trip(plan, [("EVAL", _SCRIPTS[sha], *rest)]))
+            name, sha, *rest = commands[0]
+            whole = "EVAL_RO" if name == "EVALSHA_RO" else "EVAL"
+            return (yield from self._trip(plan, [(whole, _SCRIPTS[sha], *rest)]))
         yield from self._refuse_if_oversized(plan, commands, error)
         raise error
 
@@ -2856,7 +4025,7 @@ class _Policy:
     def _ignores(self, plan: Plan[Any], error: BaseException) -> bool:
         """True (logged) if ``error`` is an outage and errors are ignored; else raise it."""
         config = self.config
-        if not (isinstance(error, _UNAVAILABLE) and config.ignore_exceptions):
+        if not (isinstance(error, _UNAVAILABLE) and config.ignore_exceptions and plan.ignorable):
             raise error
         if _wrong_credentials(error):  # a configuration error, never ignored
             raise error
@@ -2898,8 +4067,18 @@ class _Store(_Feature):
     keys it names, once answered, before anything is next served or kept. Immutable values
     are kept as they are; others as the stored bytes, decoded afresh for each caller."""
 
-    def __init__(self, topology: _Topology, prefix: str | None, settings: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        topology: _Topology,
+        prefix: str | None,
+        settings: dict[str, Any],
+        broadcast: bool = False,
+    ) -> None:
         self.topology = topology
+        # A cluster node's (_ClusterStore): BCAST tracking of the prefix, on that node alone;
+        # reads need not register, and there is no db to swap (no marker).
+        self.broadcast = broadcast
+        self.lost: Callable[[], None] | None = None  # told when the tracking connection ends
         self.codec = topology.config.codec
         self.prefix = prefix  # None: every key is tracked (a custom KEY_FUNCTION)
         self.max_entries: int = settings["max_entries"]
@@ -2944,9 +4123,11 @@ class _Store(_Feature):
         # CLIENT TRACKING ON REDIRECT <the tracking connection> NOLOOP OPTIN, sent with each
         # read the store would keep, and the ids of the connections that sent it: if one is
         # gone, the keys it read would change unseen, and the store is flushed.
-        self.register: tuple[Any, ...] = ()
+        # (BCAST: none; None: not tracking.)
+        self.register: list[tuple[Any, ...]] | None = None
         self.registered: set[int] = set()
         self.hits = self.misses = self.invalidations = self.flushes = 0
+        self.beat_at: float | None = None  # time.monotonic() of the last answered heartbeat
 
     # Served from memory ---------------------------------------------------
 
@@ -3032,7 +4213,8 @@ class _Store(_Feature):
         """A read the store would keep asks each key's PTTL too, in the same round trip."""
         commands = trip.commands
         reads = len(commands) == 1 and commands[0][0] in ("GET", "MGET")
-        if reads and time.monotonic() < self.valid_until and self.register:
+        register = self.register
+        if reads and time.monotonic() < self.valid_until and register is not None:
             keys = list(commands[0][1:])
             # The connection that reads asks for its keys' invalidations first (NOLOOP: not of
             # its own writes, which this process drops itself; raw clients are on other
@@ -3040,8 +4222,8 @@ class _Store(_Feature):
             # CACHING YES), not every key its other commands read (a script's, as incr's: the
             # server would track and untrack the key at each call).
             pttls = (("PTTL", k) for k in keys)
-            trip.wire = [self.register, _CLIENT_ID, _CACHING, commands[0], *pttls]
-            trip.ticket = (keys, self.start_read(keys))
+            trip.wire = [*register, commands[0], *pttls]
+            trip.ticket = (keys, self.start_read(keys), len(register))
 
     trip_names = frozenset({"GET", "MGET"})  # the reads it may keep; the rest: passed()
 
@@ -3053,7 +4235,10 @@ class _Store(_Feature):
         if trip.ticket is None:
             self.written(trip.commands)
             return replies
-        keys, ticket = trip.ticket
+        keys, ticket, head = trip.ticket
+        if not head:  # BCAST: nothing to register
+            self.finish_read(ticket, keys, replies)
+            return replies[:1]
         registered, connection, caching = replies[0], replies[1], replies[2]
         refused = isinstance(registered, redis.ResponseError) or isinstance(caching, Exception)
         if type(connection) is int and not refused:
@@ -3108,10 +4293,15 @@ class _Store(_Feature):
                 # PTTL: -1 no expiry, -2 no key, 0 under a millisecond left (never kept).
                 if type(value) is bytes and (pttl > 0 or pttl == -1):
                     self._put(key, value, started + pttl / 1000 if pttl > 0 else 0.0)
-                elif value is None and pttl == -2:  # absent: its creation invalidates it
+                elif value is None and pttl == -2 and not self.broadcast:
+                    # Absent: its creation invalidates it (not on a cluster node: the key may
+                    # be made on the node its slot moves to, which this store does not hear).
                     self._keep(key, (_ABSENT, False, 0.0, sys.getsizeof(key) + _ENTRY_SIZE))
 
     def _put(self, key: str, data: bytes, expires: float) -> None:
+        if data[:3] == _TAGGED or (data[:3] == _SIGNED and data[35:38] == _TAGGED):
+            return  # tagged: its tags are checked at each read
+            return
         try:
             value = self.codec.at(key).loads(data)
         except Exception:  # not ours to read: the caller's own read reports it
@@ -3192,6 +4382,15 @@ class _Store(_Feature):
         self.epoch += 1
         self.flushes += 1
 
+    def drop_slots(self, slots: set[int]) -> None:
+        """Drop the keys of cluster ``slots`` that moved elsewhere; reads in flight keep
+        nothing (one of them may have been answered by the node they moved to)."""
+        with self.lock:
+            encoding = self.encoding
+            if slots:
+                self._drop([k for k in self.entries if _key_slot(k.encode(encoding)) in slots])
+            self.epoch += 1
+
     def info(self) -> dict[str, Any]:
         connected = self.connected and time.monotonic() < self.valid_until
         info: dict[str, Any] = {"enabled": not self.refused, "connected": connected}
@@ -3233,6 +4432,8 @@ class _Store(_Feature):
             self.sock = None
             self.flush()
             self.connected = False
+            if self.lost is not None:  # a cluster node's: its slots may be another's now
+                self.lost()
             if connection is not None:
                 with contextlib.suppress(Exception):
                     connection.disconnect()
@@ -3279,9 +4480,9 @@ class _Store(_Feature):
         self.sock = sock
         while True:
             marker = self.marker
-            self.answer = b"+PONG\r\n" + (
-                b"$%d\r\n%s\r\n" % (len(marker), marker) if marker else b"_\r\n"
-            )
+            self.answer = b"+PONG\r\n"  # (then ROLE's, which varies, on a cluster node)
+            if not self.broadcast:
+                self.answer += b"$%d\r\n%s\r\n" % (len(marker), marker) if marker else b"_\r\n"
             sent = time.monotonic()
             ids = sorted(self.registered.copy())  # (readers add to it meanwhile)
             listing = connection.pack_commands([("CLIENT", "LIST", "ID", *ids)]) if ids else []
@@ -3290,24 +4491,33 @@ class _Store(_Feature):
             for reply in replies:
                 if isinstance(reply, redis.ResponseError):
                     raise reply
-            marker = replies[1]
-            gone = set(ids) - _client_ids(replies[2]) if ids else set()
+            gone = set(ids) - _client_ids(replies[-1]) if ids else set()
             if gone:  # what they read changes unseen now: all of it goes
                 self.registered -= gone
                 self.flush()
-            if marker != self.marker:  # the db was swapped, flushed or its marker deleted
-                self.flush()
-            if marker is None:  # (re)written: this store's, unless another store's came first
-                written = self._ask(connection, wait, self.marking, 2)[1]
-                marker = None if isinstance(written, redis.ResponseError) else written
-            self.marker = marker
+            if not self.broadcast:
+                self._check_marker(connection, wait, replies[1])
+            elif not (isinstance(replies[1], list) and replies[1][:1] == [b"master"]):
+                # A failover made it a replica (it announces the writes it replicates, late
+                # by that delay): its slots are another node's, and the map is read again.
+                raise redis.ConnectionError("the node is a primary no more (ROLE)")
             self.valid_until = sent + 2 * self.interval
+            self.beat_at = sent
             while (left := sent + self.interval - time.monotonic()) > 0:
                 if wait(left * 1000):
                     time.sleep(_GATHER)  # let them gather; readers take them meanwhile
                     with self.taking:
                         self._take(sock, block=True)
                     self.settle()  # this process's writes, if nobody reads
+
+    def _check_marker(self, connection: Any, wait: Callable[..., bool], marker: Any) -> None:
+        """Flush if the db's marker changed: the db was swapped, flushed or it was deleted."""
+        if marker != self.marker:
+            self.flush()
+        if marker is None:  # (re)written: this store's, unless another store's came first
+            written = self._ask(connection, wait, self.marking, 2)[1]
+            marker = None if isinstance(written, redis.ResponseError) else written
+        self.marker = marker
 
     def _ask(
         self, connection: Any, wait: Callable[..., bool], packed: list[bytes], count: int
@@ -3374,8 +4584,7 @@ class _Store(_Feature):
                 self._invalidated(frame)
         del buffer[:at]
         if keys:
-            self.invalidations += len(keys)
-            self.drop(keys)
+            self._invalidated([b"invalidate", keys])
         return replies
 
     def _settle(self, connection: Any) -> None:
@@ -3413,18 +4622,25 @@ class _Store(_Feature):
         connection._parser.set_invalidation_push_handler(self._invalidated)
         # Tracking is asked for on the connections that read (``sending``), redirected
         # here; one round trip tries it here (an ACL may refuse it: the store is off).
-        for command in (("CLIENT", "TRACKING", "ON"), ("CLIENT", "TRACKING", "OFF")):
+        # A cluster node's store tracks the prefix here (BCAST), whoever reads.
+        prefix = ("PREFIX", self.prefix) if self.prefix is not None else ()
+        trying = [("CLIENT", "TRACKING", "ON"), ("CLIENT", "TRACKING", "OFF")]
+        if self.broadcast:
+            trying = [("CLIENT", "TRACKING", "ON", "BCAST", *prefix)]
+        for command in trying:
             connection.send_command(*command)
             connection.read_response()
         connection.send_command("CLIENT", "SETNAME", _TRACKER_NAME)
         connection.read_response()
         connection.send_command("CLIENT", "ID")
         tracker = connection.read_response()
-        self.register = ("CLIENT", "TRACKING", "ON", "REDIRECT", tracker, "NOLOOP", "OPTIN")
+        registration = ("CLIENT", "TRACKING", "ON", "REDIRECT", tracker, "NOLOOP", "OPTIN")
+        self.register = [] if self.broadcast else [registration, _CLIENT_ID, _CACHING]
         self.registered.clear()
         self.flush()  # nothing read before tracking began is trusted
         self.marker = None  # read (and written, if missing) by the first heartbeat
-        self.heartbeat = connection.pack_commands([("PING",), ("GET", self.marker_key)])
+        beats = [("PING",), ("ROLE",) if self.broadcast else ("GET", self.marker_key)]
+        self.heartbeat = connection.pack_commands(beats)
         token = os.urandom(16).hex()
         self.marking = connection.pack_commands(
             [("SET", self.marker_key, token, "NX"), ("GET", self.marker_key)]
@@ -3454,7 +4670,7 @@ class _Push(list):  # type: ignore[type-arg]
     """A RESP3 push frame's items."""
 
 
-def _resp3(buffer: bytearray, start: int) -> Any:
+def _resp3(buffer: bytes | bytearray, start: int) -> Any:
     """The RESP3 frame at ``start`` and where it ends, or ``_MISSING`` if it is not whole
     yet: the kinds a tracking connection receives (pushes, and the heartbeat's replies)."""
     end = buffer.find(b"\r\n", start)
@@ -3486,7 +4702,7 @@ def _resp3(buffer: bytearray, start: int) -> Any:
 
 
 # The RESP3 frames of one line: +, a simple string; :, an integer; _, null; -, an error.
-_RESP3_LINES: dict[int, Callable[[bytearray], Any]] = {
+_RESP3_LINES: dict[int, Callable[[bytes | bytearray], Any]] = {
     43: bytes,
     58: int,
     95: lambda line: None,
@@ -3526,23 +4742,174 @@ def _waiter(sock: socket.socket, timeout: float | None = None) -> Callable[..., 
 
 _BUSY_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN")  # error replies that pass
 _stores: dict[Hashable, _Store] = {}
+_cluster_stores: dict[Hashable, _ClusterStore] = {}
 _stores_lock = threading.Lock()
 
 
-def _store_for(topology: _Topology, prefix: str | None) -> _Store | None:
+class _ClusterStore(_Feature):
+    """The client-side cache on a cluster: a store per primary (``_Store``, BCAST on that
+    node), each key served by the store of its slot's primary as the slot map says. A slot
+    that moves (``MOVED``, ``ASK``, a new map) loses its entries in the store it left,
+    which keeps nothing of the reads in flight; a node whose tracking connection is lost
+    flushes its store (its slots). Reads and writes spanning nodes go to each store."""
+
+    trip_names = frozenset({"GET", "MGET"})
+
+    def __init__(self, cluster: _Cluster, prefix: str | None, settings: dict[str, Any]) -> None:
+        self.cluster, self.prefix, self.settings = cluster, prefix, settings
+        self.stores: dict[str, _Store] = {}
+        cluster.slots.listeners.append(self.moved)
+
+    def store(self, node: str) -> _Store:
+        store = self.stores.get(node)
+        if store is None:
+            made = cast(_Store, _store_for(self.cluster.node(node), self.prefix, self.settings))
+            store = self.stores.setdefault(node, made)
+            store.lost = self._lost
+        return store
+
+    def _of(self, key: str) -> _Store | None:
+        """The store of ``key``'s primary; None until the slot map is read."""
+        owner = self.cluster.slots.owner
+        return self.store(owner[self.cluster.slot(key)]) if owner else None
+
+    def lookup(self, key: str) -> Any:
+        store = self._of(key)
+        return _MISSING if store is None else store.lookup(key)
+
+    def lookup_many(self, keys: list[str]) -> list[Any] | None:
+        values = [self.lookup(key) for key in keys]
+        return None if any(value is _MISSING for value in values) else values
+
+    def holds(self, key: str) -> bool | None:
+        store = self._of(key)
+        return None if store is None else store.holds(key)
+
+    def sending(self, trip: _Trip) -> None:
+        """A read (its pieces on their nodes) asks each key's PTTL too, in the same trip;
+        each store whose node tracks keeps what the read found of its keys."""
+        commands = trip.commands
+        if (
+            len(commands) != 1
+            or commands[0][0] not in ("GET", "MGET")
+            or not self.cluster.slots.owner
+        ):
+            return
+        keys = list(commands[0][1:])
+        groups: dict[_Store, list[int]] = {}
+        slots = self.cluster.slots
+        moves = slots.moves  # a move after this: the keys' stores may not be theirs
+        for at, key in enumerate(keys):
+            store = self._of(key)
+            if store is not None and store.register is not None:
+                groups.setdefault(store, []).append(at)
+        if groups:
+            now = time.monotonic()
+            tickets = [
+                (store, ats, store.start_read([keys[at] for at in ats]))
+                for store, ats in groups.items()
+                if now < store.valid_until
+            ]
+            if slots.moves != moves:  # read, but kept by none
+                for store, ats, ticket in tickets:
+                    store.finish_read(ticket, [keys[at] for at in ats], None)
+                tickets = []
+            if tickets:
+                trip.wire = [commands[0], *(("PTTL", key) for key in keys)]
+                trip.ticket = (keys, tickets)
+
+    def passed(self, commands: list[tuple[Any, ...]]) -> None:
+        self.written(commands)
+
+    def replied(self, trip: _Trip, replies: list[Any]) -> list[Any]:
+        if trip.ticket is None:
+            self.written(trip.commands)
+            return replies
+        keys, tickets = trip.ticket
+        found = replies[0] if isinstance(replies[0], list) else [replies[0]]
+        for store, ats, ticket in tickets:
+            mine = [keys[at] for at in ats]
+            if isinstance(replies[0], Exception):
+                store.finish_read(ticket, mine, None)
+            else:
+                values = [found[at] for at in ats]
+                store.finish_read(ticket, mine, [values, *(replies[1 + at] for at in ats)])
+        return replies[:1]
+
+    def failed(self, trip: _Trip, error: BaseException) -> None:
+        if trip.ticket is None:
+            self.written(trip.commands)
+            return
+        keys, tickets = trip.ticket
+        for store, ats, ticket in tickets:
+            store.finish_read(ticket, [keys[at] for at in ats], None)
+
+    def written(self, commands: list[tuple[Any, ...]]) -> None:
+        """Each write goes to the store of its key's node; one on keys of several, or on
+        any key, to every store."""
+        for command in commands:
+            keys = _keys_written(command)
+            if keys == []:
+                continue
+            if keys is not None and len(keys) == 1 and (store := self._of(keys[0])) is not None:
+                store.written([command])
+            else:
+                for store in list(self.stores.values()):
+                    store.written([command])
+
+    def _lost(self) -> None:
+        """A node's tracking connection ended (the node failed, or is a replica now)."""
+        self.cluster.slots.stale = True
+
+    def moved(self, moves: dict[str, set[int]], entries: bool) -> None:
+        """Slots left these nodes (``entries``: their entries go; else only reads in flight)."""
+        for node, slots in moves.items():
+            store = self.stores.get(node)
+            if store is not None:
+                store.drop_slots(slots if entries else set())
+
+    def info(self) -> dict[str, Any]:
+        nodes = {node: store.info() for node, store in sorted(self.stores.items())}
+        info: dict[str, Any] = {
+            "enabled": all(each["enabled"] for each in nodes.values()),
+            "connected": bool(nodes) and all(each["connected"] for each in nodes.values()),
+        }
+        for name in ("entries", "bytes", "hits", "misses", "invalidations", "flushes"):
+            info[name] = sum(each[name] for each in nodes.values())
+        for name in ("max_entries", "max_bytes", "heartbeat_interval"):
+            info[name] = self.settings[name]
+        info["nodes"] = nodes
+        return info
+
+
+_AnyStore = Union[_Store, _ClusterStore]  # noqa: UP007
+
+
+def _store_for(
+    topology: _Topology, prefix: str | None, node_settings: dict[str, Any] | None = None
+) -> _Store | _ClusterStore | None:
     """The configuration's store, if OPTIONS ask for one: one per server, key prefix and
-    codec in this process, whichever class or alias uses it."""
-    settings = topology.config.client_cache
+    codec in this process, whichever class or alias uses it; on a cluster, one per node
+    (``node_settings``: a node's, BCAST) behind one ``_ClusterStore``."""
+    settings = node_settings or topology.config.client_cache
     if settings is None:
         return None
     key = (topology.pool_key("sync", 0), prefix, topology.config.codec_key, _freeze(settings))
-    store = _stores.get(key)
-    if store is None:
+    found: _Store | _ClusterStore | None = (
+        _cluster_stores if isinstance(topology, _Cluster) else _stores
+    ).get(key)
+    if found is None:
         with _stores_lock:
-            store = _stores.get(key)
-            if store is None:
-                store = _stores[key] = _Store(topology, prefix, settings)
-    return store
+            if isinstance(topology, _Cluster):
+                found = _cluster_stores.get(key)
+                if found is None:
+                    found = _cluster_stores[key] = _ClusterStore(topology, prefix, settings)
+            else:
+                found = _stores.get(key)
+                if found is None:
+                    broadcast = node_settings is not None
+                    found = _stores[key] = _Store(topology, prefix, settings, broadcast)
+    return found
 
 
 def close_client_caches(timeout: float = 5.0) -> None:
@@ -3770,6 +5137,199 @@ def _stats_for(topology: _Topology, key_prefix: str, version: int) -> _Stats:
 
 
 # ---------------------------------------------------------------------------
+# cache.stats()["pools"]: what this configuration's pools, lines and tracking hold now
+# ---------------------------------------------------------------------------
+
+
+_redacted = functools.lru_cache(maxsize=256)(_redact)  # the report's server URLs
+
+
+def _where_pooled(source: _Topology, index: int) -> str:
+    """The redacted URL of the server a pool at ``index`` reaches (Sentinel's replica pool:
+    the service's)."""
+    return _redacted(source.servers[min(index, len(source.servers) - 1)])
+
+
+def _seconds_or_none(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def _pool_report(pool: Any, server: str, role: str, raw: bool) -> dict[str, Any]:
+    """A pool's state now, read without its lock (a length, or a copy of its free list: one
+    step each under the GIL): ``in_use`` checked out (for a call, a multiplexed line's
+    calls, a raw client's command), ``idle`` free and connected, ``max``, ``opened``
+    (connects since the pool was made: a reconnect counts), ``waiting`` (callers queued
+    now), ``waits`` (callers that waited since the pool was made) and ``longest_wait``
+    (seconds: the longest a caller waited, or waits now). None
+    where a pool class of redis-py's own (OPTIONS ``pool_class``) does not count it."""
+    in_use = getattr(pool, "_in_use_connections", None)
+    free = getattr(pool, "_available_connections", None)
+    queue: Any = getattr(pool, "_queue", None)
+    longest: float | None = getattr(pool, "_longest_wait", None)
+    if queue:
+        with contextlib.suppress(IndexError, AttributeError):  # served meanwhile
+            longest = max(longest or 0.0, time.monotonic() - queue[0].since)
+    report = {
+        "server": server,
+        "role": role,
+        "raw": raw,
+        "in_use": None if in_use is None else len(in_use),
+        "idle": None if free is None else sum(1 for c in list(free) if c.is_connected),
+        "max": pool.max_connections,
+        "opened": getattr(pool, "_opened", None),
+        "waiting": None if queue is None else len(queue),
+        "waits": getattr(pool, "_waits", None),
+        "longest_wait": _seconds_or_none(longest),
+    }
+    if isinstance(pool, _AsyncWaitForConnection):
+        report["resumed"] = pool._resumes  # parked sockets taken up: no new connection
+    return report
+
+
+def _cluster_node_report(node: Any, raw: bool) -> dict[str, Any]:
+    """A node of redis-py's asyncio RedisCluster: its own connection list, no queue."""
+    free = list(node._free)
+    return {
+        "server": node.name,
+        "role": node.server_type or "primary",
+        "raw": raw,
+        "in_use": len(node._connections) - len(free),
+        "idle": sum(1 for c in free if c.is_connected),
+        "max": node.max_connections,
+        "opened": None,
+        "waiting": None,
+        "waits": None,
+        "longest_wait": None,
+    }
+
+
+class _Pools:
+    """Where one configuration's pools are: (topology, index, role, raw) for each, the
+    registry keys found from them; nothing is made or connected here."""
+
+    def __init__(self, topology: _Topology) -> None:
+        self.servers: list[tuple[_Topology, int, str, bool]] = []  # pools of our own
+        self.clusters: list[tuple[_Cluster, bool]] = []  # redis-py RedisCluster clients
+        sources = [(topology, False)]
+        if topology.config.client_cache is not None:  # raw clients: pools of their own
+            sources.append((topology.untracked, True))
+        for source, raw in sources:
+            if isinstance(source, _Cluster):
+                self.clusters.append((source, raw or source.config.direct))
+                if source.config.direct and not raw:  # the shells' pools, node by node
+                    for address in list(source.slots.addresses):
+                        self.servers.append((source.node(address), 0, "primary", False))
+            else:
+                for index in range(source.readers + 1):
+                    role = "replica" if index else "primary"
+                    self.servers.append((source, index, role, raw))
+
+    def sync(self) -> list[dict[str, Any]]:
+        found = []
+        for source, index, role, raw in self.servers:
+            client = _registry._sync.get(source.pool_key("sync", index))
+            if client is not None:
+                where = _where_pooled(source, index)
+                found.append(_pool_report(client.connection_pool, where, role, raw))
+        for cluster, raw in self.clusters:
+            client = _registry._sync.get(cluster.pool_key("sync", 0))
+            nodes = client.nodes_manager.nodes_cache if client is not None else {}  # type: ignore[attr-defined]
+            for node in list(nodes.values()):
+                connection = node.redis_connection
+                if connection is not None:
+                    role = node.server_type or "primary"
+                    found.append(_pool_report(connection.connection_pool, node.name, role, raw))
+        return found
+
+    def loop(self, loop: asyncio.AbstractEventLoop, entry: _LoopClients) -> tuple[Any, Any]:
+        """A live loop's pools, and its multiplexed lines."""
+        pools, lines = [], []
+        for source, index, role, raw in self.servers:
+            client = entry.clients.get(source.async_keys[index])
+            if client is None:
+                continue
+            where = _where_pooled(source, index)
+            pools.append(_pool_report(client.connection_pool, where, role, raw))
+            line: _Line | None = getattr(client, "line", None)
+            if line is not None:
+                busy = {"in_flight": len(line.sent), "queued": len(line.queue)}
+                lines.append({"server": where, "role": role, **busy})
+        for cluster, raw in self.clusters:
+            client = entry.clients.get(cluster.pool_key("async", 0))
+            nodes = client.nodes_manager.nodes_cache if client is not None else {}  # type: ignore[attr-defined]
+            pools += [_cluster_node_report(node, raw) for node in list(nodes.values())]
+        return pools, lines
+
+    def parked(self) -> list[dict[str, Any]]:
+        """Sockets parked at a loop's shutdown for the next loop's pool (``_ParkingLot``):
+        open at the server, in no pool; per server, not per loop."""
+        found = []
+        for source, index, _role, _raw in self.servers:
+            if isinstance(source, _Servers):
+                with _parking._lock:
+                    count = len(_parking._sockets.get(source.async_keys[index], ()))
+                if count:
+                    found.append({"server": _where_pooled(source, index), "connections": count})
+        return found
+
+
+def _live_loops() -> list[tuple[asyncio.AbstractEventLoop, _LoopClients]]:
+    """The loops with clients in this process (and generation), closed ones left out."""
+    with _registry._lock:  # threads add loops under it: a WeakSet cannot be copied meanwhile
+        loops = list(_registry._loops)
+    live = []
+    for loop in loops:
+        entry = _registry._clients_of(loop)
+        if entry is not None and not loop.is_closed():
+            live.append((loop, entry))
+    return live
+
+
+def _tracking_state(store: _Store) -> dict[str, Any]:
+    """Up: connected, its last heartbeat answered within two intervals (as ``info()``)."""
+    now, beat = time.monotonic(), store.beat_at
+    return {
+        "connected": store.connected and now < store.valid_until,
+        "heartbeat_age": None if beat is None else round(now - beat, 6),
+    }
+
+
+def _tracking_report(store: _AnyStore | None) -> dict[str, Any] | None:
+    if store is None:
+        return None
+    if isinstance(store, _Store):
+        return _tracking_state(store)
+    nodes = {node: _tracking_state(each) for node, each in sorted(list(store.stores.items()))}
+    ages = [each["heartbeat_age"] for each in nodes.values()]
+    return {
+        "connected": bool(nodes) and all(each["connected"] for each in nodes.values()),
+        "heartbeat_age": None if not ages or None in ages else max(ages),
+        "nodes": nodes,
+    }
+
+
+def _pools_report(topology: _Topology, store: _AnyStore | None) -> dict[str, Any]:
+    """``cache.stats()["pools"]``: reads what the pools keep, no I/O, no lock of theirs."""
+    pools = _Pools(topology)
+    running = asyncio._get_running_loop()
+    loops, lines = [], []
+    for loop, entry in _live_loops():
+        loop_pools, loop_lines = pools.loop(loop, entry)
+        if not loop_pools:
+            continue
+        name = f"{id(loop):#x}"
+        loops.append({"loop": name, "current": loop is running, "pools": loop_pools})
+        lines += [{"loop": name, **line} for line in loop_lines]
+    return {
+        "sync": pools.sync(),
+        "async": loops,
+        "parked": pools.parked(),
+        "lines": lines,
+        "tracking": _tracking_report(store),
+    }
+
+
+# ---------------------------------------------------------------------------
 # Optional feature: OpenTelemetry spans, in its database client conventions
 # ---------------------------------------------------------------------------
 
@@ -3918,16 +5478,17 @@ async def _sentry_span(
 ) -> _T:
     """The span Sentry's wrapper makes for the sync twin, field for field, around ``work``."""
     import sentry_sdk  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from sentry_sdk import tracing_utils  # type: ignore[import-not-found, import-untyped, unused-ignore]
     from sentry_sdk.consts import OP, SPANDATA  # type: ignore[import-not-found, import-untyped, unused-ignore]
     from sentry_sdk.integrations.django import DjangoIntegration  # type: ignore[import-not-found, import-untyped, unused-ignore]
-    from sentry_sdk.tracing_utils import has_span_streaming_enabled  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     op = OP.CACHE_PUT if name.startswith("set") else OP.CACHE_GET
     first = args[0] if args else kwargs.get("key", kwargs.get("keys", kwargs.get("data")))
     keys = tuple(first) if isinstance(first, (dict, list, tuple)) else (first,)
     description = ", ".join(k.decode() if isinstance(k, bytes) else str(k) for k in keys)
     span: Any
-    if has_span_streaming_enabled(sentry_sdk.get_client().options):
+    streams = getattr(tracing_utils, "has_span_streaming_enabled", None)  # Sentry 2's switch
+    if streams is None or streams(sentry_sdk.get_client().options):  # Sentry 3 only streams
         if sentry_sdk.traces.get_current_span() is None:
             return await work
         attributes: dict[str, Any] = {"sentry.op": op, "sentry.origin": DjangoIntegration.origin}
@@ -3958,7 +5519,7 @@ def _default_of(args: Any, kwargs: Any) -> Any:
 
 
 def _features_for(
-    topology: _Topology, store: _Store | None, stats: _Stats, prefix: str
+    topology: _Topology, store: _AnyStore | None, stats: _Stats, prefix: str
 ) -> tuple[_Feature, ...]:
     """A configuration's features on one path; the breaker reroutes before the store adds."""
     tracing = _Tracing(topology, prefix) if _tracing() else None  # set up before the call
@@ -3981,6 +5542,9 @@ class _Shell:
         self._topology, self._config = topology, topology.config
         self._policy = _Policy(topology, features, self.path_prefix)
         self._servers, self._serializer = topology.servers, topology.config.codec
+        # On a cluster, the shells route each command themselves (unless redis-py does).
+        routed = isinstance(topology, _Cluster) and topology.config.direct
+        self._cluster = cast(_Cluster, topology) if routed else None
 
     def _get_connection_pool_index(self, write: bool) -> int:
         return self._topology.index_for(write)
@@ -3997,6 +5561,10 @@ def _packed(connection: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
     encoder = connection.encoder
     encoding, errors = encoder.encoding, encoder.encoding_errors
     utf8 = _UTF8.get(encoding) is not None and errors == "strict"
+    if utf8 and len(commands) == 1 and len(commands[0]) == 2:  # GET key, and the like
+        name, key = commands[0]
+        if type(key) is str and type(name) is str and key.isascii():
+            return [f"*2\r\n${len(name)}\r\n{name}\r\n${len(key)}\r\n{key}\r\n".encode()]
     chunks: list[bytes] = []
     pieces: list[bytes] = []
     for command in commands:
@@ -4030,28 +5598,220 @@ def _sync_call(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any
     """The replies of ``commands`` sent together on one of ``client``'s pooled connections:
     values, or ``ResponseError`` objects for error replies. A connection that fails midway
     is closed, so no reply is left on it for the next user."""
+    return _sync_replies(client, _sync_sent(client, commands), commands)
+
+
+def _sync_sent(client: redis.Redis, commands: list[tuple[Any, ...]]) -> Any:
+    """A pooled connection of ``client`` on which ``commands`` went out: written to its
+    socket here when connected and without a health check interval (redis-py's
+    ``send_packed_command`` otherwise)."""
     pool = client.connection_pool
     connection = pool.get_connection()
     try:
-        connection.send_packed_command(_packed(connection, commands))  # type: ignore[no-untyped-call, unused-ignore]
-        callbacks = client.response_callbacks
-        replies = []
-        for command in commands:
+        chunks = _packed(connection, commands)
+        sock = connection._sock
+        if sock is None or connection.health_check_interval:
+            connection.send_packed_command(chunks)  # type: ignore[no-untyped-call, unused-ignore]
+        else:
             try:
-                reply = connection.read_response()
+                _write(sock, chunks)
+            except TimeoutError as error:  # socket.timeout; the OS's (an errno): a dead peer
+                if error.errno:
+                    raise redis.ConnectionError(
+                        f"Error while writing to socket. {error}"
+                    ) from error
+                raise redis.TimeoutError("Timeout writing to socket") from None
+            except OSError as error:
+                raise redis.ConnectionError(f"Error while writing to socket. {error}") from error
+    except BaseException:
+        connection.disconnect()  # type: ignore[no-untyped-call, unused-ignore]
+        pool.release(connection)
+        raise
+    return connection
+
+
+def _sync_replies(
+    client: redis.Redis, connection: Any, commands: list[tuple[Any, ...]]
+) -> list[Any]:
+    """The replies of ``commands``, sent on ``connection``, which goes back to the pool.
+    The first ones, if simple, are read from its socket here (``_taken``); the rest by
+    redis-py's parser."""
+    try:
+        callbacks = _callbacks(client)
+        replies = []
+        taken = _taken(connection, len(commands))
+        for at, command in enumerate(commands):
+            try:
+                reply = taken[at] if at < len(taken) else connection.read_response()
             except redis.ResponseError as error:
                 reply = error
             else:
-                callback = callbacks.get(command[0])  # type: ignore[no-untyped-call, unused-ignore]
+                callback = callbacks.get(command[0])
                 if callback is not None:
                     reply = callback(reply)
             replies.append(reply)
         return replies
     except BaseException:
-        connection.disconnect()  # type: ignore[no-untyped-call, unused-ignore]
+        connection.disconnect()
         raise
     finally:
-        pool.release(connection)
+        client.connection_pool.release(connection)
+
+
+def _callbacks(client: redis.Redis) -> dict[str, Callable[..., Any]]:
+    """``client``'s response callbacks, as they were at its first call here: a plain dict
+    (redis-py's is case-insensitive, a Python call per lookup), and the replies the
+    operations expect whatever a raw client's user sets later."""
+    callbacks: dict[str, Callable[..., Any]] | None = client.__dict__.get(
+        "_django_redis_ex_callbacks"
+    )
+    if callbacks is None:
+        callbacks = client.__dict__["_django_redis_ex_callbacks"] = dict(client.response_callbacks)
+    return callbacks
+
+
+def _write(sock: socket.socket, chunks: list[bytes]) -> None:
+    """Write ``chunks`` to ``sock``: on a plain socket by ``os.write`` while the kernel
+    takes them (one system call, not the poll and send of a socket with a timeout)."""
+    if type(sock) is socket.socket:
+        fd = sock.fileno()
+        for at, chunk in enumerate(chunks):
+            try:
+                written = os.write(fd, chunk)
+            except BlockingIOError:
+                written = 0
+            if written < len(chunk):  # the kernel's buffer is full: wait as sendall waits
+                sock.sendall(memoryview(chunk)[written:])
+                for rest in chunks[at + 1 :]:
+                    sock.sendall(rest)
+                return
+        return
+    for chunk in chunks:
+        sock.sendall(chunk)
+
+
+def _taken(connection: Any, count: int) -> list[Any]:
+    """Up to ``count`` replies read from ``connection``'s socket and parsed here, while
+    each is simple (status, integer, bulk string, null), as redis-py's Python parsers read
+    them (undecoded), without their buffer's layers; the bytes past them go to that
+    buffer for the parser. None taken (and nothing read) unless the parser's buffer is
+    empty and replies are not decoded, nor health-checked."""
+    parser = connection._parser
+    quick = connection.__dict__.get("_django_redis_ex_quick")
+    if quick is None or quick[0] is not parser:  # the same for the connection's life
+        ok = type(parser) in _QUICK_PARSERS and not connection.encoder.decode_responses
+        quick = connection._django_redis_ex_quick = (
+            parser,
+            ok and not connection.health_check_interval,
+        )
+    buffered = parser._buffer
+    if not quick[1] or buffered is None:
+        return []
+    try:  # nothing unread in it (SocketBuffer.unread_bytes, inline)
+        buffer = buffered._buffer
+        position = buffer.tell()
+        if buffer.seek(0, io.SEEK_END) != position:
+            buffer.seek(position)
+            return []
+    except (AttributeError, ValueError):  # closed meanwhile: the parser says so
+        return []
+    sock = connection._sock
+    data = _received(sock)
+    taken: list[Any] = []
+    at = 0
+    while len(taken) < count and data[at : at + 1] in _SIMPLE_FIRSTS:
+        frame = _resp3(data, at)
+        if frame is _MISSING:  # not whole yet (a large value): the parser reads the rest
+            break
+        taken.append(frame[0])
+        at = frame[1]
+    if at < len(data):  # the rest, for the parser: as its own reads would have left it
+        buffer = buffered._buffer
+        position = buffer.tell()
+        buffer.seek(0, io.SEEK_END)
+        buffer.write(data[at:])
+        buffer.seek(position)
+    return taken
+
+
+_SIMPLE_FIRSTS = frozenset((b"+", b":", b"$", b"_"))
+_QUICK_PARSERS = (redis._parsers._RESP2Parser, redis._parsers._RESP3Parser)
+
+
+def _received(sock: socket.socket) -> bytes:
+    """What ``sock`` holds (waiting for it up to its timeout), as redis-py reads it."""
+    try:
+        data = sock.recv(65536)
+    except TimeoutError as error:  # socket.timeout; the OS's (an errno): a dead peer
+        if error.errno:
+            raise redis.ConnectionError(f"Error while reading from socket: {error}") from error
+        raise redis.TimeoutError("Timeout reading from socket") from None
+    except OSError as error:
+        raise redis.ConnectionError(f"Error while reading from socket: {error.args}") from error
+    if not data:
+        raise redis.ConnectionError("Connection closed by server.")
+    return data
+
+
+def _sync_routed(cluster: _Cluster, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """``_sync_call`` on a cluster: each command to its slot's primary (``_Cluster.route``),
+    those for several nodes written to all before any reply is read."""
+    node = cluster.one_node(commands)
+    if node is not None:  # the usual call: to one node, which holds its slot
+        try:
+            answered = _sync_call(cluster.node_client(node), commands)
+        except Exception:
+            cluster.slots.stale = True  # a failover may have moved its slots
+            raise
+        if not _redirected(answered):
+            return answered
+    steps = cluster.route(commands, None if node is None else (node, answered))
+    try:
+        request = next(steps)
+        while True:
+            if type(request) is float:
+                time.sleep(request)
+                request = steps.send(None)
+                continue
+            if len(request) == 1:
+                node, sent = request[0]
+                try:
+                    outcomes: list[Any] = [_sync_call(cluster.node_client(node), sent)]
+                except Exception as error:
+                    outcomes = [error]
+            else:
+                outcomes = _sync_each(cluster, request)
+            request = steps.send(outcomes)
+    except StopIteration as done:
+        replies: list[Any] = done.value
+        return replies
+
+
+def _sync_each(cluster: _Cluster, sends: list[tuple[str, list[tuple[Any, ...]]]]) -> list[Any]:
+    """The replies of each node's commands, or its exception: all are written first, then
+    read. Connections are taken in the nodes' order, so two threads that each need several
+    of a node's few connections never wait on each other."""
+    order = sorted(range(len(sends)), key=lambda i: sends[i][0])
+    outcomes: list[Any] = [None] * len(sends)
+    held: list[tuple[int, redis.Redis, Any]] = []
+    try:
+        for i in order:
+            client = cluster.node_client(sends[i][0])
+            try:
+                held.append((i, client, _sync_sent(client, sends[i][1])))
+            except Exception as error:
+                outcomes[i] = error
+        while held:
+            i, client, connection = held.pop(0)
+            try:
+                outcomes[i] = _sync_replies(client, connection, sends[i][1])
+            except Exception as error:
+                outcomes[i] = error
+    finally:
+        for _, client, connection in held:  # interrupted: replies are left unread on them
+            connection.disconnect()
+            client.connection_pool.release(connection)
+    return outcomes
 
 
 def _sync_pipelined(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -4090,8 +5850,11 @@ class _SyncShell(_Shell):
             while True:
                 try:
                     if type(request) is tuple and self._direct:  # the usual request
-                        client = self._clients[request[0]] or self._client_at(request[0])
-                        reply = _sync_call(client, request[1])
+                        if self._cluster is not None:
+                            reply = _sync_routed(self._cluster, request[1])
+                        else:
+                            client = self._clients[request[0]] or self._client_at(request[0])
+                            reply = _sync_call(client, request[1])
                     else:
                         reply = self._perform(request)
                 except BaseException as error:  # the policy decides what follows
@@ -4104,6 +5867,8 @@ class _SyncShell(_Shell):
 
     def _perform(self, request: Request) -> Any:
         if type(request) is tuple:
+            if self._cluster is not None and self._config.direct:
+                return _sync_routed(self._cluster, request[1])
             client = self._client_at(request[0])
             if self._config.direct:
                 return _sync_call(client, request[1])
@@ -4111,7 +5876,15 @@ class _SyncShell(_Shell):
         if type(request) is _Sleep:
             time.sleep(request.seconds)
             return time.monotonic()
-        value = cast(_Compute, request).default()
+        if type(request) is _Background:
+            return _INLINE
+        compute = cast(_Compute, request)
+        try:
+            value = compute.default()
+        except Exception as error:
+            if not compute.catch:
+                raise
+            return _Failed(error)
         if inspect.isawaitable(value):  # a coroutine function's, on the sync path
             if inspect.iscoroutine(value):
                 value.close()
@@ -4437,6 +6210,65 @@ def _line_of(client: redis.asyncio.Redis) -> _Line:
     return line
 
 
+async def _async_routed(cluster: _Cluster, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """``_sync_routed`` for asyncio: each node's commands on its line, all nodes at once."""
+    node = cluster.one_node(commands)
+    if node is not None:
+        try:
+            if cluster.config.multiplex:  # (inline: a coroutine less on the usual path)
+                line = _line_of(_registry.async_client(cluster.node(node), 0))
+                answered: list[Any] = await line.call(commands)
+            else:
+                answered = await _async_node_call(cluster, node, commands)
+        except Exception:
+            cluster.slots.stale = True
+            raise
+        if not _redirected(answered):
+            return answered
+    steps = cluster.route(commands, None if node is None else (node, answered))
+    try:
+        request = next(steps)
+        while True:
+            if type(request) is float:
+                await asyncio.sleep(request)
+                request = steps.send(None)
+                continue
+            if len(request) == 1:
+                node, sent = request[0]
+                try:
+                    outcomes: list[Any] = [await _async_node_call(cluster, node, sent)]
+                except Exception as error:
+                    outcomes = [error]
+            else:
+                calls = (_async_node_call(cluster, node, sent) for node, sent in request)
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            request = steps.send(outcomes)
+    except StopIteration as done:
+        replies: list[Any] = done.value
+        return replies
+
+
+async def _async_node_call(cluster: _Cluster, node: str, commands: list[tuple[Any, ...]]) -> Any:
+    client = _registry.async_client(cluster.node(node), 0)
+    if cluster.config.multiplex:
+        return await _line_of(client).call(commands)
+    return await _async_pipelined(client, commands)
+
+
+_background_tasks: set[asyncio.Task[None]] = set()  # where a loop takes no attribute (uvloop)
+
+
+def _hold(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
+    """Hold ``task`` until it is done (asyncio holds tasks weakly), on its loop if it takes
+    an attribute: a loop dropped unclosed is then collected with its pending task."""
+    try:
+        held = loop.__dict__.setdefault("_django_redis_ex_tasks", set())
+    except AttributeError:
+        held = _background_tasks
+    held.add(task)
+    task.add_done_callback(held.discard)
+
+
 class _AsyncShell(_Shell):
     """Performs the policy's requests on the running loop's clients, on its multiplexed line."""
 
@@ -4454,8 +6286,11 @@ class _AsyncShell(_Shell):
             while True:
                 try:
                     if type(request) is tuple and self._multiplex:  # the usual request
-                        client = _registry.async_client(self._topology, request[0])
-                        reply = await _line_of(client).call(request[1])
+                        if self._cluster is not None:
+                            reply = await _async_routed(self._cluster, request[1])
+                        else:
+                            client = _registry.async_client(self._topology, request[0])
+                            reply = await _line_of(client).call(request[1])
                     else:
                         reply = await self._perform(request)
                 except BaseException as error:  # cancelled too: the policy undoes and ends
@@ -4468,6 +6303,8 @@ class _AsyncShell(_Shell):
 
     async def _perform(self, request: Request) -> Any:
         if type(request) is tuple:
+            if self._cluster is not None:
+                return await _async_routed(self._cluster, request[1])
             # Looked up each call: a client kept here would keep its loop alive.
             client = _registry.async_client(self._topology, request[0])
             if self._config.multiplex:
@@ -4476,8 +6313,27 @@ class _AsyncShell(_Shell):
         if type(request) is _Sleep:
             await asyncio.sleep(request.seconds)
             return asyncio.get_running_loop().time()
-        value = cast(_Compute, request).default()
-        return (await value) if inspect.isawaitable(value) else value
+        if type(request) is _Background:
+            loop = asyncio.get_running_loop()
+            task = loop.create_task(self._background(request.plan))
+            _hold(loop, task)
+            return _MISSING
+        compute = cast(_Compute, request)
+        try:
+            value = compute.default()
+            return (await value) if inspect.isawaitable(value) else value
+        except Exception as error:
+            if not compute.catch:
+                raise
+            return _Failed(error)
+
+    async def _background(self, plan: Plan[Any]) -> None:
+        """Run ``plan`` in a task of its own: its errors are logged (nobody awaits it). A loop
+        closed first cancels it; what it holds (a lock) is let go as the task ends."""
+        try:
+            await self.run(plan)
+        except Exception:
+            logger.warning("%s failed in the background.", plan.method, exc_info=True)
 
     def get_client(self, key: Any = None, *, write: bool = False) -> redis.asyncio.Redis:
         return _registry.async_client(self._topology, self._topology.index_for(write))
@@ -4657,6 +6513,10 @@ class _RedisEXBase(BaseCache):
         self._config = self._topology.config
         self._codec = self._config.codec
         self._store = _store_for(self._topology, prefix)
+        self._tags: _Tags | None = None
+        if self._config.tags:
+            script = self._config.client_cache is None and self._config.topology is not _Cluster
+            self._tags = _Tags(self.key_prefix, script)
         self._stats = _stats_for(self._topology, self.key_prefix, self.version)
         # django-redis reads REVERSE_KEY_FUNCTION beside KEY_FUNCTION, not in OPTIONS.
         self._reverse_key_function = _reverse_key_function(params.get("REVERSE_KEY_FUNCTION"))
@@ -4678,12 +6538,74 @@ class _RedisEXBase(BaseCache):
     def stats(self) -> dict[str, dict[str, Any]]:
         """This cache's counts in this process, per method (``get`` counts ``aget`` too):
         ``calls``; ``hits`` and ``misses`` (keys found or not, by get, get_many, get_or_set and
-        has_key); ``errors``; ``ignored``. A circuit breaker's state: ``"circuit_breaker"``."""
+        has_key); ``errors``; ``ignored``. A circuit breaker's state: ``"circuit_breaker"``.
+        The pools, multiplexed lines and tracking connection of this configuration in this
+        process, as they are now: ``"pools"`` (``_pools_report``)."""
         report: dict[str, dict[str, Any]] = dict(self._stats.report())
         breakers = _breakers_for(self._topology)
         if breakers is not None:
             report["circuit_breaker"] = breakers.report()
+        report["pools"] = _pools_report(self._topology, self._store)
         return report
+
+    # Health -----------------------------------------------------------------
+
+    def ping(self, replicas: bool = False) -> bool:
+        """PING the server that takes writes (on Cluster, every primary) and, with
+        ``replicas=True``, each replica: True, or redis-py's error raised. A health check:
+        ``ignore_exceptions`` and an open circuit breaker do not apply."""
+        shell, topology = self._sync_driver, self._topology
+        if isinstance(topology, _Cluster):
+            for again in (True, False):  # a node that fails: the map read again, once
+                try:
+                    if not topology.slots.owner or topology.slots.stale:
+                        _pong(_sync_routed(topology, [_PING]))  # (reads the map)
+                    for node in topology.slots.primaries:
+                        _pong(_sync_call(topology.node_client(node), [_PING]))
+                    break
+                except _UNAVAILABLE:
+                    topology.slots.stale = True  # a failover may have moved its slots
+                    if not again:
+                        raise
+                    time.sleep(_REFRESH_EVERY)  # (the map is read at most this often)
+        else:
+            _pong(shell._perform((0, [_PING])))
+        if replicas:
+            for index in range(1, topology.readers + 1 if type(topology) is _Servers else 1):
+                _pong(shell._perform((index, [_PING])))
+            for host, port in _replica_addresses(topology):
+                with redis.Redis(host=host, port=port, **_ping_options(topology)) as client:
+                    _pong([client.execute_command("PING")])
+        return True
+
+    async def aping(self, replicas: bool = False) -> bool:
+        """``ping()`` on the asyncio path."""
+        shell, topology = self._async_driver, self._topology
+        if isinstance(topology, _Cluster):
+            for again in (True, False):
+                try:
+                    if not topology.slots.owner or topology.slots.stale:
+                        _pong(await _async_routed(topology, [_PING]))
+                    for node in topology.slots.primaries:
+                        _pong(await _async_node_call(topology, node, [_PING]))
+                    break
+                except _UNAVAILABLE:
+                    topology.slots.stale = True
+                    if not again:
+                        raise
+                    await asyncio.sleep(_REFRESH_EVERY)
+        else:
+            _pong(await shell._perform((0, [_PING])))
+        if replicas:
+            for index in range(1, topology.readers + 1 if type(topology) is _Servers else 1):
+                _pong(await shell._perform((index, [_PING])))
+            for host, port in await _areplica_addresses(topology):
+                client = redis.asyncio.Redis(host=host, port=port, **_ping_options(topology))
+                try:
+                    _pong([await cast(Any, client).execute_command("PING")])
+                finally:
+                    await client.aclose()
+        return True
 
     @property
     def _cache(self) -> _SyncShell | _AsyncShell:
@@ -4811,25 +6733,45 @@ class _RedisEXBase(BaseCache):
 
     # The API: each method's plan, then the method and its async twin made from it ----------
 
+    def _tag_keys(self, tags: Iterable[str]) -> list[str] | None:
+        """The Redis keys of ``tags`` (None if there are none), or a clear error."""
+        if isinstance(tags, (str, bytes)):
+            raise TypeError(f"tags= takes an iterable of str, not the string {tags!r}.")
+        names = list(tags)
+        if not names:
+            return None
+        if self._tags is None:
+            raise ImproperlyConfigured(
+                "tags= needs OPTIONS 'tags': True in this cache's CACHES entry (reads then "
+                "check tags; see the README's Tags section)."
+            )
+        return self._tags.keys(names)
+
     def _plan_add(
         self,
         key: Any,
         value: Any,
         timeout: float | None = DEFAULT_TIMEOUT,
         version: int | None = None,
+        *,
+        tags: Iterable[str] = (),
     ) -> Plan[bool]:
+        """Django's add; ``tags=``: see ``invalidate_tags``."""
         timeout = self.get_backend_timeout(timeout)
-        return Plan("add", _op_add(self._codec, self._key(key, version), value, timeout), _false)
+        tag_keys = self._tag_keys(tags)
+        redis_key = self._key(key, version)
+        operation = _op_add(self._codec, redis_key, value, timeout, self._tags, tag_keys)
+        return Plan("add", operation, _false)
 
     add, aadd = _twins(_plan_add)
 
     def _plan_get(self, key: Any, default: Any = None, version: int | None = None) -> Plan[Any]:
         redis_key = self._key(key, version)
-        operation = _op_get(self._codec, redis_key, default, self._stats.rows["get"])
+        operation = _op_get(self._codec, redis_key, default, self._stats.rows["get"], self._tags)
         return Plan("get", operation, lambda: default)
 
     def _local_get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
-        found = cast(_Store, self._store).lookup(self._key(key, version))
+        found = cast(_AnyStore, self._store).lookup(self._key(key, version))
         if found is _MISSING:
             return _MISSING
         row = self._stats.rows["get"]  # served: counted here, the hot path's one count
@@ -4850,13 +6792,17 @@ class _RedisEXBase(BaseCache):
         version: int | None = None,
         nx: bool = False,
         xx: bool = False,
+        *,
+        tags: Iterable[str] = (),
     ) -> Plan[Any]:
         """Django's set; with ``nx=True`` (only if missing) or ``xx=True`` (only if present),
-        returns whether the value was written. (Typed Any: Django's returns None.)"""
+        returns whether the value was written. (Typed Any: Django's returns None.) ``tags=``:
+        see ``invalidate_tags``."""
         if nx and xx:
             raise ValueError("set() takes nx=True or xx=True, not both.")
         timeout = self.get_backend_timeout(timeout)
-        operation = _op_set(self._codec, self._key(key, version), value, timeout, nx, xx)
+        tag_keys, redis_key = self._tag_keys(tags), self._key(key, version)
+        operation = _op_set(self._codec, redis_key, value, timeout, nx, xx, self._tags, tag_keys)
         return Plan("set", operation, _false if nx or xx else _none)
 
     set, aset = _twins(_plan_set)
@@ -4867,12 +6813,15 @@ class _RedisEXBase(BaseCache):
         timeout = self.get_backend_timeout(timeout)
         redis_key = self._key(key, version)
         command = ("PERSIST", redis_key) if timeout is None else ("EXPIRE", redis_key, timeout)
+        if timeout is not None and timeout <= 0:  # gone at once: its stale copy too
+            return Plan("touch", _op_bool_dropping_copy(command), _false)
         return Plan("touch", _op_bool(*command), _false)
 
     touch, atouch = _twins(_plan_touch)
 
     def _plan_delete(self, key: Any, version: int | None = None) -> Plan[bool]:
-        return Plan("delete", _op_bool("DEL", self._key(key, version)), _false)
+        """Django's delete; the key's stale copy (``get_or_set``) goes too."""
+        return Plan("delete", _op_bool_dropping_copy(("DEL", self._key(key, version))), _false)
 
     delete, adelete = _twins(_plan_delete)
 
@@ -4882,12 +6831,12 @@ class _RedisEXBase(BaseCache):
         keys = list(keys)
         key_map = dict(zip(self._keys(keys, version), keys, strict=True))
         tally = self._stats.rows["get_many"]
-        return Plan("get_many", _op_get_many(self._codec, key_map, tally), dict)
+        return Plan("get_many", _op_get_many(self._codec, key_map, tally, self._tags), dict)
 
     def _local_get_many(self, keys: Iterable[Any], version: int | None = None) -> Any:
         if not isinstance(keys, (list, tuple)):  # an iterator: read once, by the plan
             return _MISSING
-        values = cast(_Store, self._store).lookup_many(self._keys(keys, version))
+        values = cast(_AnyStore, self._store).lookup_many(self._keys(keys, version))
         if values is None:
             return _MISSING
         found = {
@@ -4904,15 +6853,39 @@ class _RedisEXBase(BaseCache):
         default: Any,
         timeout: float | None = DEFAULT_TIMEOUT,
         version: int | None = None,
+        *,
+        tags: Iterable[str] = (),
+        stale_while_revalidate: float = 0,
+        stale_if_error: float = 0,
     ) -> Plan[Any]:
+        """Django's get_or_set, with stampede protection; ``tags=``: the computed value's (see
+        ``invalidate_tags``). For ``stale_while_revalidate`` seconds after the value expired,
+        it is returned at once while one caller computes the next (in the background on the
+        asyncio path); for ``stale_if_error`` seconds, instead of the default's exception."""
         timeout = self.get_backend_timeout(timeout)
+        windows = (
+            _window("stale_while_revalidate", stale_while_revalidate),
+            _window("stale_if_error", stale_if_error),
+        )
         lock_timeout = self._config.stampede_lock_timeout
-        redis_key = self._key(key, version)
+        if lock_timeout is None and any(windows):  # one caller recomputes: it takes the lock
+            lock_timeout = _DEFAULT_LOCK_TIMEOUT
+        tag_keys, redis_key = self._tag_keys(tags), self._key(key, version)
         undo: list[tuple[Any, ...]] = []
         computed: list[Any] = []  # with Redis unavailable, a value computed is not lost
         tally = self._stats.rows["get_or_set"]
         operation = _op_get_or_set(
-            self._codec, redis_key, default, timeout, lock_timeout, undo, computed, tally
+            self._codec,
+            redis_key,
+            default,
+            timeout,
+            lock_timeout,
+            undo,
+            computed,
+            tally,
+            self._tags,
+            tag_keys,
+            windows,
         )
 
         def fallback() -> Any:
@@ -4930,8 +6903,12 @@ class _RedisEXBase(BaseCache):
         default: Any,
         timeout: float | None = DEFAULT_TIMEOUT,
         version: int | None = None,
+        *,
+        tags: Iterable[str] = (),
+        stale_while_revalidate: float = 0,
+        stale_if_error: float = 0,
     ) -> Any:
-        found = cast(_Store, self._store).lookup(self._key(key, version))
+        found = cast(_AnyStore, self._store).lookup(self._key(key, version))
         if found is _MISSING or found is _ABSENT:  # absent: computed, with Redis
             return _MISSING
         self._stats.served("get_or_set", 1, 0)
@@ -4941,10 +6918,11 @@ class _RedisEXBase(BaseCache):
 
     def _plan_has_key(self, key: Any, version: int | None = None) -> Plan[bool]:
         redis_key = self._key(key, version)
-        return Plan("has_key", _op_exists(redis_key, self._stats.rows["has_key"]), _false)
+        tally = self._stats.rows["has_key"]
+        return Plan("has_key", _op_exists(redis_key, tally, self._tags), _false)
 
     def _local_has_key(self, key: Any, version: int | None = None) -> Any:
-        held = cast(_Store, self._store).holds(self._key(key, version))
+        held = cast(_AnyStore, self._store).holds(self._key(key, version))
         if held is None:
             return _MISSING
         self._stats.served("has_key", held, not held)
@@ -4973,22 +6951,39 @@ class _RedisEXBase(BaseCache):
     ) -> Plan[int]:
         redis_key = self._key(key, version)
         fallback = functools.partial(_key_not_found, redis_key)
-        return Plan(method, _op_incr(redis_key, delta, create), fallback)
+        return Plan(method, _op_incr(redis_key, delta, create, self._tags), fallback)
 
     def _plan_set_many(
         self,
         data: dict[Any, Any],
         timeout: float | None = DEFAULT_TIMEOUT,
         version: int | None = None,
+        *,
+        tags: Iterable[str] = (),
     ) -> Plan[list[Any]]:
+        """Django's set_many; ``tags=``: every value's (see ``invalidate_tags``)."""
+        tag_keys = self._tag_keys(tags)
         redis_data = dict(zip(self._keys(data, version), data.values(), strict=True))
-        operation = _op_set_many(self._codec, redis_data, self.get_backend_timeout(timeout))
+        timeout = self.get_backend_timeout(timeout)
+        operation = _op_set_many(self._codec, redis_data, timeout, tag_keys)
         return Plan("set_many", operation, lambda: list(data))  # unavailable: every key failed
 
     set_many, aset_many = _twins(_plan_set_many)
 
+    def _plan_invalidate_tags(self, *tags: str) -> Plan[None]:
+        """Every entry written with any of ``tags`` before this call reads as absent after
+        it, in every process; entries written after it with them are valid. One DEL of the
+        tags' keys: the cost grows with the number of tags, not of entries. Its failure is
+        raised, ignore_exceptions or not (OPTIONS ``tags``)."""
+        tag_keys = self._tag_keys(tags) or []
+        return _Unignorable("invalidate_tags", _op_delete_many(tag_keys), _none)
+
+    invalidate_tags, ainvalidate_tags = _twins(_plan_invalidate_tags)
+
     def _plan_delete_many(self, keys: Iterable[Any], version: int | None = None) -> Plan[None]:
-        return Plan("delete_many", _op_delete_many(self._keys(keys, version)), _none)
+        redis_keys = self._keys(keys, version)
+        redis_keys += [key + _STALE_SUFFIX for key in redis_keys]  # their stale copies too
+        return Plan("delete_many", _op_delete_many(redis_keys), _none)
 
     delete_many, adelete_many = _twins(_plan_delete_many)
 
@@ -5008,7 +7003,10 @@ class _RedisEXBase(BaseCache):
         old = self.version if version is None else version
         old_key, new_key = self._key(key, old), self._key(key, old + delta)
         atomic = self._topology.atomic_move
-        operation = _op_then(_op_move(self._codec, old_key, new_key, key, atomic), old + delta)
+        move: Operation[Any] = _op_move(self._codec, old_key, new_key, key, atomic)
+        if self._tags is not None:
+            move = _op_move_present(self._tags, old_key, key, move)
+        operation = _op_then(move, old + delta)
         return Plan(method, operation, functools.partial(_key_not_found, key))
 
     def _plan_clear(self) -> Plan[bool]:
@@ -5097,7 +7095,12 @@ class _RedisEXBase(BaseCache):
     def _expiry(self, method: str, key: Any, amount: int | None, version: int | None) -> Plan[bool]:
         """EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT or (without an amount) PERSIST."""
         command = (method.replace("_", "").upper(), self._key(key, version))
-        operation = _op_bool(*command) if amount is None else _op_bool(*command, amount)
+        if amount is None:
+            operation = _op_bool(*command)
+        elif amount <= 0 and method in ("expire", "pexpire"):  # gone at once: its copy too
+            operation = _op_bool_dropping_copy((*command, amount))
+        else:
+            operation = _op_bool(*command, amount)
         return Plan(method, operation, _false)
 
     # Keys by pattern (SCAN, never KEYS) --------------------------------------
@@ -5743,6 +7746,680 @@ def _redis_ex_cache(alias: str) -> _RedisEXBase:
             "get_redis_connection() gives the connections of RedisEXCache and AsyncRedisEXCache."
         )
     return cache
+
+
+# ---------------------------------------------------------------------------
+# Page caching: Django's cache_page and cache middleware, natively async
+# ---------------------------------------------------------------------------
+#
+# Django's own code decides everything: which responses are cached, for how long, the headers,
+# Vary, HEAD, i18n/time zone, the keys. Its FetchFromCacheMiddleware.process_request,
+# UpdateCacheMiddleware.process_response, get_cache_key() and learn_cache_key() run unchanged
+# against a stand-in cache (_PageSink); we make their reads and writes, with await on the
+# async path. So each Django version keeps its own rules and keys (6.x changed both), and no
+# Django private function is called. What this relies on beyond Django's documented API, the
+# same in 5.2, 6.0 and 6.1:
+# - those four reach the cache only through ``self.cache`` / ``cache=``, and call only its
+#   get() and set() (learn_cache_key: one set; get_cache_key: one get);
+# - request._cache_update_cache, the flag Django's two middleware halves share (ours set and
+#   read it through Django's code, so either half mixes with Django's other half);
+# - BaseHandler._get_response_async awaits response.render() when it is a coroutine
+#   function (it is, while a template response has page writes waiting: _PageRender).
+# (test_page_caching_relies_on_django_as_it_is asserts them.)
+
+# tags=: str tags, or a callable (request, *view_args, **view_kwargs) -> str tags, per request.
+PageTags: TypeAlias = Iterable[str] | Callable[..., Iterable[str]]
+_PageView = TypeVar("_PageView", bound=Callable[..., Any])
+_PageResult = TypeVar("_PageResult")
+_PageWrite: TypeAlias = tuple[str, Any, Any]  # key, value, timeout, as Django's code sets them
+
+
+class _PageSink(BaseCache):
+    """The cache handed to Django's page-caching code, so that its rules and keys run as they
+    are while the I/O is ours: reads answer from what was fetched (noting the keys not fetched
+    yet), writes queue up for us to make."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.found: dict[str, Any] = {}
+        self.missing: list[str] = []
+        self.writes: list[_PageWrite] = []
+        self.snapshot = False  # set during a render: later post-render callbacks change nothing
+        self.then: Callable[[], object] = lambda: None  # the sync path writes at once
+        self.read: list[str] = []  # this run's reads
+
+    def get(self, key: Any, default: Any | None = None, version: int | None = None) -> Any:
+        self.read.append(key)
+        if key not in self.found:
+            self.missing.append(key)
+        value = self.found.get(key)
+        return default if value is None else value
+
+    def set(
+        self,
+        key: Any,
+        value: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> None:
+        self.writes.append((key, copy.deepcopy(value) if self.snapshot else value, timeout))
+        self.then()
+
+    def pop(self) -> list[_PageWrite]:
+        writes, self.writes = self.writes, []
+        return writes
+
+
+_PAGE_SEEN = 1000  # the header keys a middleware remembers the reads after
+# header key -> (the header list read under it, the request's values of those headers, the
+# keys read after it)
+_PageMemo: TypeAlias = dict[str, tuple[Any, tuple[Any, ...], list[str]]]
+
+
+class _PageSeen:
+    """Per middleware, a guess of the keys Django's process_request reads after the header
+    key (its page key(s)), remembered per header key with the header list read under it and
+    the request's values of the headers that list names (Django's: META names): the same
+    values, the same page key. A wrong guess costs a read, never a different result."""
+
+    def __init__(self, memo: _PageMemo, request: HttpRequest) -> None:
+        self.memo, self.request = memo, request
+
+    @staticmethod
+    def values(request: HttpRequest, headers: Any) -> tuple[Any, ...] | None:
+        if not isinstance(headers, list):
+            return None
+        meta = request.META
+        return tuple(meta.get(name) for name in headers if isinstance(name, str))
+
+    def guess(self, first: str) -> list[str]:
+        known = self.memo.get(first)
+        if known is None:
+            return []
+        headers, values, keys = known
+        return keys if self.values(self.request, headers) == values else []
+
+    def learn(self, sink: _PageSink) -> None:
+        read = list(dict.fromkeys(sink.read))
+        if not read:
+            return
+        first, memo = read[0], self.memo
+        headers = sink.found.get(first)
+        values = self.values(self.request, headers)
+        if values is None:
+            memo.pop(first, None)
+            return
+        if len(memo) >= _PAGE_SEEN and first not in memo:
+            memo.clear()  # atomic, unlike evicting one, should loops in threads share it
+        memo[first] = (headers, values, read[1:])
+
+
+async def _page_replay(
+    cache: BaseCache,
+    run: Callable[[_PageSink], _PageResult],
+    seen: _PageSeen | None = None,
+) -> _PageResult:
+    """``run`` (Django's code) again once the keys it read and we lacked are awaited: its reads
+    are few (at most four) and depend only on the request and the values read. With ``seen``,
+    the first run's key (Django's: the header key) is fetched with the keys read after it last
+    time, if the request's values of the headers it named are the same (a hit: one call and
+    two runs, not two calls and three); the run then uses only the values it reads."""
+    sink = _PageSink()
+    found = sink.found
+    for _ in range(8):
+        result = run(sink)
+        if not sink.missing:
+            if seen is not None:
+                seen.learn(sink)
+            return result
+        keys = list(dict.fromkeys(sink.missing))
+        if seen is not None and not found:
+            keys += [key for key in seen.guess(keys[0]) if key not in keys]
+        sink.missing.clear()
+        sink.read.clear()
+        if len(keys) == 1:
+            found[keys[0]] = await cache.aget(keys[0])
+        else:
+            values = await cache.aget_many(keys)
+            for key in keys:
+                found[key] = values.get(key)
+    raise RuntimeError("Django's page-cache code kept reading keys it had not read before.")
+
+
+def _page_cache(cache: BaseCache | None) -> BaseCache:
+    return caches[settings.CACHE_MIDDLEWARE_ALIAS] if cache is None else cache
+
+
+async def aget_cache_key(
+    request: HttpRequest,
+    key_prefix: str | None = None,
+    method: str = "GET",
+    cache: BaseCache | None = None,
+) -> str | None:
+    """get_cache_key() with its read awaited: Django's own function, so the same key."""
+    return await _page_replay(
+        _page_cache(cache), lambda sink: get_cache_key(request, key_prefix, method, cache=sink)
+    )
+
+
+async def alearn_cache_key(
+    request: HttpRequest,
+    response: HttpResponseBase,
+    cache_timeout: float | None = None,
+    key_prefix: str | None = None,
+    cache: BaseCache | None = None,
+) -> str:
+    """learn_cache_key() with its write awaited: Django's own function, so the same key."""
+    sink = _PageSink()
+    key = learn_cache_key(request, response, cache_timeout, key_prefix, cache=sink)
+    for write in sink.pop():
+        await _page_cache(cache).aset(*write)
+    return key
+
+
+def _page_renderable(response: HttpResponseBase) -> TypeGuard[SimpleTemplateResponse]:
+    """Django's own test for a response whose caching waits for its render."""
+    return hasattr(response, "render") and callable(response.render)
+
+
+def _page_unrendered(response: HttpResponseBase) -> TypeGuard[SimpleTemplateResponse]:
+    return _page_renderable(response) and not getattr(response, "is_rendered", True)
+
+
+def _page_tag_list(tags: Iterable[str]) -> list[str]:
+    if isinstance(tags, (str, bytes)):  # as set(tags=) refuses it: not its characters
+        raise TypeError(f"tags= takes an iterable of str, not the string {tags!r}.")
+    return list(tags)
+
+
+class _PageAs:
+    """A middleware as Django's own methods see it, its ``cache`` a sink: one per request,
+    since concurrent requests share the middleware."""
+
+    def __init__(self, middleware: object, cache: BaseCache) -> None:
+        self._middleware, self.cache = middleware, cache
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._middleware, name)
+
+
+class _NativeAsyncMiddleware(MiddlewareMixin):
+    """MiddlewareMixin whose async mode awaits a* twins rather than running process_request
+    and process_response in a thread (sync_to_async): no thread, no sync cache call."""
+
+    sync_capable = True
+    async_capable = True
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        response = await self.aprocess_request(request)
+        response = response or await cast(Awaitable[HttpResponseBase], self.get_response(request))
+        return await self.aprocess_response(request, response)
+
+    async def aprocess_request(self, request: HttpRequest) -> HttpResponseBase | None:
+        return None
+
+    async def aprocess_response(
+        self, request: HttpRequest, response: HttpResponseBase
+    ) -> HttpResponseBase:
+        return response
+
+
+class UpdateCacheMiddleware(_NativeAsyncMiddleware, django.middleware.cache.UpdateCacheMiddleware):
+    """Django's UpdateCacheMiddleware, natively async; ``tags`` (a class attribute, or
+    CacheMiddleware's argument) tags the page entry. Middleware see the view's arguments as
+    the URL resolver found them."""
+
+    page_timeout: float | None
+    tags: PageTags = ()
+
+    def process_response(
+        self, request: HttpRequest, response: HttpResponseBase | str
+    ) -> HttpResponseBase | str:
+        update = _PageUpdate(self, request, *_page_view_args(request))
+        return update.run(cast(HttpResponseBase, response))
+
+    async def aprocess_response(
+        self, request: HttpRequest, response: HttpResponseBase
+    ) -> HttpResponseBase:
+        return await _PageUpdate(self, request, *_page_view_args(request)).arun(response)
+
+    def _check_tags(self) -> None:
+        if not self.tags:
+            return
+        cache = self.cache
+        if not hasattr(cache, "invalidate_tags"):
+            raise ImproperlyConfigured(
+                f"Page caching with tags needs a cache that takes set(..., tags=...) and has "
+                f"invalidate_tags(); CACHES[{self.cache_alias!r}] is "
+                f"{type(cache).__module__}.{type(cache).__qualname__}, which has neither."
+            )
+        if getattr(cache, "_tags", True) is None:  # this module's caches, tags not enabled
+            raise ImproperlyConfigured(
+                f"Page caching with tags needs OPTIONS 'tags': True in "
+                f"CACHES[{self.cache_alias!r}]."
+            )
+
+    def _page_tags(self, request: HttpRequest, args: Any, kwargs: Any) -> dict[str, Any]:
+        """tags= for a page entry, only when there are tags: caches without them refuse it."""
+        if not self.tags:
+            return {}
+        self._check_tags()
+        tags = self.tags(request, *args, **kwargs) if callable(self.tags) else self.tags
+        found = _page_tag_list(tags)
+        return {"tags": found} if found else {}
+
+
+class FetchFromCacheMiddleware(
+    _NativeAsyncMiddleware, django.middleware.cache.FetchFromCacheMiddleware
+):
+    """Django's FetchFromCacheMiddleware (its process_request, unchanged, on the sync path),
+    natively async."""
+
+    async def aprocess_request(self, request: HttpRequest) -> HttpResponseBase | None:
+        fetch = django.middleware.cache.FetchFromCacheMiddleware.process_request
+        return await _page_replay(
+            self.cache,
+            lambda sink: fetch(cast(Any, _PageAs(self, sink)), request),
+            _PageSeen(self._page_memo, request),
+        )
+
+    @cached_property
+    def _page_memo(self) -> _PageMemo:
+        """_PageSeen's memory of this middleware."""
+        return {}
+
+
+class CacheMiddleware(
+    UpdateCacheMiddleware, FetchFromCacheMiddleware, django.middleware.cache.CacheMiddleware
+):
+    """Django's CacheMiddleware, natively async, with ``tags``: cache_page's hook."""
+
+    def __init__(
+        self,
+        get_response: Any,
+        cache_timeout: float | None = None,
+        page_timeout: float | None = None,
+        *,
+        tags: PageTags | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(get_response, cache_timeout, page_timeout, **kwargs)
+        if tags is not None:  # else the class's: a subclass in MIDDLEWARE may set them
+            self.tags = tags if callable(tags) else tuple(_page_tag_list(tags))
+
+
+def _page_view_args(request: HttpRequest) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    match = request.resolver_match
+    return (tuple(match.args), dict(match.kwargs)) if match else ((), {})
+
+
+class _PageUpdate:
+    """One response through Django's UpdateCacheMiddleware.process_response, against a sink;
+    we make the writes it queues, the page entry tagged: at once on the sync path, awaited on
+    the async one."""
+
+    def __init__(
+        self, middleware: UpdateCacheMiddleware, request: HttpRequest, args: Any, kwargs: Any
+    ) -> None:
+        self.middleware, self.request, self.args, self.kwargs = middleware, request, args, kwargs
+        self.sink = _PageSink()
+
+    def django(self, response: HttpResponseBase) -> HttpResponseBase:
+        update = django.middleware.cache.UpdateCacheMiddleware.process_response
+        as_django = cast(Any, _PageAs(self.middleware, self.sink))
+        return cast(HttpResponseBase, update(as_django, self.request, response))
+
+    def run(self, response: HttpResponseBase) -> HttpResponseBase:
+        self.sink.then = self.flush  # a page write made later, by a post-render callback, too
+        return self.django(response)
+
+    async def arun(self, response: HttpResponseBase) -> HttpResponseBase:
+        response = self.django(response)
+        await self.aflush()
+        if _page_unrendered(response):  # Django's page write waits for the render
+            _PageRender.after(response, self)
+        return response
+
+    def after_view(self, response: HttpResponseBase) -> HttpResponseBase:
+        """cache_page on a sync view: make_middleware_decorator's order."""
+        if _page_renderable(response):
+            response.add_post_render_callback(self.run)
+            return response
+        return self.run(response)
+
+    async def aafter_view(self, response: HttpResponseBase) -> HttpResponseBase:
+        """cache_page on an async view: the same order, writes awaited."""
+        if _page_unrendered(response):
+            response.add_post_render_callback(self.django)
+            _PageRender.after(response, self)
+            return response
+        return await self.arun(response)
+
+    def _tags(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, HttpResponseBase):  # the Vary header list: untagged
+            return {}
+        return self.middleware._page_tags(self.request, self.args, self.kwargs)
+
+    def flush(self) -> None:
+        cache = self.middleware.cache
+        for key, value, timeout in self.sink.pop():
+            cache.set(key, value, timeout, **self._tags(value))
+
+    async def aflush(self) -> None:
+        cache = self.middleware.cache
+        for key, value, timeout in self.sink.pop():
+            await cache.aset(key, value, timeout, **self._tags(value))
+
+
+class _PageRender:
+    """An unrendered response's render() while page writes wait for it. Django's ASGI handler
+    awaits render() when it is a coroutine function: the render then runs in the thread Django
+    would have run it in (sync_to_async, as Django calls it), and the writes are awaited after
+    it. A synchronous caller (the WSGI handler serving an async view) gets a plain render and
+    sync writes: it has no event loop to await them on."""
+
+    def __init__(self, response: SimpleTemplateResponse) -> None:
+        self.response, self.render = response, response.render
+        self.updates: list[_PageUpdate] = []
+        markcoroutinefunction(self)
+
+    @classmethod
+    def after(cls, response: SimpleTemplateResponse, update: _PageUpdate) -> None:
+        update.sink.snapshot = True  # written after the render, as it was at its callback
+        current = vars(response).get("render")
+        if not isinstance(current, cls):  # nested cache_page: one render, the writes in order
+            current = vars(response)["render"] = cls(response)
+        current.updates.append(update)
+
+    def __call__(self) -> Any:
+        vars(self.response).pop("render", None)  # the class's render() again, pickles as usual
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            rendered = self.render()
+            for update in self.updates:
+                update.flush()
+            return rendered
+        return self._arender()
+
+    async def _arender(self) -> SimpleTemplateResponse:
+        rendered = await sync_to_async(self.render, thread_sensitive=True)()
+        for update in self.updates:
+            await update.aflush()
+        return rendered
+
+
+def cache_page(
+    timeout: float | None,
+    *,
+    cache: str | None = None,
+    key_prefix: str | None = None,
+    tags: PageTags = (),
+) -> Callable[[_PageView], _PageView]:
+    """Django's cache_page (its keys, headers and rules), natively async on async views; the
+    page entry tagged with ``tags``, for invalidate_tags(). As Django's, ``cache=None`` is the
+    "default" cache and ``key_prefix=None`` no prefix."""
+
+    def decorator(view: _PageView) -> _PageView:
+        middleware = CacheMiddleware(
+            view, page_timeout=timeout, cache_alias=cache, key_prefix=key_prefix, tags=tags
+        )
+        if cache is not None:
+            middleware._check_tags()  # else at the first page written
+
+        async def async_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            response = await middleware.aprocess_request(request)
+            if response is None:
+                update = _PageUpdate(middleware, request, args, kwargs)
+                response = await update.aafter_view(await view(request, *args, **kwargs))
+            return response
+
+        def sync_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            response: HttpResponseBase | None = middleware.process_request(request)
+            if response is None:
+                update = _PageUpdate(middleware, request, args, kwargs)
+                response = update.after_view(view(request, *args, **kwargs))
+            return response
+
+        wrapper = async_view if iscoroutinefunction(view) else sync_view
+        return cast(_PageView, functools.wraps(view)(wrapper))
+
+    return decorator
+
+
+# ---------------------------------------------------------------------------
+# System checks (manage.py check, tagged "caches"): settings that lose data or mislead
+# ---------------------------------------------------------------------------
+
+_CHECKED_BACKENDS = frozenset(  # BACKEND paths of this module's classes, 2.x and the 1.x aliases
+    {
+        f"{__name__}.RedisEXCache",
+        f"{__name__}.AsyncRedisEXCache",
+        f"{__name__}.cache.RedisEXCache",
+        f"{__name__}.async_cache.AsyncRedisEXCache",
+    }
+)
+_SESSIONS_CACHE = "django.contrib.sessions.backends.cache"
+_SESSIONS_CACHED_DB = "django.contrib.sessions.backends.cached_db"
+# Top-level CACHES keys that Django's BaseCache or this backend read (BaseCache reads the
+# lower-case timeout, max_entries and cull_frequency at the top level too).
+_TOP_LEVEL_KEYS = frozenset(
+    {
+        "BACKEND",
+        "LOCATION",
+        "OPTIONS",
+        "TIMEOUT",
+        "KEY_PREFIX",
+        "VERSION",
+        "KEY_FUNCTION",
+        "REVERSE_KEY_FUNCTION",
+        "timeout",
+        "max_entries",
+        "cull_frequency",
+    }
+)
+# Options that only Sentinel reads: without "sentinels", _Config checks them and drops them.
+_SENTINEL_ONLY = ("sentinel_kwargs", "sentinel_replica_reads")
+# RedisCluster's replica-read options: the shells send every call to its slot's primary, so only
+# get_client()'s RedisCluster (and the path OPTIONS retries choose) would read replicas.
+_CLUSTER_REPLICA_READS = ("read_from_replicas", "load_balancing_strategy")
+_REDIS_RETRIES = ("retry", "retry_on_error", "retry_on_timeout")  # as _Config: not direct
+_ADD_SENTINELS = (
+    "Add OPTIONS 'sentinels' (LOCATION then names the service: "
+    "redis://[:password@]service_name[/db]), or remove it."
+)
+
+
+def _option_names() -> frozenset[str]:
+    """Every key OPTIONS may hold: this module's, django-redis's, and redis-py's pool, connection
+    and cluster arguments (what _Config._check_keys accepts on some topology)."""
+    modules = (redis.connection, redis.asyncio.connection)
+    names = ("Connection", "SSLConnection", "UnixDomainSocketConnection")
+    redis_py = _accepted_arguments(
+        _WaitingPool,
+        _AsyncWaitingPool,
+        *(getattr(module, name) for module in modules for name in names),
+        redis.cluster.RedisCluster,
+        redis.asyncio.cluster.RedisCluster,
+    )
+    return frozenset({*_OWN_OPTIONS, *_DJANGO_REDIS_OPTIONS, *redis_py})
+
+
+def _checked_caches() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """This module's CACHES entries: alias -> (entry, OPTIONS in this module's names). Entries
+    whose OPTIONS the module refuses are left out (building the cache reports them)."""
+    found: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for alias, entry in getattr(settings, "CACHES", {}).items():
+        if not isinstance(entry, dict) or entry.get("BACKEND") not in _CHECKED_BACKENDS:
+            continue
+        options = entry.get("OPTIONS") or {}
+        if not isinstance(options, dict):
+            continue
+        try:
+            options, _translated = _from_django_redis(options)
+        except Exception:  # refused (or not even names): building the cache says why
+            continue
+        found[alias] = (entry, options)
+    return found
+
+
+def _where(alias: str) -> str:
+    return f"CACHES[{alias!r}]"
+
+
+def _check_sessions(
+    caches_: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+) -> list[checks.CheckMessage]:
+    """W001, W002: the alias that sessions are stored in."""
+    engine = getattr(settings, "SESSION_ENGINE", "")
+    alias = getattr(settings, "SESSION_CACHE_ALIAS", "default")
+    if engine not in (_SESSIONS_CACHE, _SESSIONS_CACHED_DB) or not isinstance(alias, str):
+        return []
+    if alias not in caches_:
+        return []
+    options = caches_[alias][1]
+    found: list[checks.CheckMessage] = []
+    # W001: only the pure cache engine. With cached_db the database holds every session: a
+    # failed read falls back to it and a failed write lost nothing but the cached copy (Django
+    # logs cached_db's failed cache writes itself); ignore_exceptions changes nothing there.
+    if engine == _SESSIONS_CACHE and options.get("ignore_exceptions") is True:
+        found.append(
+            checks.Warning(
+                f"Sessions are stored in cache {alias!r}, whose OPTIONS 'ignore_exceptions' "
+                "hides Redis failures: during an outage every session reads as empty (users "
+                "are logged out) and session writes are dropped without an error.",
+                hint="Point SESSION_CACHE_ALIAS at an alias without 'ignore_exceptions', or use "
+                f"SESSION_ENGINE {_SESSIONS_CACHED_DB!r}.",
+                obj=_where(alias),
+                id="django_redis_ex.W001",
+            )
+        )
+    # W002: both engines read the cache first. client_cache is on for True and for a dict of
+    # settings, {} included (only False and None turn it off).
+    if options.get("client_cache") not in (None, False):
+        found.append(
+            checks.Warning(
+                f"Sessions are stored in cache {alias!r}, whose OPTIONS 'client_cache' serves "
+                "reads from each process's memory: a worker may read a session that another "
+                "changed or ended (login, logout) until the invalidation reaches it, up to two "
+                "heartbeat intervals while tracking stalls.",
+                hint="Give SESSION_CACHE_ALIAS an alias of its own without 'client_cache'.",
+                obj=_where(alias),
+                id="django_redis_ex.W002",
+            )
+        )
+    return found
+
+
+# W003, and why not "sign_values without SECRET_KEY_FALLBACKS". _SignedCodec keys its HMAC from
+# SECRET_KEY and verifies with SECRET_KEY_FALLBACKS too, so Django's documented rotation (the
+# old key moved into SECRET_KEY_FALLBACKS) keeps every signed entry readable. An empty
+# SECRET_KEY_FALLBACKS is the normal state between rotations: a Warning on it would fire for
+# every sign_values user with nothing to do but silence it, and an Info would print on every
+# manage.py command (BaseCommand.check prints INFOS) for advice that belongs in the README. A
+# rotation without the fallback breaks Django's own signing (sessions' cookies, password reset
+# links) as much as this cache, and no setting shows it beforehand. What settings do show is a
+# fallback list that sign_values misuses, which Django reports only with --deploy (W025) or at
+# settings load (a str, from a settings module only):
+# - an empty entry: its HMAC key, sha256(salt), is public: whoever can write to Redis signs
+#   values that verify and are unpickled, which is what sign_values exists to prevent;
+# - an entry that is not a str or bytes (None from os.environ.get): the cache raises
+#   AttributeError when first built, at a request rather than at startup;
+# - the setting a str itself (settings.configure, override_settings): each character becomes
+#   a key, so the old key is not honoured and every entry signed with it reads as forged.
+def _check_signing_keys(
+    caches_: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+) -> list[checks.CheckMessage]:
+    signed = [
+        alias for alias, (_, options) in caches_.items() if options.get("sign_values") is True
+    ]
+    if not signed:
+        return []
+    fallbacks = getattr(settings, "SECRET_KEY_FALLBACKS", [])
+    names = ", ".join(map(repr, signed))
+    if isinstance(fallbacks, (str, bytes)):
+        problems = [("SECRET_KEY_FALLBACKS", "is a string, not a list: each character is a key")]
+    elif not isinstance(fallbacks, (list, tuple)):
+        problems = [("SECRET_KEY_FALLBACKS", f"is {fallbacks!r}, not a list of keys")]
+    else:
+        problems = []
+        for index, key in enumerate(fallbacks):
+            where = f"SECRET_KEY_FALLBACKS[{index}]"
+            if not isinstance(key, (str, bytes)):
+                problems.append((where, f"is {key!r}, not a key: the cache fails when built"))
+            elif not key.strip():
+                problems.append((where, "is empty: values signed with it can be forged"))
+    return [
+        checks.Warning(
+            f"OPTIONS 'sign_values' (cache {names}) verifies values with every "
+            f"SECRET_KEY_FALLBACKS entry, and {where} {why}.",
+            hint="Make SECRET_KEY_FALLBACKS a list of the previous SECRET_KEY values only "
+            "(an empty list if there is none).",
+            obj=where,
+            id="django_redis_ex.W003",
+        )
+        for where, why in problems
+    ]
+
+
+# W004: Sentinel and Cluster settings (and any OPTIONS key) where the module reads nothing.
+# Left out, as the module refuses them already (ImproperlyConfigured when the cache is built,
+# which Django's caches check does): 'sentinels' with 'cluster' or 'pool_class'; several
+# LOCATION URLs with 'sentinels'; a LOCATION /db with 'cluster'; RedisCluster arguments
+# (read_from_replicas, require_full_coverage, ...) without 'cluster'; unknown OPTIONS keys.
+def _check_topology(
+    alias: str, entry: dict[str, Any], options: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """W004's findings for one alias: (message, hint) pairs."""
+    found: list[tuple[str, str]] = []
+    misplaced = sorted((set(entry) - _TOP_LEVEL_KEYS) & _option_names(), key=str)
+    for name in misplaced:  # Django's BaseCache ignores unknown top-level keys
+        found.append(
+            (
+                f"{_where(alias)}[{name!r}] is ignored: this backend reads it only in OPTIONS.",
+                f"Move {name!r} into OPTIONS.",
+            )
+        )
+    cluster = options.get("cluster") is True
+    if not options.get("sentinels"):
+        for name in _SENTINEL_ONLY:
+            if options.get(name):  # sentinel_kwargs {} or None, replica reads False: nothing
+                where = ", and this cache is a Cluster." if cluster else "."
+                hint = "Remove it." if cluster else _ADD_SENTINELS
+                found.append((f"OPTIONS {name!r} is ignored: it needs 'sentinels'{where}", hint))
+    if cluster and not any(name in options for name in _REDIS_RETRIES):
+        for name in _CLUSTER_REPLICA_READS:
+            if options.get(name):
+                found.append(
+                    (
+                        f"OPTIONS {name!r} does not apply to the cache's calls: with 'cluster' "
+                        "they go to each slot's primary; only get_client()'s RedisCluster "
+                        "reads it.",
+                        f"Remove {name!r}, unless only get_client() is meant to read replicas.",
+                    )
+                )
+    return found
+
+
+def _check_topologies(
+    caches_: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+) -> list[checks.CheckMessage]:
+    found: list[checks.CheckMessage] = []
+    for alias, (entry, options) in caches_.items():
+        for msg, hint in _check_topology(alias, entry, options):
+            found.append(
+                checks.Warning(msg, hint=hint, obj=_where(alias), id="django_redis_ex.W004")
+            )
+    return found
+
+
+@checks.register(checks.Tags.caches)
+def _check_caches(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """System checks of this module's CACHES entries (no I/O: settings only)."""
+    caches_ = _checked_caches()
+    if not caches_:
+        return []
+    return [*_check_sessions(caches_), *_check_signing_keys(caches_), *_check_topologies(caches_)]
 
 
 # ---------------------------------------------------------------------------

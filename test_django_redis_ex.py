@@ -20,9 +20,13 @@ import asyncio
 import bisect
 import concurrent.futures
 import contextlib
+import copy
+import datetime
 import enum
+import functools
 import gc
 import inspect
+import io
 import json
 import logging
 import math
@@ -40,10 +44,12 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import warnings
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import django
@@ -68,15 +74,22 @@ import redis.cluster
 import redis.credentials
 import redis.sentinel
 from asgiref.sync import async_to_sync
+from django.core import checks
 from django.core.cache import caches
 from django.core.cache.backends.base import BaseCache, CacheKeyWarning
 from django.core.exceptions import ImproperlyConfigured
-from django.core.handlers.asgi import ASGIHandler
-from django.http import HttpRequest, HttpResponse
+from django.core.handlers.asgi import ASGIHandler, ASGIRequest
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.template.response import TemplateResponse
+from django.test import Client, RequestFactory
 from django.test.utils import override_settings
 from django.urls import path
+from django.utils.cache import get_cache_key, learn_cache_key, patch_vary_headers
 from django.utils.crypto import salted_hmac
+from django.utils.decorators import decorator_from_middleware
 from django.utils.module_loading import import_string
+from django.views.decorators.cache import cache_page as django_cache_page
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
@@ -105,6 +118,12 @@ NO_SERVER = "redis-server is not installed"
 # True in a test session (set by its autouse fixture): needs_server() skips there, and raises
 # RuntimeError elsewhere (the benchmark, which reports it).
 SKIP_WITHOUT_SERVER = False
+
+# Long runs of load, failover or resharding (seconds each), whose subject is the module's own
+# scheduling: CI's main lane runs them; its lanes for Valkey, redis-py's floor and Python 3.13
+# with Django 6.1 deselect them (-m "not heavy") to stay within its time. The README's command
+# runs everything.
+heavy = pytest.mark.heavy
 
 BACKENDS = {
     "RedisEXCache": "django_redis_ex.RedisEXCache",
@@ -473,44 +492,10 @@ class ClusterSetup:
 
 
 async def asgi_get(handler: ASGIHandler, path: str, query_string: str = "") -> tuple[int, bytes]:
-    """One GET of ``path`` through Django's ASGI ``handler``, sent as a server sends it: the
+    """One GET of ``path`` through Django's ASGI ``handler`` (``asgi_request``): the
     response's status and body."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query_string.encode(),
-        "root_path": "",
-        "headers": [(b"host", b"localhost")],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-    }
-    sent: list[Mapping[str, Any]] = []
-    answered = asyncio.Event()
-    request_read = False
-
-    async def receive() -> Mapping[str, Any]:
-        nonlocal request_read
-        if not request_read:
-            request_read = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await answered.wait()  # as a client would, it leaves once answered
-        return {"type": "http.disconnect"}
-
-    async def send(message: Mapping[str, Any]) -> None:
-        sent.append(message)
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            answered.set()
-
-    await handler(scope, receive, send)
-    answered.set()
-    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return int(status), body
+    reply = await asgi_request(handler, "GET", path, {}, query_string)
+    return reply.status, reply.body
 
 
 # ---------------------------------------------------------------------------
@@ -747,17 +732,27 @@ class ServerCounts:
                 return [new[0] - old[0] - 1 for old, new in pairs]
         raise AssertionError("replicas or sentinels spoke to the servers during every try")
 
-    def _others_spoke(self, old: dict[str, int], new: dict[str, int]) -> bool:
+    def _others_spoke(
+        self, old: dict[str, int], new: dict[str, int], others: tuple[str, ...] = OTHERS
+    ) -> bool:
         """Whether commands other than ours (one INFO) ran between the two readings."""
         only_our_info = new["cmdstat_info"] - old.get("cmdstat_info", 0) == 1
-        return not only_our_info or any(new.get(k, 0) != old.get(k, 0) for k in self.OTHERS)
+        return not only_our_info or any(new.get(k, 0) != old.get(k, 0) for k in others)
 
     def commands(self, call: Callable[[], Any]) -> dict[str, int]:
         """How often each command ran during ``call()``, summed over the servers (this
-        counter's INFO left out; anybody else's commands count)."""
-        before = self._read()
-        call()
-        after = self._read()
+        counter's INFO left out). A call during which a replica or a sentinel spoke to a
+        server (REPLCONF ACK, PING, PUBLISH, INFO) is made again: ``call`` must bear repeating.
+        A connection the call opens does not count as another's."""
+        for _ in range(20):
+            before = self._read()
+            call()
+            after = self._read()
+            pairs = list(zip(before, after, strict=True))
+            if not any(self._others_spoke(o[1], n[1], self.OTHERS[:-1]) for o, n in pairs):
+                break
+        else:
+            raise AssertionError("replicas or sentinels spoke to the servers during every try")
         ran: dict[str, int] = {}
         for (_, old), (_, new) in zip(before, after, strict=True):
             for key, calls in new.items():
@@ -830,7 +825,7 @@ def cached_cache(backend: str, location: Any, prefix: str, **settings_: Any) -> 
 def serving(cache: ExCache, key: str = "warm") -> None:
     """Wait until the store is tracked and serves: a key read twice is a hit."""
     cache.set(key, 1)
-    store = cache._store
+    store = store_of(cache)
     assert store is not None
     wait_until(lambda: cache.get(key) and store.valid_until, 5, "tracking")  # a get starts it
     settled(cache)
@@ -842,7 +837,7 @@ def settled(cache: ExCache) -> None:
     """Wait until every invalidation the server sent so far has reached the store: one
     heartbeat sent after now was answered, and pushes arrive before the answer. (Writes
     are followed by their own invalidation, which may drop a value read in between.)"""
-    store = cache._store
+    store = store_of(cache)
     assert store is not None
     now = time.monotonic()
     wait_until(lambda: store.valid_until > now + 2 * HEARTBEAT, 5, "a heartbeat")
@@ -1087,6 +1082,12 @@ def test_the_private_names_the_module_uses_exist() -> None:
     pool = redis.ConnectionPool()
     assert hasattr(pool, "connection_kwargs"), "redis-py: ConnectionPool.connection_kwargs"
     assert hasattr(pool, "connection_class"), "redis-py: ConnectionPool.connection_class"
+    # _WaitForConnection._idle_one and release: a free connection taken and given back
+    for name in ("_available_connections", "_in_use_connections", "_lock", "pid"):
+        assert hasattr(pool, name), f"redis-py: ConnectionPool().{name}"
+    assert callable(getattr(pool, "owns_connection", None)), "redis-py: owns_connection()"
+    assert "self._available_connections.pop()" in source(redis.ConnectionPool.get_connection)
+    assert "self._available_connections.append(" in source(redis.ConnectionPool.release)
 
     # redis-py: asyncio connection internals (_ResumableConnection, _Line, _ParkingLot) ---
     abstract = redis.asyncio.connection.AbstractConnection
@@ -1152,6 +1153,32 @@ def test_the_private_names_the_module_uses_exist() -> None:
         assert callable(getattr(each, "send_packed_command", None)), (
             f"redis-py: {kind} .send_packed_command"
         )
+    # _sync_sent, _taken: the socket written and read here, the rest for the parser's buffer
+    assert hasattr(sync_connection, "_sock"), "redis-py: sync Connection._sock"
+    assert hasattr(sync_connection, "health_check_interval"), (
+        "redis-py: sync Connection.health_check_interval"
+    )
+    assert hasattr(sync_connection.encoder, "decode_responses"), (
+        "redis-py: Encoder.decode_responses"
+    )
+    import redis._parsers.socket as parser_socket
+
+    buffered = parser_socket.SocketBuffer(socket.socket(), 65536, 1.0)
+    assert isinstance(buffered._buffer, io.BytesIO), "redis-py: SocketBuffer._buffer (BytesIO)"
+    buffered._sock.close()
+    for parser_class in (parsers._RESP2Parser, parsers._RESP3Parser):
+        assert "self._buffer = SocketBuffer(" in source(parser_class.on_connect), (
+            f"redis-py: {parser_class.__name__}._buffer, a SocketBuffer"
+        )
+    for error, attributes in (
+        (redis.exceptions.AskError, ("slot_id", "host", "port")),
+        (redis.exceptions.MovedError, ("slot_id", "host", "port")),
+    ):
+        made = error("3999 127.0.0.1:6381")
+        assert all(hasattr(made, name) for name in attributes), f"redis-py: {error.__name__}"
+    assert issubclass(redis.exceptions.MovedError, redis.exceptions.AskError), (
+        "redis-py: MovedError is an AskError (route() tells them apart)"
+    )
     assert hasattr(redis.Redis(), "response_callbacks"), "redis-py: Redis.response_callbacks"
     assert hasattr(redis.asyncio.Redis(), "response_callbacks"), (
         "redis-py: redis.asyncio.Redis.response_callbacks"
@@ -1182,11 +1209,12 @@ def test_the_private_names_the_module_uses_exist() -> None:
             )
 
     # Names the module adds to redis-py's and Django's classes: still its own -------------
+    counted = ("_opened", "_waits", "_longest_wait", "_counted")  # stats()["pools"]
     ours = [
-        (redis.ConnectionPool, ("_queue", "_queue_lock", "_wait_turn", "timeout")),
-        (redis.sentinel.SentinelConnectionPool, ("_queue", "_queue_lock", "_wait_turn")),
-        (redis.asyncio.ConnectionPool, ("_queue", "_wait_turn", "timeout")),
-        (redis.asyncio.sentinel.SentinelConnectionPool, ("_queue", "_wait_turn")),
+        (redis.ConnectionPool, ("_queue", "_queue_lock", "_wait_turn", "timeout", *counted)),
+        (redis.sentinel.SentinelConnectionPool, ("_queue", "_queue_lock", "_wait_turn", *counted)),
+        (redis.asyncio.ConnectionPool, ("_queue", "_wait_turn", "timeout", *counted, "_resumes")),
+        (redis.asyncio.sentinel.SentinelConnectionPool, ("_queue", "_wait_turn", *counted)),
         (redis.asyncio.connection.Connection, ("_resumed", "parking_key")),
         (redis.asyncio.Redis, ("line",)),
     ]
@@ -1303,9 +1331,10 @@ def test_the_private_names_the_module_uses_exist() -> None:
     assert isinstance(getattr(sentry_caching, "METHODS_TO_INSTRUMENT", None), (list, tuple)), (
         "Sentry: sentry_sdk.integrations.django.caching.METHODS_TO_INSTRUMENT"
     )
-    assert callable(getattr(sentry_tracing_utils, "has_span_streaming_enabled", None)), (
-        "Sentry: sentry_sdk.tracing_utils.has_span_streaming_enabled"
-    )
+    if hasattr(sentry_sdk, "start_transaction"):  # Sentry 2; Sentry 3 only streams spans
+        assert callable(getattr(sentry_tracing_utils, "has_span_streaming_enabled", None)), (
+            "Sentry: sentry_sdk.tracing_utils.has_span_streaming_enabled"
+        )
     assert "cache._sentry_patched = " in source(sentry_caching._patch_cache), (
         "Sentry: the cache._sentry_patched instance attribute"
     )
@@ -2057,6 +2086,7 @@ def test_event_loops_dropped_without_close_leave_nothing_behind(
     assert len(django_redis_ex._registry._loops) < 20
 
 
+@heavy
 def test_one_cache_object_shared_by_threads_that_run_their_own_loops(
     server: RedisServer, backend: str
 ) -> None:
@@ -2192,6 +2222,56 @@ def test_every_pooled_async_connection_is_replaced_after_a_restart(
     assert asyncio.run(asyncio.wait_for(main(), 60)) == [1] * 20
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_the_sync_path_reads_replies_of_every_size_and_kind_whole(
+    server: RedisServer, protocol: int
+) -> None:
+    """The sync path reads simple replies from the socket itself and hands the rest to
+    redis-py's parser: values across the size of one read (64 KiB) and far past it, and
+    requests that mix simple replies with arrays, maps, doubles and error replies, come
+    back whole and in order, and leave nothing on the connection for the next call."""
+    cache = make_cache(
+        BACKENDS["RedisEXCache"],
+        server.url,
+        KEY_PREFIX=f"quick{protocol}",
+        OPTIONS={"protocol": protocol, "max_connections": 1},
+    )
+    client = cache._sync_driver._client_at(0)
+    call = django_redis_ex._sync_call
+    sizes = [0, 1, 65_500, 65_527, 65_536, 65_537, 65_600, 200_000, 2_000_000]
+    for size in sizes:
+        noise = bytes(random.getrandbits(8) for _ in range(min(size, 64))) * (size // 64 + 1)
+        value = (b"x" + noise)[:size]  # not an integer: INCRBY below answers an error
+        assert call(client, [("SET", f"quick:{size}", value), ("GET", f"quick:{size}")]) == [
+            True,
+            value,
+        ], size
+    big = f"quick:{sizes[-1]}"
+    call(client, [("HSET", "quick:h", "f", "1"), ("ZADD", "quick:z", "1.5", "m")])
+    replies = call(
+        client,
+        [
+            ("GET", "quick:1"),
+            ("HGETALL", "quick:h"),
+            ("GET", big),
+            ("ZSCORE", "quick:z", "m"),
+            ("INCRBY", "quick:1", 1),  # not an integer: its error reply, in its place
+            ("MGET", "quick:0", "quick:missing"),
+            ("GET", "quick:65536"),
+            ("PTTL", "quick:1"),
+        ],
+    )
+    assert len(replies[0]) == 1 and replies[1] == {b"f": b"1"}
+    assert len(replies[2]) == sizes[-1] and replies[3] == 1.5
+    assert isinstance(replies[4], redis.ResponseError)
+    assert replies[5] == [b"", None] and len(replies[6]) == 65_536 and replies[7] == -1
+    # The one connection holds nothing unread: the next calls get their own replies.
+    assert call(client, [("GET", "quick:65537")])[0] == cache.get_client().get("quick:65537")
+    assert cache.set("after", 7) is None and cache.get("after") == 7
+    pool = client.connection_pool
+    assert len(pool._available_connections) == 1 and not pool._in_use_connections
+
+
 @pytest.mark.parametrize("path_", ["sync", "async"])
 def test_connections_the_server_cut_while_idle_are_replaced(
     backend: str, path_: str, loop: Any
@@ -2282,6 +2362,7 @@ def test_full_pool_waits_then_gives_a_clear_error(
 
 
 @pytest.mark.parametrize("path_", ["sync", "async"])
+@heavy
 def test_callers_beyond_max_connections_are_served_in_turn(
     server: RedisServer, backend: str, path_: str
 ) -> None:
@@ -2449,12 +2530,21 @@ def test_every_command_the_module_sends_has_a_row_and_every_row_is_sent(
     wait_until(lambda: cached.client_cache_info()["connected"] or cached.get("x"), 5, "tracking")
     # A read the store keeps asks for its key's invalidations (CLIENT) and PTTL.
     cached_shell.run(cached._plan_get("k"))
-    sent = shell.names | cached_shell.names
+    # Tags: a tagged read is a read-only script (EVALSHA_RO, then EVAL_RO after NOSCRIPT).
+    tagged = make_cache(
+        BACKENDS["RedisEXCache"], own_server.url, KEY_PREFIX="table", OPTIONS={"tags": True}
+    )
+    tagged_shell = RecordingShell(tagged)
+    tagged_shell.run(tagged._plan_set("t", 1, tags=["x"]))
+    tagged_shell.run(tagged._plan_get("t"))
+    tagged_shell.run(tagged._plan_invalidate_tags("x"))
+    sent = shell.names | cached_shell.names | tagged_shell.names
     table = set(django_redis_ex._COMMANDS)
     assert sent <= table, f"sent without a row: {sorted(sent - table)}"
     # CONFIG goes out only for a value the server refuses (tested with the multiplexed line);
-    # PING only on the client-side store's tracking connection.
-    assert table - sent == {"CONFIG", "PING"}, sorted(table - sent)
+    # PING only on the client-side store's tracking connection (ROLE too, on a cluster's);
+    # CLUSTER (SLOTS) and ASKING only on a cluster, from its router (tested there).
+    assert table - sent == {"CONFIG", "PING", "CLUSTER", "ASKING", "ROLE"}, sorted(table - sent)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -2475,7 +2565,7 @@ def test_an_unknown_command_takes_the_safe_side(path: str) -> None:
     assert run_scripted(path, replicated, read, script) == b"v"
     assert script.indexes == [1], "a read in the table goes to the replica"
     cached = offline_cache(client_cache=True)
-    store = cached._store
+    store = store_of(cached)
     flushes = store.flushes
     plan = django_redis_ex.Plan("lpush", django_redis_ex._op_apply(int, "LPUSH", "t:1:l", 1), int)
     assert run_scripted(path, cached, plan, Script((("LPUSH", "t:1:l", 1), 1))) == 1
@@ -3283,15 +3373,16 @@ def test_the_client_side_store_sees_each_round_trip_through_the_policy(path: str
     which connection it is and its key's PTTL, and is kept; not if the
     server refused the redirect. A write this process sends drops the key."""
     cache = offline_cache(client_cache=True)
-    store = cache._store
+    store = store_of(cache)
     store.valid_until = time.monotonic() + 60  # as if its tracking connection answered
     store.sock, store.more = socket.socket(), lambda: False  # and held no invalidation unread
-    store.register = ("CLIENT", "TRACKING", "ON", "REDIRECT", 7)
+    registration = ("CLIENT", "TRACKING", "ON", "REDIRECT", 7)
+    caching = ("CLIENT", "CACHING", "YES")  # OPTIN: only the read's keys are tracked
+    store.register = [registration, ("CLIENT", "ID"), caching]
     store.registered.clear()  # (the store of this configuration: the other path's too)
     store.flush()
     value = pickle.dumps("v")
-    caching = ("CLIENT", "CACHING", "YES")  # OPTIN: only the read's keys are tracked
-    wire = [store.register, ("CLIENT", "ID"), caching, ("GET", "t:1:k"), ("PTTL", "t:1:k")]
+    wire = [registration, ("CLIENT", "ID"), caching, ("GET", "t:1:k"), ("PTTL", "t:1:k")]
     refused = redis.ResponseError("ERR The client ID you want redirect to does not exist")
     script = Script((wire, [refused, 12, refused, value, 60_000]))
     assert scripted(path, cache, "get", "k", script=script) == "v"
@@ -3628,10 +3719,17 @@ def test_the_first_cool_down_is_short_with_the_default_settings(
 BOUND = 2 * HEARTBEAT + 0.5  # how long a stale value may be served, with slack for a busy CI
 
 
+def store_of(cache: ExCache) -> django_redis_ex._Store:
+    """The client-side store of a cache on one server (or Sentinel): one ``_Store``."""
+    store = cache._store
+    assert isinstance(store, django_redis_ex._Store), store
+    return store
+
+
 def deaf(cache: ExCache) -> None:
     """Make the store ignore the server's invalidations (it is reconnected for this), so
     that only what the cache does itself keeps it honest: each test of that can fail."""
-    store = cache._store
+    store = store_of(cache)
     assert store is not None
     store._invalidated = lambda message: django_redis_ex._PUSHED  # type: ignore[method-assign]
     pool_client = cache.get_client()
@@ -4143,7 +4241,7 @@ def test_client_cache_max_bytes_counts_decompressed_values(server: RedisServer) 
     settled(cache)
     for i in range(20):
         assert cache.get(f"k{i}") == "x" * 100_000
-    store = cache._store
+    store = store_of(cache)
     assert store is not None
     held = sum(len(e[0]) for e in store.entries.values() if not e[1] and type(e[0]) is str)
     assert held <= 1024 * 1024, held
@@ -4156,7 +4254,7 @@ def test_a_change_spoils_only_the_reads_begun_before_it(server: RedisServer, bac
     once was never cached again)."""
     cache = cached_cache(backend, server.url, "spoil")
     serving(cache)
-    store = cache._store
+    store = store_of(cache)
     assert store is not None
     key = cache.make_key("k")
     value = pickle.dumps("v")
@@ -4176,7 +4274,10 @@ def test_client_cache_settings_are_checked_at_configuration() -> None:
         ({"client_cache": {"max_entrie": 5}}, "no setting 'max_entrie'"),
         ({"client_cache": {"max_entries": 0}}, "'client_cache' setting 'max_entries' must be"),
         ({"client_cache": {"heartbeat_interval": "1"}}, "'heartbeat_interval' must be a float"),
-        ({"client_cache": True, "cluster": True}, "'client_cache' does not work with 'cluster'"),
+        (
+            {"client_cache": True, "cluster": True, "retry_on_timeout": True},
+            "'client_cache' does not work with 'cluster' and redis-py's retries",
+        ),
         ({"multiplex": "no"}, "'multiplex' must be a bool"),
     ]
     for options, message in cases:
@@ -4343,7 +4444,7 @@ def test_a_reader_takes_the_invalidations_the_tracking_thread_has_not_read(
     monkeypatch.setattr(django_redis_ex, "_GATHER", 1.0)
     cache = cached_cache(backend, server.url, f"cc-take-{backend.rpartition('.')[2]}")
     serving(cache)
-    store = cache._store
+    store = store_of(cache)
     assert store is not None
     cache.set("k", "old")
     settled(cache)
@@ -4356,12 +4457,15 @@ def test_a_reader_takes_the_invalidations_the_tracking_thread_has_not_read(
         return sock is not None and bool(select.select([sock], [], [], 0)[0])
 
     wait_until(waiting, 2, "the invalidation")
+    # A reader trusts for _RECHECK that no invalidation waits unread: past that, it looks.
+    time.sleep(django_redis_ex._RECHECK * 10)
     assert cache.get("k") == "new"  # taken by this reader, not a second later
     assert store.invalidations >= 1
     assert local_hits(cache, lambda: cache.get("k")) == 1  # and served from memory again
     with store.taking:  # another thread is reading the tracking connection
         raw.set(cache.make_key("k"), pickle.dumps("newer", 5))
         wait_until(waiting, 2, "the invalidation")
+        time.sleep(django_redis_ex._RECHECK * 10)
         assert local_hits(cache, lambda: cache.get("k")) == 0
         assert cache.get("k") == "newer"  # from Redis
 
@@ -4377,9 +4481,9 @@ def test_the_tracking_connections_reader_takes_frames_whole() -> None:
         b"_\r\n:7\r\n"
     )
     for cut in range(len(stream) + 1):
-        store = offline_cache(client_cache=True)._store
+        store = store_of(offline_cache(client_cache=True))
         dropped: list[Any] = []
-        store.drop = dropped.extend
+        store.drop = dropped.extend  # type: ignore[method-assign, assignment]
         flushes = store.flushes
         buffer = bytearray(stream[:cut])
         replies = store._replies(buffer)
@@ -4388,7 +4492,7 @@ def test_the_tracking_connections_reader_takes_frames_whole() -> None:
         assert buffer == b"" and replies == [b"PONG", b"mark", None, 7], cut
         assert sorted(dropped) == [b"t:1:a", b"t:1:b", b"t:1:c"], cut
         assert store.flushes == flushes + 1, cut
-    store = offline_cache(client_cache=True)._store
+    store = store_of(offline_cache(client_cache=True))
     (error,) = store._replies(bytearray(b"-NOPERM no\r\n"))  # an error reply, as an object
     assert isinstance(error, redis.ResponseError) and str(error) == "NOPERM no"
     other_push = b">3\r\n$6\r\nMOVING\r\n:1\r\n$4\r\nhost\r\n"  # not an invalidation
@@ -4576,6 +4680,7 @@ def poll(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("path", ["sync", "async"])
 @pytest.mark.parametrize("backend_name", list(BACKENDS))
+@heavy
 def test_the_staleness_bound_holds_behind_a_proxy_that_stops_forwarding(
     backend_name: str, path: str
 ) -> None:
@@ -4786,11 +4891,11 @@ def test_parked_sockets_keep_their_db_and_acl_user_across_loops_and_a_fork() -> 
 
 
 # Under load: a writer process sets one key in a tight loop, a reader process reads it from two
-# threads (get) and four tasks (aget) at once; no read begun 5 ms after a write completed may
+# threads (get) and four tasks (aget) at once; no read begun 20 ms after a write completed may
 # return a value older than that write. A tracking thread starved of the GIL by its process's
 # readers takes the invalidations late.
 LOAD_SECONDS = 2.0
-FRESH = 0.005  # how long after a write completed a read may still return the older value
+FRESH = 0.02  # how long after a write completed a read may still return the older value
 
 # Each kind of value: the value of the i-th write, and i from a value read.
 LOAD_VALUES: dict[str, tuple[Callable[[int], Any], Callable[[Any], int]]] = {
@@ -4821,7 +4926,8 @@ def stale_reads(
 
 
 @pytest.mark.parametrize("kind", list(LOAD_VALUES))
-def test_values_served_under_load_are_never_older_than_5_ms_after_a_newer_write(
+@heavy
+def test_values_served_under_load_are_never_older_than_20_ms_after_a_newer_write(
     server: RedisServer, kind: str, tmp_path: Any
 ) -> None:
     """Two forked processes (Django's settings and the harness come with the fork): each
@@ -4919,7 +5025,7 @@ def test_values_served_under_load_are_never_older_than_5_ms_after_a_newer_write(
     oldest = f"the oldest value served {worst * 1000:.1f} ms after a newer write completed"
     report = (
         f"{kind}s: {len(writes)} writes, {'; '.join(figures)}; "
-        f"{oldest if violations else 'none served past 5 ms'} (store: {info['hits']} hits, "
+        f"{oldest if violations else 'none served past 20 ms'} (store: {info['hits']} hits, "
         f"{info['misses']} misses, {info['invalidations']} invalidations)"
     )
     print(f"\n{report}")
@@ -5137,30 +5243,51 @@ sentry_sdk.init(dsn="https://public@example.invalid/1", transport=transport,
                 integrations=[DjangoIntegration(cache_spans=True)])
 cache = caches["default"]  # made after init: Sentry wraps its methods
 
+# Sentry 2 sends a transaction of spans; Sentry 3 streams spans, each alone, its root first
+streaming = not hasattr(sentry_sdk, "start_transaction")
+
+def root(name):
+    if streaming:
+        return sentry_sdk.traces.start_span(name=name)
+    return sentry_sdk.start_transaction(name=name, op="test")
+
 async def native():
-    with sentry_sdk.start_transaction(name="async", op="test"):
+    with root("async"):
         await cache.aset("k", "v")
         await cache.aget("k")
         await cache.aget("missing")
         await cache.aget_many(["k", "missing"])
         await cache.aadd("x", 1)  # Sentry traces no add, sync or async
 
-with sentry_sdk.start_transaction(name="sync", op="test"):
+with root("sync"):
     cache.set("k", "v"); cache.get("k"); cache.get("missing"); cache.get_many(["k", "missing"])
     cache.add("x", 1)
 asyncio.run(native())
 sentry_sdk.flush()
+def row(op, name, data, origin, start, end):
+    return [op, name, data.get("cache.hit"), data.get("cache.key"), data.get("cache.item_size"),
+            data.get("network.peer.port"), origin, end > start]
+
 out = {}
+streamed = []
 for envelope in transport.envelopes:
     for item in envelope.items:
         if item.type == "transaction":
             tx = item.payload.json
             out[tx["transaction"]] = [
-                [s["op"], s["description"], s["data"].get("cache.hit"), s["data"].get("cache.key"),
-                 s["data"].get("cache.item_size"), s["data"].get("network.peer.port"), s["origin"],
-                 s["timestamp"] > s["start_timestamp"]]
+                row(s["op"], s["description"], s["data"], s["origin"], s["start_timestamp"],
+                    s["timestamp"])
                 for s in tx["spans"]
             ]
+        elif item.type == "span":
+            streamed += item.payload.json["items"]
+roots = {s["span_id"]: s["name"] for s in streamed if s.get("is_segment")}
+for s in streamed:
+    if s.get("parent_span_id") in roots:
+        data = {k: v["value"] for k, v in s["attributes"].items()}
+        out.setdefault(roots[s["parent_span_id"]], []).append(
+            row(data.get("sentry.op"), s["name"], data, data.get("sentry.origin"),
+                s["start_timestamp"], s["end_timestamp"]))
 print(json.dumps(out))
 """
     report = tool_report(server, backend, script)
@@ -5335,7 +5462,7 @@ def test_client_cache_max_bytes_counts_the_memory_values_take(
     settled(cache)
     for i, value in enumerate(values):
         assert cache.get(f"k{i}") == value
-    store = cache._store
+    store = store_of(cache)
     assert store is not None
     entries = [(k, e) for k, e in store.entries.items() if not k.endswith(":warm")]
     held = sum(sys.getsizeof(key) + sys.getsizeof(entry[0]) for key, entry in entries)
@@ -5551,7 +5678,7 @@ def test_a_signed_value_moved_in_its_last_millisecond_keeps_expiring(path: str) 
     data = cache._codec.at("t:1:k").dumps("v")
     script = Script(
         ([("GET", "t:1:k"), ("PTTL", "t:1:k")], [data, 0]),
-        ([("SET", "t:2:k", Anything(), "PX", 1), ("DEL", "t:1:k")], ["OK", 1]),
+        ([("SET", "t:2:k", Anything(), "PX", 1), ("DEL", "t:1:k", "t:1:k\x00stale")], ["OK", 1]),
     )
     assert scripted(path, cache, "incr_version", "k", script=script) == 2
     script = Script(([("GET", "t:1:k"), ("PTTL", "t:1:k")], [data, -2]))
@@ -6017,6 +6144,7 @@ class Tally:
     finished: list[tuple[float, float, bool]] = field(default_factory=list)
 
 
+@heavy
 def test_multiplexed_calls_return_no_wrong_value_while_connections_are_killed_and_the_server_frozen(
     own_server: RedisServer, backend: str
 ) -> None:
@@ -7104,6 +7232,7 @@ def connections_for_asgi_requests(server: RedisServer, backend: str, view: str, 
 
 
 @pytest.mark.parametrize("view", ["async", "sync"])
+@heavy
 def test_asgi_handler_200_concurrent_requests_stay_within_the_pool(
     server: RedisServer, backend: str, view: str
 ) -> None:
@@ -7715,6 +7844,1114 @@ def test_cluster_sync_node_pools_wait_for_a_free_connection(
 
 
 # ---------------------------------------------------------------------------
+# Cluster under change: slots that move (MOVED, ASK), failovers, a stopped node, bursts
+# ---------------------------------------------------------------------------
+# Slots are moved with the commands redis-cli --cluster reshard sends (CLUSTER SETSLOT
+# IMPORTING/MIGRATING, GETKEYSINSLOT, MIGRATE, SETSLOT NODE), on the nodes themselves.
+
+
+def cluster_cache(backend: str, setup: ClusterSetup, prefix: str, **options: Any) -> ExCache:
+    """A cache on ``setup`` with its own KEY_PREFIX; a dead node fails its calls within
+    seconds, a busy one (a migration, a manual failover holding writes) does not."""
+    location, base = setup.location()
+    settings_ = {**base, "socket_timeout": 5, "socket_connect_timeout": 1, **options}
+    return make_cache(backend, location, KEY_PREFIX=prefix, OPTIONS=settings_)
+
+
+_ADMINS: dict[tuple[int, int], redis.Redis] = {}  # by (port, pid): ports come back in use
+_IDS: dict[tuple[int, int], str] = {}
+
+
+def _process(node: RedisServer) -> tuple[int, int]:
+    assert node.process is not None, f"{node.port} is stopped"
+    return node.port, node.process.pid
+
+
+def admin(node: RedisServer) -> redis.Redis:
+    """A raw client on ``node`` itself (no redirection followed), kept while it runs."""
+    client = _ADMINS.get(_process(node))
+    if client is None:
+        client = _ADMINS[_process(node)] = node.client()
+    return client
+
+
+def node_id(node: RedisServer) -> str:
+    if _process(node) not in _IDS:
+        _IDS[_process(node)] = str(admin(node).cluster("myid"), "ascii")
+    return _IDS[_process(node)]
+
+
+def by_id(setup: ClusterSetup, wanted: str) -> RedisServer:
+    return next(n for n in setup.nodes if n.process is not None and node_id(n) == wanted)
+
+
+def own_line(node: RedisServer) -> list[str]:
+    """The fields of ``node``'s own CLUSTER NODES line (its slots, migrations included)."""
+    lines = str(admin(node).execute_command("CLUSTER", "NODES"), "utf-8").splitlines()
+    return next(line.split() for line in lines if "myself" in line.split()[2])
+
+
+def own_slots(node: RedisServer) -> set[int]:
+    """The slots ``node`` says it serves ("[slot->-id]" and "[slot-<-id]" are migrations)."""
+    slots: set[int] = set()
+    for part in own_line(node)[8:]:
+        if part.startswith("["):
+            continue
+        first, _, last = part.partition("-")
+        slots.update(range(int(first), int(last or first) + 1))
+    return slots
+
+
+def owner(setup: ClusterSetup, slot: int) -> RedisServer:
+    """The primary that serves ``slot``, by its own account (the others may lag)."""
+    found = [node for node in setup.primaries() if slot in own_slots(node)]
+    assert len(found) == 1, f"slot {slot}: {[n.port for n in found]} claim it"
+    return found[0]
+
+
+def other_primary(setup: ClusterSetup, node: RedisServer) -> RedisServer:
+    return next(p for p in setup.primaries() if p is not node)
+
+
+def slot_of(cache: ExCache, key: str) -> int:
+    return key_slot(cache.make_key(key).encode())
+
+
+def seen_owner(node: RedisServer, slot: int) -> int | None:
+    """The port of ``slot``'s primary in ``node``'s CLUSTER SLOTS."""
+    for first, last, primary, *_ in admin(node).cluster("slots"):
+        if first <= slot <= last:
+            return int(primary[1])
+    return None
+
+
+class SlotMove:
+    """One slot on its way from ``source`` to ``target`` (both primaries)."""
+
+    def __init__(self, setup: ClusterSetup, slot: int, source: RedisServer, target: RedisServer):
+        self.setup, self.slot, self.source, self.target = setup, slot, source, target
+
+    def start(self) -> SlotMove:
+        """IMPORTING on the target first (a key the source sends there by ASK is taken), then
+        MIGRATING on the source: from now on a key missing on the source is ASKed."""
+        source_id, target_id = node_id(self.source), node_id(self.target)
+        admin(self.target).execute_command("CLUSTER", "SETSLOT", self.slot, "IMPORTING", source_id)
+        admin(self.source).execute_command("CLUSTER", "SETSLOT", self.slot, "MIGRATING", target_id)
+        return self
+
+    def keys(self, node: RedisServer | None = None, count: int = 1000) -> list[bytes]:
+        """The slot's keys on ``node`` (the source by default)."""
+        node = node or self.source
+        found = admin(node).execute_command("CLUSTER", "GETKEYSINSLOT", self.slot, count)
+        return list(found)
+
+    def migrate(self, keys: list[bytes] | None = None, batch: int = 20) -> int:
+        """MIGRATE ``keys`` (all of the slot's, batch by batch, if None) to the target; the
+        number moved."""
+        moved = 0
+        for _ in range(10_000):  # bounded: a slot holds far fewer keys in these tests
+            chosen = keys if keys is not None else self.keys(count=batch)
+            if not chosen:
+                break
+            reply = admin(self.source).execute_command(
+                "MIGRATE", "127.0.0.1", self.target.port, "", 0, 5000, "KEYS", *chosen
+            )
+            assert reply in (b"OK", b"NOKEY", "OK", "NOKEY"), reply
+            moved += len(chosen)
+            if keys is not None:
+                break
+        else:
+            raise AssertionError(f"slot {self.slot} never emptied on {self.source.port}")
+        return moved
+
+    def finish(self, wait: bool = True) -> None:
+        """The rest of the keys, then SETSLOT NODE: on the target first, then the source,
+        then the other primaries (as redis-cli does). ``wait``: until every running node,
+        replicas too, names the target in CLUSTER SLOTS."""
+        self.migrate()
+        target_id = node_id(self.target)
+        others = [p for p in self.setup.primaries() if p not in (self.target, self.source)]
+        for node in [self.target, self.source, *others]:
+            admin(node).execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", target_id)
+        if wait:
+            running = [n for n in self.setup.nodes if n.process is not None]
+            wait_until(
+                lambda: all(seen_owner(n, self.slot) == self.target.port for n in running),
+                10,
+                f"every node to see slot {self.slot} on {self.target.port}",
+            )
+
+
+def move_slot(
+    setup: ClusterSetup,
+    slot: int,
+    target: RedisServer,
+    keys: str | int | list[bytes] = "all",
+    wait: bool = True,
+) -> SlotMove:
+    """Move ``slot`` from its primary to the primary ``target``. ``keys="all"``: the whole
+    move. A number (the first keys GETKEYSINSLOT lists) or a list of keys: only those go,
+    and the slot stays half-way (MIGRATING on the source, IMPORTING on the target: Redis
+    answers ASK for the keys gone) until the returned move's ``finish()``."""
+    source = owner(setup, slot)
+    assert source is not target, f"slot {slot} is on {target.port} already"
+    move = SlotMove(setup, slot, source, target).start()
+    if keys == "all":
+        move.finish(wait)
+    elif isinstance(keys, int):
+        if keys:
+            move.migrate(move.keys(count=keys))
+    else:
+        assert isinstance(keys, list)
+        if keys:
+            move.migrate(keys)
+    return move
+
+
+def unfinished(setup: ClusterSetup, slot: int) -> SlotMove | None:
+    """A move of ``slot`` left half-way (a failed test), read from its source's own line."""
+    for node in setup.primaries():
+        for part in own_line(node)[8:]:
+            if part.startswith(f"[{slot}->-"):
+                return SlotMove(setup, slot, node, by_id(setup, part[len(f"[{slot}->-") : -1]))
+    return None
+
+
+@contextlib.contextmanager
+def slots_restored(setup: ClusterSetup, *slots: int) -> Iterator[None]:
+    """Put ``slots`` back on the primaries that serve them now, afterwards: the session's
+    cluster is shared, and other tests read its layout."""
+    owners = {slot: owner(setup, slot) for slot in slots}
+    try:
+        yield
+    finally:
+        for slot, node in owners.items():
+            left = unfinished(setup, slot)
+            if left is not None:
+                left.finish()
+            if owner(setup, slot) is not node:
+                move_slot(setup, slot, node)
+
+
+def redirections(setup: ClusterSetup) -> dict[str, int]:
+    """MOVED and ASK replies the running nodes have sent so far (INFO errorstats)."""
+    sent = {"MOVED": 0, "ASK": 0}
+    for node in setup.nodes:
+        if node.process is not None:
+            stats = admin(node).info("errorstats")
+            for name in sent:
+                sent[name] += int(stats.get(f"errorstat_{name}", {}).get("count", 0))
+    return sent
+
+
+def keys_on_each_primary(
+    setup: ClusterSetup, cache: ExCache, stem: str, per_node: int
+) -> dict[int, list[str]]:
+    """``per_node`` cache keys (``stem`` + a number) served by each primary, by port."""
+    found: dict[int, list[str]] = {p.port: [] for p in setup.primaries()}
+    owners = {p.port: own_slots(p) for p in setup.primaries()}
+    for i in range(100_000):
+        key = f"{stem}{i}"
+        slot = slot_of(cache, key)
+        port = next(port for port, slots in owners.items() if slot in slots)
+        if len(found[port]) < per_node:
+            found[port].append(key)
+        if all(len(keys) == per_node for keys in found.values()):
+            return found
+    raise AssertionError("no keys found for every primary")
+
+
+# Load: workers that each own their keys, so that each knows what a read must return --------
+
+
+class Expect:
+    """What one key may hold now, as its only writer knows it: one value after a write or a
+    read that returned; more after a write that raised (applied or not, nobody can tell).
+    ``history``: all it may ever have held."""
+
+    def __init__(self, value: Any) -> None:
+        self.possible = {value}
+        self.history = {value}
+        self.lost = False  # its primary was killed: lose() was applied
+        self.before_loss: set[Any] | None = None  # what was possible then, until a read
+
+    def wrote(self, value: Any, sure: bool = True) -> None:
+        self.history.add(value)
+        if sure:
+            self.possible, self.before_loss = {value}, None
+        else:
+            self.possible.add(value)
+            if self.before_loss is not None:
+                self.before_loss.add(value)
+
+    def lose(self) -> None:
+        """Its primary was killed: the replica that took over may lack the writes it
+        acknowledged last (Redis replicates asynchronously), so any value held before may
+        be read back once. Not the module's doing: reported apart from wrong values."""
+        self.before_loss, self.possible, self.lost = self.possible, set(self.history), True
+
+    def read(self, value: Any) -> str:
+        """ "ok" if the key may hold ``value``, "lost" if only because acknowledged writes
+        were lost in a failover, "wrong" otherwise. From now on, it holds ``value``."""
+        verdict = "ok" if value in self.possible else "wrong"
+        if verdict == "ok" and self.before_loss is not None and value not in self.before_loss:
+            verdict = "lost"
+        self.possible, self.before_loss = {value}, None
+        return verdict
+
+
+class LoadRun:
+    """What the workers of one run saw: calls, wrong values, errors, writes lost."""
+
+    def __init__(self, seconds: float) -> None:
+        self.stop_at = time.monotonic() + seconds
+        self.calls = 0
+        self.wrong: list[str] = []
+        self.errors: list[tuple[float, str, str, str]] = []  # (started, method, key, error)
+        self.lost_writes: list[str] = []  # reads of a value older than the last acknowledged
+        self.lost_slots: frozenset[int] = frozenset()  # set once a primary is killed
+        self.last_ok: dict[str, float] = {}  # key: when the last call on it that worked began
+
+    def errors_on(
+        self, slots: set[int] | frozenset[int], cache: ExCache, inside: bool
+    ) -> list[tuple[float, str, str, str]]:
+        """The errors of calls on keys in ``slots`` (``inside``), or on the others."""
+        return [e for e in self.errors if (slot_of(cache, e[2]) in slots) == inside]
+
+
+class Worker:
+    """One task's (or thread's) two keys: a value it sets and reads back, a counter it
+    increments and reads back. Each call is judged as it returns."""
+
+    def __init__(self, run: LoadRun, cache: ExCache, n: int, tag: str) -> None:
+        self.run, self.cache, self.n, self.seq = run, cache, n, 0
+        self.value_key, self.counter_key = f"{tag}v{n}", f"{tag}c{n}"
+        self.expect = {self.value_key: Expect((n, 0)), self.counter_key: Expect(0)}
+        self.slots = {key: slot_of(cache, key) for key in self.expect}
+
+    def prepare(self) -> None:
+        self.cache.set_many({self.value_key: (self.n, 0), self.counter_key: 0})
+
+    def calls(self) -> list[tuple[str, str, tuple[Any, ...]]]:
+        """The next four calls: (method, key, arguments)."""
+        self.seq += 1
+        value, counter = self.value_key, self.counter_key
+        for key, expect in self.expect.items():
+            if not expect.lost and self.slots[key] in self.run.lost_slots:
+                expect.lose()
+        return [
+            ("set", value, (value, (self.n, self.seq))),
+            ("get", value, (value,)),
+            ("incr", counter, (counter,)),
+            ("get", counter, (counter,)),
+        ]
+
+    def judge(
+        self, method: str, key: str, args: tuple[Any, ...], started: float, outcome: Any
+    ) -> None:
+        run, expect = self.run, self.expect[key]
+        run.calls += 1
+        if isinstance(outcome, Exception):
+            run.errors.append((started, method, key, repr(outcome)))
+            if method == "set":
+                expect.wrote(args[1], sure=False)
+            elif method == "incr":
+                for value in list(expect.possible):
+                    expect.wrote(value + 1, sure=False)
+            return
+        run.last_ok[key] = started
+        if method == "set":
+            expect.wrote(args[1])
+            return
+        was = set(expect.possible)
+        found = outcome if method == "get" else outcome - 1  # incr: the value it found
+        verdict = expect.read(found)
+        if verdict == "wrong":
+            run.wrong.append(f"{method}({key!r}) -> {outcome!r}, expected one of {was}")
+        elif verdict == "lost":
+            run.lost_writes.append(f"{method}({key!r}) -> {outcome!r}, written last: {was}")
+        if method == "incr":
+            expect.wrote(outcome)
+
+
+def run_load(cache: ExCache, run: LoadRun, workers: list[Worker], path: str) -> None:
+    """The workers' calls until ``run.stop_at`` (which may move meanwhile): as tasks on one
+    event loop, or as threads on the sync path. After an error a worker pauses 10 ms (a dead
+    node refuses at once: no busy loop)."""
+    timeout = 90.0
+
+    if path == "async":
+
+        async def work(worker: Worker) -> None:
+            while time.monotonic() < run.stop_at:
+                for method, key, args in worker.calls():
+                    started = time.monotonic()
+                    try:
+                        outcome = await getattr(cache, "a" + method)(*args)
+                    except Exception as error:
+                        outcome = error
+                    worker.judge(method, key, args, started, outcome)
+                    if isinstance(outcome, Exception):
+                        await asyncio.sleep(0.01)
+
+        async def main() -> None:
+            await asyncio.wait_for(asyncio.gather(*(work(w) for w in workers)), timeout)
+
+        asyncio.run(main())
+        return
+
+    def thread_work(worker: Worker) -> None:
+        while time.monotonic() < run.stop_at:
+            for method, key, args in worker.calls():
+                started = time.monotonic()
+                try:
+                    outcome = getattr(cache, method)(*args)
+                except Exception as error:
+                    outcome = error
+                worker.judge(method, key, args, started, outcome)
+                if isinstance(outcome, Exception):
+                    time.sleep(0.01)
+
+    threads = [threading.Thread(target=thread_work, args=(w,), daemon=True) for w in workers]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "a worker hung"
+
+
+def load_summary(run: LoadRun) -> str:
+    return (
+        f"{run.calls} calls, {len(run.wrong)} wrong values, {len(run.errors)} errors, "
+        f"{len(run.lost_writes)} acknowledged writes lost"
+    )
+
+
+# 1. MOVED ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_cluster_a_slot_moved_under_a_warm_cache_is_followed_invisibly(
+    cluster_setup: ClusterSetup, backend: str, path_: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The cache's slot map and connections are warm; the slot of its keys moves to another
+    primary (the keys with it), then back. Each time the first calls meet MOVED at the old
+    primary: get, set and incr still return what they should, and the writes land on the
+    primary that serves the slot now."""
+    cache = cluster_cache(backend, cluster_setup, f"mv-{backend.rpartition('.')[2]}-{path_}")
+    api = Api(cache, path_, loop)
+    key, counter = "{mv}k", "{mv}n"
+    slot = slot_of(cache, key)
+    assert slot_of(cache, counter) == slot
+    api.set(key, "before")
+    api.set(counter, 10)
+    assert api.get(key) == "before"  # the map and the connections are warm
+    source = owner(cluster_setup, slot)
+    target = other_primary(cluster_setup, source)
+    moved = redirections(cluster_setup)["MOVED"]
+    with slots_restored(cluster_setup, slot):
+        for there, back in ((target, source), (source, target)):
+            move_slot(cluster_setup, slot, there)
+            assert api.get(key) == "before"
+            assert api.get_many([key, counter]) == {key: "before", counter: 10}
+            api.set(key, "after")
+            assert api.get(key) == "after"
+            assert api.incr(counter) == 11
+            assert api.decr(counter) == 10
+            ours = {cache.make_key(key).encode(), cache.make_key(counter).encode()}
+            assert ours <= set(admin(there).execute_command("CLUSTER", "GETKEYSINSLOT", slot, 99))
+            assert admin(back).execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+            api.set(key, "before")
+    print(f"\nMOVED replies: {redirections(cluster_setup)['MOVED'] - moved}")
+
+
+# 2. ASK --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_cluster_keys_of_a_half_migrated_slot_are_read_and_written_where_they_are(
+    cluster_setup: ClusterSetup, backend: str, path_: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A slot half-way to another primary: one key moved (the source answers ASK for it),
+    one not. Both read back right, a new key written meanwhile (Redis puts it on the
+    target: ASK) reads back, and an incr of the moved key acts once; the servers count the
+    ASK replies. After the migration finishes (MOVED), all of it again."""
+    cache = cluster_cache(backend, cluster_setup, f"ask-{backend.rpartition('.')[2]}-{path_}")
+    api = Api(cache, path_, loop)
+    moved_key, staying, new, counter = "{ask}a", "{ask}b", "{ask}c", "{ask}n"
+    slot = slot_of(cache, moved_key)
+    assert {slot_of(cache, k) for k in (staying, new, counter)} == {slot}
+    api.delete(new)
+    api.set_many({moved_key: "a", staying: "b", counter: 1})
+    assert api.get(staying) == "b"  # warm
+    target = other_primary(cluster_setup, owner(cluster_setup, slot))
+    with slots_restored(cluster_setup, slot):
+        redis_keys = [cache.make_key(moved_key).encode(), cache.make_key(counter).encode()]
+        move = move_slot(cluster_setup, slot, target, keys=redis_keys)
+        ours = {cache.make_key(k).encode() for k in (moved_key, staying, new, counter)}
+        on_target = set(move.keys(target)) & ours
+        assert on_target == set(redis_keys), on_target
+        asks = redirections(cluster_setup)["ASK"]
+        moves = redirections(cluster_setup)["MOVED"]
+        assert api.get(moved_key) == "a"
+        assert api.get(staying) == "b"
+        assert api.incr(counter) == 2
+        api.set(new, "c")
+        assert api.get(new) == "c"
+        assert api.get(moved_key) == "a"
+        assert api.get(staying) == "b"
+        assert cache.make_key(new).encode() in set(move.keys(target)) | set(move.keys())
+        went = "target" if cache.make_key(new).encode() in move.keys(target) else "source"
+        print(f"\na new key written half-way went to the {went}")
+        seen = redirections(cluster_setup)
+        assert seen["ASK"] - asks >= 4  # the moved key read twice, the counter, the new key
+        # ASK is not MOVED: the map still names the source, so nothing was sent to the target
+        # without ASKING (it would have answered MOVED, back to the source).
+        assert seen["MOVED"] == moves
+        move.finish()
+        assert api.get_many([moved_key, staying, new, counter]) == {
+            moved_key: "a",
+            staying: "b",
+            new: "c",
+            counter: 2,
+        }
+        api.set(staying, "b2")
+        assert api.incr(counter) == 3
+        assert api.get(staying) == "b2"
+        assert ours <= set(move.keys(target)) and move.keys(move.source) == []
+
+
+def test_cluster_get_many_over_a_slot_on_its_way_waits_for_it(
+    cluster_setup: ClusterSetup, backend: str
+) -> None:
+    """A get_many whose keys share a slot that is half-way (some moved): Redis answers the
+    MGET with TRYAGAIN while the keys are split. The call retries after a pause, so it
+    returns all the values once the migration finishes, 0.1 s later here (beyond the brief:
+    the module's route() retries TRYAGAIN 5 times, 50 ms apart)."""
+    cache = cluster_cache(backend, cluster_setup, "tryagain")
+    keys = [f"{{ta}}k{i}" for i in range(6)]
+    cache.set_many({k: i for i, k in enumerate(keys)})
+    slot = slot_of(cache, keys[0])
+    target = other_primary(cluster_setup, owner(cluster_setup, slot))
+    with slots_restored(cluster_setup, slot):
+        move = move_slot(cluster_setup, slot, target, keys=3)
+        timer = threading.Timer(0.1, move.finish)
+        timer.start()
+        try:
+            assert cache.get_many(keys) == {k: i for i, k in enumerate(keys)}
+        finally:
+            timer.join(30)
+
+
+def test_cluster_multi_key_calls_on_a_slot_held_half_way_follow_each_key(
+    cluster_setup: ClusterSetup, backend: str
+) -> None:
+    """While a slot stays half-way (some of its keys moved, the others not), Redis answers a
+    command on several of its keys TRYAGAIN for as long as the migration lasts: the command
+    goes again as one per key, each of which follows its own ASK, so get_many, set_many,
+    has_key and delete_many work all along, and in one call."""
+    cache = cluster_cache(backend, cluster_setup, "halfway")
+    keys = [f"{{hw}}k{i}" for i in range(6)]
+    cache.set_many({k: i for i, k in enumerate(keys)})
+    slot = slot_of(cache, keys[0])
+    target = other_primary(cluster_setup, owner(cluster_setup, slot))
+    with slots_restored(cluster_setup, slot):
+        move = move_slot(
+            cluster_setup, slot, target, keys=[cache.make_key(k).encode() for k in keys[:3]]
+        )
+        try:
+            before = redirections(cluster_setup)
+            assert cache.get_many(keys) == {k: i for i, k in enumerate(keys)}
+            assert cache.set_many({k: -i for i, k in enumerate(keys)}) == []
+            assert cache.get_many(keys) == {k: -i for i, k in enumerate(keys)}
+            assert all(cache.has_key(k) for k in keys)
+            cache.delete_many(keys)
+            assert cache.get_many(keys) == {}
+            assert redirections(cluster_setup)["ASK"] > before["ASK"]  # each key followed
+        finally:
+            move.finish()
+
+
+def test_cluster_client_cache_keeps_no_absent_key_a_moved_slot_could_hide(
+    cluster_setup: ClusterSetup, backend: str
+) -> None:
+    """On one server a key known absent is served from memory (its creation invalidates it).
+    On a cluster it is not kept: its slot may move, and the key be made on the node it went
+    to, which the store of the node it left never hears of. So a key read as absent, whose
+    slot then moves and which another client then creates, is read at once."""
+    cache = cached_cluster_cache(backend, cluster_setup, f"cca-{backend.rpartition('.')[2]}")
+    key = "{cca}absent"
+    slot = slot_of(cache, key)
+    serving_key = "{cca}present"
+    cache.set(serving_key, 1)
+    served(cache, serving_key)  # the store tracks and serves
+    assert cache.get(key) is None
+    assert local_hits(cache, lambda: cache.get(key)) == 0  # not kept: asked each time
+    raw = cluster_setup.client()
+    try:
+        with slots_restored(cluster_setup, slot):
+            move_slot(cluster_setup, slot, other_primary(cluster_setup, owner(cluster_setup, slot)))
+            raw.set(cache.make_key(key), pickle.dumps("created", 5))
+            assert cache.get(key) == "created"
+    finally:
+        raw.close()
+
+
+def test_cluster_aliases_of_one_cluster_share_one_slot_map_and_store(
+    cluster_setup: ClusterSetup,
+) -> None:
+    """Two aliases with equal settings in separate OPTIONS dicts (a sync and an async one)
+    share one client-side store, and one slot map: a move that one alias meets (MOVED) drops
+    the entries of the store the slot left, whichever alias read them, so the value read
+    after the move is kept where its node's invalidations reach it, and a later change by
+    another client is seen within the bound."""
+    first = cached_cluster_cache(BACKENDS["RedisEXCache"], cluster_setup, "ccs")
+    second = cached_cluster_cache(BACKENDS["AsyncRedisEXCache"], cluster_setup, "ccs")
+    assert first._store is second._store and first._topology is not second._topology
+    assert cast(Any, first._topology).slots is cast(Any, second._topology).slots
+    key = "{ccs}k"
+    slot = slot_of(second, key)
+    first.get("{ccs}warm")
+    second.set(key, "v0")
+    raw = cluster_setup.client()
+    try:
+        with slots_restored(cluster_setup, slot):
+            move_slot(cluster_setup, slot, other_primary(cluster_setup, owner(cluster_setup, slot)))
+            assert second.get(key) == "v0"  # through MOVED
+            served(second, key)
+            changed_and_seen(second, raw, key, "v1", "after the move")
+            assert first.get(key) == "v1"
+    finally:
+        raw.close()
+
+
+# 3. Resharding under load --------------------------------------------------------------------
+
+
+RESHARDED_TAGS = ["{rs0}", "{rs1}", "{rs2}", "{rs3}"]  # the workers' keys: four slots
+
+
+class Mover(threading.Thread):
+    """Moves ``slots`` from primary to primary in turn, as a resharding does, while the load
+    runs: each move migrates every other key of the slot, holds it half-way for 50 ms
+    (ASK), then finishes (MOVED). 50 ms pass between moves: a command resent after ASKING
+    never meets the next move of its slot (a second redirection, which the cache need not
+    follow). Once it made ``moves`` moves and ``seconds`` passed, it ends the load (its
+    thread shares the GIL with a busy loop: a count of moves, not of seconds, is sure)."""
+
+    def __init__(
+        self, setup: ClusterSetup, slots: list[int], load: LoadRun, moves: int, seconds: float
+    ) -> None:
+        super().__init__(daemon=True)
+        self.setup, self.slots, self.load = setup, slots, load
+        self.wanted, self.until = moves, time.monotonic() + seconds
+        self.moves = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            primaries = self.setup.primaries()
+            while time.monotonic() < self.load.stop_at:
+                if self.moves >= self.wanted and time.monotonic() >= self.until:
+                    break
+                for slot in self.slots:
+                    source = owner(self.setup, slot)
+                    target = primaries[(primaries.index(source) + 1) % len(primaries)]
+                    move = SlotMove(self.setup, slot, source, target).start()
+                    move.migrate(move.keys()[::2])
+                    time.sleep(0.05)
+                    move.finish(wait=False)
+                    self.moves += 1
+                    time.sleep(0.05)
+        except BaseException as error:
+            self.error = error
+        finally:
+            self.load.stop_at = 0  # the load ends with the moves
+
+
+LOAD_CASES = [("AsyncRedisEXCache", "async"), ("RedisEXCache", "async"), ("RedisEXCache", "sync")]
+
+
+@pytest.mark.parametrize(("backend_name", "path_"), LOAD_CASES)
+@heavy
+def test_cluster_resharding_under_load_gives_no_wrong_value_and_no_error(
+    cluster_setup: ClusterSetup, backend_name: str, path_: str
+) -> None:
+    """100 tasks on one event loop (multiplexed lines), or 8 threads on the sync path, each
+    set, get and incr keys only they write, so each knows what every read must return, for
+    5 s at least, while a thread moves the slots of those keys from primary to primary, 12
+    times at least, each move half-way for a moment (ASK) before it finishes (MOVED).
+
+    MOVED and ASK are redirections, not failures: no connection breaks and no node is lost
+    while slots move, so not one call may fail (reads or writes), and not one read may
+    return anything but what its worker wrote last. The servers' error statistics show
+    that the calls did meet both redirections."""
+    cache = cluster_cache(BACKENDS[backend_name], cluster_setup, f"rs-{backend_name}-{path_}")
+    run = LoadRun(seconds=5)
+    count = 100 if path_ == "async" else 8
+    workers = [Worker(run, cache, n, RESHARDED_TAGS[n % 4]) for n in range(count)]
+    for worker in workers:
+        worker.prepare()
+    slots = sorted({slot_of(cache, tag) for tag in RESHARDED_TAGS})
+    assert len(slots) == 4
+    with slots_restored(cluster_setup, *slots):
+        before = redirections(cluster_setup)
+        run.stop_at = time.monotonic() + 60  # a bound: the mover ends the load
+        mover = Mover(cluster_setup, slots, run, moves=12, seconds=5)
+        mover.start()
+        try:
+            run_load(cache, run, workers, path_)
+        finally:
+            run.stop_at = 0  # the mover stops too
+            mover.join(30)
+        after = redirections(cluster_setup)
+        raw = cluster_setup.client()
+        try:  # what Redis holds at the end is what each worker knows
+            for worker in workers:
+                for key, expect in worker.expect.items():
+                    stored = cast(bytes, raw.get(cache.make_key(key)))
+                    value = int(stored) if key == worker.counter_key else pickle.loads(stored)
+                    assert value in expect.possible, (key, value, expect.possible)
+        finally:
+            raw.close()
+    print(
+        f"\n{load_summary(run)}; {mover.moves} slot moves; "
+        f"MOVED {after['MOVED'] - before['MOVED']}, ASK {after['ASK'] - before['ASK']}"
+    )
+    assert mover.error is None, mover.error
+    assert not mover.is_alive()
+    assert run.wrong == [], run.wrong[:10]
+    assert run.errors == [], run.errors[:10]
+    assert mover.moves >= 12 and run.calls >= 2000
+    assert after["MOVED"] > before["MOVED"] and after["ASK"] > before["ASK"]
+
+
+# 4. Failover under load ----------------------------------------------------------------------
+
+
+RESUME = 2.0  # seconds after the cluster names the new primary by which calls work again: the
+# first call that fails marks the map stale, the next reads it again (a dead node refuses at
+# once), so a fraction of this; the rest is slack for a busy CI
+
+
+def replica_of(setup: ClusterSetup, primary: RedisServer) -> RedisServer:
+    return next(
+        node
+        for node in setup.nodes
+        if node.process is not None
+        and admin(node).info("replication").get("master_port") == primary.port
+    )
+
+
+def replicas_caught_up(setup: ClusterSetup) -> bool:
+    """Whether every replica has all its primary wrote (replication offsets equal)."""
+    for primary in setup.primaries():
+        info = admin(primary).info("replication")
+        offsets = [info[k]["offset"] for k in info if k.startswith("slave") and k[5:].isdigit()]
+        if not offsets or any(o != info["master_repl_offset"] for o in offsets):
+            return False
+    return True
+
+
+def fail_over(setup: ClusterSetup, victim: RedisServer, how: str, load: LoadRun) -> float:
+    """``victim``'s replica takes over its slots: ``how`` "killed" (SIGKILL by PID; the
+    cluster fails it over after cluster-node-timeout) or "manual" (CLUSTER FAILOVER on the
+    replica: the primary holds writes until the replica caught up, then steps down and
+    answers MOVED). When the cluster (every running node) names the replica for them."""
+    replica, slots = replica_of(setup, victim), frozenset(own_slots(victim))
+    if how == "killed":
+        victim.stop()
+        load.lost_slots = slots  # after the kill: writes acknowledged before it may be lost
+    else:
+        admin(replica).execute_command("CLUSTER", "FAILOVER")
+    some = min(slots)
+
+    def taken_over() -> bool:
+        running = [n for n in setup.nodes if n.process is not None]
+        return setup._ok() and all(seen_owner(n, some) == replica.port for n in running)
+
+    wait_until(taken_over, 30, f"{replica.port} to serve the slots of {victim.port}")
+    return time.monotonic()
+
+
+@pytest.mark.parametrize("how", ["killed", "manual"])
+@pytest.mark.parametrize(("backend_name", "path_"), LOAD_CASES)
+@heavy
+def test_cluster_failover_under_load_fails_only_the_nodes_calls_and_no_value_is_wrong(
+    backend_name: str, path_: str, how: str
+) -> None:
+    """100 tasks on one loop (or 8 threads) write, read and increment keys they alone write,
+    spread over the three primaries, while one primary fails over: killed by PID, or by a
+    manual CLUSTER FAILOVER on its replica (the old primary lives on as a replica).
+
+    Not one read returns a wrong value. A killed primary takes with it the writes it
+    acknowledged and had not yet replicated (Redis replicates asynchronously): a read of an
+    older value of its keys is counted apart, and allowed once per key. Calls on the other
+    primaries never fail (``cluster-require-full-coverage no`` here, so that they serve
+    while the dead node's slots have no primary: a cluster that stops serving is not the
+    module's doing). Calls on the dead node's keys may fail until its replica takes over;
+    from RESUME seconds after that, none does and every key is read and written again.
+    A manual failover breaks no connection (the old primary holds writes, then answers
+    MOVED): not one call fails."""
+    setup = ClusterSetup()
+    try:
+        for node in setup.nodes:
+            admin(node).config_set("cluster-require-full-coverage", "no")
+        prefix = f"fo-{how}-{backend_name}-{path_}"
+        cache = cluster_cache(BACKENDS[backend_name], setup, prefix)
+        run = LoadRun(seconds=60)  # until fail_over returns, then RESUME + 2 s more
+        count = 100 if path_ == "async" else 8
+        workers = [Worker(run, cache, n, f"{{w{n}}}") for n in range(count)]
+        for worker in workers:
+            worker.prepare()
+        victim = owner(setup, slot_of(cache, workers[0].value_key))
+        victim_slots = own_slots(victim)
+        assert any(slot_of(cache, w.value_key) not in victim_slots for w in workers)
+        wait_until(lambda: replicas_caught_up(setup), 10, "the replicas to have the first values")
+        taken: list[float] = []
+        failures: list[BaseException] = []
+
+        def failing_over() -> None:
+            try:
+                time.sleep(1)
+                taken.append(fail_over(setup, victim, how, run))
+                run.stop_at = taken[0] + RESUME + 2
+            except BaseException as error:
+                failures.append(error)
+                run.stop_at = 0
+
+        thread = threading.Thread(target=failing_over, daemon=True)
+        thread.start()
+        run_load(cache, run, workers, path_)
+        thread.join(30)
+        assert not failures, failures
+        (took_over,) = taken
+        elsewhere = run.errors_on(victim_slots, cache, inside=False)
+        late = [e for e in run.errors if e[0] > took_over + RESUME]
+        stalled = [
+            key
+            for worker in workers
+            for key in worker.expect
+            if run.last_ok.get(key, 0) < took_over + RESUME
+        ]
+        print(f"\n{how}: {load_summary(run)}; first errors: {run.errors[:3]}")
+        assert run.wrong == [], run.wrong[:10]
+        assert elsewhere == [], elsewhere[:10]
+        assert late == [], late[:10]
+        assert stalled == [], stalled[:10]
+        if how == "manual":
+            assert run.errors == [] and run.lost_writes == []
+    finally:
+        setup.stop()
+
+
+# 5. The client-side cache on Cluster: resharding, a lost tracking connection, failover ------
+
+
+TRACKER = "django-redis-ex-tracking"  # CLIENT SETNAME of the tracking connections
+
+
+def cached_cluster_cache(backend: str, setup: ClusterSetup, prefix: str) -> ExCache:
+    """A cache with its own client-side store (a tracking connection per primary)."""
+    client_cache = {"heartbeat_interval": HEARTBEAT}
+    options = {"client_cache": client_cache, "socket_timeout": 1, "socket_connect_timeout": 1}
+    return cluster_cache(backend, setup, prefix, **options)
+
+
+def served(cache: ExCache, key: str) -> None:
+    """Wait until a get of ``key`` is answered from memory (tracking is on: the change to
+    come is one the store must hear of, or its old value would be served)."""
+    wait_until(lambda: local_hits(cache, lambda: cache.get(key)) == 1, 5, f"{key} from memory")
+
+
+def changed_and_seen(cache: ExCache, raw: Any, key: str, value: Any, when: str) -> float:
+    """Another client (redis-py's cluster client, which follows MOVED and ASK itself) sets
+    ``key``; the cache returns the new value within BOUND, as on one server. The delay."""
+    raw.set(cache.make_key(key), pickle.dumps(value, 5))
+    written = time.monotonic()
+    wait_until(lambda: cache.get(key) == value, BOUND, f"{when}: the new value")
+    return time.monotonic() - written
+
+
+def test_cluster_client_cache_sees_changes_before_during_and_after_a_slot_moves(
+    cluster_setup: ClusterSetup, backend: str
+) -> None:
+    """A key served from memory is changed by another client: before its slot moves, while
+    the slot is half-way with the key still on the source, once the key was migrated (the
+    source answers ASK for it), after the move finished, and after a whole move back made
+    while the cache read nothing (it never met MOVED: only the tracking connections can
+    tell it). Each time the new value is read within BOUND, the bound on one server."""
+    cache = cached_cluster_cache(backend, cluster_setup, f"ccr-{backend.rpartition('.')[2]}")
+    key = "{ccr}k"
+    slot = slot_of(cache, key)
+    raw = cluster_setup.client()
+    delays: dict[str, float] = {}
+    try:
+        cache.set(key, "v0")
+        source = owner(cluster_setup, slot)
+        target = other_primary(cluster_setup, source)
+        with slots_restored(cluster_setup, slot):
+            served(cache, key)
+            delays["before"] = changed_and_seen(cache, raw, key, "before", "before")
+            move = move_slot(cluster_setup, slot, target, keys=[])
+            served(cache, key)
+            delays["migrating"] = changed_and_seen(cache, raw, key, "migrating", "migrating")
+            served(cache, key)
+            move.migrate([cache.make_key(key).encode()])
+            hit = local_hits(cache, lambda: cache.get(key))  # may or may not be kept: either
+            delays["migrated"] = changed_and_seen(cache, raw, key, "migrated", "migrated")
+            move.finish()
+            served(cache, key)
+            delays["moved"] = changed_and_seen(cache, raw, key, "moved", "after the move")
+            served(cache, key)
+            move_slot(cluster_setup, slot, source)  # no read by the cache meanwhile
+            delays["moved back"] = changed_and_seen(cache, raw, key, "back", "moved back")
+            served(cache, key)
+    finally:
+        raw.close()
+    info = cache.client_cache_info()
+    print(f"\n{ {k: round(v * 1000, 1) for k, v in delays.items()} } ms; hit when migrated: {hit}")
+    assert info["invalidations"] + info["flushes"] >= 5, info
+
+
+def test_cluster_client_cache_flushes_a_nodes_entries_when_its_tracking_connection_is_lost(
+    cluster_setup: ClusterSetup, backend: str
+) -> None:
+    """A tracking connection per primary (named at the server); CLIENT KILL of one, then at
+    once a write by another client to a key that primary serves: the store flushes that
+    node's entries (``flushes`` grows), so the old value is not served past the bound.
+    Entries of the other primaries stay served (their tracking goes on), and once the
+    killed one is back, that node's key is served from memory again."""
+    cache = cached_cluster_cache(backend, cluster_setup, f"cck-{backend.rpartition('.')[2]}")
+    found = keys_on_each_primary(cluster_setup, cache, "cck", 1)
+    (port, (key,)), *others = found.items()
+    other_keys = [keys[0] for _, keys in others]
+    cache.set_many({k: "old" for k in [key, *other_keys]})
+    for k in [key, *other_keys]:
+        served(cache, k)
+    node = next(p for p in cluster_setup.primaries() if p.port == port)
+    for primary in cluster_setup.primaries():
+        trackers = [c for c in admin(primary).client_list() if c["name"] == TRACKER]
+        assert len(trackers) == 1, (primary.port, trackers)
+    (tracker,) = [c for c in admin(node).client_list() if c["name"] == TRACKER]
+    flushes = cache.client_cache_info()["flushes"]
+    admin(node).client_kill_filter(_id=tracker["id"])
+    admin(node).set(cache.make_key(key), pickle.dumps("new", 5))
+    started = time.monotonic()
+    wait_until(lambda: cache.get(key) == "new", BOUND, "the write after the kill")
+    assert time.monotonic() - started < BOUND
+    assert cache.client_cache_info()["flushes"] > flushes
+    assert all(local_hits(cache, functools.partial(cache.get, k)) == 1 for k in other_keys)
+    served(cache, key)  # tracking is back on that node
+    trackers = [c for c in admin(node).client_list() if c["name"] == TRACKER]
+    assert len(trackers) == 1 and trackers[0]["id"] != tracker["id"]
+    assert cache.get(key) == "new"
+
+
+@pytest.mark.parametrize("how", ["killed", "manual"])
+def test_cluster_client_cache_no_stale_read_after_a_failover(backend: str, how: str) -> None:
+    """A key served from memory; its primary fails over (killed, or CLUSTER FAILOVER on its
+    replica), then another client writes it on the new primary. Killed: the first read that
+    does not fail returns the new value (the node's tracking connection broke). Manual: the
+    old primary, a replica now, announces the write once it replicates it, and its ROLE, at
+    the next heartbeat, ends its store: the new value is read within BOUND. Then the store
+    serves from memory again."""
+    setup = ClusterSetup()
+    try:
+        cache = cached_cluster_cache(backend, setup, f"ccf-{how}")
+        key = "k"
+        cache.set(key, "old")
+        served(cache, key)
+        victim = owner(setup, slot_of(cache, key))
+        replica = replica_of(setup, victim)
+        fail_over(setup, victim, how, LoadRun(0))
+        raw = setup.client()
+        try:
+            raw.set(cache.make_key(key), pickle.dumps("new", 5))
+        finally:
+            raw.close()
+        written = time.monotonic()
+        # The first read that does not fail with a Redis error: in a list, so that any
+        # value (None, a stale one) ends the wait, and the assertion judges it.
+        (value,) = wait_until(lambda: [cache.get(key)], 10, "a read after the failover")
+        if how == "manual":
+            wait_until(lambda: cache.get(key) == "new", BOUND, "the new value")
+            value = cache.get(key)
+        delay = time.monotonic() - written
+        print(f"\n{how} failover: the new value read {delay:.3f} s after the write")
+        assert value == "new"
+        if how == "manual":
+            assert delay < BOUND
+            # Its ROLE at a heartbeat: the old primary's store stops (it tracks a replica).
+            old = f"127.0.0.1:{victim.port}"
+            wait_until(
+                lambda: not cache.client_cache_info()["nodes"][old]["connected"],
+                4 * HEARTBEAT + 1,
+                "the demoted primary's store to stop",
+            )
+        served(cache, key)
+        assert admin(replica).info("replication")["role"] == "master"
+        assert cache.get(key) == "new"
+    finally:
+        setup.stop()
+
+
+# 6. Multi-key calls go to all their nodes at once --------------------------------------------
+
+
+# What each multi-key method may run on a node (commandstats names), however the module packs it.
+MULTI_KEY_COMMANDS = {
+    "get_many": ("get", "mget"),
+    "set_many": ("set", "mset", "psetex", "setex", "eval", "evalsha", "exec"),
+    "delete_many": ("del", "unlink", "eval", "evalsha", "exec"),
+}
+
+
+def node_calls_of(node: RedisServer, names: tuple[str, ...]) -> int:
+    """Calls of the commands ``names`` that ``node`` has run (INFO commandstats)."""
+    stats = admin(node).info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in names)
+
+
+@contextlib.contextmanager
+def no_failover_while_stopped(setup: ClusterSetup) -> Iterator[None]:
+    """cluster-node-timeout raised to 60 s meanwhile: a primary stopped for a few seconds
+    (SIGSTOP) is not failed over (the session's cluster keeps its layout, even when the test
+    fails), and the others keep serving."""
+    running = [n for n in setup.nodes if n.process is not None]
+    for node in running:
+        admin(node).config_set("cluster-node-timeout", 60_000)
+    try:
+        yield
+    finally:
+        for node in running:
+            admin(node).config_set("cluster-node-timeout", 1000)
+
+
+@pytest.mark.parametrize("method", list(MULTI_KEY_COMMANDS))
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_cluster_multi_key_calls_reach_every_node_before_any_answers(
+    cluster_setup: ClusterSetup,
+    backend: str,
+    path_: str,
+    method: str,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """get_many, set_many and delete_many over keys on all three primaries while one of them
+    is stopped (SIGSTOP, by PID): the other two have run their part (the servers' command
+    statistics) before the stopped one answers. Once per primary stopped: a call that went
+    node after node, in any order, would wait for the stopped one before sending to those
+    after it, in one round at least. After SIGCONT the call completes, and did its work."""
+    cache = cluster_cache(backend, cluster_setup, f"par-{method}-{path_}", socket_timeout=30)
+    api = Api(cache, path_, loop)
+    per_node = keys_on_each_primary(cluster_setup, cache, "par", 3)
+    keys = [key for found in per_node.values() for key in found]
+    values = {key: f"v-{key}" for key in keys}
+    calls: dict[str, Callable[[], Any]] = {
+        "get_many": lambda: api.get_many(keys),
+        "set_many": lambda: api.set_many(values),
+        "delete_many": lambda: api.delete_many(keys),
+    }
+    expected = {"get_many": values, "set_many": values, "delete_many": {}}[method]
+    names = MULTI_KEY_COMMANDS[method]
+    primaries = cluster_setup.primaries()
+    with no_failover_while_stopped(cluster_setup), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        for stopped in primaries:
+            api.set_many(values if method != "set_many" else dict.fromkeys(keys, "old"))
+            assert api.get_many(keys)  # the map and a connection to each node are warm
+            others = [p for p in primaries if p is not stopped]
+            before = {p.port: node_calls_of(p, names) for p in others}
+            assert stopped.process is not None
+            os.kill(stopped.process.pid, signal.SIGSTOP)
+            try:
+                call = pool.submit(calls[method])
+                wait_until(
+                    lambda: all(node_calls_of(p, names) > before[p.port] for p in others),  # noqa: B023
+                    5,
+                    f"{method} on {[p.port for p in others]} while {stopped.port} is stopped",
+                )
+                assert not call.done()  # the stopped node's part is still to come
+            finally:
+                os.kill(stopped.process.pid, signal.SIGCONT)
+            call.result(timeout=30)
+            assert api.get_many(keys) == expected
+
+
+# 7. A burst beyond max_connections waits -----------------------------------------------------
+
+
+def test_cluster_a_burst_beyond_max_connections_waits_instead_of_failing(
+    cluster_setup: ClusterSetup, backend: str
+) -> None:
+    """max_connections 2 (per node): 200 tasks call aget at once on one loop, then 16
+    threads call get at once. None fails (no MaxConnectionsError: a caller beyond the limit
+    waits its turn), every value is right, and no primary sees more new connections than
+    the limit allows: the pools' (2 each, the sync one and the loop's) and one more (the
+    slot map's first read)."""
+    cache = cluster_cache(backend, cluster_setup, "burst", max_connections=2, timeout=20)
+    keys = [f"b{i}" for i in range(200)]
+    values = {key: i for i, key in enumerate(keys)}
+    numbered(cluster_setup, cache, keys)
+    primaries = cluster_setup.primaries()
+    assert len({owner(cluster_setup, slot_of(cache, k)).port for k in keys}) == 3
+    before = {p.port: p.stat("total_connections_received") for p in primaries}
+    assert cache.get(keys[0]) == 0  # the slot map is read (a cold cache: the next test)
+    assert tasks_burst(cache, keys) == list(values.values())
+    assert threads_burst(cache, keys) == [list(range(200))[n::16] for n in range(16)]
+    opened = {p.port: p.stat("total_connections_received") - before[p.port] for p in primaries}
+    print(f"\nnew connections per primary: {opened}")
+    assert all(count <= 2 * 2 + 1 for count in opened.values()), opened
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_cluster_a_new_cache_under_a_burst_reads_the_slot_map_for_all_its_callers(
+    cluster_setup: ClusterSetup, backend: str, path_: str
+) -> None:
+    """The first calls of a new cache (a deploy, a new worker) come all at once: 200 tasks on
+    one loop, or 16 threads. The slot map is not read yet; each call is routed once it is
+    (none goes out with an empty map), and none fails."""
+    cache = cluster_cache(backend, cluster_setup, f"cold-{path_}-{backend.rpartition('.')[2]}")
+    keys = [f"c{i}" for i in range(200)]
+    numbered(cluster_setup, cache, keys)
+    if path_ == "async":
+        assert tasks_burst(cache, keys) == list(range(200))
+        return
+    assert threads_burst(cache, keys) == [list(range(200))[n::16] for n in range(16)]
+
+
+def numbered(setup: ClusterSetup, cache: ExCache, keys: list[str]) -> None:
+    """Each of ``keys`` set to its index, by another client (raw ints: the cache reads them)."""
+    raw = setup.client()
+    try:
+        for i, key in enumerate(keys):
+            raw.set(cache.make_key(key), i)
+    finally:
+        raw.close()
+
+
+def tasks_burst(cache: ExCache, keys: list[str]) -> list[Any]:
+    """An ``aget`` of every key at once on one loop (within 60 s): the values, in order."""
+
+    async def burst() -> list[Any]:
+        return await asyncio.wait_for(asyncio.gather(*(cache.aget(k) for k in keys)), 60)
+
+    return asyncio.run(burst())
+
+
+def threads_burst(cache: ExCache, keys: list[str]) -> list[list[Any]]:
+    """16 threads that start together, each getting every 16th key: each one's values."""
+    barrier = threading.Barrier(16, timeout=30)
+
+    def thread_work(n: int) -> list[Any]:
+        barrier.wait()
+        return [cache.get(key) for key in keys[n::16]]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        return list(pool.map(thread_work, range(16), timeout=60))
+
+
+# ---------------------------------------------------------------------------
 # The dotted paths of the 1.x package: django_redis_ex.cache and django_redis_ex.async_cache
 # ---------------------------------------------------------------------------
 
@@ -7749,6 +8986,7 @@ def test_the_servers_are_the_chosen_binary(server: RedisServer) -> None:
     print(f"server under test: {info.get('server_name', 'redis')} {version}")
 
 
+@heavy
 def test_benchmark_quick_run_reports_every_scenario_for_both_classes(
     server: RedisServer, tmp_path: Any
 ) -> None:
@@ -8266,3 +9504,2499 @@ def test_reverse_key_function_at_the_entrys_top_level_is_used_by_keys(
     assert server.client(db=INTEROP_DB).get("rk|1|b") == b"2"
     assert sorted(api.keys("*")) == ["a:1", "b"]
     assert sorted(iterated(api, "iter_keys", "*")) == ["a:1", "b"]
+
+
+# ---------------------------------------------------------------------------
+# Tags (OPTIONS tags): set(..., tags=[...]) and invalidate_tags(), on every topology and path
+# ---------------------------------------------------------------------------
+
+
+def tag_key(prefix: str, tag: str) -> str:
+    """Where a tag lives: under the prefix, the prefix's tags in one slot (a hash tag)."""
+    return f"{prefix}:django-redis-ex:{{tags:{prefix}}}:{tag}"
+
+
+def tagged_api(api: Api, target: Target, **options: Any) -> Api:
+    return featured_api(api, target, tags=True, **options)
+
+
+@pytest.mark.parametrize("client_cache", [False, True], ids=["plain", "client_cache"])
+def test_entries_of_an_invalidated_tag_read_as_absent_and_nothing_else_changes(
+    api: Api, target: Target, client_cache: bool
+) -> None:
+    options = {"client_cache": {"heartbeat_interval": HEARTBEAT}} if client_cache else {}
+    api = tagged_api(api, target, **options)
+    api.set("a", "A", tags=["article:1", "home"])
+    api.set("b", 2, tags=["article:2"])
+    api.set_many({"c": [3], "d": {"d": 4}}, tags=("article:1",))
+    assert api.add("e", "E", tags=["article:1"]) is True
+    assert api.get_or_set("f", lambda: "F", tags=["article:1"]) == "F"
+    api.set("plain", "P")
+    for _ in range(2):  # the second read may come from the client-side store
+        assert api.get_many(["a", "b", "c", "d", "e", "f", "plain"]) == {
+            "a": "A",
+            "b": 2,
+            "c": [3],
+            "d": {"d": 4},
+            "e": "E",
+            "f": "F",
+            "plain": "P",
+        }
+    assert api.invalidate_tags("article:1") is None
+    for _ in range(2):
+        assert api.get("a", "gone") == "gone" and api.get("c") is None
+        assert api.has_key("a") is False and api.has_key("e") is False
+        assert api.get_many(["a", "b", "c", "d", "e", "f", "plain"]) == {"b": 2, "plain": "P"}
+        assert api.get("b") == 2 and api.get("plain") == "P" and api.has_key("b") is True
+    # Written with the tag after the call: valid. add() and get_or_set() see the key free.
+    assert api.get_or_set("f", lambda: "F2", tags=["article:1"]) == "F2"
+    assert api.add("e", "E2", tags=["article:1"]) is True
+    assert api.add("b", "B2") is False  # (its own tag was not invalidated)
+    api.set("a", "A2", tags=["article:1"])
+    assert api.get_many(["a", "e", "f"]) == {"a": "A2", "e": "E2", "f": "F2"}
+    api.invalidate_tags("home", "article:2")  # several at once; "home" no longer on "a"
+    assert api.get_many(["a", "b", "e"]) == {"a": "A2", "e": "E2"}
+    assert api.get("plain") == "P"
+
+
+def test_tags_are_refused_clearly_where_they_cannot_work(server: RedisServer, backend: str) -> None:
+    plain = make_cache(backend, server.url)
+    with pytest.raises(ImproperlyConfigured, match="OPTIONS 'tags': True"):
+        plain.set("k", 1, tags=["t"])
+    with pytest.raises(ImproperlyConfigured, match="OPTIONS 'tags': True"):
+        plain.invalidate_tags("t")
+    plain.set("k", 1, tags=[])  # no tags: nothing needed
+    assert plain.get("k") == 1
+    tagged = make_cache(backend, server.url, OPTIONS={"tags": True})
+    with pytest.raises(TypeError, match="not the string 'article'"):
+        tagged.set("k", 2, tags="article")
+    with pytest.raises(TypeError, match="str tags"):
+        tagged.set("k", 2, tags=["a", 3])  # type: ignore[list-item]
+    assert tagged.get("k") == 1  # nothing written by the refused calls
+    with pytest.raises(ImproperlyConfigured, match="'tags' writes this module's format"):
+        make_cache(backend, server.url, OPTIONS={"tags": True, "format": "django-redis"})
+
+
+def test_a_tagged_read_is_one_round_trip_on_one_server_and_sentinel(
+    backend: str, target: Target
+) -> None:
+    """And on Cluster two (the tags' keys lie in other slots); an untagged read on a cache
+    without tags is the GET it always was."""
+    tagged, plain = target.make(backend, OPTIONS={"tags": True}), target.make(backend)
+    tagged.set("t", "v", tags=["x", "y"])
+    plain.set("u", "v")
+    for warm in (tagged.get, tagged.has_key):  # the server learns the scripts (NOSCRIPT)
+        warm("t")
+    tagged.get_many(["t", "u"])
+    counts = ServerCounts(target.servers)
+    if target.name == "cluster":  # the entry's node, then its tags' (one slot): two trips
+        assert counts.commands(lambda: tagged.get("t")) == {"get": 1, "mget": 1}
+        assert counts.commands(lambda: tagged.has_key("t")) == {"get": 1, "mget": 1}
+        tagged.set("five", 5, tags=["a", "b", "c", "d", "e"])
+        assert counts.commands(lambda: tagged.get("five")) == {"get": 1, "mget": 1}
+        assert counts.commands(lambda: tagged.invalidate_tags("a", "b", "c")) == {"del": 1}
+    else:
+        assert counts.trips(lambda: tagged.get("t")) == [1]
+        assert counts.trips(lambda: tagged.get_many(["t", "u"])) == [1]
+        assert counts.trips(lambda: tagged.has_key("t")) == [1]
+        assert counts.trips(lambda: tagged.set("t", "w", tags=["x"])) == [2]  # tokens, SET
+    assert counts.commands(lambda: plain.get("u")) == {"get": 1}
+    assert sum(counts.trips(lambda: tagged.get("u"))) == 1  # untagged: nothing more to read
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_a_tag_invalidated_while_its_entry_is_computed_leaves_it_invalid(
+    server: RedisServer, backend: str, path_: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    prefix = f"computing-{backend.rsplit('.', 1)[1]}-{path_}"
+    cache = make_cache(backend, server.url, KEY_PREFIX=prefix, OPTIONS={"tags": True})
+    api = Api(cache, path_, loop)
+    computed = []
+
+    def compute() -> str:
+        computed.append(1)
+        # Another process's invalidation lands while the value is computed from old data.
+        server.client().delete(tag_key(prefix, "article:1"))
+        return f"value {len(computed)}"
+
+    assert api.get_or_set("page", compute, tags=["article:1"]) == "value 1"
+    assert api.get("page") is None and api.has_key("page") is False  # stored, invalid
+    api.invalidate_tags("article:1")  # (nothing changes: it already was)
+    assert api.get_or_set("page", lambda: "fresh", tags=["article:1"]) == "fresh"
+    assert api.get("page") == "fresh"
+
+
+@heavy
+def test_100000_entries_of_one_tag_invalidated_by_one_command(
+    server: RedisServer, backend: str
+) -> None:
+    cache = make_cache(backend, server.url, KEY_PREFIX="many", OPTIONS={"tags": True})
+    keys = [f"k{i}" for i in range(100_000)]
+    for start in range(0, len(keys), 5000):
+        cache.set_many({key: key for key in keys[start : start + 5000]}, tags=["big", "x"])
+    cache.set("other", 1, tags=["x"])
+    assert len(cache.get_many(keys[:5000])) == 5000
+    counts = ServerCounts([server])
+    began = time.perf_counter()
+    ran = counts.commands(lambda: cache.invalidate_tags("big"))
+    took = time.perf_counter() - began
+    print(f"\n100,000 entries of one tag invalidated in {took * 1000:.2f} ms: {ran}")
+    assert ran == {"del": 1}  # no SCAN, no KEYS, no entry touched
+    for start in range(0, len(keys), 10_000):
+        assert cache.get_many(keys[start : start + 10_000]) == {}
+    assert cache.get("other") == 1
+
+
+def test_a_tag_key_lives_as_long_as_its_longest_lived_entry(server: RedisServer) -> None:
+    cache = make_cache(BACKENDS["RedisEXCache"], server.url, OPTIONS={"tags": True})
+    raw = server.client()
+    tag = tag_key("", "t")
+    cache.set("a", 1, timeout=100, tags=["t"])
+    assert 90 < raw.ttl(tag) <= 100
+    cache.set("b", 1, timeout=50, tags=["t"])
+    assert 90 < raw.ttl(tag) <= 100  # not shortened
+    cache.set("c", 1, timeout=1000, tags=["t"])
+    assert 990 < raw.ttl(tag) <= 1000
+    cache.set("d", 1, timeout=None, tags=["t"])
+    assert raw.ttl(tag) == -1
+    assert cache.get_many(["a", "b", "c", "d"]) == {"a": 1, "b": 1, "c": 1, "d": 1}
+    raw.delete(tag)  # evicted (allkeys-lru): its entries read as absent, never as valid
+    assert cache.get_many(["a", "b", "c", "d"]) == {}
+
+
+def test_tags_survive_incr_version_and_clear_removes_them(api: Api, target: Target) -> None:
+    api = tagged_api(api, target)
+    api.set("k", "v", tags=["t"])
+    assert api.incr_version("k") == 2
+    assert api.get("k", version=2) == "v"
+    api.invalidate_tags("t")
+    assert api.get("k", version=2) is None
+    api.set("k", "w", tags=["t"])
+    assert target.keys("*django-redis-ex:*") == [tag_key("t", "t").encode()]
+    api.clear()
+    assert target.keys() == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sign_values": True},
+        {"compressor": "zlib", "compress_min_length": 1},
+        {"serializer": "json"},
+        {"serializer": "json", "sign_values": True, "compressor": "gzip"},
+    ],
+    ids=["signed", "zlib", "json", "json-signed-gzip"],
+)
+def test_tags_with_every_codec(server: RedisServer, backend: str, options: Any) -> None:
+    cache = make_cache(backend, server.url, OPTIONS={"tags": True, **options})
+    values = {"int": 12, "str": "12", "list": [1, "x" * 300], "neg": -5}
+    cache.set_many(values, tags=["t"])
+    cache.set("own", "x" * 300, tags=["u"])
+    assert cache.get_many([*values, "own"]) == {**values, "own": "x" * 300}
+    cache.invalidate_tags("t")
+    assert cache.get_many([*values, "own"]) == {"own": "x" * 300}
+
+
+def test_djangos_backend_reads_untagged_entries_and_refuses_tagged_ones(
+    server: RedisServer, backend: str
+) -> None:
+    ours = make_cache(backend, server.url, KEY_PREFIX="dj", OPTIONS={"tags": True})
+    theirs = build_cache("django.core.cache.backends.redis.RedisCache", server.url, KEY_PREFIX="dj")
+    ours.set("plain", {"a": 1})
+    ours.set("tagged", {"a": 1}, tags=["t"])
+    assert theirs.get("plain") == {"a": 1}
+    with pytest.raises(pickle.UnpicklingError):
+        theirs.get("tagged")  # never served stale: it is not read at all
+
+
+def test_an_invalidation_that_fails_is_raised_even_with_ignore_exceptions(
+    backend: str,
+) -> None:
+    port = free_port()
+    options = {"tags": True, "ignore_exceptions": True, "socket_connect_timeout": 0.5}
+    cache = make_cache(backend, f"redis://127.0.0.1:{port}", OPTIONS=options)
+    assert cache.get("k", "default") == "default"  # ignored, as configured
+    with pytest.raises(redis.ConnectionError):
+        cache.invalidate_tags("t")
+    with pytest.raises(redis.ConnectionError):
+        asyncio.run(cache.ainvalidate_tags("t"))
+
+
+@pytest.mark.parametrize("client_cache", [False, True], ids=["plain", "client_cache"])
+def test_another_process_invalidates_a_tag(
+    server: RedisServer, backend: str, client_cache: bool
+) -> None:
+    options: dict[str, Any] = {"tags": True}
+    if client_cache:
+        options["client_cache"] = {"heartbeat_interval": HEARTBEAT}
+    cache = make_cache(backend, server.url, KEY_PREFIX="procs", OPTIONS=options)
+    cache.set("page", "old", tags=["article:7"])
+    cache.set("other", "stays", tags=["article:8"])
+    assert cache.get("page") == "old" and cache.get("page") == "old"
+
+    def invalidate() -> int:
+        child = make_cache(backend, server.url, KEY_PREFIX="procs", OPTIONS=options)
+        child.invalidate_tags("article:7")
+        return 0
+
+    assert in_forked_child(invalidate) == 0
+    assert cache.get("page") is None and asyncio.run(cache.aget("page")) is None
+    assert cache.get("other") == "stays"
+
+
+def test_tags_across_a_sentinel_failover(backend: str) -> None:
+    setup = SentinelSetup()
+    try:
+        options = {"sentinels": setup.addresses, "tags": True, "socket_timeout": 1}
+        cache = make_cache(backend, "redis://mymaster/0", OPTIONS=options)
+        cache.set("gone", 1, tags=["t"])
+        cache.set("kept", 2, tags=["u"])
+        cache.invalidate_tags("t")
+        wait_until(
+            lambda: (
+                setup.replica.client().get(tag_key("", "t")) is None
+                and setup.replica.client().get(tag_key("", "u")) is not None
+            ),
+            10,
+            "the replica to have the invalidation",
+        )
+        setup.failover()
+        (found,) = wait_until(
+            lambda: [cache.get_many(["gone", "kept"])], 30, "a read after the failover"
+        )
+        assert found == {"kept": 2}
+        assert cache.get("gone") is None and cache.has_key("gone") is False
+        cache.set("gone", 3, tags=["t"])  # the new primary makes the tag a new token
+        assert cache.get("gone") == 3
+    finally:
+        setup.stop()
+
+
+def test_a_replica_answers_tagged_reads_itself(
+    backend: str, primary_and_replica: tuple[RedisServer, RedisServer]
+) -> None:
+    """EVALSHA_RO is a read: a replica runs it, tags' keys and all."""
+    primary, replica = primary_and_replica
+    cache = make_cache(
+        backend, [primary.url, replica.url], KEY_PREFIX="replica-tags", OPTIONS={"tags": True}
+    )
+    cache.set("k", "v", tags=["t"])
+    wait_until(lambda: replica.client().get(tag_key("replica-tags", "t")), 10, "sync")
+    before = calls_of(replica, "evalsha_ro") + calls_of(replica, "eval_ro")
+    assert cache.get("k") == "v"
+    cache.invalidate_tags("t")
+    wait_until(lambda: not replica.client().exists(tag_key("replica-tags", "t")), 10, "sync")
+    assert cache.get("k") is None and cache.get_many(["k"]) == {}
+    assert calls_of(replica, "evalsha_ro") + calls_of(replica, "eval_ro") - before >= 3
+
+
+def test_clear_by_prefix_removes_the_tags_of_its_prefix_only(server: RedisServer) -> None:
+    options = {"tags": True, "clear_by_prefix": True}
+    mine = make_cache(BACKENDS["RedisEXCache"], server.url, KEY_PREFIX="mine", OPTIONS=options)
+    theirs = make_cache(BACKENDS["RedisEXCache"], server.url, KEY_PREFIX="theirs", OPTIONS=options)
+    mine.set("k", 1, tags=["t"])
+    theirs.set("k", 2, tags=["t"])
+    mine.clear()
+    raw = server.client()
+    assert raw.exists(tag_key("mine", "t")) == 0
+    assert raw.exists(tag_key("theirs", "t")) == 1 and theirs.get("k") == 2
+
+
+def test_tagged_reads_survive_a_script_flush_under_concurrent_calls(
+    server: RedisServer, backend: str
+) -> None:
+    """The server forgets the scripts (SCRIPT FLUSH, as a restart or a new primary does)
+    while 100 tasks and 4 threads read tagged and untagged entries: each read falls back to
+    EVAL_RO, none fails or returns another's value."""
+    cache = make_cache(backend, server.url, KEY_PREFIX="flush-tags", OPTIONS={"tags": True})
+    values = {f"k{i}": f"v{i}" for i in range(100)}
+    cache.set_many(dict(list(values.items())[:50]), tags=["t"])
+    cache.set_many(dict(list(values.items())[50:]))
+    admin = server.client()
+
+    async def reads() -> list[Any]:
+        return list(await asyncio.gather(*(cache.aget(key) for key in values)))
+
+    for _ in range(3):
+        admin.script_flush()
+        assert asyncio.run(reads()) == list(values.values())
+        admin.script_flush()
+        with concurrent.futures.ThreadPoolExecutor(4) as threads:
+            found = list(threads.map(cache.get, values, timeout=30))
+        assert found == list(values.values())
+        admin.script_flush()
+        assert cache.get_many(list(values)) == values
+    cache.invalidate_tags("t")
+    admin.script_flush()
+    assert asyncio.run(reads()) == [None] * 50 + list(values.values())[50:]
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_a_cache_without_tags_never_serves_an_invalidated_tagged_entry(
+    server: RedisServer, backend: str, path_: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Two aliases of one KEY_PREFIX, one with OPTIONS tags: the other reads tagged entries
+    with their tags checked (a second round trip), has_key and add aside (README)."""
+    prefix = f"mixed-{backend.rsplit('.', 1)[1]}-{path_}"
+    tagged = make_cache(backend, server.url, KEY_PREFIX=prefix, OPTIONS={"tags": True})
+    plain = Api(make_cache(backend, server.url, KEY_PREFIX=prefix), path_, loop)
+    tagged.set_many({"a": "A", "b": "B"}, tags=["t"])
+    tagged.set("c", "C")
+    assert plain.get("a") == "A" and plain.get_many(["a", "b", "c"]) == {
+        "a": "A",
+        "b": "B",
+        "c": "C",
+    }
+    assert plain.get_or_set("a", "other") == "A"
+    tagged.invalidate_tags("t")
+    assert plain.get("a") is None and plain.get_many(["a", "b", "c"]) == {"c": "C"}
+    assert plain.get_or_set("a", lambda: "A2") == "A2"  # computed again, stored untagged
+    assert tagged.get("a") == "A2"
+
+
+# ---------------------------------------------------------------------------
+# Page caching: cache_page and the cache middleware (natively async), tags on pages
+# ---------------------------------------------------------------------------
+
+page: Any = django_redis_ex
+LOCMEM = "django.core.cache.backends.locmem.LocMemCache"
+# The sync cache methods an async view's page caching must not call (it awaits their twins).
+SYNC_CACHE_METHODS = (
+    "get",
+    "set",
+    "get_many",
+    "set_many",
+    "add",
+    "has_key",
+    "delete",
+    "touch",
+    "get_or_set",
+)
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "OPTIONS": {
+            "loaders": [
+                ("django.template.loaders.locmem.Loader", {"page.html": "{{ name }} run {{ run }}"})
+            ]
+        },
+    }
+]
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+
+async def asgi_request(
+    handler: ASGIHandler, method: str, route: str, headers: dict[str, str], query_string: str = ""
+) -> Reply:
+    """One request through Django's ASGI handler, as a server sends it: the client leaves
+    (http.disconnect) once answered."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": route,
+        "raw_path": route.encode(),
+        "query_string": query_string.encode(),
+        "root_path": "",
+        "headers": [(b"host", b"testserver")]
+        + [(name.lower().encode(), value.encode()) for name, value in headers.items()],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 80),
+    }
+    sent: list[Mapping[str, Any]] = []
+    answered = asyncio.Event()
+    request_read = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal request_read
+        if not request_read:
+            request_read = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await answered.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            answered.set()
+
+    await handler(scope, receive, send)
+    answered.set()
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return Reply(
+        int(start["status"]),
+        {str(k, "latin-1").lower(): str(v, "latin-1") for k, v in start["headers"]},
+        b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"),
+    )
+
+
+class Site:
+    """One test's site: its URLconf (this object), CACHES with "pages" on the test's server
+    (a key prefix of its own), and requests through Django's ASGI handler or test Client
+    (WSGI). Sync cache calls made during requests are recorded in ``sync_calls``."""
+
+    def __init__(self, server: RedisServer, backend: str, mode: str, loop: Any) -> None:
+        self.server, self.backend, self.loop = server, backend, loop
+        self.handler, self.view_kind = mode.split("-")  # e.g. "asgi-async"
+        self.urlpatterns: list[Any] = []
+        self.prefix = f"page-{uuid.uuid4().hex[:8]}"
+        self.sync_calls: list[str] = []
+        self.async_threads: set[str] = set()  # where the a* methods ran
+        self.recording = False
+
+    def caches(self, **options: Any) -> dict[str, Any]:
+        pages = {"BACKEND": self.backend, "LOCATION": self.server.url, "KEY_PREFIX": self.prefix}
+        return {
+            "default": {"BACKEND": LOCMEM, "LOCATION": self.prefix},
+            "locmem": {"BACKEND": LOCMEM, "LOCATION": self.prefix + "-locmem"},
+            "pages": {**pages, **({"OPTIONS": options} if options else {})},
+        }
+
+    @contextlib.contextmanager
+    def settings(self, **overrides: Any) -> Iterator[None]:
+        overrides.setdefault("CACHES", self.caches())
+        with override_settings(
+            ROOT_URLCONF=self,
+            CACHE_MIDDLEWARE_ALIAS="pages",
+            CACHE_MIDDLEWARE_SECONDS=60,
+            TEMPLATES=TEMPLATES,
+            **overrides,
+        ):
+            yield
+
+    def view(
+        self, respond: Callable[..., HttpResponseBase], runs: list[str] | None = None
+    ) -> Callable[..., Any]:
+        """A view of this site's kind that notes each run (its method) in ``runs``."""
+        ran = [] if runs is None else runs
+        if self.view_kind == "async":
+
+            async def async_view(request: HttpRequest, *args: Any, **kw: Any) -> HttpResponseBase:
+                ran.append(request.method or "")
+                return respond(request, len(ran), *args, **kw)
+
+            return async_view
+
+        def sync_view(request: HttpRequest, *args: Any, **kw: Any) -> HttpResponseBase:
+            ran.append(request.method or "")
+            return respond(request, len(ran), *args, **kw)
+
+        return sync_view
+
+    def run(self, awaitable: Awaitable[Any]) -> Any:
+        """``awaitable`` on the test's loop (the one requests run on), bounded."""
+        return self.loop.run_until_complete(asyncio.wait_for(awaitable, 30))
+
+    def route(self, route: str, view: Callable[..., Any]) -> None:
+        self.urlpatterns.append(path(route.lstrip("/"), view))
+
+    def __call__(self, route: str, method: str = "GET", **headers: str) -> Reply:
+        """One request; headers by their HTTP names with _ for -, e.g. Accept_Language."""
+        named = {name.replace("_", "-"): value for name, value in headers.items()}
+        self.recording = True
+        try:
+            if self.handler == "asgi":
+                return cast(Reply, self.run(asgi_request(ASGIHandler(), method, route, named)))
+            response = Client().generic(method, route, headers=named)
+            lower = {name.lower(): value for name, value in response.headers.items()}
+            if response.streaming:
+                chunks = cast(Any, response).streaming_content
+                return Reply(response.status_code, lower, b"".join(chunks))
+            return Reply(response.status_code, lower, response.content)
+        finally:
+            self.recording = False
+
+
+MODES = ["asgi-async", "wsgi-sync"]  # each view kind under its own handler
+ALL_MODES = [*MODES, "asgi-sync", "wsgi-async"]
+
+
+@pytest.fixture
+def site(
+    request: pytest.FixtureRequest,
+    server: RedisServer,
+    backend: str,
+    loop: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Site]:
+    """A Site whose mode is the test's ``mode`` parameter; in "asgi-async" mode no sync cache
+    method may run during a request (the recorded calls are asserted empty at the end)."""
+    site = Site(server, backend, request.param, loop)
+    cache_class = import_string(backend)
+
+    def tripwire(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if site.recording:
+                site.sync_calls.append(f"{name}() on {threading.current_thread().name}")
+            return method(self, *args, **kwargs)
+
+        return recorded
+
+    def on_thread(method: Callable[..., Any]) -> Callable[..., Any]:
+        async def noted(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if site.recording:
+                site.async_threads.add(threading.current_thread().name)
+            return await method(self, *args, **kwargs)
+
+        return noted
+
+    for name in SYNC_CACHE_METHODS:
+        monkeypatch.setattr(cache_class, name, tripwire(name, getattr(cache_class, name)))
+        monkeypatch.setattr(cache_class, "a" + name, on_thread(getattr(cache_class, "a" + name)))
+    yield site
+    if request.param == "asgi-async":
+        assert site.sync_calls == [], "sync cache calls during async requests"
+        loop_thread = threading.current_thread().name  # the loop runs in the test's thread
+        assert site.async_threads <= {loop_thread}, "async cache calls off the event loop"
+
+
+def counted(body: str = "page") -> Callable[..., HttpResponse]:
+    return lambda request, run, *args, **kwargs: HttpResponse(f"{body} run {run}")
+
+
+def by_mode(*modes: str) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize("site", modes, indirect=True)
+
+
+# What page caching relies on in Django ------------------------------------------------------
+
+
+def test_page_caching_relies_on_django_as_it_is() -> None:
+    """Django's page-caching code reaches the cache only through self.cache and the two key
+    functions, with get() and set(); the two middleware halves share the
+    request._cache_update_cache flag; the ASGI handler awaits a coroutine render(). A release
+    that changes one of these fails here, naming it."""
+    import django.core.handlers.base
+    import django.middleware.cache
+    import django.utils.cache
+
+    def source(obj: Any) -> str:
+        return inspect.getsource(obj)
+
+    fetch = source(django.middleware.cache.FetchFromCacheMiddleware.process_request)
+    update = source(django.middleware.cache.UpdateCacheMiddleware.process_response)
+    update_class: Any = django.middleware.cache.UpdateCacheMiddleware  # private names below
+    handler_class: Any = django.core.handlers.base.BaseHandler
+    should = source(update_class._should_update_cache)
+    assert "_cache_update_cache" in fetch and "_cache_update_cache" in should, (
+        "Django: the middleware halves share request._cache_update_cache"
+    )
+    for name, code in (("process_request", fetch), ("process_response", update)):
+        calls = set(re.findall(r"self\.cache\.(\w+)\(", code))
+        assert calls <= {"get", "set"}, f"Django: {name} calls self.cache.{calls}"
+    assert "cache=self.cache" in fetch and "cache=self.cache" in update
+    for function, method in (
+        (django.utils.cache.get_cache_key, "get"),
+        (django.utils.cache.learn_cache_key, "set"),
+    ):
+        calls = set(re.findall(r"\bcache\.(\w+)\(", source(function)))
+        assert calls == {method}, f"Django: {function.__name__} calls cache.{calls}"
+    assert "await response.render()" in source(handler_class._get_response_async), (
+        "Django: BaseHandler._get_response_async awaits a coroutine render()"
+    )
+
+
+# Served from the cache, natively -------------------------------------------------------------
+
+
+@by_mode(*ALL_MODES)
+def test_a_page_is_served_from_the_cache_on_the_second_request(site: Site) -> None:
+    runs: list[str] = []
+    site.route("/p/", page.cache_page(60, cache="pages")(site.view(counted(), runs)))
+    with site.settings():
+        first, second = site("/p/"), site("/p/")
+    assert (first.status, second.status) == (200, 200)
+    assert first.body == second.body == b"page run 1"
+    assert runs == ["GET"]
+    assert first.headers["cache-control"] == "max-age=60"
+    assert "expires" in first.headers and "age" not in first.headers
+    assert second.headers["expires"] == first.headers["expires"]
+    assert 0 <= int(second.headers["age"]) <= 60
+
+
+@by_mode("asgi-async")
+def test_an_async_view_makes_no_sync_cache_call_and_no_thread_hop(site: Site) -> None:
+    """The tripwire itself: every sync method of the class is wrapped, and none ran; the
+    a* methods ran on the event loop's thread."""
+    runs: list[str] = []
+    site.route("/p/", page.cache_page(60, cache="pages")(site.view(counted(), runs)))
+    with site.settings():
+        for _ in range(3):
+            assert site("/p/").body == b"page run 1"
+        site.recording = True
+        caches["pages"].get("anything")  # the tripwire works
+        site.recording = False
+    assert runs == ["GET"]
+    assert site.async_threads == {threading.current_thread().name}
+    assert len(site.sync_calls) == 1 and site.sync_calls[0].startswith("get() on ")
+    site.sync_calls.clear()
+
+
+@by_mode("wsgi-sync", "asgi-async")
+def test_keys_are_djangos_pages_written_by_one_are_read_by_the_other(site: Site) -> None:
+    """Django's cache_page writes, ours reads (and the other way round): same alias, same
+    key_prefix, same keys."""
+    ours_runs: list[str] = []
+    theirs_runs: list[str] = []
+    ours = page.cache_page(60, cache="pages", key_prefix="k")(site.view(counted("ours"), ours_runs))
+
+    def theirs_view(request: HttpRequest) -> HttpResponse:
+        theirs_runs.append("GET")
+        return HttpResponse("theirs")
+
+    theirs = django_cache_page(60, cache="pages", key_prefix="k")(theirs_view)
+    wsgi = Site(site.server, site.backend, "wsgi-sync", site.loop)  # Django's view: sync
+    wsgi.prefix = site.prefix
+    wsgi.route("/a/", theirs)
+    wsgi.route("/b/", theirs)
+    site.route("/a/", ours)
+    site.route("/b/", ours)
+    with site.settings():
+        with wsgi.settings():
+            assert wsgi("/a/").body == b"theirs"  # Django writes /a/
+        assert site("/a/").body == b"theirs"  # ours reads it
+        assert site("/b/").body == b"ours run 1"  # ours writes /b/
+        with wsgi.settings():
+            assert wsgi("/b/").body == b"ours run 1"  # Django reads it
+    assert ours_runs == ["GET"] and theirs_runs == ["GET"]
+
+
+def test_the_async_key_functions_are_djangos(server: RedisServer, backend: str, loop: Any) -> None:
+    site = Site(server, backend, "asgi-async", loop)
+    with site.settings(USE_I18N=False):
+        cache = caches["pages"]
+        request = RequestFactory().get("/k/", headers={"Accept-Language": "fr", "Cookie": "a=1"})
+        response = HttpResponse("k")
+        patch_vary_headers(response, ["Accept-Language", "Cookie"])
+
+        async def ours() -> tuple[str | None, str, str | None]:
+            before = await page.aget_cache_key(request, "p", cache=cache)
+            learned = await page.alearn_cache_key(request, response, 60, "p", cache=cache)
+            return before, learned, await page.aget_cache_key(request, "p", "HEAD", cache=cache)
+
+        before, learned, head = site.run(ours())
+        assert before is None
+        assert learned == learn_cache_key(request, response, 60, "p", cache=cache)
+        assert learned == get_cache_key(request, "p", cache=cache)
+        assert head == get_cache_key(request, "p", "HEAD", cache=cache)
+        assert page.get_cache_key is get_cache_key and page.learn_cache_key is learn_cache_key
+
+
+# Django's rules: Vary, HEAD, what is not cached -----------------------------------------------
+
+
+@by_mode(*MODES)
+@pytest.mark.parametrize(
+    ("header", "i18n"), [("Accept-Language", False), ("Accept-Language", True), ("Cookie", True)]
+)
+def test_vary_gives_each_header_value_its_entry(site: Site, header: str, i18n: bool) -> None:
+    """With USE_I18N, Accept-Language counts through the active language (LocaleMiddleware
+    sets it), not as a raw header: Django's rule either way."""
+
+    def respond(request: HttpRequest, run: int) -> HttpResponse:
+        response = HttpResponse(f"{request.headers.get(header)} run {run}")
+        patch_vary_headers(response, [header])
+        return response
+
+    site.route("/v/", page.cache_page(60, cache="pages")(site.view(respond)))
+    values = ("fr", "de") if header == "Accept-Language" else ("a=1", "a=2")
+    locale = ["django.middleware.locale.LocaleMiddleware"] if i18n else []
+    languages = [("fr", "French"), ("de", "German"), ("en", "English")]
+    with site.settings(USE_I18N=i18n, MIDDLEWARE=locale, LANGUAGES=languages):
+        key = header.replace("-", "_")
+        assert site("/v/", **{key: values[0]}).body == f"{values[0]} run 1".encode()
+        assert site("/v/", **{key: values[1]}).body == f"{values[1]} run 2".encode()
+        assert site("/v/", **{key: values[0]}).body == f"{values[0]} run 1".encode()
+        assert site("/v/", **{key: values[1]}).body == f"{values[1]} run 2".encode()
+
+
+@by_mode(*MODES)
+def test_head_is_served_from_the_get_entry_and_cached_on_its_own(site: Site) -> None:
+    runs: list[str] = []
+    site.route("/h/", page.cache_page(60, cache="pages")(site.view(counted(), runs)))
+    site.route("/h2/", page.cache_page(60, cache="pages")(site.view(counted(), runs)))
+    with site.settings():
+        site("/h/")
+        head = site("/h/", "HEAD")
+        assert head.status == 200 and "age" in head.headers
+        assert runs == ["GET"]  # the GET's entry served the HEAD
+        site("/h2/", "HEAD")
+        site("/h2/", "HEAD")
+        assert runs == ["GET", "HEAD"]  # a HEAD entry of its own, served to the next HEAD
+        assert site("/h2/").body == b"page run 3"  # which a GET does not take
+        assert runs == ["GET", "HEAD", "GET"]
+
+
+async def stream() -> AsyncIterator[bytes]:
+    yield b"s"
+
+
+def _not_cached(kind: str) -> Callable[..., HttpResponseBase]:
+    def respond(request: HttpRequest, run: int) -> HttpResponseBase:
+        if kind == "streaming":
+            return StreamingHttpResponse(stream() if isinstance(request, ASGIRequest) else [b"s"])
+        response = HttpResponse(f"run {run}", status=404 if kind == "404" else 200)
+        if kind == "cookie+vary":
+            response.set_cookie("session", "x")
+            patch_vary_headers(response, ["Cookie"])
+        elif kind.startswith("cache-control:"):
+            response["Cache-Control"] = kind.partition(":")[2]
+        return response
+
+    return respond
+
+
+@by_mode(*MODES)
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "cookie+vary",
+        "cache-control:private",
+        "cache-control:no-cache",
+        "cache-control:no-store",
+        "cache-control:max-age=0",
+        "404",
+        "streaming",
+        "post",
+    ],
+)
+def test_what_django_does_not_cache_is_not_cached(site: Site, kind: str) -> None:
+    runs: list[str] = []
+    site.route("/n/", page.cache_page(None, cache="pages")(site.view(_not_cached(kind), runs)))
+    method = "POST" if kind == "post" else "GET"
+    with site.settings():
+        site("/n/", method)
+        site("/n/", method)
+    assert runs == [method, method]
+
+
+@by_mode(*MODES)
+def test_a_cookie_without_vary_cookie_is_cached_as_django_caches_it(site: Site) -> None:
+    def respond(request: HttpRequest, run: int) -> HttpResponse:
+        response = HttpResponse(f"run {run}")
+        response.set_cookie("flavour", "x")
+        return response
+
+    site.route("/c/", page.cache_page(None, cache="pages")(site.view(respond)))
+    with site.settings():
+        assert site("/c/").body == site("/c/").body == b"run 1"
+
+
+def template_response(request: HttpRequest, run: int, **kwargs: Any) -> TemplateResponse:
+    response = TemplateResponse(request, "page.html", {"name": "view", "run": run})
+    response.add_post_render_callback(lambda r: r.headers.__setitem__("X-Rendered", "yes"))
+    return response
+
+
+class NameTemplates:
+    """A template-response middleware: what it changes is in the page cached."""
+
+    def __init__(self, get_response: Callable[..., Any]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> Any:
+        return self.get_response(request)
+
+    def process_template_response(self, request: HttpRequest, response: Any) -> Any:
+        if getattr(response, "context_data", None) is not None:  # not on a page from the cache
+            response.context_data["name"] = "middleware"
+        return response
+
+
+class OuterCallback:
+    """process_response of an outer decorator (made by Django's decorator_from_middleware)
+    runs after the render, after cache_page's: Django caches the page before it."""
+
+    def __init__(self, get_response: Callable[..., Any]) -> None:
+        self.get_response = get_response
+
+    def process_response(self, request: HttpRequest, response: HttpResponseBase) -> Any:
+        response["X-Outer"] = "yes"
+        return response
+
+
+@by_mode(*ALL_MODES)
+def test_a_template_response_is_cached_once_rendered(site: Site) -> None:
+    """Cached after template-response middleware and its render, before later post-render
+    callbacks (as Django's is): in async mode, its writes awaited by render() itself."""
+    runs: list[str] = []
+    outer = decorator_from_middleware(OuterCallback)
+    view = outer(page.cache_page(60, cache="pages")(site.view(template_response, runs)))
+    site.route("/t/", view)
+    with site.settings(MIDDLEWARE=[f"{__name__}.NameTemplates"]):
+        first, second = site("/t/"), site("/t/")
+        assert first.body == second.body == b"middleware run 1"
+        assert runs == ["GET"]
+        assert first.headers["x-rendered"] == second.headers["x-rendered"] == "yes"
+        assert first.headers["x-outer"] == second.headers["x-outer"] == "yes"
+        request = RequestFactory().get("/t/")
+        key = site.run(page.aget_cache_key(request, "", cache=caches["pages"]))
+        stored = caches["pages"].get(key)
+    assert stored.content == b"middleware run 1" and "X-Outer" not in stored
+
+
+@by_mode("asgi-async")
+def test_nested_cache_page_on_a_template_response_writes_both(site: Site) -> None:
+    runs: list[str] = []
+    inner = page.cache_page(60, cache="pages", key_prefix="inner")(
+        site.view(template_response, runs)
+    )
+    site.route("/t/", page.cache_page(60, cache="pages", key_prefix="outer")(inner))
+    with site.settings():
+        assert site("/t/").body == site("/t/").body == b"view run 1"
+        request = RequestFactory().get("/t/")
+        for prefix in ("inner", "outer"):
+            key = site.run(page.aget_cache_key(request, prefix, cache=caches["pages"]))
+            assert key is not None and site.run(caches["pages"].aget(key)) is not None
+    assert runs == ["GET"]
+
+
+# The middleware -----------------------------------------------------------------------------
+
+
+@by_mode(*ALL_MODES)
+@pytest.mark.parametrize("pair", [True, False], ids=["pair", "CacheMiddleware"])
+def test_the_middleware_caches_pages(site: Site, pair: bool) -> None:
+    runs: list[str] = []
+    site.route("/m/", site.view(counted(), runs))
+    site.route("/m/<int:pk>/", site.view(template_response, runs))
+    names = ["UpdateCacheMiddleware", "FetchFromCacheMiddleware"] if pair else ["CacheMiddleware"]
+    with site.settings(MIDDLEWARE=[f"{page.__name__}.{name}" for name in names]):
+        first, second = site("/m/"), site("/m/")
+        assert first.body == second.body == b"page run 1"
+        assert first.headers["cache-control"] == "max-age=60" and "age" in second.headers
+        assert site("/m/3/").body == site("/m/3/").body == b"view run 2"
+        assert site("/m/", "HEAD").status == 200
+    assert runs == ["GET", "GET"]
+
+
+def test_the_middleware_keeps_djangos_signatures_and_attributes() -> None:
+    import django.middleware.cache
+
+    def get_response(request: HttpRequest) -> HttpResponse:
+        return HttpResponse()
+
+    with override_settings(
+        CACHE_MIDDLEWARE_SECONDS=30, CACHE_MIDDLEWARE_KEY_PREFIX="kp", CACHE_MIDDLEWARE_ALIAS="x"
+    ):
+        for name in ("UpdateCacheMiddleware", "FetchFromCacheMiddleware", "CacheMiddleware"):
+            ours, theirs = (
+                getattr(page, name)(get_response),
+                getattr(django.middleware.cache, name)(get_response),
+            )
+            assert isinstance(ours, type(theirs))
+            assert ours.sync_capable and ours.async_capable
+            for attribute in ("cache_timeout", "page_timeout", "key_prefix", "cache_alias"):
+                assert getattr(ours, attribute, None) == getattr(theirs, attribute, None)
+        made = page.CacheMiddleware(get_response, 5, 7, key_prefix=None, cache_alias=None)
+        assert (made.cache_timeout, made.page_timeout) == (5, 7)
+        assert (made.key_prefix, made.cache_alias) == ("", "default")
+
+    async def async_response(request: HttpRequest) -> HttpResponse:
+        return HttpResponse()
+
+    assert inspect.iscoroutinefunction(page.cache_page(1)(async_response))
+    assert not inspect.iscoroutinefunction(page.cache_page(1)(get_response))
+    assert page.cache_page(1)(get_response).__name__ == "get_response"
+
+
+# Tags ---------------------------------------------------------------------------------------
+
+
+def test_tags_on_a_cache_without_them_are_refused_naming_it(
+    server: RedisServer, backend: str
+) -> None:
+    """At decoration when the alias is given, else at the first page written."""
+    site = Site(server, backend, "wsgi-sync", None)  # "pages": ours, without OPTIONS tags
+    site.route("/x/", page.cache_page(60, tags=["x"])(site.view(counted())))  # "default"
+    site.route("/y/", page.cache_page(60, tags=lambda request: [])(site.view(counted())))
+    with site.settings():
+        with pytest.raises(ImproperlyConfigured, match=r"'locmem'.*LocMemCache"):
+            page.cache_page(60, cache="locmem", tags=["x"])(site.view(counted()))
+        with pytest.raises(ImproperlyConfigured, match=r"OPTIONS 'tags': True in .*'pages'"):
+            page.cache_page(60, cache="pages", tags=["x"])(site.view(counted()))
+        page.cache_page(60, cache="locmem")(site.view(counted()))  # no tags: fine
+        with pytest.raises(ImproperlyConfigured, match=r"'default'.*LocMemCache"):
+            site("/x/")  # the default alias ("default" as Django's): at the first request
+        with pytest.raises(ImproperlyConfigured, match="'default'"):
+            site("/y/")  # a callable: a cache without tags is refused all the same
+    with pytest.raises(TypeError, match="not the string 'x'"):
+        page.cache_page(60, tags="x")(site.view(counted()))  # as set(tags=) refuses it
+
+
+def tagged_config(site: Site) -> dict[str, Any]:
+    """TAGS: CACHES with OPTIONS tags on "pages"; skips where the cache has no tags yet."""
+    config = site.caches(tags=True)
+    with override_settings(CACHES=config):
+        if not hasattr(caches["pages"], "invalidate_tags"):
+            pytest.skip("TAGS: waits for set(..., tags=) and invalidate_tags() in the module")
+    return config
+
+
+def pages_cache() -> ExCache:
+    return cast(ExCache, caches["pages"])
+
+
+def article(request: HttpRequest, run: int, pk: int) -> HttpResponse:
+    return HttpResponse(f"article {pk} run {run}")
+
+
+@by_mode(*MODES)
+def test_tags_drop_the_pages_of_a_tag_only(site: Site) -> None:
+    """TAGS: tags=lambda request, pk: [f"article:{pk}"]; invalidate_tags("article:1") drops
+    article 1's page while article 2's stays cached."""
+    config = tagged_config(site)
+    runs: list[str] = []
+    with site.settings(CACHES=config):
+        tagged = page.cache_page(60, cache="pages", tags=lambda request, pk: [f"article:{pk}"])
+        site.route("/article/<int:pk>/", tagged(site.view(article, runs)))
+        assert site("/article/1/").body == b"article 1 run 1"
+        assert site("/article/2/").body == b"article 2 run 2"
+        assert site("/article/1/").body == b"article 1 run 1"
+        pages_cache().invalidate_tags("article:1")
+        assert site("/article/1/").body == b"article 1 run 3"
+        assert site("/article/2/").body == b"article 2 run 2"
+        site.run(pages_cache().ainvalidate_tags("article:2"))
+        assert site("/article/2/").body == b"article 2 run 4"
+        assert site("/article/1/").body == b"article 1 run 3"
+    assert len(runs) == 4
+
+
+@by_mode(*MODES)
+def test_tags_invalidated_in_another_process_drop_the_page(site: Site) -> None:
+    """TAGS: a forked process invalidates; the parent's next request runs the view again."""
+    config = tagged_config(site)
+    runs: list[str] = []
+    with site.settings(CACHES=config):
+        tagged = page.cache_page(60, cache="pages", tags=lambda request, pk: [f"article:{pk}"])
+        site.route("/article/<int:pk>/", tagged(site.view(article, runs)))
+        assert site("/article/1/").body == site("/article/1/").body == b"article 1 run 1"
+        assert site("/article/2/").body == b"article 2 run 2"
+
+        def invalidate() -> int:
+            pages_cache().invalidate_tags("article:1")
+            return 0
+
+        assert in_forked_child(invalidate, timeout=30) == 0
+        assert site("/article/1/").body == b"article 1 run 3"
+        assert site("/article/2/").body == b"article 2 run 2"
+    assert len(runs) == 3
+
+
+@by_mode(*ALL_MODES)
+def test_the_middleware_tags_pages_with_the_views_arguments(site: Site) -> None:
+    """TAGS: a subclass's tags callable gets the arguments the URL resolver found."""
+    config = tagged_config(site)
+    runs: list[str] = []
+    site.route("/m/<int:pk>/", site.view(counted(), runs))
+    with site.settings(CACHES=config, MIDDLEWARE=[f"{__name__}.TaggingCacheMiddleware"]):
+        assert site("/m/1/").body == site("/m/1/").body == b"page run 1"
+        assert site("/m/2/").body == b"page run 2"
+        pages_cache().invalidate_tags("m:1")
+        assert site("/m/1/").body == b"page run 3"
+        assert site("/m/2/").body == b"page run 2"
+    assert len(runs) == 3
+
+
+class TaggingCacheMiddleware(page.CacheMiddleware):  # type: ignore[misc]
+    tags = staticmethod(lambda request, pk: [f"m:{pk}"])
+
+
+class TopologySite:
+    """A URLconf with one tagged, cached page of each view kind, its cache on ``target``."""
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+
+        async def async_article(request: HttpRequest, pk: int) -> HttpResponse:
+            self.runs.append(f"async {pk}")
+            return HttpResponse(f"article {pk}, run {len(self.runs)}")
+
+        def sync_article(request: HttpRequest, pk: int) -> HttpResponse:
+            self.runs.append(f"sync {pk}")
+            return HttpResponse(f"article {pk}, run {len(self.runs)}")
+
+        def tags(request: HttpRequest, pk: int) -> list[str]:
+            return [f"article:{pk}"]
+
+        cached = page.cache_page(60, cache="pages", tags=tags)
+        self.urlpatterns = [
+            path("async/<int:pk>", cached(async_article)),
+            path("sync/<int:pk>", cached(sync_article)),
+        ]
+
+
+def test_tagged_pages_on_every_topology(target: Target, backend: str) -> None:
+    """cache_page with tags on one server, Sentinel and Cluster: each page served from the
+    cache, then run again once its article's tag is invalidated, the other article's kept."""
+    options = {**target.options, "tags": True}
+    pages = {"BACKEND": backend, "LOCATION": target.location, "OPTIONS": options}
+    caches_ = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    with override_settings(CACHES={**caches_, "pages": pages}):
+        site = TopologySite()  # (cache_page checks its cache's OPTIONS tags at once)
+        stack = contextlib.ExitStack()
+        stack.enter_context(override_settings(ROOT_URLCONF=site))
+        handler = ASGIHandler()
+        loop = asyncio.new_event_loop()
+        try:
+
+            def get(route: str) -> bytes:
+                if route.startswith("/async"):
+                    reply = loop.run_until_complete(asgi_request(handler, "GET", route, {}))
+                    assert reply.status == 200
+                    return reply.body
+                response = Client().get(route)
+                assert response.status_code == 200
+                return response.content
+
+            routes = ["/async/1", "/async/2", "/sync/1", "/sync/2"]
+            first = [get(route) for route in routes]
+            assert [get(route) for route in routes] == first  # from the cache
+            assert len(site.runs) == 4
+            cast(ExCache, caches["pages"]).invalidate_tags("article:1")
+            again = [get(route) for route in routes]
+            assert again[1] == first[1] and again[3] == first[3]  # article 2: kept
+            assert again[0] != first[0] and again[2] != first[2]  # article 1: run again
+            assert site.runs[4:] == ["async 1", "sync 1"]
+        finally:
+            loop.run_until_complete(caches["pages"].aclose())
+            loop.close()
+            stack.close()
+
+
+def test_many_tags_per_entry_any_one_invalidates_it(api: Api, target: Target) -> None:
+    api = tagged_api(api, target)
+    tags = [f"tag-{i}" for i in range(50)]
+    for i in range(5):  # five entries, each with all 50 tags
+        api.set(f"e{i}", i, tags=tags)
+    api.set("other", "o", tags=["unrelated"])
+    assert api.get_many([f"e{i}" for i in range(5)]) == {f"e{i}": i for i in range(5)}
+    api.invalidate_tags(tags[37])
+    assert api.get_many([f"e{i}" for i in range(5)] + ["other"]) == {"other": "o"}
+    api.set("e0", "again", tags=tags)  # new tokens for tag-37 only; the other 49 kept theirs
+    assert api.get("e0") == "again" and api.has_key("e1") is False
+
+
+def crafted_tagged(header_body: bytes, value: Any = "ok") -> bytes:
+    """A tagged entry's bytes as another client might write them: any header body."""
+    return b"\x00rt%d\n" % len(header_body) + header_body + pickle.dumps(value)
+
+
+CRAFTED_HEADERS = [b"-3:", b"1:a-5:", b"X", b"99:", b"3:abc", b"1:a1:", b"0:0:0:"]
+
+
+@pytest.mark.parametrize("client_cache", [False, True], ids=["plain", "client_cache"])
+def test_a_malformed_tags_header_reads_as_absent_and_never_loops(
+    backend: str, client_cache: bool
+) -> None:
+    """Headers no writer of this module makes (a negative length once looped the server's
+    script, and the Python parser, forever): each reads as absent, on caches with and
+    without OPTIONS tags, and the other keys of the same get_many are served."""
+    server = RedisServer("--lua-time-limit", "300")
+    try:
+        raw = server.client()
+        raw.set("", "")  # what a pair of empty key and token would find
+        options: dict[str, Any] = {"tags": True, "socket_timeout": 2}
+        if client_cache:
+            options["client_cache"] = {"heartbeat_interval": HEARTBEAT}
+        tagged = make_cache(backend, server.url, KEY_PREFIX="p", OPTIONS=options)
+        plain = make_cache(backend, server.url, KEY_PREFIX="p", OPTIONS={"socket_timeout": 2})
+        tagged.set("good", "fine", tags=["t"])
+        tagged.set("plain", 1)
+        for i, header in enumerate(CRAFTED_HEADERS):
+            raw.set(f"p:1:evil{i}", crafted_tagged(header))
+        evil = [f"evil{i}" for i in range(len(CRAFTED_HEADERS))]
+
+        def reads() -> int:
+            for cache in (tagged, plain):
+                for key in evil:
+                    assert cache.get(key, "absent") == "absent", key
+                    assert asyncio.run(cache.aget(key, "absent")) == "absent", key
+                assert cache.get_many(["good", "plain", *evil]) == {"good": "fine", "plain": 1}
+                assert cache.get_or_set("evil0", "computed") == "computed"
+                raw.set("p:1:evil0", crafted_tagged(CRAFTED_HEADERS[0]))
+            for key in evil:
+                assert tagged.has_key(key) is False
+            return 0
+
+        assert in_forked_child(reads, timeout=30) == 0  # a loop would hang it: killed, failed
+        assert raw.get("p:1:plain") == b"1"  # the server was never busy with a script
+    finally:
+        server.stop()
+
+
+def test_set_nx_and_xx_see_an_invalidated_entry_as_absent(api: Api, target: Target) -> None:
+    api = tagged_api(api, target)
+    api.set("k", "old", tags=["t"])
+    api.invalidate_tags("t")
+    assert api.set("k", "x", xx=True) is False and api.get("k") is None  # not written over
+    assert api.set("k", "x", xx=True, timeout=0) is False
+    assert api.set("k", "new", nx=True, tags=["t"]) is True and api.get("k") == "new"
+    assert api.set("k", "newer", nx=True) is False  # valid now: taken
+    assert api.set("k", "newer", xx=True) is True and api.get("k") == "newer"
+    api.set("k", "tagged", tags=["u"])
+    api.invalidate_tags("u")
+    assert api.set("k", "n", nx=True, timeout=0) is True  # free, and nothing stored
+
+
+def test_incr_and_incr_version_of_an_invalidated_entry_raise_value_error(
+    api: Api, target: Target
+) -> None:
+    """As for a missing key (Django's contract); a valid tagged value is no integer."""
+    api = tagged_api(api, target)
+    api.set("c", 5, tags=["t"])
+    with pytest.raises(redis.ResponseError, match="not an integer"):
+        api.incr("c")
+    api.invalidate_tags("t")
+    with pytest.raises(ValueError, match="not found"):
+        api.incr("c")
+    with pytest.raises(ValueError, match="not found"):
+        api.incr_version("c")
+    assert api.incr("c", 3, ignore_key_check=True) == 3  # created from 0, untagged
+    assert api.incr("c") == 4 and api.get("c") == 4
+    api.set("n", 1)
+    assert api.incr("n", 2) == 3  # untagged counters as ever
+    assert api.incr_version("n") == 2 and api.get("n", version=2) == 3
+
+
+def test_a_str_subclass_is_a_tag_by_its_value(server: RedisServer) -> None:
+    class Topic(enum.StrEnum):
+        NEWS = "news"
+
+    cache = make_cache(
+        BACKENDS["RedisEXCache"], server.url, KEY_PREFIX="enum", OPTIONS={"tags": True}
+    )
+    cache.set("k", 1, tags=[Topic.NEWS])
+    cache.invalidate_tags("news")
+    assert cache.get("k") is None
+    cache.set("k", 2, tags=["news"])
+    cache.invalidate_tags(Topic.NEWS)
+    assert cache.get("k") is None
+
+
+def test_an_async_page_hit_is_one_round_trip(server: RedisServer, backend: str) -> None:
+    """The header list and the page are read together (one MGET) once the middleware has
+    seen the page's key; a request whose Vary header differs reads its own page."""
+    pages = {"BACKEND": backend, "LOCATION": server.url, "KEY_PREFIX": uuid.uuid4().hex[:8]}
+    caches_ = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    with override_settings(CACHES={**caches_, "pages": pages}):
+        runs: list[str] = []
+
+        @django_redis_ex.cache_page(60, cache="pages")
+        async def view(request: HttpRequest) -> HttpResponse:
+            runs.append(request.headers.get("X-Variant", ""))
+            response = HttpResponse(f"run {len(runs)}")
+            response["Vary"] = "X-Variant"  # (Accept-Language: the key has the language)
+            return response
+
+        class Urls:
+            urlpatterns: ClassVar[list[Any]] = [path("p", view)]
+
+        loop = asyncio.new_event_loop()
+        try:
+            with override_settings(ROOT_URLCONF=Urls()):
+                handler = ASGIHandler()
+
+                def get(language: str) -> bytes:
+                    headers = {"X-Variant": language}
+                    reply = loop.run_until_complete(asgi_request(handler, "GET", "/p", headers))
+                    return reply.body
+
+                first = get("en")
+                assert get("en") == first  # learned: the header key's page key
+                counts = ServerCounts([server])
+                assert counts.trips(lambda: get("en")) == [1]
+                assert counts.commands(lambda: get("en")) == {"mget": 1}
+                assert get("fr") != first and get("fr") == get("fr")  # its own page
+                assert get("en") == first and runs == ["en", "fr"]
+        finally:
+            loop.run_until_complete(caches["pages"].aclose())
+            loop.close()
+
+
+@pytest.mark.parametrize("path_", ["sync", "async"])
+def test_a_signed_cache_without_tags_reads_signed_tagged_entries(
+    server: RedisServer, backend: str, path_: str, loop: asyncio.AbstractEventLoop, caplog: Any
+) -> None:
+    """sign_values on both aliases, tags on one: the other reads the tagged entries (each
+    signature checked for its key), an invalidated one as absent, and logs no forgery."""
+    prefix = f"signed-mixed-{backend.rsplit('.', 1)[1]}-{path_}"
+    options = {"sign_values": True}
+    tagged = make_cache(backend, server.url, KEY_PREFIX=prefix, OPTIONS={**options, "tags": True})
+    plain = Api(make_cache(backend, server.url, KEY_PREFIX=prefix, OPTIONS=options), path_, loop)
+    tagged.set_many({"a": "A", "b": ["B"]}, tags=["t"])
+    tagged.set_many({"c": "C", "n": 7}, tags=["u"])
+    assert plain.get_many(["a", "b", "c", "n"]) == {"a": "A", "b": ["B"], "c": "C", "n": 7}
+    tagged.invalidate_tags("t")
+    with caplog.at_level(logging.WARNING, logger="django_redis_ex"):
+        assert plain.get_many(["a", "b", "c", "n"]) == {"c": "C", "n": 7}
+        assert plain.get("a") is None and plain.get("c") == "C"
+    assert "signature" not in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Stale values: get_or_set's stale_while_revalidate and stale_if_error
+# ---------------------------------------------------------------------------
+
+STALE = "\x00stale"
+
+
+def expire_now(target: Target, key: str) -> None:
+    """Let ``key`` expire as its timeout would (its stale copy stays), and wait until it has."""
+    target.raw.pexpire(key, 1)
+    wait_until(lambda: not target.raw.exists(key), 5, f"{key} to expire")
+
+
+def stale_api(api: Api, target: Target, **options: Any) -> Api:
+    """``api``'s backend, path and topology, a prefix of its own, and these OPTIONS."""
+    backend = f"django_redis_ex.{type(api.cache).__name__}"
+    prefix = f"stale-{uuid.uuid4().hex[:8]}"
+    return Api(target.make(backend, KEY_PREFIX=prefix, OPTIONS=options), api.path, api.loop)
+
+
+def refreshed(api: Api, key: str, value: Any) -> bool:
+    """Wait (bounded) until the background refresh of the async path stored ``value``."""
+    if api.path == "async":  # its task runs while the loop does
+        api.loop.run_until_complete(asyncio.sleep(0))
+    return bool(wait_until(lambda: api.get(key) == value, 10, "the refresh"))
+
+
+def run_loop_until(loop: asyncio.AbstractEventLoop, condition: Callable[[], Any]) -> None:
+    async def poll() -> None:
+        for _ in range(400):
+            if condition():
+                return
+            await asyncio.sleep(0.025)
+        raise TimeoutError("the background refresh did not finish in 10 s")
+
+    loop.run_until_complete(poll())
+
+
+STALE_OPTIONS = [
+    pytest.param({}, id="plain"),
+    pytest.param({"tags": True}, id="tags"),
+    pytest.param({"client_cache": True}, id="client_cache"),
+    pytest.param({"sign_values": True, "serializer": "json", "compressor": "zlib"}, id="signed"),
+]
+
+
+@pytest.mark.parametrize("options", STALE_OPTIONS)
+def test_stale_while_revalidate_serves_the_expired_value_while_one_caller_recomputes(
+    api: Api, target: Target, options: dict[str, Any]
+) -> None:
+    """Other reads see the entry expire at its timeout; get_or_set returns the old value at
+    once, and the next comes from one computation (the caller's on the sync path; a task's
+    on the async one). With tags, a value whose tag was invalidated is not served stale."""
+    api = stale_api(api, target, **options)
+    prefix = api.cache.key_prefix
+    tags = {"tags": ["t"]} if options.get("tags") else {}
+    runs: list[str] = []
+
+    def compute() -> str:
+        runs.append("x")
+        return f"v{len(runs)}"
+
+    def get_or_set() -> Any:
+        return api.get_or_set("k", compute, 30, stale_while_revalidate=60, **tags)
+
+    assert get_or_set() == "v1"
+    assert 30 < target.raw.pttl(f"{prefix}:1:k{STALE}") / 1000 <= 90  # timeout + window
+    expire_now(target, f"{prefix}:1:k")
+    assert api.get("k") is None and api.has_key("k") is False and api.ttl("k") == 0
+    assert api.get_many(["k"]) == {}
+    assert api.keys("*") == []  # the stale copy is get_or_set's, not a key of the user's
+    served = get_or_set()
+    if api.path == "sync":  # the caller that takes the lock computes
+        assert served == "v2"
+    else:
+        assert served == "v1"
+        run_loop_until(api.loop, lambda: len(runs) == 2 and not target.raw.keys(f"{prefix}:*lock*"))
+    assert refreshed(api, "k", "v2") and runs == ["x", "x"]
+    assert 29 < api.ttl("k") <= 30  # a fresh timeout
+    if tags:
+        expire_now(target, f"{prefix}:1:k")
+        api.invalidate_tags("t")  # the stale copy is invalid with its entry
+        assert get_or_set() == "v3"  # computed by the caller, on either path
+    api.delete("k")  # a deleted value is not served stale
+    assert target.raw.exists(f"{prefix}:1:k{STALE}") == 0
+    following = f"v{len(runs) + 1}"
+    assert get_or_set() == following
+
+
+def test_django_s_own_backend_sees_the_entry_expire_at_its_timeout(server: RedisServer) -> None:
+    from django.core.cache.backends.redis import RedisCache
+
+    ours = make_cache(BACKENDS["RedisEXCache"], server.url, KEY_PREFIX="stale-django")
+    django_s = RedisCache(server.url, {"KEY_PREFIX": "stale-django"})
+    ours.get_or_set("k", lambda: {"a": 1}, 30, stale_while_revalidate=60)
+    assert django_s.get("k") == {"a": 1}
+    raw = server.client()
+    raw.pexpire("stale-django:1:k", 1)
+    wait_until(lambda: not raw.exists("stale-django:1:k"), 5, "the expiry")
+    assert django_s.get("k") is None and django_s.has_key("k") is False
+    assert ours.get_or_set("k", lambda: {"a": 2}, 30, stale_while_revalidate=60) == {"a": 2}
+    assert django_s.get("k") == {"a": 2}
+
+
+@pytest.mark.parametrize("options", STALE_OPTIONS[:2])
+def test_stale_if_error_serves_the_expired_value_when_the_default_raises(
+    api: Api, target: Target, options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Within the window: the old value, the error logged once per key; past it (the copy
+    older than the window, or gone): the exception, as without it."""
+    api = stale_api(api, target, **options)
+    prefix = api.cache.key_prefix
+
+    def broken() -> str:
+        raise RuntimeError("the source is down")
+
+    assert api.get_or_set("k", lambda: "old", 30, stale_if_error=60) == "old"
+    expire_now(target, f"{prefix}:1:k")
+    with caplog.at_level(logging.WARNING, logger="django_redis_ex"):
+        for _ in range(3):
+            assert api.get_or_set("k", broken, 30, stale_if_error=60) == "old"
+    logged = [r for r in caplog.records if "stale_if_error" in r.getMessage()]
+    assert len(logged) == 1 and "the source is down" in caplog.text
+    assert api.get("k") is None and not target.raw.keys(
+        f"{prefix}:*lock*"
+    )  # nothing stored, let go
+    # A copy past this caller's window: the error. (Within the stale_while_revalidate one it
+    # would be served: this call asks for none.)
+    target.raw.pexpire(f"{prefix}:1:k{STALE}", 30_000)  # expired 30 s ago
+    with pytest.raises(RuntimeError, match="the source is down"):
+        api.get_or_set("k", broken, 30, stale_if_error=10)
+    assert api.get_or_set("k", broken, 30, stale_if_error=60) == "old"
+    target.raw.delete(f"{prefix}:1:k{STALE}")  # past every window: the copy is gone
+    with pytest.raises(RuntimeError, match="the source is down"):
+        api.get_or_set("k", broken, 30, stale_if_error=60)
+    assert api.get_or_set("k", lambda: "new", 30, stale_if_error=60) == "new"
+
+
+def test_stale_while_revalidate_with_stale_if_error_past_the_first_window(
+    api: Api, target: Target
+) -> None:
+    """Past stale_while_revalidate, within stale_if_error: the caller computes (it waits), and
+    a computation that raises returns the old value."""
+    api = stale_api(api, target)
+    prefix = api.cache.key_prefix
+    assert api.get_or_set("k", lambda: "old", 30, stale_while_revalidate=5) == "old"
+    expire_now(target, f"{prefix}:1:k")
+    target.raw.pexpire(f"{prefix}:1:k{STALE}", 10_000)  # written for a 5 s window: gone
+
+    def broken() -> str:
+        raise ValueError("down")
+
+    windows = {"stale_while_revalidate": 1, "stale_if_error": 3600}
+    # The copy's window was 5 s, and 10 s remain: it expired -5 s ago, which is within both.
+    assert api.get_or_set("k", broken, 30, **windows) == "old"
+    assert api.get_or_set("k", lambda: "new", 30, **windows) in ("old", "new")
+    assert refreshed(api, "k", "new")
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "5", None, True])
+def test_a_bad_stale_window_is_refused_where_it_is_given(api: Api, bad: Any) -> None:
+    error = ValueError if isinstance(bad, float) or bad == -1 else TypeError
+    with pytest.raises(error, match="stale_"):
+        api.get_or_set("bad", lambda: 1, 30, stale_while_revalidate=bad)
+    with pytest.raises(error, match="stale_if_error"):
+        api.get_or_set("bad", lambda: 1, 30, stale_if_error=bad)
+    assert api.get("bad") is None
+    assert api.get_or_set("bad", 1, 30, stale_if_error=datetime.timedelta(seconds=5)) == 1
+
+
+@heavy
+def test_200_threads_at_expiry_compute_once_and_only_the_winner_waits(
+    backend: str, target: Target
+) -> None:
+    """A 2 s computation: 200 threads call get_or_set as the entry expires; one computes (and
+    waits for it), the others return the old value at once (a few milliseconds; bounded at 1 s
+    for a loaded 2-core CI machine); all return the old or the new."""
+    prefix = f"stale-threads-{uuid.uuid4().hex[:8]}"
+    cache = target.make(backend, KEY_PREFIX=prefix, OPTIONS={"max_connections": 300})
+    runs: list[int] = []
+
+    def compute() -> str:
+        runs.append(1)
+        time.sleep(2)
+        return "new"
+
+    cache.get_or_set("k", lambda: "old", 30, stale_while_revalidate=60)
+    start = threading.Barrier(200, timeout=30)
+    expired = threading.Barrier(200, lambda: expire_now(target, f"{prefix}:1:k"), timeout=30)
+
+    def call() -> tuple[Any, float]:
+        start.wait()
+        cache.get_many([f"warm{i}" for i in range(30)])  # connections open, to every node
+        expired.wait()
+        began = time.perf_counter()
+        value = cache.get_or_set("k", compute, 30, stale_while_revalidate=60)
+        return value, time.perf_counter() - began
+
+    with concurrent.futures.ThreadPoolExecutor(200) as pool:
+        results = [f.result(timeout=60) for f in [pool.submit(call) for _ in range(200)]]
+    values = [value for value, _ in results]
+    waited = sorted(took for _, took in results)
+    assert runs == [1] and values.count("new") == 1 and values.count("old") == 199
+    print(f"\n199 threads answered stale; the slowest in {waited[-2] * 1000:.1f} ms")
+    assert waited[-1] >= 2 > 1 > waited[-2]  # 199 answered at once
+    assert cache.get("k") == "new"
+
+
+@heavy
+def test_200_tasks_at_expiry_compute_once_in_the_background_and_none_waits(
+    backend: str, target: Target
+) -> None:
+    prefix = f"stale-tasks-{uuid.uuid4().hex[:8]}"
+    cache = target.make(backend, KEY_PREFIX=prefix)
+    runs: list[int] = []
+
+    async def compute() -> str:
+        runs.append(1)
+        await asyncio.sleep(2)
+        return "new"
+
+    async def main() -> tuple[list[Any], list[float]]:
+        await cache.aget_or_set("k", lambda: "old", 30, stale_while_revalidate=60)
+        warm = [f"warm{i}" for i in range(30)]  # connections open, to every node
+        await asyncio.gather(*(cache.aget_many(warm) for _ in range(200)))
+        expire_now(target, f"{prefix}:1:k")
+
+        async def call() -> tuple[Any, float]:
+            began = time.perf_counter()
+            value = await cache.aget_or_set("k", compute, 30, stale_while_revalidate=60)
+            return value, time.perf_counter() - began
+
+        results = await asyncio.wait_for(asyncio.gather(*(call() for _ in range(200))), 30)
+        for _ in range(300):  # the refresh, bounded
+            if await cache.aget("k") == "new":
+                break
+            await asyncio.sleep(0.05)
+        late = await cache.aget_or_set("k", compute, 30, stale_while_revalidate=60)
+        return [value for value, _ in results] + [late], [took for _, took in results]
+
+    values, waited = asyncio.run(main())
+    print(f"\n200 tasks answered stale; the slowest in {max(waited) * 1000:.1f} ms")
+    assert values == ["old"] * 200 + ["new"] and runs == [1]
+    assert max(waited) < 1  # none waited for the 2 s computation (a few ms each)
+
+
+def test_a_background_refresh_cancelled_with_its_loop_lets_the_lock_go(
+    target: Target, backend: str
+) -> None:
+    """asyncio.run() ends while the refresh computes: the task is cancelled and its lock let go
+    (or left to its timeout), so the next caller, in another loop, refreshes. A loop dropped
+    without closing leaves the lock to its timeout: the stale value is served meanwhile, then
+    refreshed."""
+    options = {"stampede_lock_timeout": 1}
+    prefix = f"stale-cancel-{uuid.uuid4().hex[:8]}"
+    cache = target.make(backend, KEY_PREFIX=prefix, OPTIONS=options)
+    raw = target.raw
+    started: list[str] = []
+
+    async def slow() -> str:
+        started.append("slow")
+        await asyncio.sleep(30)
+        return "never"
+
+    async def call(default: Callable[[], Any]) -> Any:
+        value = await cache.aget_or_set("k", default, 30, stale_while_revalidate=60)
+        await asyncio.sleep(0.1)  # the refresh starts, and computes
+        return value
+
+    cache.get_or_set("k", lambda: "old", 30, stale_while_revalidate=60)
+    raw.pexpire(f"{prefix}:1:k", 1)
+    wait_until(lambda: not raw.exists(f"{prefix}:1:k"), 5, "the expiry")
+    assert asyncio.run(call(slow)) == "old" and started == ["slow"]
+    # Cancelled with its loop: its lock is let go, or (the loop's line cancelled before the
+    # release is read) expires at its 1 s timeout.
+    wait_until(lambda: not target.keys(f"{prefix}:*lock*"), 5, "the lock to go")
+    dropped = asyncio.new_event_loop()
+    assert dropped.run_until_complete(call(slow)) == "old" and started == ["slow"] * 2
+    collected = weakref.ref(dropped)
+    del dropped  # never closed: its task never runs again, and nothing holds the loop
+    gc.collect()
+    assert collected() is None
+    assert target.keys(f"{prefix}:*lock*") != []  # held until its timeout
+    assert asyncio.run(call(lambda: "fresh")) == "old"  # served stale; the lock is taken
+    wait_until(lambda: not target.keys(f"{prefix}:*lock*"), 5, "the lock's timeout")
+    assert asyncio.run(call(lambda: "fresh")) == "old"  # this caller refreshes
+    assert cache.get("k") == "fresh"
+
+
+def test_two_processes_at_expiry_compute_once(target: Target, backend: str) -> None:
+    """A forked child and its parent call get_or_set as the entry expires: one computation
+    (counted in Redis), and each returns at once or the new value."""
+    prefix = f"stale-fork-{uuid.uuid4().hex[:8]}"
+    cache = target.make(backend, KEY_PREFIX=prefix)
+    raw = target.raw
+    raw.delete(f"{prefix}:runs")
+
+    def compute() -> str:
+        raw.incr(f"{prefix}:runs")
+        time.sleep(0.5)
+        return "new"
+
+    cache.get_or_set("k", lambda: "old", 30, stale_while_revalidate=60)
+    raw.pexpire(f"{prefix}:1:k", 1)
+    wait_until(lambda: not raw.exists(f"{prefix}:1:k"), 5, "the expiry")
+
+    def child() -> int:
+        values = [cache.get_or_set("k", compute, 30, stale_while_revalidate=60) for _ in range(5)]
+        return 0 if set(values) <= {"old", "new"} else 1
+
+    pid = os.fork()
+    if pid == 0:
+        code = 101
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    mine = [cache.get_or_set("k", compute, 30, stale_while_revalidate=60) for _ in range(5)]
+    assert wait_for_child(pid, 30) == 0
+    assert set(mine) <= {"old", "new"}
+    wait_until(lambda: cache.get("k") == "new", 10, "the new value")
+    assert raw.get(f"{prefix}:runs") == b"1"
+
+
+def test_stale_copies_are_deleted_with_their_keys_and_hidden_from_keys(
+    api: Api, target: Target
+) -> None:
+    api = stale_api(api, target)
+    prefix = api.cache.key_prefix
+    for key in ("a", "b", "c"):
+        api.get_or_set(key, lambda: 1, 30, stale_while_revalidate=60)
+    assert sorted(api.keys("*")) == ["a", "b", "c"]
+    api.delete_many(["a", "b"])
+    assert target.keys(f"{prefix}:*") == sorted(
+        [f"{prefix}:1:c".encode(), f"{prefix}:1:c{STALE}".encode()]
+    )
+    assert api.delete_pattern("*") == 2  # the key and its copy
+    assert target.keys(f"{prefix}:*") == []
+
+
+def test_stampede_protection_off_still_computes_once_with_a_stale_window(
+    server: RedisServer, backend: str
+) -> None:
+    options = {"stampede_protection": False}
+    prefix = f"stale-off-{uuid.uuid4().hex[:8]}"
+    cache = make_cache(backend, server.url, KEY_PREFIX=prefix, OPTIONS=options)
+    runs: list[int] = []
+
+    def compute() -> str:
+        runs.append(1)
+        time.sleep(0.3)
+        return "new"
+
+    cache.get_or_set("k", lambda: "old", 30, stale_while_revalidate=60)
+    server.client().pexpire(f"{prefix}:1:k", 1)
+    wait_until(lambda: cache.get("k") is None, 5, "the expiry")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(
+            pool.map(
+                lambda _: cache.get_or_set("k", compute, 30, stale_while_revalidate=60),
+                range(8),
+                timeout=30,
+            )
+        )
+    assert runs == [1] and sorted(got) == ["new"] + ["old"] * 7
+
+
+# ---------------------------------------------------------------------------
+# System checks (tag "caches"): settings only, no I/O
+# ---------------------------------------------------------------------------
+
+CHECK_URL = "redis://127.0.0.1:1/0"  # nothing listens there: a connection attempt would fail
+CHECK_SERVICE = "redis://mymaster/0"  # LOCATION naming a Sentinel service
+CHECK_SENTINELS = ["127.0.0.1:2"]
+CHECK_LOCMEM = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+CHECK_CACHE_ENGINE = "django.contrib.sessions.backends.cache"
+CHECK_CACHED_DB_ENGINE = "django.contrib.sessions.backends.cached_db"
+
+
+def check_entry(options: dict[str, Any] | None = None, **params: Any) -> dict[str, Any]:
+    """A CACHES entry of RedisEXCache (BACKEND and LOCATION may be overridden)."""
+    return {
+        "BACKEND": "django_redis_ex.RedisEXCache",
+        "LOCATION": CHECK_URL,
+        "OPTIONS": options or {},
+        **params,
+    }
+
+
+def check_ids(**overrides: Any) -> list[str]:
+    """The ids of the module's check messages under these settings (the check called
+    directly: Django's own caches check would build every alias)."""
+    with override_settings(**overrides):
+        return sorted(message.id or "" for message in django_redis_ex._check_caches())
+
+
+def check_sessions(options: dict[str, Any], engine: str = CHECK_CACHE_ENGINE) -> dict[str, Any]:
+    """Settings storing sessions in alias "sessions" with these OPTIONS; "default" plain."""
+    return {
+        "CACHES": {"default": check_entry(), "sessions": check_entry(options)},
+        "SESSION_ENGINE": engine,
+        "SESSION_CACHE_ALIAS": "sessions",
+    }
+
+
+def check_signed(fallbacks: Any, sign: bool = True) -> dict[str, Any]:
+    return {
+        "CACHES": {"default": check_entry({"sign_values": sign})},
+        "SECRET_KEY_FALLBACKS": fallbacks,
+    }
+
+
+def check_one(options: dict[str, Any], location: Any = CHECK_URL, **params: Any) -> dict[str, Any]:
+    return {"CACHES": {"default": check_entry(options, LOCATION=location, **params)}}
+
+
+# Each check's firing configuration, and its neighbouring correct ones: the full list of ids
+# is compared, so a check that also fires elsewhere (or not at all) fails its row.
+CHECK_FIRES = {
+    "W001 ignore_exceptions, cache engine": (
+        check_sessions({"ignore_exceptions": True}),
+        ["django_redis_ex.W001"],
+    ),
+    "W001 django-redis's IGNORE_EXCEPTIONS": (
+        check_sessions({"IGNORE_EXCEPTIONS": True}),
+        ["django_redis_ex.W001"],
+    ),
+    "W001 DJANGO_REDIS_IGNORE_EXCEPTIONS default": (
+        {**check_sessions({}), "DJANGO_REDIS_IGNORE_EXCEPTIONS": True},
+        ["django_redis_ex.W001"],
+    ),
+    "W001 SESSION_CACHE_ALIAS default, 1.x path": (
+        {
+            "CACHES": {
+                "default": check_entry(
+                    {"ignore_exceptions": True}, BACKEND="django_redis_ex.cache.RedisEXCache"
+                )
+            },
+            "SESSION_ENGINE": CHECK_CACHE_ENGINE,
+        },
+        ["django_redis_ex.W001"],
+    ),
+    "W002 client_cache, cache engine": (
+        check_sessions({"client_cache": True}),
+        ["django_redis_ex.W002"],
+    ),
+    "W002 client_cache {} (on, default settings), cached_db engine": (
+        check_sessions({"client_cache": {}}, CHECK_CACHED_DB_ENGINE),
+        ["django_redis_ex.W002"],
+    ),
+    "W002 AsyncRedisEXCache 1.x path": (
+        {
+            **check_sessions({}),
+            "CACHES": {
+                "sessions": check_entry(
+                    {"client_cache": {"max_entries": 10}},
+                    BACKEND="django_redis_ex.async_cache.AsyncRedisEXCache",
+                )
+            },
+        },
+        ["django_redis_ex.W002"],
+    ),
+    "W001 and W002 on one alias": (
+        check_sessions({"ignore_exceptions": True, "client_cache": True}),
+        ["django_redis_ex.W001", "django_redis_ex.W002"],
+    ),
+    "W003 an empty fallback": (check_signed(["old-secret", ""]), ["django_redis_ex.W003"]),
+    "W003 a None fallback": (check_signed([None]), ["django_redis_ex.W003"]),
+    "W003 fallbacks a string": (check_signed("old-secret"), ["django_redis_ex.W003"]),
+    "W003 fallbacks None": (check_signed(None), ["django_redis_ex.W003"]),
+    "W003 fallbacks a number": (check_signed(42), ["django_redis_ex.W003"]),
+    "W004 sentinel_kwargs without sentinels": (
+        check_one({"sentinel_kwargs": {"password": "p"}}),
+        ["django_redis_ex.W004"],
+    ),
+    "W004 django-redis's SENTINEL_KWARGS without sentinels": (
+        check_one({"SENTINEL_KWARGS": {"password": "p"}}),
+        ["django_redis_ex.W004"],
+    ),
+    "W004 sentinel_replica_reads without sentinels": (
+        check_one({"sentinel_replica_reads": True}),
+        ["django_redis_ex.W004"],
+    ),
+    "W004 sentinel_replica_reads on a Cluster": (
+        check_one({"cluster": True, "sentinel_replica_reads": True}),
+        ["django_redis_ex.W004"],
+    ),
+    "W004 sentinels at the top level": (
+        check_one({}, CHECK_SERVICE, sentinels=CHECK_SENTINELS),
+        ["django_redis_ex.W004"],
+    ),
+    "W004 django-redis's SENTINELS at the top level": (
+        check_one({}, CHECK_SERVICE, SENTINELS=CHECK_SENTINELS),
+        ["django_redis_ex.W004"],
+    ),
+    "W004 a pool argument at the top level": (
+        check_one({}, max_connections=10),
+        ["django_redis_ex.W004"],
+    ),
+    "W004 read_from_replicas on a Cluster's direct path": (
+        check_one({"cluster": True, "read_from_replicas": True}),
+        ["django_redis_ex.W004"],
+    ),
+}
+CHECK_SILENT = {
+    "W001 cached_db engine (the database keeps sessions)": check_sessions(
+        {"ignore_exceptions": True}, CHECK_CACHED_DB_ENGINE
+    ),
+    "W001 ignore_exceptions on another alias than sessions'": {
+        **check_sessions({}),
+        "CACHES": {"default": check_entry({"ignore_exceptions": True}), "sessions": check_entry()},
+    },
+    "W001/W002 sessions in the database": check_sessions(
+        {"ignore_exceptions": True, "client_cache": True},
+        "django.contrib.sessions.backends.db",
+    ),
+    "W001/W002 sessions' alias is another backend": {
+        "CACHES": {
+            "default": check_entry({"ignore_exceptions": True, "client_cache": True}),
+            "sessions": CHECK_LOCMEM,
+        },
+        "SESSION_ENGINE": CHECK_CACHE_ENGINE,
+        "SESSION_CACHE_ALIAS": "sessions",
+    },
+    "W001/W002 a backend not of this module": {
+        "CACHES": {
+            "default": {
+                "BACKEND": "django_redis.cache.RedisCache",
+                "LOCATION": CHECK_URL,
+                "OPTIONS": {"ignore_exceptions": True, "client_cache": True},
+            }
+        },
+        "SESSION_ENGINE": CHECK_CACHE_ENGINE,
+    },
+    "W002 client_cache False": check_sessions({"client_cache": False}),
+    "W002 client_cache on another alias": {
+        **check_sessions({}),
+        "CACHES": {"default": check_entry({"client_cache": True}), "sessions": check_entry()},
+    },
+    "W003 no fallback (the rotation plan is Django's, not checked)": check_signed([]),
+    "W003 a real fallback": check_signed(["old-secret"]),
+    "W003 an empty fallback without sign_values": check_signed([""], sign=False),
+    "W004 sentinel_kwargs with sentinels": check_one(
+        {"sentinels": CHECK_SENTINELS, "sentinel_kwargs": {"password": "p"}}, CHECK_SERVICE
+    ),
+    "W004 sentinel_replica_reads False": check_one({"sentinel_replica_reads": False}),
+    "W004 sentinel_kwargs empty": check_one({"sentinel_kwargs": {}}),
+    "W004 Django's top-level keys": check_one(
+        {}, TIMEOUT=5, KEY_PREFIX="p", VERSION=2, timeout=5, max_entries=1
+    ),
+    "W004 read_from_replicas where redis-py's retries route": check_one(
+        {"cluster": True, "read_from_replicas": True, "retry_on_timeout": True}
+    ),
+    "W004 read_from_replicas False on a Cluster": check_one(
+        {"cluster": True, "read_from_replicas": False}
+    ),
+    "W004 OPTIONS db 0 on a Cluster": check_one({"cluster": True, "db": 0}),
+    "W004 OPTIONS db off a Cluster": check_one({"db": 2}),
+    "an OPTIONS key that is not a string (the cache refuses it)": check_one(
+        cast(dict[str, Any], {1: 2})
+    ),
+    "SESSION_CACHE_ALIAS not a name": {
+        **check_sessions({"ignore_exceptions": True}),
+        "SESSION_CACHE_ALIAS": ["sessions"],
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(CHECK_FIRES))
+def test_a_check_fires_for_the_setting_it_names(case: str) -> None:
+    overrides, expected = CHECK_FIRES[case]
+    assert check_ids(**overrides) == expected
+
+
+@pytest.mark.parametrize("case", list(CHECK_SILENT))
+def test_a_check_stays_silent_for_its_neighbouring_correct_configuration(case: str) -> None:
+    assert check_ids(**CHECK_SILENT[case]) == []
+
+
+@pytest.mark.parametrize("case", [c for c in CHECK_FIRES if c.startswith("W004")])
+def test_what_w004_names_the_module_accepts_silently(case: str) -> None:
+    """W004 is the only signal: the cache builds without an error. (If the module comes to
+    refuse one of these, drop that case from the check.)"""
+    overrides, _ = CHECK_FIRES[case]
+    for name, params in overrides["CACHES"].items():
+        params = {**params}
+        backend = import_string(params.pop("BACKEND"))
+        with override_settings(**overrides):
+            assert backend(params.pop("LOCATION"), params) is not None, name
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sentinels": CHECK_SENTINELS, "cluster": True},
+        {"sentinels": CHECK_SENTINELS, "pool_class": "redis.ConnectionPool"},
+        {"read_from_replicas": True},  # a RedisCluster argument without 'cluster'
+        {"cluster": True, "db": 2},  # Redis Cluster has only db 0
+    ],
+)
+def test_w004_leaves_what_the_module_refuses_to_the_module(options: dict[str, Any]) -> None:
+    with pytest.raises(ImproperlyConfigured):
+        django_redis_ex.RedisEXCache(CHECK_SERVICE, {"OPTIONS": options})
+    assert check_ids(**check_one(options, CHECK_SERVICE)) == []
+
+
+def test_the_checks_run_with_djangos_caches_checks(no_connections: None) -> None:
+    """Registered under Tags.caches (the module is imported, as INSTALLED_APPS would); Django's
+    own caches check builds every alias meanwhile: no connection either way."""
+    settings_ = check_sessions({"ignore_exceptions": True, "sentinel_kwargs": {"password": "p"}})
+    with override_settings(**settings_):
+        messages = checks.run_checks(tags=[checks.Tags.caches])
+    ours = sorted(m.id or "" for m in messages if (m.id or "").startswith("django_redis_ex."))
+    assert ours == ["django_redis_ex.W001", "django_redis_ex.W004"]
+    w001 = next(m for m in messages if m.id == "django_redis_ex.W001")
+    assert isinstance(w001, checks.Warning)
+    assert w001.obj == "CACHES['sessions']"
+    assert "SESSION_CACHE_ALIAS" in (w001.hint or "")
+
+
+@pytest.fixture
+def no_connections(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a system check opened a connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    yield
+
+
+def test_the_checks_skip_what_the_module_refuses(no_connections: None) -> None:
+    """An entry whose OPTIONS the module refuses is left to Django's caches check, which
+    builds it and raises the module's own message: this check neither raises nor repeats it."""
+    assert check_ids(**check_one({"CLIENT_CLASS": "django_redis.client.HerdClient"})) == []
+    assert check_ids(CACHES={"default": check_entry(OPTIONS=None)}) == []
+
+
+# ---------------------------------------------------------------------------
+# Health: ping() / aping()
+# ---------------------------------------------------------------------------
+
+
+def test_ping_reaches_every_server_that_takes_writes_and_each_replica(
+    api: Api, target: Target
+) -> None:
+    """One PING per primary (on Cluster, each), and with replicas=True one to each replica
+    that Sentinel or Cluster lists (with replicas: the servers count the PINGs)."""
+
+    def pings() -> int:
+        return sum(calls_of(server, "ping") for server in target.servers)
+
+    def one_each() -> bool:  # (a sentinel PINGs the primary each second too: tried again)
+        before = pings()
+        assert api.ping() is True
+        return pings() - before == len(target.servers)
+
+    assert any(one_each() for _ in range(10))
+    assert api.ping(replicas=True) is True
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_ping_reaches_the_replicas_of_location(
+    primary_and_replica: tuple[RedisServer, RedisServer],
+    backend: str,
+    path: str,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    primary, replica = primary_and_replica
+    api = Api(make_cache(backend, [primary.url, replica.url]), path, loop)
+    before = calls_of(primary, "ping"), calls_of(replica, "ping")
+    assert api.ping() is True
+    assert calls_of(primary, "ping") == before[0] + 1
+    assert api.ping(replicas=True) is True
+    assert calls_of(primary, "ping") == before[0] + 2 and calls_of(replica, "ping") > before[1]
+    replica.stop()
+    try:
+        with pytest.raises(redis.ConnectionError):
+            api.ping(replicas=True)
+        assert api.ping() is True
+    finally:
+        replica.start()
+        wait_until(lambda: replica_synced(replica), 20, "the replica to sync")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_ping_raises_while_redis_is_down_or_frozen_whatever_the_options(
+    backend: str, path: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """ignore_exceptions and an open circuit breaker hide outages from the cache's calls, not
+    from ping(): refused at once, frozen within socket_timeout, and True once it is back."""
+    server = RedisServer()
+    pid = cast(Any, server.process).pid
+    try:
+        options = {**BREAKER_OPTIONS, "circuit_breaker": {"failures": 1, "cool_down": 60}}
+        api = Api(make_cache(backend, server.url, KEY_PREFIX="ping", OPTIONS=options), path, loop)
+        assert api.ping() is True
+        os.kill(pid, signal.SIGSTOP)
+        began = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            api.ping()
+        assert time.monotonic() - began < 5  # socket_timeout 0.5, not a hang
+        assert api.get("k", "ignored") == "ignored"  # the circuit opens
+        assert api.cache.stats()["circuit_breaker"]["state"] == "open"
+        os.kill(pid, signal.SIGCONT)
+        assert wait_until(lambda: api.ping(), 10, "ping to answer")  # the circuit still open
+        assert api.get("k", "ignored") == "ignored"
+        server.stop()
+        with pytest.raises(redis.ConnectionError):
+            api.ping()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        server.stop()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_ping_raises_what_the_server_answers(
+    own_server: RedisServer, path: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """An error reply (here NOAUTH, the server's password set behind the cache) is raised."""
+    api = Api(make_cache(BACKENDS["RedisEXCache"], own_server.url), path, loop)
+    assert api.ping() is True
+    with own_server.client() as admin:
+        admin.config_set("requirepass", "now-secret")
+        try:
+            admin.client_kill_filter(_type="normal", skipme=True)
+            with pytest.raises(redis.AuthenticationError):
+                api.ping()
+        finally:
+            admin.config_set("requirepass", "")
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_manage_py_check_shows_the_warnings_with_the_module_in_installed_apps(
+    installed: bool,
+) -> None:
+    """As the README says: in INSTALLED_APPS, Django imports the module at setup and runs its
+    checks; named only in CACHES, it is imported during the checks, too late for them."""
+    apps = ["django_redis_ex"] if installed else []
+    script = f"""
+import django
+from django.conf import settings
+settings.configure(
+    INSTALLED_APPS={apps!r},
+    SESSION_ENGINE="django.contrib.sessions.backends.cache",
+    CACHES={{"default": {{"BACKEND": "django_redis_ex.RedisEXCache",
+                          "LOCATION": "redis://127.0.0.1:1",
+                          "OPTIONS": {{"ignore_exceptions": True}}}}}},
+)
+django.setup()
+from django.core.management import call_command
+call_command("check")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.abspath(django_redis_ex.__file__)),
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert ("django_redis_ex.W001" in output) is installed, output[-3000:]
+
+
+@pytest.mark.parametrize("compressor", [None, *ALGORITHMS])
+@pytest.mark.parametrize("serializer", SERIALIZERS)
+@pytest.mark.parametrize("signed", [False, True])
+def test_stale_copies_read_back_with_every_serializer_and_compressor(
+    server: RedisServer, serializer: str, compressor: str | None, signed: bool
+) -> None:
+    """Each codec value, ints (stored raw) included, served stale as it was stored."""
+    options = {**codec_options(serializer, compressor), "sign_values": signed}
+    prefix = f"stale-codec-{uuid.uuid4().hex[:8]}"
+    cache = make_cache(BACKENDS["RedisEXCache"], server.url, KEY_PREFIX=prefix, OPTIONS=options)
+    raw = server.client()
+
+    def broken() -> Any:
+        raise RuntimeError("down")
+
+    for index, value in enumerate(CODEC_VALUES):
+        key = f"k{index}"
+        assert (
+            cache.get_or_set(key, functools.partial(copy.copy, value), 30, stale_if_error=60)
+            == value
+        )
+        raw.pexpire(f"{prefix}:1:{key}", 1)
+        wait_until(lambda: cache.get(key) is None, 5, "the expiry")  # noqa: B023
+        assert cache.get_or_set(key, broken, 30, stale_if_error=60) == value
+
+
+# ---------------------------------------------------------------------------
+# cache.stats()["pools"]: the pools, lines and tracking connections as they are now
+# ---------------------------------------------------------------------------
+
+
+def pool_rows(report: dict[str, Any], path: str | None = None) -> list[dict[str, Any]]:
+    """The pool entries of ``stats()["pools"]``: the sync ones, every live loop's, or both."""
+    rows: list[dict[str, Any]] = [] if path == "async" else list(report["sync"])
+    if path != "sync":
+        rows += [row for each in report["async"] for row in each["pools"]]
+    return rows
+
+
+def held_connections(report: dict[str, Any]) -> int:
+    """The connections the report says are open: in pools (in use or idle) and parked."""
+    pooled: int = sum(row["in_use"] + row["idle"] for row in pool_rows(report))
+    parked: int = sum(each["connections"] for each in report["parked"])
+    return pooled + parked
+
+
+def named_connections(admins: list[redis.Redis], name: str) -> int:
+    """The connections named ``name`` (OPTIONS client_name) that the servers see."""
+    listed = [each["name"] for admin in admins for each in admin.client_list()]
+    return listed.count(name)
+
+
+@contextlib.contextmanager
+def writes_paused(admins: list[redis.Redis], ms: int) -> Iterator[None]:
+    """CLIENT PAUSE ... WRITE: writes wait at the server (holding their connections); reads,
+    INFO, CLIENT LIST and WAIT go on."""
+    for admin in admins:
+        admin.execute_command("CLIENT", "PAUSE", ms, "WRITE")
+    try:
+        yield
+    finally:
+        for admin in admins:
+            admin.execute_command("CLIENT", "UNPAUSE")
+
+
+async def async_wait_until(condition: Callable[[], Any], timeout: float, what: str) -> None:
+    """``wait_until`` inside a running loop: the loop runs between the looks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"gave up after {timeout:g} s waiting for {what}")
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+@heavy
+def test_stats_pools_count_what_the_servers_see_under_load(
+    target: Target, backend: str, path: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """50 threads or 200 tasks on pools of 10 (per server), their writes held by CLIENT PAUSE:
+    the report's connections (in use, idle, parked) are those the servers list under the
+    cache's client_name, each caller holds one or waits, the waits are timed."""
+    name = f"drx-pools-{uuid.uuid4().hex[:8]}"  # pools of this test's own, named at the server
+    options = {"client_name": name, "max_connections": 10, "multiplex": False}
+    cache = target.make(backend, KEY_PREFIX="pools", OPTIONS=options)
+    admins = [server.client() for server in target.servers]
+    callers = 50 if path == "sync" else 200
+    seen = {"waiting": 0, "longest": 0.0}
+
+    def counted() -> bool:
+        report = cache.stats()["pools"]
+        json.dumps(report)  # JSON as it is
+        rows = pool_rows(report, path)
+        in_use = sum(row["in_use"] for row in rows)
+        waiting = sum(row["waiting"] for row in rows)
+        seen["waiting"] = max(seen["waiting"], waiting)
+        seen["longest"] = max([seen["longest"], *(row["longest_wait"] for row in rows)])
+        at_servers = named_connections(admins, name)
+        return (
+            in_use + waiting == callers and waiting > 0 and held_connections(report) == at_servers
+        )
+
+    try:
+        if path == "sync":
+            cache.set("warm", 1)  # the pools and, on a cluster, the slot map
+            with writes_paused(admins, 3000), concurrent.futures.ThreadPoolExecutor(50) as pool:
+                done = [pool.submit(cache.set, f"k{i}", i) for i in range(callers)]
+                wait_until(counted, 2.5, "every thread to hold a connection or wait")
+            for each in done:
+                each.result(timeout=30)
+        else:
+
+            async def load() -> None:
+                await cache.aset("warm", 1)
+                with writes_paused(admins, 3000):
+                    sets = asyncio.gather(*(cache.aset(f"k{i}", i) for i in range(callers)))
+                    await async_wait_until(counted, 2.5, "every task to hold one or wait")
+                    await asyncio.wait_for(sets, 30)  # once the pause ends
+
+            loop.run_until_complete(load())
+        report = cache.stats()["pools"]
+        rows = pool_rows(report, path)
+        assert seen["waiting"] >= callers - 10 * len(target.servers)
+        assert sum(row["waiting"] for row in rows) == 0
+        assert sum(row["waits"] for row in rows) >= seen["waiting"]  # each counted once done
+        # The waits went on while writes were paused: the longest, most of the pause.
+        assert max(row["longest_wait"] for row in rows) >= 0.5
+        assert held_connections(report) == named_connections(admins, name)
+        # Each connection was opened once (no reconnect, nothing resumed: a name of its own).
+        assert sum(row["opened"] for row in pool_rows(report)) == held_connections(report)
+        assert all(row["max"] == 10 for row in rows)
+    finally:
+        for admin in admins:
+            admin.close()
+
+
+def line_client(cache: ExCache, key: str) -> Any:
+    """The running loop's client whose multiplexed line serves ``key``."""
+    topology = cache._topology
+    if isinstance(topology, django_redis_ex._Cluster):
+        owner = topology.slots.owner[key_slot(cache.make_key(key).encode())]
+        return django_redis_ex._registry.async_client(topology.node(owner), 0)
+    return cache.get_async_client()  # the same pool, without a client-side store
+
+
+def test_stats_pools_show_a_lines_calls_queued_then_in_flight(
+    target: Target, backend: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The line's one connection held elsewhere (WAIT on a raw client of the same pool of 1):
+    200 calls queue; once it is the line's, with writes paused, they are all in flight."""
+    name = f"drx-line-{uuid.uuid4().hex[:8]}"
+    cache = target.make(
+        backend, KEY_PREFIX="pools", OPTIONS={"client_name": name, "max_connections": 1}
+    )
+    keys = [f"{{line}}{i}" for i in range(200)]  # one slot: one node's line on a cluster
+    admins = [server.client() for server in target.servers]
+
+    def lines(field: str) -> int:
+        return sum(each[field] for each in cache.stats()["pools"]["lines"])
+
+    def waiting() -> int:
+        return sum(row["waiting"] for row in pool_rows(cache.stats()["pools"], "async"))
+
+    async def calls() -> None:
+        await cache.aset(keys[0], 0)  # the line exists, its connection back in the pool
+        assert lines("in_flight") == lines("queued") == 0
+        holding = asyncio.ensure_future(line_client(cache, keys[0]).execute_command("WAIT", 9, 800))
+        await asyncio.sleep(0.05)
+        with writes_paused(admins, 3000):
+            sets = asyncio.gather(*(cache.aset(key, i) for i, key in enumerate(keys)))
+            await async_wait_until(
+                lambda: lines("queued") == 200 and lines("in_flight") == 0 and waiting() == 1,
+                0.6,
+                "the calls to queue behind the line's wait for its connection",
+            )
+            await holding  # WAIT ends after 0.8 s: the line takes the connection, sends
+            await async_wait_until(
+                lambda: lines("in_flight") == 200 and lines("queued") == 0,
+                2,
+                "the calls to be in flight",
+            )
+        await asyncio.wait_for(sets, 30)
+        assert lines("in_flight") == lines("queued") == 0
+
+    try:
+        loop.run_until_complete(calls())
+    finally:
+        for admin in admins:
+            admin.close()
+
+
+def test_stats_pools_report_the_tracking_connection_and_its_heartbeat(
+    target: Target, backend: str
+) -> None:
+    client_cache = {"heartbeat_interval": HEARTBEAT}
+    options = {"client_cache": client_cache, "socket_timeout": 1}
+    prefix = f"pools-{uuid.uuid4().hex[:8]}"  # a store of its own: never tracked before
+    cache = target.make(backend, KEY_PREFIX=prefix, OPTIONS=options)
+    untracked: dict[str, Any] = {"connected": False, "heartbeat_age": None}
+    if target.name == "cluster":
+        untracked["nodes"] = {}
+    assert cache.stats()["pools"]["tracking"] == untracked
+    cache.set("warm", 1)
+
+    def tracked() -> bool:
+        cache.get("warm")  # a read starts tracking
+        tracking = cache.stats()["pools"]["tracking"]
+        return bool(tracking["connected"] and tracking["heartbeat_age"] < 3 * HEARTBEAT)
+
+    wait_until(tracked, 5, "tracking")
+    admins = [server.client() for server in target.servers]
+    try:
+        for admin in admins:  # every tracking connection of this process (one a node)
+            for each in admin.client_list():
+                if each["name"] == django_redis_ex._TRACKER_NAME:
+                    admin.client_kill_filter(_id=each["id"])
+        wait_until(
+            lambda: not cache.stats()["pools"]["tracking"]["connected"], 2, "the loss to show"
+        )
+        time.sleep(3 * HEARTBEAT)  # no read: it is not tracked again meanwhile
+        tracking = cache.stats()["pools"]["tracking"]
+        assert tracking["connected"] is False
+        assert tracking["heartbeat_age"] >= 3 * HEARTBEAT  # the last answered, before the kill
+        wait_until(tracked, 5, "tracking again")
+    finally:
+        for admin in admins:
+            admin.close()
+    plain = target.make(backend, KEY_PREFIX=prefix)
+    assert plain.stats()["pools"]["tracking"] is None
+
+
+def test_stats_pools_list_live_loops_only_and_hide_passwords(
+    own_server: RedisServer, backend: str
+) -> None:
+    own_server.client().config_set("requirepass", "s3cret")
+    url = f"redis://:s3cret@127.0.0.1:{own_server.port}/4"
+    cache = make_cache(backend, url)
+
+    def loops() -> list[str]:
+        return [each["loop"] for each in cache.stats()["pools"]["async"]]
+
+    dropped = asyncio.new_event_loop()
+    dropped.run_until_complete(cache.aset("k", 1))
+    closed = asyncio.new_event_loop()
+    closed.run_until_complete(cache.aget("k"))
+    assert sorted(loops()) == sorted(f"{id(each):#x}" for each in (dropped, closed))
+    closed.close()  # no shutdown: the registry drops it at the next new loop, the report now
+    assert loops() == [f"{id(dropped):#x}"]
+    del dropped
+    gc.collect()  # dropped without close(): collected with its pool
+    assert loops() == []
+
+    async def inside() -> dict[str, Any]:
+        await cache.aget("k")
+        return cache.stats()["pools"]
+
+    report = asyncio.run(inside())
+    assert [each["current"] for each in report["async"]] == [True]
+    assert loops() == []  # asyncio.run shut it down: its idle socket parked
+    parked = cache.stats()["pools"]["parked"]
+    assert parked == [{"server": f"redis://:***@127.0.0.1:{own_server.port}/4", "connections": 1}]
+    cache.get("k")
+    text = json.dumps(cache.stats())
+    assert "s3cret" not in text and text.count(":***@") >= 2
+
+
+def test_the_private_names_stats_pools_reads_exist() -> None:
+    """What ``_pools_report`` reads of redis-py (besides the pool lists the module reads
+    already), and the names it adds to redis-py's pools: still its own."""
+    import redis.asyncio.cluster
+    import redis.asyncio.connection
+
+    for connection in (redis.connection.Connection, redis.asyncio.connection.Connection):
+        assert callable(getattr(connection, "register_connect_callback", None))
+        assert isinstance(getattr(connection, "is_connected", None), property)
+    node = redis.asyncio.cluster.ClusterNode("127.0.0.1", 1)
+    for name in ("_connections", "_free", "max_connections", "name", "server_type"):
+        assert hasattr(node, name), f"redis-py: asyncio ClusterNode.{name}"
+    assert "self.nodes_cache" in inspect.getsource(redis.cluster.NodesManager.__init__)
+    assert "self.nodes_cache" in inspect.getsource(redis.asyncio.cluster.NodesManager.__init__)
+    assert "self.redis_connection" in inspect.getsource(redis.cluster.ClusterNode.__init__)
+    added = ("_opened", "_resumes", "_waits", "_longest_wait", "_counted")
+    for pool in (redis.ConnectionPool, redis.asyncio.ConnectionPool):
+        for name in added:
+            assert not hasattr(pool, name), f"redis-py: {pool.__name__}.{name} exists now"
+            assert f"self.{name}" not in inspect.getsource(pool)
+
+
+def readme_block(starting: str) -> str:
+    """The README's Python block that begins with ``starting``."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as file:
+        blocks = re.findall(r"```python\n(.*?)```", file.read(), re.S)
+    (found,) = [block for block in blocks if block.startswith(starting)]
+    return str(found)
+
+
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+def test_the_readme_s_health_endpoint_and_metrics_exporter(backend_name: str) -> None:
+    """Run as the README gives them: 200 and the pools' gauges; 503 while Redis is frozen,
+    within socket_timeout; 200 again once it is back."""
+    code = readme_block("from django.core.cache import caches\nfrom django.http import HttpR")
+    example: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), example)
+    server = RedisServer()
+    pid = cast(Any, server.process).pid
+    options = {"socket_timeout": 0.5, "ignore_exceptions": True}
+    entry = {"BACKEND": BACKENDS[backend_name], "LOCATION": server.url, "OPTIONS": options}
+    loop = asyncio.new_event_loop()
+    try:
+        with override_settings(CACHES={"default": entry}):
+            request = RequestFactory().get("/health/")
+            caches["default"].set("k", 1)
+            loop.run_until_complete(caches["default"].aget("k"))
+            reply = loop.run_until_complete(example["health"](request))
+            assert reply.status_code == 200 and json.loads(reply.content) == {"redis": "ok"}
+            text = example["metrics"](request).content.decode()
+            assert re.search(r'django_redis_ex_pool_max\{server="[^"]+",path="sync"\} \d+', text)
+            assert re.search(r'django_redis_ex_pool_opened\{server="[^"]+",path="loop ', text)
+            os.kill(pid, signal.SIGSTOP)
+            began = time.monotonic()
+            reply = loop.run_until_complete(example["health"](request))
+            assert reply.status_code == 503 and json.loads(reply.content)["redis"] == "TimeoutError"
+            assert time.monotonic() - began < 5
+            assert caches["default"].get("k", "ignored") == "ignored"  # the cache's calls ignore
+            os.kill(pid, signal.SIGCONT)
+            assert wait_until(
+                lambda: loop.run_until_complete(example["health"](request)).status_code == 200,
+                10,
+                "the health endpoint to answer 200",
+            )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        server.stop()
+
+
+def test_a_tagged_value_is_served_stale_after_its_real_expiry(api: Api, target: Target) -> None:
+    """Its tags' keys live as long as its stale copy: a value that expired by itself (its
+    tags' keys with it, at the timeout) is still valid stale; one whose tag was invalidated
+    is not."""
+    api = stale_api(api, target, tags=True)
+
+    def broken() -> str:
+        raise RuntimeError("down")
+
+    assert api.get_or_set("k", lambda: "old", 1, stale_if_error=60, tags=["a"]) == "old"
+    time.sleep(1.2)  # the real expiry (and the tag key's, were it written for the value alone)
+    assert api.get("k") is None
+    assert api.get_or_set("k", broken, 1, stale_if_error=60, tags=["a"]) == "old"
+    api.invalidate_tags("a")
+    with pytest.raises(RuntimeError):
+        api.get_or_set("k", broken, 1, stale_if_error=60, tags=["a"])
+
+
+@pytest.mark.parametrize(
+    "removal",
+    ["delete", "touch 0", "set 0", "expire 0", "pexpire 0", "incr_version"],
+)
+def test_every_early_removal_deletes_the_stale_copy(api: Api, target: Target, removal: str) -> None:
+    """A value removed before its timeout is not served stale afterwards (its copy would read
+    as just expired for up to its timeout plus the window)."""
+    api = stale_api(api, target)
+    copy_key = f"{api.cache.key_prefix}:1:k{STALE}"
+    assert api.get_or_set("k", lambda: "old", 30, stale_while_revalidate=60) == "old"
+    assert target.raw.exists(copy_key) == 1
+    method, _, amount = removal.partition(" ")
+    if method == "set":
+        api.set("k", "x", 0)
+    elif method in ("delete", "incr_version"):
+        getattr(api, method)("k")
+    else:
+        getattr(api, method)("k", int(amount))
+    assert target.raw.exists(copy_key) == 0
+    assert api.get_or_set("k", lambda: "new", 30, stale_while_revalidate=60) == "new"
+
+
+def test_delete_says_whether_the_key_was_there_not_its_stale_copy(api: Api, target: Target) -> None:
+    api = stale_api(api, target)
+    api.get_or_set("k", lambda: 1, 30, stale_while_revalidate=60)
+    expire_now(target, f"{api.cache.key_prefix}:1:k")
+    assert api.delete("k") is False  # expired, as Django's would say
+    assert target.raw.exists(f"{api.cache.key_prefix}:1:k{STALE}") == 0
+    api.get_or_set("k", lambda: 1, 30, stale_while_revalidate=60)
+    assert api.delete("k") is True
+
+
+def test_a_value_stored_by_another_meanwhile_leaves_no_copy_of_ours(
+    api: Api, target: Target
+) -> None:
+    """The computation's value was not stored (another was, as add() would): no copy holds
+    it, so stale_if_error can never serve a value the key never held."""
+    api = stale_api(api, target)
+    copy_key = f"{api.cache.key_prefix}:1:k{STALE}"
+
+    def computed_while_another_writes() -> str:
+        api.cache.set("k", "theirs")  # (on the sync path: a call inside the computation)
+        return "ours"
+
+    got = api.get_or_set("k", computed_while_another_writes, 30, stale_if_error=60)
+    assert got == "theirs" and api.get("k") == "theirs"
+    assert target.raw.exists(copy_key) == 0
+
+
+def test_an_unreadable_stale_copy_is_no_copy(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy written by another serializer (a deploy that changed it): computed afresh, the
+    copy's error logged once, never raised."""
+    prefix = f"stale-serializer-{uuid.uuid4().hex[:8]}"
+    pickled = make_cache(BACKENDS["RedisEXCache"], server.url, KEY_PREFIX=prefix)
+    as_json = make_cache(
+        BACKENDS["RedisEXCache"], server.url, KEY_PREFIX=prefix, OPTIONS={"serializer": "json"}
+    )
+    raw, key = server.client(), f"{prefix}:1:k"
+    with caplog.at_level(logging.WARNING, logger="django_redis_ex"):
+        for _ in range(3):
+            raw.delete(key)
+            pickled.get_or_set("k", lambda: {"a": "é"}, 30, stale_if_error=60)  # and its copy
+            raw.pexpire(key, 1)
+            wait_until(lambda: not raw.exists(key), 5, "the expiry")
+            assert as_json.get_or_set("k", lambda: {"b": 1}, 30, stale_if_error=60) == {"b": 1}
+    assert len([r for r in caplog.records if "could not be read" in r.getMessage()]) == 1
+
+
+class ByteArraySerializer:
+    """A serializer of a user's whose dumps returns a bytearray (redis-py sends it as bytes)."""
+
+    def dumps(self, value: Any) -> bytearray:
+        return bytearray(pickle.dumps(value))
+
+    def loads(self, data: bytes) -> Any:
+        return pickle.loads(data)
+
+
+def test_a_serializer_returning_a_bytearray_has_its_copy_kept_whole(server: RedisServer) -> None:
+    options = {"serializer": ByteArraySerializer}
+    prefix = f"stale-bytearray-{uuid.uuid4().hex[:8]}"
+    cache = make_cache(BACKENDS["RedisEXCache"], server.url, KEY_PREFIX=prefix, OPTIONS=options)
+
+    def broken() -> Any:
+        raise RuntimeError("down")
+
+    assert cache.get_or_set("k", lambda: {"x": 1}, 30, stale_if_error=60) == {"x": 1}
+    server.client().pexpire(f"{prefix}:1:k", 1)
+    wait_until(lambda: cache.get("k") is None, 5, "the expiry")
+    assert cache.get_or_set("k", broken, 30, stale_if_error=60) == {"x": 1}
+
+
+def test_stale_if_error_logs_each_copy_once(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One warning per outage of a key: the copy of one expiry, then the next one's."""
+    prefix = f"stale-logs-{uuid.uuid4().hex[:8]}"
+    cache = make_cache(BACKENDS["RedisEXCache"], server.url, KEY_PREFIX=prefix)
+    raw = server.client()
+
+    def broken() -> str:
+        raise RuntimeError("down")
+
+    with caplog.at_level(logging.WARNING, logger="django_redis_ex"):
+        for value in ("first", "second"):
+            cache.get_or_set("k", lambda v=value: v, 30, stale_if_error=60)
+            raw.pexpire(f"{prefix}:1:k", 1)
+            wait_until(lambda: cache.get("k") is None, 5, "the expiry")
+            for _ in range(3):
+                assert cache.get_or_set("k", broken, 30, stale_if_error=60) == value
+            time.sleep(1.1)  # the next copy's expiry is another moment
+    assert len([r for r in caplog.records if "stale_if_error" in r.getMessage()]) == 2
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_ping_finds_a_cluster_s_new_primary_by_itself(path: str) -> None:
+    """After a failover, ping() alone (nothing else reads the map) answers True again once
+    the replica took over: a health check that failed once does not keep failing."""
+    setup = ClusterSetup()
+    loop = asyncio.new_event_loop()
+    try:
+        options = {"cluster": True, "socket_timeout": 1, "socket_connect_timeout": 1}
+        api = Api(make_cache(BACKENDS["RedisEXCache"], setup.urls[:2], OPTIONS=options), path, loop)
+        api.set("k", 1)
+        assert api.ping() is True
+        setup.failover_primary(api.cache.make_key("k"))
+        failures: list[BaseException] = []
+        wait_until(succeeds(api.ping, failures), 30, "ping to answer again")
+        assert api.ping() is True
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        setup.stop()

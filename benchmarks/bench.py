@@ -6,6 +6,10 @@ Run from the repository root::
     python benchmarks/bench.py --quick    # one to two minutes
     python benchmarks/bench.py --quick --scale 0.05 --json out.json   # smoke test
     python benchmarks/bench.py --quick --topology single,sentinel,cluster   # about 2 minutes
+    python benchmarks/bench.py --cluster-goals --reps 7   # issue 20's Cluster table, ~1 minute
+    python benchmarks/bench.py --tags-pages --reps 3   # issue 21: tags and pages, ~2.5 minutes
+    python benchmarks/bench.py --stale   # get_or_set at expiry, stale_while_revalidate, ~1 minute
+    python benchmarks/bench.py --health  # the cost of reading cache.stats() under load, ~1 minute
 
 One run, one Redis: the raw sync and asyncio clients of redis-py (the limit), both classes of
 django_redis_ex on their sync and async paths, Django's RedisCache, the variants below, and
@@ -61,11 +65,46 @@ its replica and three sentinels, Cluster three primaries with a replica each. Th
 async scenarios run there for both classes and the raw clients of that topology (redis-py's
 Sentinel pool, RedisCluster: ``mget_nonatomic`` and a non-transactional pipeline for the
 many-key calls; the asyncio RedisCluster is initialized before its first burst, which redis-py
-8.1 sometimes fails otherwise); Django's RedisCache (one server only), ``--backend`` classes,
-the variant and ``--baseline`` rows, ``async.get_500`` and the ASGI scenarios (Django's
+8.1 sometimes fails otherwise). Cluster also has both classes with ``client_cache`` (OPTIONS
+``{"cluster": True, "client_cache": True}``; skipped with the reason while the module rejects
+it) and django-vcache in ``CLUSTER_MODE`` (LOCATION: the seed URLs, comma-separated), under
+their short headings. Django's RedisCache (one server only), ``--backend`` classes, the other
+variants and the ``--baseline`` rows, ``async.get_500`` and the ASGI scenarios (Django's
 request handling, the same on any topology) are left out there. Each topology adds about 2 s
-of setup and about the time of the single run's sync and async scenarios for three backends
+of setup and about the time of the single run's sync and async scenarios for its backends
 (half a minute with --quick, two to three minutes without).
+
+``--tags-pages`` runs issue 21's benchmark instead (``benchmarks/tags_pages.py``, which reuses
+this module): tagged reads against the plain cache on each topology, the cost of
+``invalidate_tags`` (1 to 100 tags; one tag of 1,000 or 100,000 entries; ``delete_pattern`` once
+for contrast), and ``django_redis_ex.cache_page`` against Django's ``cache_page`` on ASGI and WSGI;
+every other argument is that script's (``--reps``, ``--json``, ``--part``, ...; about 3.5 minutes),
+and the run exits when it ends.
+
+``--stale`` runs the benchmark of ``get_or_set`` at expiry instead (``benchmarks/stale.py``, which
+reuses this module): the p50/p99/max latency of ``aget_or_set`` on a key that expires every
+second and takes 200 ms to compute, at 200 concurrent tasks, without ``stale_while_revalidate``
+(stampede protection: the others wait) and with it (the stale value at once), for both classes,
+``get_or_set`` from 32 threads, and Django's RedisCache for reference; every other argument is
+that script's (``--reps``, ``--json``, ...; about 1 minute), and the run exits when it ends.
+
+``--health`` runs the benchmark of reading ``cache.stats()`` under load instead
+(``benchmarks/health.py``, which reuses this module): the throughput of ``aget`` hits at 100
+tasks and of ``get`` hits from 8 threads, without and with a reader calling ``stats()`` every
+10 ms, and their ratio, for both classes, on one server and with client_cache and two replicas
+(the largest report), and the cost of one ``stats()`` call; every other argument is that
+script's (``--reps``, ``--json``, ``--intervals``, ...; about 1 minute), and the run exits when
+it ends.
+
+``--cluster-goals`` measures what issue 20's "Done when" compares, in one run: ``get`` and
+``aget`` at 100 tasks (``sync.get_hit``, ``async.get``) on the single server (raw, EX, AEX:
+context) and on the 3-primary Cluster, where both classes on the single server are rows of
+the Cluster section too, interleaved with the Cluster's rows repetition by repetition. It
+implies ``--topology single,cluster``, ``--no-codecs`` and ``--pin split`` (the servers on
+one CPU, this process on the other, as the issue measured), and ends with a table of medians
+of per-rep ratios, for EX and AEX: ours / django-vcache and ours / raw RedisCluster for
+``aget`` and ``get``, ``get`` on Cluster / on one server, and ``get`` with client_cache / raw;
+each with the issue's target and the columns that reach it (``--json``: "cluster_goals").
 
 Without ``--location`` a throwaway ``redis-server`` is started on a free loopback port and
 stopped at the end; ``--location`` applies to the single topology only. The servers, Sentinel
@@ -74,6 +113,7 @@ from the repository root; it needs pytest: ``pip install -e '.[test]'``). Every 
 and sentinel this process starts shares its CPU, the helper that samples the server's
 connected clients runs on the other (``--no-pin`` turns pinning off): on a 2-core machine a
 GET loop is several times faster on a shared CPU, and unpinned figures flip between the two.
+``--pin split`` starts every server on the first CPU and runs this process on the second.
 
 The raw clients use redis-py's defaults (no socket timeout; the pool of ``async.get_500``
 aside): they are the limit. Every wait is bounded all the same: asyncio work by ``wait_for``,
@@ -85,7 +125,8 @@ caches' tracking connections (``django_redis_ex.close_client_caches()``): no war
 one was lost when the server stops.
 
 It prints tables to read; ``--json`` also writes every figure and how it was measured
-(arguments, versions, machine). It sets no pass/fail targets.
+(arguments, versions, machine). It sets no pass/fail targets: its exit status never depends
+on a figure (``--cluster-goals`` quotes issue 20's, and which columns reach them).
 """
 
 from __future__ import annotations
@@ -97,6 +138,7 @@ import contextlib
 import contextvars
 import functools
 import gc
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -115,7 +157,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,16 +334,8 @@ class Row:
     module: str | None = None  # a package that may be missing: the row is skipped, with a note
 
 
-# What the main table measures after the raw clients, in this order. The variants' OPTIONS
-# may be newer than the module checked out: one it rejects is skipped with the reason.
-# django-vcache (django_vcache/backend.py, ValkeyCache.__init__): LOCATION a redis:// URL;
-# OPTIONS SERIALIZER (msgpack), COMPRESS_MIN_LEN (1024), IGNORE_EXCEPTIONS, CLUSTER_MODE, and
-# CLIENT_SIDE_CACHE {"ENABLED", "MAX_SIZE" (10,000), "TTL" (300 s)}, off by default.
-ROWS = [
-    Row(EX, EX, "RedisEXCache", "EX", {}),
-    Row(AEX, AEX, "AsyncRedisEXCache", "AEX", {}),
-    # Django's RedisCache waits forever on a frozen server; the timeout bounds that, and only.
-    Row(DJANGO, DJANGO, "Django", "Django", {"socket_timeout": 10, "socket_connect_timeout": 5}),
+# Both classes with the client-side store: on the single server and on Cluster alike.
+CLIENT_CACHE_ROWS = [
     Row(
         f"{EX}+client_cache",
         EX,
@@ -318,6 +352,19 @@ ROWS = [
         {"client_cache": True},
         optional=True,
     ),
+]
+
+# What the main table measures after the raw clients, in this order. The variants' OPTIONS
+# may be newer than the module checked out: one it rejects is skipped with the reason.
+# django-vcache (django_vcache/backend.py, ValkeyCache.__init__): LOCATION a redis:// URL;
+# OPTIONS SERIALIZER (msgpack), COMPRESS_MIN_LEN (1024), IGNORE_EXCEPTIONS, CLUSTER_MODE, and
+# CLIENT_SIDE_CACHE {"ENABLED", "MAX_SIZE" (10,000), "TTL" (300 s)}, off by default.
+ROWS = [
+    Row(EX, EX, "RedisEXCache", "EX", {}),
+    Row(AEX, AEX, "AsyncRedisEXCache", "AEX", {}),
+    # Django's RedisCache waits forever on a frozen server; the timeout bounds that, and only.
+    Row(DJANGO, DJANGO, "Django", "Django", {"socket_timeout": 10, "socket_connect_timeout": 5}),
+    *CLIENT_CACHE_ROWS,
     Row(
         f"{AEX}-multiplex",
         AEX,
@@ -347,6 +394,58 @@ ROWS = [
     ),
 ]
 OPTIONS_OF = {row.key: row.options for row in ROWS}
+# What the Cluster section measures besides the raw clients and both classes (OPTIONS added to
+# the topology's own, {"cluster": True}); django-vcache's LOCATION there is its seed URLs,
+# comma-separated (ValkeyCache: CLUSTER_MODE splits it on ",").
+CLUSTER_ROWS = [
+    *CLIENT_CACHE_ROWS,
+    Row(
+        VCACHE,
+        VCACHE,
+        "django-vcache CLUSTER_MODE",
+        "vcache",
+        {"CLUSTER_MODE": True},
+        module="django_vcache",
+    ),
+]
+# --cluster-goals: both classes on the single server too, as rows of the Cluster section
+# (interleaved with the Cluster's rows, repetition by repetition).
+ON_ONE = "@single"  # the suffix of their keys
+GOALS_SCENARIOS = ("sync.get_hit", "async.get")
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A line of the --cluster-goals table: the median of per-rep ratios of ``mine`` to
+    ``theirs`` in the Cluster section's ``scenario``, for our two classes (EX, AEX)."""
+
+    scenario: str
+    what: str
+    mine: tuple[str, str]  # the rows of the EX and the AEX column
+    theirs: tuple[str, str]  # what each is divided by
+    target: float | None  # what issue 20 asks (at least), None for context
+
+
+GOALS = [
+    Goal("async.get", "aget, 100 tasks: ours / vcache", (EX, AEX), (VCACHE, VCACHE), 1.0),
+    Goal("async.get", "aget, 100 tasks: ours / raw", (EX, AEX), (RAW, RAW), 3.0),
+    Goal("sync.get_hit", "get: ours / vcache", (EX, AEX), (VCACHE, VCACHE), 0.9),
+    Goal("sync.get_hit", "get: ours / raw", (EX, AEX), (RAW, RAW), None),
+    Goal(
+        "sync.get_hit",
+        "get: ours on Cluster / on one server",
+        (EX, AEX),
+        (EX + ON_ONE, AEX + ON_ONE),
+        0.8,
+    ),
+    Goal(
+        "sync.get_hit",
+        "get, client_cache: ours / raw",
+        (f"{EX}+client_cache", f"{AEX}+client_cache"),
+        (RAW, RAW),
+        10.0,
+    ),
+]
 BASELINE = "django_redis_ex_baseline"  # the module name of a --baseline file
 VCACHE_NOTE = [
     "django-vcache: every scenario applies to it. It stores msgpack behind a 1-byte tag, not",
@@ -377,10 +476,17 @@ class Run:
     failed: set[str] = field(default_factory=set)  # backends with an error in this section
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # not measured, and why
     labels: dict[str, str] = field(default_factory=dict)  # of the backends with an error
+    other_ports: frozenset[int] = frozenset()  # the single server's, for rows on it
+    columns: list[Backend] = field(default_factory=list)  # a topology's, measured or not
 
     @property
     def url(self) -> str:
         return self.topology.url
+
+    def data_ports(self) -> frozenset[int]:
+        """The ports whose connections are counted: the topology's, and with --cluster-goals
+        the single server's (the rows of the Cluster section that are on it)."""
+        return self.topology.data_ports() | self.other_ports
 
     def raw_key(self, name: str) -> str:
         return f"{self.prefix}raw:1:{name}"
@@ -432,7 +538,8 @@ def split(total: int, parts: int) -> list[int]:
 def start_redis() -> RedisServer:
     """A throwaway redis-server on a free loopback port, once it answers."""
     try:
-        return RedisServer()
+        with on_server_cpu():
+            return RedisServer()
     except RuntimeError as exc:
         sys.exit(f"{exc}, or use --location")
 
@@ -453,6 +560,10 @@ class Topology:
     def location(self) -> tuple[Any, dict[str, Any]]:
         """LOCATION and OPTIONS of the cache classes."""
         return self.url, {}
+
+    def vcache_location(self) -> str:
+        """django-vcache's LOCATION (one string)."""
+        return self.url
 
     def raw_sync(self) -> Any:
         return redis.Redis.from_url(self.url)
@@ -554,6 +665,11 @@ class ClusterTopology(Topology):
     def location(self) -> tuple[Any, dict[str, Any]]:
         return self.setup.location()
 
+    def vcache_location(self) -> str:
+        """The seed URLs of ours (two nodes; the client finds the others), comma-separated."""
+        seeds, _options = self.setup.location()
+        return ",".join(seeds)
+
     def raw_sync(self) -> Any:
         return redis.cluster.RedisCluster("127.0.0.1", self.ports[0])
 
@@ -567,7 +683,27 @@ class ClusterTopology(Topology):
 
 
 def start_topology(name: str) -> Topology:
-    return {"sentinel": SentinelTopology, "cluster": ClusterTopology}[name]()
+    with on_server_cpu():
+        return {"sentinel": SentinelTopology, "cluster": ClusterTopology}[name]()
+
+
+_server_cpu: int | None = None  # with --pin split: the CPU that the servers are started on
+
+
+@contextlib.contextmanager
+def on_server_cpu() -> Iterator[None]:
+    """Start servers inside it: with --pin split, on the servers' CPU (a child inherits the
+    affinity of the thread that starts it), this thread back on its own CPU afterwards; the
+    other threads (the drivers', the executors') keep theirs. Otherwise nothing changes."""
+    if _server_cpu is None:
+        yield
+        return
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {_server_cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, own)
 
 
 _SAMPLER = """
@@ -782,15 +918,14 @@ def baseline_rows(path: str) -> list[Row]:
 
 
 def main_backends(
-    caches_setting: dict[str, Any], url: str, prefix: str, extra: list[str], baseline: list[Row]
+    caches_setting: dict[str, Any], url: str, prefix: str, rows: list[Row]
 ) -> tuple[list[Backend], list[str], dict[Backend, str]]:
-    """One alias per row of the main table (ROWS, ``baseline``, then ``extra``): the backends,
-    the failed imports, and the rows skipped because a package they need is missing, with the
-    reason."""
+    """One alias per row of the main table (ROWS, the --baseline rows, then --backend ones):
+    the backends, the failed imports, and the rows skipped because a package they need is
+    missing, with the reason."""
     backends = [Backend(RAW, None, short="raw")]
     failed = []
     skipped: dict[Backend, str] = {}
-    rows = ROWS + baseline + [Row(dotted, dotted, "", "", {}) for dotted in extra]
     for i, row in enumerate(rows):
         alias = f"b{i}"
         backend = Backend(row.key, alias, row.label, row.short, row.only, row.optional)
@@ -835,16 +970,38 @@ def codec_backends(caches_setting: dict[str, Any], url: str, prefix: str) -> lis
     return backends
 
 
-def topology_backends(topology: Topology, prefix: str) -> tuple[list[Backend], dict[str, Any]]:
-    """Both classes on ``topology`` (Django's RedisCache knows one server only): the
-    backends and their CACHES entries."""
+def topology_backends(
+    topology: Topology, prefix: str, single: str | None = None
+) -> tuple[list[Backend], dict[str, Any], dict[Backend, str]]:
+    """Both classes on ``topology`` (Django's RedisCache knows one server only), on Cluster
+    CLUSTER_ROWS too, and given ``single`` (the single server's URL, --cluster-goals) both
+    classes on that server: the backends, their CACHES entries, and the rows skipped because
+    a package they need is missing, with the reason."""
     location, options = topology.location()
-    backends, entries = [Backend(RAW, None)], {}
-    for i, dotted in enumerate([EX, AEX]):
+    rows = [Row(EX, EX, "", "", {}), Row(AEX, AEX, "", "", {})]
+    if topology.name == "cluster":
+        rows += CLUSTER_ROWS
+    backends, entries = [Backend(RAW, None, short="raw")], {}
+    skipped: dict[Backend, str] = {}
+    for i, row in enumerate(rows):
         alias = f"{topology.name}-{i}"
-        entries[alias] = cache_entry(dotted, location, f"{prefix}{alias}", options)
-        backends.append(Backend(dotted, alias))
-    return backends, entries
+        backend = Backend(row.key, alias, row.label, row.short, row.only, row.optional)
+        missing = "" if row.module is None else module_missing(row.module)
+        if missing:
+            skipped[backend] = missing
+            continue
+        where, their_options = location, {**options, **row.options}
+        if row.dotted == VCACHE:  # its own OPTIONS (CLUSTER_MODE), not ours
+            where, their_options = topology.vcache_location(), row.options
+        entries[alias] = cache_entry(row.dotted, where, f"{prefix}{alias}", their_options)
+        backends.append(backend)
+    if single is not None:
+        for dotted, short in ((EX, "EX"), (AEX, "AEX")):
+            alias = f"{topology.name}-single-{short}"
+            entries[alias] = cache_entry(dotted, single, f"{prefix}{alias}", {})
+            label = f"{LABELS[dotted]} on the single server"
+            backends.append(Backend(dotted + ON_ONE, alias, label, f"{short}@1"))
+    return backends, entries, skipped
 
 
 def install_urlconf() -> None:
@@ -1079,7 +1236,7 @@ async def _measure_async(run: Run, backend: Backend, scenario: Scenario, n: int)
         warming = (warm() for _ in range(scenario.tasks))
         await asyncio.wait_for(asyncio.gather(*warming), STEP_TIMEOUT)
         await burst(min(n, 5), run.args.cap / 4)
-        ports = run.topology.data_ports()
+        ports = run.data_ports()
         traffic = socket_traffic(ports)  # outside the timing, as the look after it
         gc.collect()
         start = time.perf_counter()
@@ -1277,7 +1434,7 @@ def probe(run: Run) -> None:
                 caches[backend.alias].set("probe", 1)  # creating it checks its OPTIONS
             except Exception as exc:
                 if backend.optional and isinstance(exc, ImproperlyConfigured):
-                    options = OPTIONS_OF.get(backend.key, {})
+                    options = settings.CACHES[backend.alias].get("OPTIONS", {})
                     run.skip(backend, f"OPTIONS {options} rejected: {exc}")
                 else:
                     run.error(backend, "setup", exc)
@@ -1308,9 +1465,11 @@ def topology_section(
     prefix: str,
     scenarios: list[Scenario],
     errors: dict[str, dict[str, str]],
+    single: str | None = None,
 ) -> tuple[Run, Results, dict[str, Any]] | None:
     """Start topology ``name``, measure ``scenarios`` there, stop it: the run, its results
-    and what was measured; None if it could not be started."""
+    and what was measured; None if it could not be started. Given ``single`` (the single
+    server's URL: --cluster-goals), the Cluster section has both classes on it as rows."""
     began = time.monotonic()
     print(f"[{name}] starting its servers", file=sys.stderr, flush=True)
     try:
@@ -1321,9 +1480,15 @@ def topology_section(
         return None
     try:
         setup = time.monotonic() - began
-        backends, entries = topology_backends(topology, prefix)
+        single = single if name == "cluster" else None
+        backends, entries, missing = topology_backends(topology, prefix, single)
         run = Run(topology, prefix, main_args, backends, topology.raw_sync(), section=name)
         run.errors = errors
+        if single is not None:
+            run.other_ports = Topology(single, []).data_ports()
+        run.columns = backends + list(missing)
+        for backend, reason in missing.items():
+            run.skip(backend, reason)
         try:
             with override_settings(CACHES={**settings.CACHES, **entries}):
                 try:
@@ -1344,6 +1509,7 @@ def topology_section(
             "their_cpus": cpus,
             "setup_seconds": round(setup, 1),
             "seconds": round(time.monotonic() - began, 1),
+            "skipped": run.skipped,
         }
     finally:
         topology.stop()
@@ -1351,15 +1517,18 @@ def topology_section(
 
 
 def topology_note(name: str, info: dict[str, Any], cpus: tuple[int, int | None] | None) -> str:
-    where = "not pinned (--no-pin)"
+    where = "not pinned (--pin off)"
     if cpus is not None:
         where = f"on CPUs {info['their_cpus']}, this process on CPU {cpus[0]}"
         if info["their_cpus"] == [cpus[0]]:
             where = f"all pinned to CPU {cpus[0]} with this process"
     measured = info["seconds"] - info["setup_seconds"]
+    skipped = "".join(
+        f"\n    not measured: {why['label']}: {why['reason']}" for why in info["skipped"].values()
+    )
     return (
         f"  {name}: {info['servers']};\n    {info['redis_processes']} redis processes {where}; "
-        f"set up in {info['setup_seconds']:.1f} s, measured in {measured:.1f} s"
+        f"set up in {info['setup_seconds']:.1f} s, measured in {measured:.1f} s{skipped}"
     )
 
 
@@ -1377,7 +1546,8 @@ def cells(run: Run, entries: dict[str, dict[str, Any]], width: int, keys: Any = 
     for key in keys or [backend.key for backend in run.backends]:
         entry = entries.get(key)
         if entry is None:
-            out.append(f"{'error' if key in run.failed else '-':>{width}}")
+            why = "skipped" if key in run.skipped else "error" if key in run.failed else "-"
+            out.append(f"{why:>{width}}")
             continue
         ratio = entry["ratio"]
         text = f"{entry['ops_per_s']:,.0f} {'' if ratio is None else f'{ratio:.2f}x'}"
@@ -1500,23 +1670,93 @@ def codec_table(run: Run, results: Results, stored: dict[str, int]) -> str:
 
 
 def topology_table(sections: list[tuple[Run, Results]], notes: list[str]) -> str:
-    """Each scenario on every topology measured, with both classes and the raw clients."""
+    """Each scenario on every topology measured, with both classes and the raw clients, and
+    the other rows of the sections other than the single server's (on Cluster: CLUSTER_ROWS,
+    with --cluster-goals both classes on the single server), under their short headings; a
+    single-server row shows its own figures for those it has too."""
     columns = [RAW, EX, AEX]
     width = max(20, *(len(LABELS[key]) + 2 for key in columns))
+    headings = {key: LABELS[key] for key in columns}
+    extra = []
+    for run, _results in sections:
+        if run.topology.name != "single":
+            for backend in run.columns:
+                if backend.key not in headings:
+                    headings[backend.key] = backend.heading
+                    extra.append(f"    {backend.heading}: {backend.label}")
+    widths = [width if key in columns else max(16, len(h) + 2) for key, h in headings.items()]
     lines = [
         "topologies: ops/s (median) and ratio to the raw client of the same topology and kind",
         *notes,
-        f"{'scenario':<16}{'topology':<10}" + "".join(f"{LABELS[k]:>{width}}" for k in columns),
+        *(["  other columns:", *extra] if extra else []),
+        f"{'scenario':<16}{'topology':<10}"
+        + "".join(f"{h:>{w}}" for h, w in zip(headings.values(), widths, strict=True)),
     ]
     for scenario in SCENARIOS:
         first = scenario.name
         for run, results in sections:
             if scenario.name not in results:
                 continue
-            row = cells(run, results[scenario.name], width, columns)
+            entries = results[scenario.name]
+            row = "".join(
+                cells(run, entries, w, [key]) for key, w in zip(headings, widths, strict=True)
+            )
             lines.append(f"{first:<16}{run.topology.name:<10}{row}")
             first = ""
     return "\n".join(lines)
+
+
+def goal_ratio(run: Run, goal: Goal, column: int) -> tuple[str, float | None, list[float]]:
+    """One cell of the --cluster-goals table: its text, the median ratio and the per-rep
+    ratios (none if either row was not measured)."""
+    mine, theirs = goal.mine[column], goal.theirs[column]
+    ratios = paired_ratio(run, goal.scenario, mine, theirs)
+    if ratios:
+        ratio = statistics.median(ratios)
+        return f"{ratio:.2f}x", ratio, ratios
+    for key in (mine, theirs):
+        if key in run.skipped:
+            return "skipped", None, []
+        if key in run.failed:
+            return "error", None, []
+    return "-", None, []
+
+
+def goals_table(run: Run, cpus: tuple[int, int | None] | None) -> tuple[str, list[Any]]:
+    """What issue 20's "Done when" compares, from the Cluster section ``run`` (every row
+    interleaved in it, the single server's too): the table and its figures for --json."""
+    pinned = "not pinned"
+    if cpus is not None:
+        pinned = f"this process on CPU {cpus[0]}, " + (
+            f"the servers on CPU {_server_cpu}" if _server_cpu is not None else "the servers too"
+        )
+    lines = [
+        f"issue 20 on the 3-primary Cluster: median of per-rep ratios (of {run.args.reps}), "
+        "every row interleaved in the Cluster section;",
+        f"{pinned}. 'asks': issue 20's target (at least); 'met': the columns that reach it.",
+        "EX+cc, AEX+cc in the client_cache line; vcache: django-vcache in CLUSTER_MODE; raw: "
+        "redis-py's RedisCluster",
+        f"{'':<40}{'EX':>10}{'AEX':>10}{'asks':>9}  met",
+    ]
+    figures = []
+    for goal in GOALS:
+        texts, met, measured = [], [], False
+        entry: dict[str, Any] = {"scenario": goal.scenario, "what": goal.what}
+        entry["target"] = goal.target
+        for column, name in enumerate(("EX", "AEX")):
+            text, ratio, ratios = goal_ratio(run, goal, column)
+            texts.append(text)
+            entry[name] = {"of": goal.mine[column], "to": goal.theirs[column], "ratio": ratio}
+            entry[name]["ratio_reps"] = ratios
+            measured = measured or ratio is not None
+            if goal.target is not None and ratio is not None and ratio >= goal.target:
+                met.append(name)
+        asks = "" if goal.target is None else f">={goal.target:.1f}x"
+        verdict = "" if goal.target is None else ", ".join(met) or ("no" if measured else "-")
+        line = f"{goal.what:<40}{texts[0]:>10}{texts[1]:>10}{asks:>9}  {verdict}"
+        lines.append(line.rstrip())
+        figures.append(entry)
+    return "\n".join(lines), figures
 
 
 def meta(
@@ -1543,7 +1783,14 @@ def meta(
         "quick": args.quick,
         "work": {s.name: work(s, args) for s in SCENARIOS},
         "asgi_concurrency": args.concurrency,
-        "pinned": None if cpus is None else {"measured_and_server": cpus[0], "sampler": cpus[1]},
+        "pinned": None
+        if cpus is None
+        else {
+            "mode": args.pin,
+            "this_process": cpus[0],
+            "servers": cpus[0] if _server_cpu is None else _server_cpu,
+            "sampler": cpus[1],
+        },
         "backends": {} if run is None else {b.key: b.label for b in run.backends},
         "backend_options": {}
         if run is None
@@ -1573,6 +1820,32 @@ def meta(
         "loadavg_end": os.getloadavg(),
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def environment(started: float) -> dict[str, Any]:
+    """What a benchmark's JSON notes of where it ran (the other scripts' "meta" share it):
+    versions, the module's hash, the machine's load at the end, the run's length."""
+    module = importlib.import_module("django_redis_ex")
+    return {
+        "python": platform.python_version(),
+        "django": django.get_version(),
+        "redis_py": redis.__version__,
+        "hiredis": bool(redis.utils.HIREDIS_AVAILABLE),
+        "module_sha256": hashlib.sha256(Path(module.__file__ or "").read_bytes()).hexdigest(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_end": os.getloadavg(),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def rotated(items: list[Any], rep: int) -> list[Any]:
+    """``items`` rotated by ``rep``: each repetition runs the rows in another order."""
+    shift = rep % len(items) if items else 0
+    return items[shift:] + items[:shift]
 
 
 def package_version(name: str) -> str | None:
@@ -1620,8 +1893,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="single, sentinel, cluster: where to measure (comma-separated or repeated; "
         "default single)",
     )
+    parser.add_argument(
+        "--cluster-goals",
+        action="store_true",
+        help="issue 20's comparison in one run: get and aget on the 3-primary Cluster and the "
+        "single server, with django-vcache (CLUSTER_MODE) and client_cache, and the table of "
+        "its ratios; implies --topology single,cluster, --no-codecs and --pin split",
+    )
     parser.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin CPUs")
+    parser.add_argument(
+        "--tags-pages",
+        action="store_true",
+        help="run issue 21's benchmark (benchmarks/tags_pages.py: tags and page caching) with "
+        "the other arguments, which are its own, and exit",
+    )
+    parser.add_argument(
+        "--stale",
+        action="store_true",
+        help="run the benchmark of get_or_set at expiry with and without stale_while_revalidate "
+        "(benchmarks/stale.py) with the other arguments, which are its own, and exit",
+    )
+    parser.add_argument(
+        "--health",
+        action="store_true",
+        help="run the benchmark of reading cache.stats() under load (benchmarks/health.py) "
+        "with the other arguments, which are its own, and exit",
+    )
+    parser.add_argument(
+        "--pin",
+        choices=("shared", "split", "off"),
+        help="shared: this process and the servers on one CPU (the default); split: the "
+        "servers on the first CPU, this process on the second (--cluster-goals' default)",
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin CPUs (--pin off)")
     parser.add_argument(
         "--max-seconds", type=float, default=1800, help="abort the whole run after this long"
     )
@@ -1634,6 +1938,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.requests = 2000
     if args.requests < 1 or args.concurrency < 1 or args.scale <= 0:
         parser.error("--requests, --concurrency and --scale must be positive")
+    if args.cluster_goals:
+        if args.topology or args.scenario or args.backend or args.baseline:
+            parser.error("--cluster-goals chooses the topologies, scenarios and rows itself")
+        args.topology, args.codecs = ["single,cluster"], False
+    if args.no_pin and args.pin not in (None, "off"):
+        parser.error("--no-pin and --pin shared/split contradict each other")
+    args.pin = "off" if args.no_pin else args.pin or ("split" if args.cluster_goals else "shared")
     chosen = {name.strip() for value in args.topology or ["single"] for name in value.split(",")}
     if chosen - set(TOPOLOGIES) or not chosen:
         parser.error(f"--topology takes {', '.join(TOPOLOGIES)}")
@@ -1641,11 +1952,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def pin(no_pin: bool) -> tuple[int, int | None] | None:
-    """Pin this process (and so the redis-server it starts) to one CPU; the other's number."""
-    if no_pin or not hasattr(os, "sched_setaffinity"):
+def pin(mode: str) -> tuple[int, int | None] | None:
+    """Pin this process to one CPU: this CPU and another's number (the sampler's). "shared":
+    the first, and so the redis-servers it starts; "split": the second, and the servers are
+    started on the first (``on_server_cpu``), as issue 20 measured. Split needs two CPUs:
+    with one, it is shared."""
+    global _server_cpu
+    if mode == "off" or not hasattr(os, "sched_setaffinity"):
         return None
     available = sorted(os.sched_getaffinity(0))
+    if mode == "split" and len(available) > 1:
+        _server_cpu = available[0]
+        os.sched_setaffinity(0, {available[1]})
+        return available[1], available[0]
+    if mode == "split":
+        print("bench: --pin split needs two CPUs; shared instead", file=sys.stderr)
     os.sched_setaffinity(0, {available[0]})
     return available[0], (available[1] if len(available) > 1 else None)
 
@@ -1671,12 +1992,28 @@ def watchdog(seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     global _run
+    argv = sys.argv[1:] if argv is None else argv
+    if "--tags-pages" in argv:  # issue 21's scenario, with its own arguments; then exit
+        sys.modules.setdefault("bench", sys.modules[__name__])  # it imports this module
+        from tags_pages import main as tags_pages
+
+        return tags_pages([arg for arg in argv if arg != "--tags-pages"])
+    if "--stale" in argv:  # get_or_set at expiry, stale_while_revalidate; then exit
+        sys.modules.setdefault("bench", sys.modules[__name__])  # it imports this module
+        from stale import main as stale
+
+        return stale([arg for arg in argv if arg != "--stale"])
+    if "--health" in argv:  # the cost of reading stats() under load; then exit
+        sys.modules.setdefault("bench", sys.modules[__name__])  # it imports this module
+        from health import main as health
+
+        return health([arg for arg in argv if arg != "--health"])
     args = parse_args(argv)
     started = time.monotonic()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     atexit.register(CLEANUP.stop_all)
     watchdog(args.max_seconds)
-    cpus = pin(args.no_pin)  # before starting redis-server, which inherits the CPU
+    cpus = pin(args.pin)  # before starting redis-server, which inherits the CPU (shared)
     prefix = f"bench:{secrets.token_hex(4)}:"
     monitor = None
     errors: dict[str, dict[str, str]] = {}
@@ -1688,6 +2025,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [
             s for s in SCENARIOS if not args.scenario or s.name.startswith(tuple(args.scenario))
         ]
+        if args.cluster_goals:  # these two only: the prefix "async.get" would take more
+            chosen = [s for s in SCENARIOS if s.name in GOALS_SCENARIOS]
         single = "single" in args.topology
         codec_scenarios = [s for s in chosen if s.name in CODEC_SCENARIOS and args.codecs]
         caches_setting: dict[str, Any] = {}
@@ -1706,9 +2045,10 @@ def main(argv: list[str] | None = None) -> int:
             monitor = redis.Redis.from_url(url, socket_timeout=10)
             monitor.ping()
             baseline = baseline_rows(args.baseline) if args.baseline else []
-            backends, failed, missing = main_backends(
-                caches_setting, url, prefix, args.backend, baseline
-            )
+            rows = ROWS + baseline + [Row(dotted, dotted, "", "", {}) for dotted in args.backend]
+            if args.cluster_goals:  # the single server's figures, for context
+                rows = [row for row in ROWS if row.key in (EX, AEX)]
+            backends, failed, missing = main_backends(caches_setting, url, prefix, rows)
             variants = codec_backends(caches_setting, url, prefix) if codec_scenarios else []
         install_urlconf()
         settings_in_force.enter_context(
@@ -1758,13 +2098,16 @@ def main(argv: list[str] | None = None) -> int:
                 "topology);",
                 "  Django's RedisCache has no Sentinel or Cluster support, and the aget at "
                 f"{WIDE_TASKS} tasks",
-                "  and the variants' rows (client_cache, multiplex, django-vcache) are measured "
-                "on the single server only.",
+                "  and the variants' rows (multiplex, sign_values) are measured on the single "
+                "server only; Cluster",
+                "  has client_cache and django-vcache (CLUSTER_MODE) rows too.",
             ]
             document["topologies"] = {}
+            goals = None
             for name in others:
                 scenarios = [s for s in chosen if s.kind != "asgi" and s.tasks <= RAW_POOL]
-                section = topology_section(name, args, prefix, scenarios, errors)
+                single_url = url if args.cluster_goals else None
+                section = topology_section(name, args, prefix, scenarios, errors, single_url)
                 if section is None:
                     continue
                 topology_run, topology_results, info = section
@@ -1772,7 +2115,12 @@ def main(argv: list[str] | None = None) -> int:
                 document["topologies"][name] = topology_results
                 extra.setdefault("topologies", {})[name] = info
                 notes.append(topology_note(name, info, cpus))
+                if args.cluster_goals and name == "cluster":
+                    goals = topology_run
             print("\n" + topology_table(sections, notes))
+            if goals is not None:
+                text, document["cluster_goals"] = goals_table(goals, cpus)
+                print("\n" + text)
         if args.json:
             document["meta"] = meta(args, prefix, started, cpus, run, extra)
             Path(args.json).write_text(json.dumps(document, indent=1, default=str) + "\n")
