@@ -1842,6 +1842,66 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+class Notes:
+    """What a scenario script failed to measure (errors) and left out (skipped), by where:
+    each printed to stderr as it happens, listed after the tables, and kept for the JSON."""
+
+    def __init__(self) -> None:
+        self.errors: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+
+    def error(self, where: str, exc: BaseException) -> None:
+        self.errors[where] = f"{type(exc).__name__}: {exc}"
+        print(f"  ! {where}: {self.errors[where]}", file=sys.stderr, flush=True)
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped[where] = reason
+        print(f"  - {where}: not measured: {reason}", file=sys.stderr, flush=True)
+
+    def listed(self) -> None:
+        for where, reason in self.skipped.items():
+            print(f"not measured: {where}: {reason}")
+        for where, message in self.errors.items():
+            print(f"error: {where}: {message}")
+
+
+def run_script(
+    name: str,
+    args: argparse.Namespace,
+    notes: Notes,
+    body: Callable[[tuple[int, int | None] | None], tuple[dict[str, Any], dict[str, Any]]],
+) -> int:
+    """A scenario script's run (stale.py, health.py, tags_pages.py): bounded by --max-seconds,
+    pinned by --pin, its servers stopped however it ends. ``body(cpus)`` measures and prints
+    its tables, and returns the JSON document and its own "meta" entries; the notes follow
+    the tables, and the document is written to --json with the meta all scripts share."""
+    started = time.monotonic()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    atexit.register(CLEANUP.stop_all)
+    watchdog(args.max_seconds)
+    cpus = pin(args.pin)  # before any server starts (they inherit the CPU: shared)
+    try:
+        document, meta = body(cpus)
+        notes.listed()
+        if args.json:
+            pinned = None if cpus is None else {"mode": args.pin, "this_process": cpus[0]}
+            document["meta"] = {
+                "argv": sys.argv[1:],
+                "args": dict(vars(args)),
+                "pinned": pinned,
+                **meta,
+                **environment(started),
+            }
+            Path(args.json).write_text(json.dumps(document, indent=1, default=str) + "\n")
+        progress(f"{name}: {time.monotonic() - started:.0f} s")
+        return 0
+    except KeyboardInterrupt:
+        progress(f"{name}: interrupted")
+        return 130
+    finally:
+        CLEANUP.stop_all()
+
+
 def rotated(items: list[Any], rep: int) -> list[Any]:
     """``items`` rotated by ``rep``: each repetition runs the rows in another order."""
     shift = rep % len(items) if items else 0

@@ -69,18 +69,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import gc
 import itertools
 import json
 import secrets
-import signal
 import statistics
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import bench  # configures Django (settings, the harness) before anything else of Django
@@ -88,7 +85,7 @@ from django.conf import settings
 from django.core.cache import caches
 from django.test.utils import override_settings
 
-from test_django_redis_ex import CLEANUP, RedisServer, redact, replica_synced, wait_until
+from test_django_redis_ex import RedisServer, redact, replica_synced, wait_until
 
 EX, AEX = bench.EX, bench.AEX
 VALUE = bench.VALUE  # 100 bytes, as bench.py
@@ -135,14 +132,8 @@ def rows_of(args: argparse.Namespace) -> list[Row]:
     ]
 
 
-ERRORS: dict[str, str] = {}
-
-
-def note_error(where: str, exc: BaseException) -> None:
-    ERRORS[where] = f"{type(exc).__name__}: {exc}"
-    print(f"  ! {where}: {ERRORS[where]}", file=sys.stderr, flush=True)
-
-
+NOTES = bench.Notes()  # errors only: every row is measured
+ERRORS, note_error = NOTES.errors, NOTES.error
 progress, rotated = bench.progress, bench.rotated
 
 
@@ -662,40 +653,25 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    atexit.register(CLEANUP.stop_all)
-    bench.watchdog(args.max_seconds)
-    cpus = bench.pin(args.pin)  # before the servers start (with split: on the other CPU)
+    return bench.run_script("health", args, NOTES, lambda cpus: report(args, cpus))
+
+
+def report(
+    args: argparse.Namespace, cpus: tuple[int, int | None] | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's tables printed; its JSON document and meta returned."""
     prefix = f"health:{secrets.token_hex(4)}:"
     rows = rows_of(args)
     seconds = sum(args.seconds + args.slice + 0.3 for _ in rows) * args.reps + 3
     progress(f"health: {len(rows)} rows x {args.reps} reps (about {seconds:.0f} s)")
-    try:
-        reps, costs, servers = run(args, prefix)
-        summary = summarize(reps, costs)
-        print("\n" + table(summary, args))
-        for where, message in ERRORS.items():
-            print(f"error: {where}: {message}")
-        if args.json:
-            document: dict[str, Any] = {**summary, "errors": ERRORS}
-            document["meta"] = {
-                "argv": sys.argv[1:],
-                "args": dict(vars(args)),
-                "servers": servers,
-                "pinned": None
-                if cpus is None
-                else {"mode": args.pin, "this_process": cpus[0], "other": cpus[1]},
-                **bench.environment(started),
-            }
-            Path(args.json).write_text(json.dumps(document, indent=1, default=str) + "\n")
-        progress(f"health: {time.monotonic() - started:.0f} s")
-        return 0
-    except KeyboardInterrupt:
-        progress("health: interrupted")
-        return 130
-    finally:
-        CLEANUP.stop_all()
+    reps, costs, servers = run(args, prefix)
+    summary = summarize(reps, costs)
+    print("\n" + table(summary, args))
+    document: dict[str, Any] = {**summary, "errors": ERRORS}
+    meta: dict[str, Any] = {"servers": servers}
+    if cpus is not None:  # with split, the servers' CPU
+        meta["pinned"] = {"mode": args.pin, "this_process": cpus[0], "other": cpus[1]}
+    return document, meta
 
 
 if __name__ == "__main__":

@@ -49,28 +49,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import gc
-import json
 import math
 import random
 import secrets
-import signal
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import bench  # configures Django (settings, the harness) before anything else of Django
 from django.conf import settings
 from django.core.cache import caches
 from django.test.utils import override_settings
-
-from test_django_redis_ex import CLEANUP
 
 EX, AEX, DJANGO = bench.EX, bench.AEX, bench.DJANGO
 VALUE = bench.VALUE  # 100 bytes, as bench.py
@@ -112,20 +106,8 @@ def groups(args: argparse.Namespace) -> list[Group]:
     return out
 
 
-ERRORS: dict[str, str] = {}
-SKIPPED: dict[str, str] = {}
-
-
-def note_error(where: str, exc: BaseException) -> None:
-    ERRORS[where] = f"{type(exc).__name__}: {exc}"
-    print(f"  ! {where}: {ERRORS[where]}", file=sys.stderr, flush=True)
-
-
-def note_skip(where: str, reason: str) -> None:
-    SKIPPED[where] = reason
-    print(f"  - {where}: not measured: {reason}", file=sys.stderr, flush=True)
-
-
+NOTES = bench.Notes()
+ERRORS, SKIPPED, note_error, note_skip = NOTES.errors, NOTES.skipped, NOTES.error, NOTES.skip
 progress, rotated = bench.progress, bench.rotated
 
 
@@ -514,43 +496,26 @@ def run(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    atexit.register(CLEANUP.stop_all)
-    bench.watchdog(args.max_seconds)
-    cpus = bench.pin(args.pin)  # before the server starts (it inherits the CPU: shared)
+    return bench.run_script("stale", args, NOTES, lambda cpus: report(args))
+
+
+def report(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's tables printed; its JSON document and meta returned."""
     prefix = f"swr:{secrets.token_hex(4)}:"
     rows = sum(len(group.rows) for group in groups(args))
     progress(
         f"stale: {rows} rows x {args.reps} reps, {seconds_of(args):.1f} s of calls each "
         f"(about {rows * args.reps * (seconds_of(args) + 0.45):.0f} s)"
     )
-    try:
-        reps = run(args, prefix)
-        summary = summarize(reps, args)
-        print("\n" + table(summary, args))
-        for where, reason in SKIPPED.items():
-            print(f"not measured: {where}: {reason}")
-        for where, message in ERRORS.items():
-            print(f"error: {where}: {message}")
-        if args.json:
-            document: dict[str, Any] = {**summary, "errors": ERRORS, "skipped": SKIPPED}
-            document["meta"] = {
-                "argv": sys.argv[1:],
-                "args": dict(vars(args)),
-                "seconds_per_measurement": seconds_of(args),
-                "waited_ms": WAITED * args.compute * 1000,
-                "pinned": None if cpus is None else {"mode": args.pin, "this_process": cpus[0]},
-                **bench.environment(started),
-            }
-            Path(args.json).write_text(json.dumps(document, indent=1, default=str) + "\n")
-        progress(f"stale: {time.monotonic() - started:.0f} s")
-        return 0
-    except KeyboardInterrupt:
-        progress("stale: interrupted")
-        return 130
-    finally:
-        CLEANUP.stop_all()
+    reps = run(args, prefix)
+    summary = summarize(reps, args)
+    print("\n" + table(summary, args))
+    document: dict[str, Any] = {**summary, "errors": ERRORS, "skipped": SKIPPED}
+    meta = {
+        "seconds_per_measurement": seconds_of(args),
+        "waited_ms": WAITED * args.compute * 1000,
+    }
+    return document, meta
 
 
 if __name__ == "__main__":

@@ -57,23 +57,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import contextvars
 import functools
 import gc
 import io
-import json
 import secrets
 import select
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -164,21 +160,9 @@ class Section:
         per_row.setdefault(row, []).append(result)
 
 
-ERRORS: dict[str, str] = {}
-SKIPPED: dict[str, str] = {}
+NOTES = bench.Notes()
+ERRORS, SKIPPED, note_error, note_skip = NOTES.errors, NOTES.skipped, NOTES.error, NOTES.skip
 VIEW_CALLS = [0]  # views run: a page served from the cache runs none
-
-
-def note_error(where: str, exc: BaseException) -> None:
-    ERRORS[where] = f"{type(exc).__name__}: {exc}"
-    print(f"  ! {where}: {ERRORS[where]}", file=sys.stderr, flush=True)
-
-
-def note_skip(where: str, reason: str) -> None:
-    SKIPPED[where] = reason
-    print(f"  - {where}: not measured: {reason}", file=sys.stderr, flush=True)
-
-
 progress, rotated = bench.progress, bench.rotated
 
 
@@ -1148,57 +1132,40 @@ def run_topology(name: str, args: argparse.Namespace, prefix: str) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    atexit.register(CLEANUP.stop_all)
-    bench.watchdog(args.max_seconds)
-    cpus = bench.pin(args.pin)  # before any server starts (they inherit the CPU: shared)
+    return bench.run_script("tags_pages", args, NOTES, lambda cpus: report(args))
+
+
+def report(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's tables printed; its JSON document and meta returned."""
     prefix = f"tp:{secrets.token_hex(4)}:"
     document: dict[str, Any] = {"topologies": {}, "errors": ERRORS, "skipped": SKIPPED}
-    try:
-        for name in args.topology:
-            try:
-                document["topologies"][name] = run_topology(name, args, prefix)
-            except Exception as exc:
-                note_error(f"{name}", exc)
-        sections = [
-            (name, result["invalidation"])
-            for name, result in document["topologies"].items()
-            if "invalidation" in result
-        ]
-        if sections:
-            print("\n" + invalidation_table(sections, args.calls, args.reps))
-        single = document["topologies"].get("single", {})
-        pages = single.get("pages")
-        if pages is not None:
-            print("\n" + pages_table(pages, args.reps, work(args.requests, args), args.concurrency))
-        if pages is not None and "latency" in pages and "latency_proxy" in single:
-            requests = work(args.latency_requests, args)
-            table = latency_table(
-                pages["latency"], single["latency_proxy"], args.reps, requests, args.concurrency
-            )
-            print("\n" + table)
-        for where, reason in SKIPPED.items():
-            print(f"not measured: {where}: {reason}")
-        for where, message in ERRORS.items():
-            print(f"error: {where}: {message}")
-        if args.json:
-            document["meta"] = {
-                "argv": sys.argv[1:],
-                "args": {k: v for k, v in vars(args).items()},
-                "work": {s.name: work(s.base, args) for s in READ_SCENARIOS},
-                "pinned": None if cpus is None else {"mode": args.pin, "this_process": cpus[0]},
-                "cache_page": getattr(django_redis_ex, "cache_page", None) is not None,
-                **bench.environment(started),
-            }
-            Path(args.json).write_text(json.dumps(document, indent=1, default=str) + "\n")
-        progress(f"tags_pages: {time.monotonic() - started:.0f} s")
-        return 0
-    except KeyboardInterrupt:
-        progress("tags_pages: interrupted")
-        return 130
-    finally:
-        CLEANUP.stop_all()
+    for name in args.topology:
+        try:
+            document["topologies"][name] = run_topology(name, args, prefix)
+        except Exception as exc:
+            note_error(f"{name}", exc)
+    sections = [
+        (name, result["invalidation"])
+        for name, result in document["topologies"].items()
+        if "invalidation" in result
+    ]
+    if sections:
+        print("\n" + invalidation_table(sections, args.calls, args.reps))
+    single = document["topologies"].get("single", {})
+    pages = single.get("pages")
+    if pages is not None:
+        print("\n" + pages_table(pages, args.reps, work(args.requests, args), args.concurrency))
+    if pages is not None and "latency" in pages and "latency_proxy" in single:
+        requests = work(args.latency_requests, args)
+        table = latency_table(
+            pages["latency"], single["latency_proxy"], args.reps, requests, args.concurrency
+        )
+        print("\n" + table)
+    meta = {
+        "work": {s.name: work(s.base, args) for s in READ_SCENARIOS},
+        "cache_page": getattr(django_redis_ex, "cache_page", None) is not None,
+    }
+    return document, meta
 
 
 if __name__ == "__main__":
