@@ -1865,6 +1865,20 @@ class Notes:
             print(f"error: {where}: {message}")
 
 
+def script_options(parser: argparse.ArgumentParser, pin: str, max_seconds: float) -> None:
+    """The options ``run_script`` reads, with a script's defaults."""
+    parser.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
+    parser.add_argument(
+        "--pin", choices=("shared", "split", "off"), default=pin, help=f"as bench.py's ({pin})"
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=max_seconds,
+        help=f"abort the whole run after this long ({max_seconds:g} s)",
+    )
+
+
 def run_script(
     name: str,
     args: argparse.Namespace,

@@ -514,7 +514,6 @@ def intervals(text: str) -> tuple[float, ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions (3)")
-    parser.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
     parser.add_argument(
         "--seconds", type=float, default=2.0, help="seconds of one measurement, both sides (2)"
     )
@@ -549,12 +548,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cap", type=float, default=30.0, help="seconds a measurement may overrun (30)"
     )
-    parser.add_argument(
-        "--pin", choices=("shared", "split", "off"), default="split", help="as bench.py's (split)"
-    )
-    parser.add_argument(
-        "--max-seconds", type=float, default=300, help="abort the whole run after this long"
-    )
+    bench.script_options(parser, pin="split", max_seconds=300)
     args = parser.parse_args(argv)
     if min(args.reps, args.tasks, args.calls) < 1 or min(args.seconds, args.slice, args.cap) <= 0:
         parser.error("--reps, --seconds, --slice, --tasks, --calls and --cap must be positive")

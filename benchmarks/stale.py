@@ -408,7 +408,6 @@ def table(summary: dict[str, Any], args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions (3)")
-    parser.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
     parser.add_argument("--timeout", type=int, default=1, help="the key's timeout, seconds (1)")
     parser.add_argument(
         "--compute", type=float, default=0.2, help="seconds a computation takes (0.2)"
@@ -433,12 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cap", type=float, default=30.0, help="seconds a measurement may overrun (30)"
     )
-    parser.add_argument(
-        "--pin", choices=("shared", "split", "off"), default="shared", help="as bench.py's"
-    )
-    parser.add_argument(
-        "--max-seconds", type=float, default=300, help="abort the whole run after this long"
-    )
+    bench.script_options(parser, pin="shared", max_seconds=300)
     args = parser.parse_args(argv)
     if min(args.reps, args.timeout, args.cycles, args.tasks) < 1 or args.swr <= 0:
         parser.error("--reps, --timeout, --swr, --cycles and --tasks must be positive")

@@ -998,7 +998,6 @@ def pages_table(summary: dict[str, Any], reps: int, requests: int, concurrency: 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5, help="repetitions (5)")
-    parser.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
     parser.add_argument(
         "--part",
         action="append",
@@ -1028,12 +1027,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=300,
         help="page requests per measurement through the proxy (300)",
     )
-    parser.add_argument(
-        "--pin", choices=("shared", "split", "off"), default="shared", help="as bench.py's"
-    )
-    parser.add_argument(
-        "--max-seconds", type=float, default=600, help="abort the whole run after this long"
-    )
+    bench.script_options(parser, pin="shared", max_seconds=600)
     args = parser.parse_args(argv)
     if args.reps < 1 or args.calls < 1 or args.scale <= 0 or args.requests < 1:
         parser.error("--reps, --calls, --requests and --scale must be positive")
