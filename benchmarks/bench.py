@@ -1209,38 +1209,41 @@ def measure_threads(run: Run, backend: Backend, scenario: Scenario, n: int) -> d
     return rate(sum(done), n, elapsed)
 
 
+AsyncOp = Callable[[], Awaitable[Any]]
+
+
+async def burst(op: AsyncOp, tasks: int, total: int, seconds: float) -> int:
+    """``total`` awaits of ``op``, by up to ``tasks`` tasks, until ``seconds`` have passed:
+    the number made."""
+    left, deadline = total, time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0 and time.perf_counter() < deadline:
+            left -= 1
+            await op()
+
+    workers = (worker() for _ in range(min(tasks, total)))
+    await asyncio.wait_for(asyncio.gather(*workers), STEP_TIMEOUT)
+    return total - left
+
+
 async def _measure_async(run: Run, backend: Backend, scenario: Scenario, n: int) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
         if backend.alias is None:
             await stack.enter_async_context(raw_async_client(run, scenario.tasks))
         op = async_op(run, backend, scenario.name)
         warm = async_op(run, backend, "async.get")
-        left = 0
-        deadline = 0.0
-
-        async def worker() -> None:
-            nonlocal left
-            while left > 0 and time.perf_counter() < deadline:
-                left -= 1
-                await op()
-
-        async def burst(total: int, seconds: float) -> int:
-            nonlocal left, deadline
-            left, deadline = total, time.perf_counter() + seconds
-            workers = (worker() for _ in range(min(scenario.tasks, total)))
-            await asyncio.wait_for(asyncio.gather(*workers), STEP_TIMEOUT)
-            return total - left
-
         # Warm-up: one cheap read per task opens the pool's connections (and Django's
         # executor thread), then a few of the measured operation.
         warming = (warm() for _ in range(scenario.tasks))
         await asyncio.wait_for(asyncio.gather(*warming), STEP_TIMEOUT)
-        await burst(min(n, 5), run.args.cap / 4)
+        await burst(op, scenario.tasks, min(n, 5), run.args.cap / 4)
         ports = run.data_ports()
         traffic = socket_traffic(ports)  # outside the timing, as the look after it
         gc.collect()
         start = time.perf_counter()
-        done = await burst(n, run.args.cap)
+        done = await burst(op, scenario.tasks, n, run.args.cap)
         result = rate(done, n, time.perf_counter() - start)
         result["connections_used"] = connections_used(traffic, socket_traffic(ports))
         return result

@@ -57,7 +57,6 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,7 +177,7 @@ def swr_kwargs(row: Row) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-AsyncOp = Callable[[], Awaitable[Any]]
+AsyncOp = bench.AsyncOp
 
 
 def async_op(row: Row, alias: str, key: str, counter: Counter, args: argparse.Namespace) -> AsyncOp:

@@ -191,7 +191,7 @@ def time_sync(op: Callable[[], Any], n: int, cap: float) -> dict[str, Any]:
     return bench.rate(done, n, time.perf_counter() - start)
 
 
-AsyncOp = Callable[[], Awaitable[Any]]
+AsyncOp = bench.AsyncOp
 
 
 async def _time_async(
@@ -202,25 +202,10 @@ async def _time_async(
 ) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
         op = await open_op(stack)
-        left, deadline = 0, 0.0
-
-        async def worker() -> None:
-            nonlocal left
-            while left > 0 and time.perf_counter() < deadline:
-                left -= 1
-                await op()
-
-        async def burst(total: int, seconds: float) -> int:
-            nonlocal left, deadline
-            left, deadline = total, time.perf_counter() + seconds
-            workers = [worker() for _ in range(min(tasks, total))]
-            await asyncio.wait_for(asyncio.gather(*workers), bench.STEP_TIMEOUT)
-            return total - left
-
-        await burst(tasks, cap)  # warm-up: opens the connections of ``tasks`` calls
+        await bench.burst(op, tasks, tasks, cap)  # warm-up: opens ``tasks`` calls' connections
         gc.collect()
         start = time.perf_counter()
-        done = await burst(n, cap)
+        done = await bench.burst(op, tasks, n, cap)
         return bench.rate(done, n, time.perf_counter() - start)
 
 
